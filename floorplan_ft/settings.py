@@ -1,0 +1,478 @@
+"""One settings object for the whole pipeline, grouped by phase.
+
+Sources, lowest priority first: field defaults (the plans' numbers) < named profile < config file
+(TOML or YAML, passed with ``--config``) < ``.env`` < environment variables < explicit overrides.
+Environment variables use the prefix ``FTP_`` and ``__`` between group and field, e.g.
+``FTP_SAMPLING__SAMPLE_SIZE=500``. Provider keys also accept their usual names
+(``OPENAI_API_KEY``, ``GEMINI_API_KEY``/``GOOGLE_API_KEY``) and the provider switch also accepts
+``LLM_PROVIDER`` / ``EMBEDDING_PROVIDER``.
+
+Unknown keys anywhere (file, ``.env``, ``FTP_*`` variables) are rejected with the key named.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "FTP_"
+ProfileName = Literal["production", "local-8gb", "demo"]
+
+
+class SettingsError(ValueError):
+    """A configuration problem; the message names the setting (or file) and what is wrong."""
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathSettings(_Group):
+    data_root: str = Field(
+        "./data",
+        description="Root of every artifact: a local directory or an fsspec URL (s3://bucket/prefix).",
+    )
+    image_dir: str | None = Field(
+        None, description="Floor-plan PNGs. Default: {data_root}/images."
+    )
+    annotation_dir: str | None = Field(
+        None,
+        description="COCO annotation files, one per image ({stem}.json). Default: {data_root}/annotations.",
+    )
+    annotation_file: str | None = Field(
+        None, description="A single COCO file for the whole set (instead of annotation_dir)."
+    )
+    corpus_path: str | None = Field(
+        None,
+        description="Criteria corpus JSON ({id, content, source, keywords} chunks). Default: the shipped one.",
+    )
+
+
+class SamplingSettings(_Group):
+    sample_size: int = Field(2000, gt=0, description="Number of plans to sample (phase 0).")
+    seed: int = Field(42, description="Random seed for sampling.")
+    group_pattern: str | None = Field(
+        None,
+        description="Regex whose group 'complex' (or group 1) is the complex key; default: filename prefix.",
+    )
+    group_prefix_len: int = Field(3, gt=0, description="Prefix length of the complex key without a regex.")
+    size_low_pct: float = Field(1.0, ge=0, le=100, description="Leave out files below this size percentile.")
+    size_high_pct: float = Field(99.0, ge=0, le=100, description="Leave out files above this size percentile.")
+
+    @model_validator(mode="after")
+    def _check_percentiles(self) -> SamplingSettings:
+        if self.size_low_pct >= self.size_high_pct:
+            raise ValueError("size_low_pct must be below size_high_pct")
+        return self
+
+
+class CVSettings(_Group):
+    source: Literal["annotations", "plugin", "synthetic"] = Field(
+        "annotations",
+        description="Where detections come from: COCO annotations, the team's CV plugin, or synthetic plans.",
+    )
+    plugin: str | None = Field(
+        None, description="'package.module:factory' returning an object with predict(image) -> detections."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the CV plugin.")
+    concurrency: int = Field(1, gt=0, description="Images processed at once (1 on a single GPU).")
+    chunk_size: int = Field(
+        50, gt=0, description="Images per mapped task run (keeps Prefect run history bounded)."
+    )
+    clear_cache_every: int = Field(50, gt=0, description="Clear the CUDA cache every N images.")
+    overlay: bool = Field(False, description="Also render the graph over the plan (costs 2-3x).")
+
+
+class RetrievalSettings(_Group):
+    provider: Literal["local", "openai", "openai-compatible"] = Field(
+        "local",
+        validation_alias=AliasChoices("provider", "EMBEDDING_PROVIDER"),
+        description="Embedding backend.",
+    )
+    model: str = Field(
+        "Qwen/Qwen3-Embedding-0.6B", description="Embedding model id or local directory."
+    )
+    dimensions: int = Field(768, gt=0, description="Embedding width (Matryoshka truncation).")
+    top_k: int = Field(5, gt=0, description="Criteria chunks retrieved per plan.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for local embeddings.")
+    base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible embeddings server.")
+    batch_size: int = Field(32, gt=0, description="Texts per embedding call.")
+
+
+class TeacherSettings(_Group):
+    teachers: list[str] = Field(
+        default_factory=lambda: ["openai", "gemini"],
+        description="Teachers that label every plan (openai, gemini, compatible, reference).",
+    )
+    openai_model: str = Field("gpt-4o", description="OpenAI teacher model.")
+    gemini_model: str = Field("gemini-3-pro-preview", description="Gemini teacher model.")
+    compatible_model: str | None = Field(None, description="Model of an OpenAI-compatible teacher server.")
+    compatible_base_url: str | None = Field(None, description="Base URL of that server.")
+    temperature: float = Field(0.2, ge=0, le=2, description="Sampling temperature for both teachers.")
+    max_output_tokens: int = Field(4096, gt=0, description="Output token budget per answer.")
+    concurrency: int = Field(5, gt=0, description="Requests in flight per teacher.")
+    requests_per_minute: int = Field(500, gt=0, description="Client-side request limit per teacher.")
+    tokens_per_minute: int = Field(30_000, gt=0, description="Client-side token limit per teacher.")
+    retry_after_cap_s: float = Field(60.0, gt=0, description="Longest wait honoured on HTTP 429.")
+    backoff_s: list[float] = Field(
+        default_factory=lambda: [2.0, 4.0, 8.0], description="Backoff for 5xx/timeouts."
+    )
+    request_timeout_s: float = Field(120.0, gt=0, description="Timeout of one teacher request.")
+    budget_usd: float = Field(60.0, ge=0, description="Stop labeling before spending more than this per teacher.")
+
+
+class QualityWeights(_Group):
+    schema_compliance: float = Field(0.30, ge=0)
+    field_completeness: float = Field(0.20, ge=0)
+    space_count_accuracy: float = Field(0.10, ge=0)
+    bay_count_consistency: float = Field(0.10, ge=0)
+    compliance_reasoning: float = Field(0.10, ge=0)
+    analysis_depth: float = Field(0.07, ge=0)
+    recommendation_quality: float = Field(0.06, ge=0)
+    json_validity: float = Field(0.07, ge=0)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> QualityWeights:
+        total = sum(self.model_dump().values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"weights must sum to 1.0, got {total:.4f}")
+        return self
+
+
+class QualitySettings(_Group):
+    sample_size: int = Field(100, gt=0, description="Plans compared in phase 4.")
+    seed: int = Field(42, description="Seed of the comparison sample and the bootstrap.")
+    weights: QualityWeights = Field(default_factory=QualityWeights, description="Metric weights.")
+    min_schema_compliance: float = Field(0.95, ge=0, le=1, description="A teacher below this cannot win.")
+    tie_margin: float = Field(0.05, ge=0, description="A gap under this goes to the cheaper teacher.")
+    force_teacher: str | None = Field(None, description="Skip the comparison's decision and use this teacher.")
+    bootstrap_samples: int = Field(1000, gt=0, description="Bootstrap resamples for 95% intervals.")
+
+
+class DatasetSettings(_Group):
+    train_ratio: float = Field(0.9, gt=0, lt=1, description="Share of complexes in train.")
+    seed: int = Field(42, description="Seed of the grouped split.")
+
+
+class FinetuneSettings(_Group):
+    base_model: str = Field("Qwen/Qwen3-8B", description="Student base model id or local directory.")
+    student_name: str = Field("student", description="Output folder name under the data root.")
+    backend: Literal["auto", "unsloth", "trl"] = Field("auto", description="auto: Unsloth on CUDA, else TRL.")
+    load_in_4bit: bool = Field(True, description="QLoRA through bitsandbytes (CUDA only).")
+    lora_r: int = Field(64, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(128, gt=0, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Projections that get adapters.",
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: str = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warm-up share of steps.")
+    epochs: float = Field(3, gt=0, description="Training epochs.")
+    max_steps: int = Field(-1, description="Stop after this many steps (-1: by epochs).")
+    batch_size: int = Field(2, gt=0, description="Per-device batch size.")
+    grad_accum: int = Field(8, gt=0, description="Gradient accumulation steps.")
+    max_length: int = Field(4096, gt=0, description="Longest training sequence in tokens.")
+    logging_steps: int = Field(10, gt=0, description="Log every N steps.")
+    eval_steps: int = Field(100, gt=0, description="Validation loss every N steps.")
+    save_steps: int = Field(100, gt=0, description="Checkpoint every N steps.")
+    early_stopping_patience: int = Field(3, ge=0, description="Evaluations without improvement before stopping (0: off).")
+    optim: str = Field("adamw_8bit", description="Optimizer (adamw_torch on CPU).")
+    merge: bool = Field(False, description="Also write a merged bf16 model for vLLM.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
+
+
+class ServingSettings(_Group):
+    llm_provider: Literal["openai", "gemini", "openai-compatible", "local", "reference"] = Field(
+        "openai",
+        validation_alias=AliasChoices("llm_provider", "LLM_PROVIDER"),
+        description="Chat backend of the analysis service; 'openai' is the rollback.",
+    )
+    llm_model: str = Field("gpt-4o-mini", description="Model served by that backend.")
+    base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible server (vLLM …).")
+    adapter_path: str | None = Field(None, description="LoRA adapter or merged model for the local backend.")
+    max_new_tokens: int = Field(3072, gt=0, description="Output token limit of one analysis.")
+    timeout_s: float = Field(60.0, gt=0, description="Timeout of one provider call.")
+    host: str = Field("127.0.0.1", description="HTTP API bind address.")
+    port: int = Field(8000, gt=0, lt=65536, description="HTTP API port.")
+
+
+class Settings(BaseSettings):
+    """All of ft-pipeline's configuration. Print it with `ft-pipeline config show`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        validate_assignment=True,
+        populate_by_name=True,
+    )
+
+    profile: ProfileName | None = Field(None, description="Named profile applied under file and env.")
+    paths: PathSettings = Field(default_factory=PathSettings)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    cv: CVSettings = Field(default_factory=CVSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    teachers: TeacherSettings = Field(default_factory=TeacherSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
+    dataset: DatasetSettings = Field(default_factory=DatasetSettings)
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+
+    openai_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("openai_api_key", "FTP_OPENAI_API_KEY", "OPENAI_API_KEY"),
+        description="OpenAI key (or a Prefect block, see blocks/).",
+    )
+    openai_base_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("openai_base_url", "FTP_OPENAI_BASE_URL"),
+        description="Override of the OpenAI API base URL (a proxy or a test server).",
+    )
+    gemini_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "gemini_api_key", "FTP_GEMINI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"
+        ),
+        description="Google Gemini key.",
+    )
+    gemini_base_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("gemini_base_url", "FTP_GEMINI_BASE_URL"),
+        description="Override of the Gemini API base URL (a test server).",
+    )
+
+    @field_validator("profile", mode="before")
+    @classmethod
+    def _empty_profile(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        layered = _LAYERED.get()
+        return (
+            init_settings,
+            env_settings,
+            _ShortcutEnvSource(settings_cls),
+            dotenv_settings,
+            _DictSource(settings_cls, layered.get("file", {})),
+            _DictSource(settings_cls, layered.get("profile", {})),
+        )
+
+    # Derived paths: the only place that knows the default layout under the data root.
+    def image_dir(self) -> str:
+        return self.paths.image_dir or _join(self.paths.data_root, "images")
+
+    def annotation_dir(self) -> str:
+        return self.paths.annotation_dir or _join(self.paths.data_root, "annotations")
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+_LAYERED: contextvars.ContextVar[dict[str, dict]] = contextvars.ContextVar("_LAYERED", default={})
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    """A fixed mapping as a settings source (profile values, config file values)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]):
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+class _ShortcutEnvSource(PydanticBaseSettingsSource):
+    """``LLM_PROVIDER`` and ``EMBEDDING_PROVIDER``: the one-variable switch the service team asked for."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if os.environ.get("LLM_PROVIDER"):
+            out["serving"] = {"llm_provider": os.environ["LLM_PROVIDER"]}
+        if os.environ.get("EMBEDDING_PROVIDER"):
+            out["retrieval"] = {"provider": os.environ["EMBEDDING_PROVIDER"]}
+        return out
+
+
+# ----------------------------------------------------------------------------------- profiles
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # Qwen3-8B QLoRA on a rented A100 80 GB: the plan's numbers, which are also the defaults.
+    "production": {
+        "finetune": {"base_model": "Qwen/Qwen3-8B", "device": "cuda", "merge": True},
+        "retrieval": {"device": "cuda"},
+        "cv": {"device": "cuda"},
+    },
+    # EXAONE 2.4B QLoRA on an 8 GB consumer card.
+    "local-8gb": {
+        "finetune": {
+            "base_model": "LGAI-EXAONE/EXAONE-3.5-2.4B-Instruct",
+            "device": "cuda",
+            "lora_r": 16,
+            "lora_alpha": 32,
+            "batch_size": 4,
+            "grad_accum": 4,
+            "max_length": 2048,
+        },
+        "serving": {"llm_provider": "local", "max_new_tokens": 2048},
+        "cv": {"device": "cuda"},
+    },
+    # Everything offline on a CPU in minutes: synthetic plans, a small packaged embedding model,
+    # the rule-based reference teacher and a tiny student.
+    "demo": {
+        "paths": {"data_root": "./demo-data"},
+        "sampling": {"sample_size": 24, "size_low_pct": 0.0, "size_high_pct": 100.0},
+        "cv": {"source": "annotations", "device": "cpu", "concurrency": 2, "chunk_size": 8},
+        "retrieval": {"device": "cpu"},
+        "teachers": {"teachers": ["reference"]},
+        "quality": {"sample_size": 12, "bootstrap_samples": 200},
+        "finetune": {
+            "device": "cpu",
+            "load_in_4bit": False,
+            "optim": "adamw_torch",
+            "lora_r": 8,
+            "lora_alpha": 16,
+            "batch_size": 1,
+            "grad_accum": 1,
+            "epochs": 1,
+            "max_steps": 30,
+            "eval_steps": 10,
+            "save_steps": 10,
+            "logging_steps": 2,
+        },
+        "serving": {"llm_provider": "reference"},
+    },
+}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML config file into a dict, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"config file {path}: not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in {".yaml", ".yml"}:
+            data = yaml.safe_load(text) or {}
+        else:
+            raise SettingsError(f"config file {path}: use a .toml, .yaml or .yml file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise SettingsError(f"config file {path}: cannot parse: {exc}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path}: the top level must be a table/mapping")
+    return data
+
+
+def _check_env_keys() -> None:
+    """Reject FTP_* variables that name no setting (a typo would otherwise be silently ignored)."""
+    known_top = {name.upper() for name in Settings.model_fields}
+    aliases = {"OPENAI_API_KEY", "OPENAI_BASE_URL", "GEMINI_API_KEY", "GEMINI_BASE_URL"}
+    for key in os.environ:
+        if not key.startswith(ENV_PREFIX):
+            continue
+        rest = key[len(ENV_PREFIX):]
+        group, _, field = rest.partition("__")
+        if rest in aliases:
+            continue
+        if group not in known_top:
+            raise SettingsError(f"environment variable {key}: no setting '{group.lower()}'")
+        if field:
+            annotation = Settings.model_fields[group.lower()].annotation
+            sub_fields = getattr(annotation, "model_fields", None)
+            first = field.split("__")[0].lower()
+            if sub_fields is None or first not in sub_fields:
+                raise SettingsError(f"environment variable {key}: no setting '{group.lower()}.{first}'")
+
+
+def _format_error(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown setting '{loc}'")
+        else:
+            lines.append(f"setting '{loc}': {err['msg']}")
+    return f"invalid configuration ({origin}): " + "; ".join(lines)
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    profile: str | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build the settings from defaults, profile, config file, .env, environment and overrides.
+
+    The profile comes from the argument, else ``FTP_PROFILE``, else the config file's ``profile``.
+    """
+    file_data = read_config_file(config_file) if config_file else {}
+    chosen = profile or os.environ.get(f"{ENV_PREFIX}PROFILE") or file_data.get("profile")
+    if chosen and chosen not in PROFILES:
+        raise SettingsError(
+            f"setting 'profile': unknown profile '{chosen}' (choose one of {', '.join(PROFILES)})"
+        )
+    _check_env_keys()
+    layered = {"file": file_data, "profile": PROFILES.get(chosen, {}) if chosen else {}}
+    if chosen:
+        overrides.setdefault("profile", chosen)
+    token = _LAYERED.set(layered)
+    origin = f"config file {config_file}" if config_file else "environment/defaults"
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_format_error(exc, origin)) from None
+    finally:
+        _LAYERED.reset(token)
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) for every setting: the README table and `config show`."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            default = info.get_default(call_default_factory=True)
+            rows.append((prefix + name, repr(default), info.description or ""))
+
+    walk(Settings, "")
+    return rows

@@ -1,0 +1,135 @@
+"""The artifact store: one data root (a local directory or an fsspec URL) and its layout.
+
+Every write is atomic: the bytes go to a temporary name beside the target, which is then renamed,
+so a file's existence means it is complete (a killed run never leaves half a JSON behind). On
+object stores, where a single PUT is already atomic, the object is written directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+RUN_FILES = {
+    "sample": "sampled_images.json",
+    "cv_failures": "cv_failures.json",
+    "quality_report": "quality_report.json",
+    "selected_model": "selected_model.txt",
+    "train": "train.jsonl",
+    "val": "val.jsonl",
+    "stats_report": "stats_report.json",
+}
+
+
+def _is_url(root: str) -> bool:
+    return "://" in root and not root.startswith("file://")
+
+
+class ArtifactStore:
+    """Reads and writes artifacts under one root with the pipeline's per-image layout."""
+
+    def __init__(self, root: str | Path):
+        self.root = str(root).rstrip("/") or "/"
+        self.is_local = not _is_url(self.root)
+        if self.is_local:
+            local = self.root[len("file://"):] if self.root.startswith("file://") else self.root
+            self.root = str(Path(local).expanduser().resolve())
+            self.fs = None
+        else:
+            self.fs, _ = fsspec.core.url_to_fs(self.root)
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.root!r})"
+
+    # ------------------------------------------------------------------ layout
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def image_output_dir(self, stem: str) -> str:
+        return self.path("output", stem)
+
+    def topology_path(self, stem: str) -> str:
+        return self.path("output", stem, "topology_graph.json")
+
+    def rag_context_path(self, stem: str) -> str:
+        return self.path("output", stem, "rag_context.json")
+
+    def analysis_path(self, stem: str, teacher: str) -> str:
+        return self.path("output", stem, f"llm_analysis_{teacher}.json")
+
+    def run_file(self, key: str) -> str:
+        return self.path(RUN_FILES[key])
+
+    # ------------------------------------------------------------------ io
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path) if self.is_local else self.fs.exists(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        if self.is_local:
+            return Path(path).read_bytes()
+        return self.fs.cat_file(path)
+
+    def read_text(self, path: str) -> str:
+        return self.read_bytes(path).decode("utf-8")
+
+    def read_json(self, path: str) -> Any:
+        """Parse a JSON artifact; a broken file raises a ValueError naming it."""
+        try:
+            return json.loads(self.read_text(path))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+    def write_bytes(self, path: str, data: bytes) -> str:
+        if not self.is_local:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(path, data)
+            return path
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def write_text(self, path: str, text: str) -> str:
+        return self.write_bytes(path, text.encode("utf-8"))
+
+    def write_json(self, path: str, obj: Any, *, indent: int | None = 2) -> str:
+        text = json.dumps(obj, ensure_ascii=False, indent=indent, sort_keys=False)
+        return self.write_text(path, text + "\n")
+
+    def write_jsonl(self, path: str, rows: list[Any]) -> str:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        return self.write_text(path, text)
+
+    def delete(self, path: str) -> None:
+        if self.is_local:
+            Path(path).unlink(missing_ok=True)
+        elif self.fs.exists(path):
+            self.fs.rm(path)
+
+    def listdir(self, path: str) -> list[str]:
+        """Names (not paths) directly under `path`, sorted; empty if it does not exist."""
+        if self.is_local:
+            p = Path(path)
+            return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
+        if not self.fs.exists(path):
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(path, detail=False))
+
+    def file_hash(self, path: str) -> str:
+        """SHA-256 of a file's content (cache keys are built on content, not on names)."""
+        return hashlib.sha256(self.read_bytes(path)).hexdigest()

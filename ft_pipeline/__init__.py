@@ -1,0 +1,1 @@
+"""The application shell: the `ft-pipeline` command, wiring the CLI to the flows."""

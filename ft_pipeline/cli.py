@@ -1,0 +1,147 @@
+"""`ft-pipeline`: run the pipeline, make synthetic plans, inspect settings."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from floorplan_ft.settings import SettingsError, describe_settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the settings.")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML or YAML settings file.", exists=True, dir_okay=False)
+]
+ProfileOpt = Annotated[
+    str | None, typer.Option("--profile", "-p", help="Named profile: production, local-8gb, demo.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override one setting: dotted.name=value (repeatable)."),
+]
+
+
+def _prefect_defaults(data_root: str | None = None) -> None:
+    """Environment Prefect reads at import: quiet embedded server, results beside the data."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    if data_root and "://" not in data_root:
+        results = Path(data_root).expanduser().resolve() / ".prefect" / "results"
+        os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(results))
+        os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"--set {item!r}: expected dotted.name=value")
+        overrides[name.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+    return overrides
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    steps: Annotated[str, typer.Option(help="Steps to run: all, '0,1,2,3a,3b,4,5,6', '2-6'.")] = "all",
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the pipeline on Prefect (the embedded server unless PREFECT_API_URL is set)."""
+    from floorplan_ft.steps import parse_steps
+    from tasks.common import nest_overrides
+
+    overrides = _parse_sets(set_)
+    try:
+        parse_steps(steps)
+        settings = load_settings(config, profile, **nest_overrides(overrides))
+    except (SettingsError, ValueError) as exc:
+        _fail(exc)
+    _prefect_defaults(settings.paths.data_root)
+    from flows.ft_pipeline import ft_pipeline
+
+    report = ft_pipeline(
+        steps=steps,
+        config_file=str(config) if config else None,
+        profile=profile,
+        overrides=overrides or None,
+    )
+    typer.echo(f"\nData root: {settings.paths.data_root}")
+    for step, outcome in report.items():
+        extra = {k: v for k, v in outcome.items() if k != "status"}
+        typer.echo(f"  step {step:>2}: {outcome['status']:<14} {json.dumps(extra, ensure_ascii=False)}")
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Output directory (images/, annotations/, truth/).")],
+    count: Annotated[int, typer.Option(min=1, help="Number of plans.")] = 100,
+    complexes: Annotated[int, typer.Option(min=1, help="Number of apartment complexes.")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 42,
+) -> None:
+    """Write synthetic floor plans: rendered PNG, COCO annotations and true statistics."""
+    from floorplan_ft.synth import write_dataset
+
+    stems = write_dataset(out, count=count, complexes=complexes, seed=seed)
+    typer.echo(f"wrote {len(stems)} plans under {out} (images/, annotations/, truth/)")
+
+
+@app.command()
+def demo(
+    data_root: Annotated[Path, typer.Option(help="Where the demo data and outputs go.")] = Path("demo-data"),
+    count: Annotated[int, typer.Option(min=1, help="Synthetic plans to generate.")] = 60,
+    steps: Annotated[str, typer.Option(help="Steps to run.")] = "all",
+) -> None:
+    """Generate synthetic plans (once) and run the pipeline on them with the demo profile."""
+    from floorplan_ft.synth import write_dataset
+
+    images = data_root / "images"
+    if not images.is_dir() or not any(images.iterdir()):
+        stems = write_dataset(data_root, count=count, complexes=6, seed=42)
+        typer.echo(f"generated {len(stems)} synthetic plans under {data_root}")
+    run(steps=steps, config=None, profile="demo", set_=[f"paths.data_root={data_root}"])
+
+
+@config_app.command("show")
+def config_show(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print the effective settings (secrets masked)."""
+    from tasks.common import nest_overrides
+
+    try:
+        settings = load_settings(config, profile, **nest_overrides(_parse_sets(set_)))
+    except SettingsError as exc:
+        _fail(exc)
+    data = settings.model_dump(mode="json")
+    if as_json:
+        typer.echo(json.dumps(data, ensure_ascii=False, indent=2))
+    else:
+        typer.echo(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+
+
+@config_app.command("describe")
+def config_describe() -> None:
+    """List every setting with its default and description."""
+    for name, default, description in describe_settings():
+        typer.echo(f"{name:<36} {default:<28} {description}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,39 @@
+"""Helpers shared by the task modules: settings per run, the store, artifact keys."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from floorplan_ft.settings import Settings, load_settings
+from floorplan_ft.store import ArtifactStore
+
+
+def nest_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """{"sampling.sample_size": 10} → {"sampling": {"sample_size": 10}}."""
+    nested: dict[str, Any] = {}
+    for dotted, value in (overrides or {}).items():
+        parts = dotted.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def settings_for_run(
+    config_file: str | None = None,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    return load_settings(config_file, profile, **nest_overrides(overrides))
+
+
+def store_for(settings: Settings) -> ArtifactStore:
+    return ArtifactStore(settings.paths.data_root)
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    key = "-".join(parts).lower()
+    return re.sub(r"[^a-z0-9-]+", "-", key).strip("-")[:100]
