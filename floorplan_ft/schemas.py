@@ -188,3 +188,32 @@ def schema_hash() -> str:
     """Short content hash of the answer schema: part of every cache key and provenance record."""
     text = json.dumps(analysis_json_schema(), sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(f"{SCHEMA_VERSION}\n{text}".encode()).hexdigest()[:16]
+
+
+# Keywords OpenAI's strict structured outputs does not accept (string lengths); the bounds stay in
+# the pydantic model, which validates every answer, and in the local constrained decoder.
+_OPENAI_UNSUPPORTED = frozenset({"maxLength", "minLength"})
+
+
+def _strip_keywords(node, banned: frozenset[str]):
+    if isinstance(node, dict):
+        return {k: _strip_keywords(v, banned) for k, v in node.items() if k not in banned}
+    if isinstance(node, list):
+        return [_strip_keywords(v, banned) for v in node]
+    return node
+
+
+def openai_strict_schema() -> dict:
+    """`FloorPlanAnalysis` as OpenAI's strict mode wants it: every property required (optional ones
+    nullable), `additionalProperties: false` everywhere, no unsupported keywords."""
+    from openai.lib._pydantic import to_strict_json_schema
+
+    return _strip_keywords(to_strict_json_schema(FloorPlanAnalysis), _OPENAI_UNSUPPORTED)
+
+
+def openai_response_format() -> dict:
+    """The `response_format` parameter for chat completions with the strict schema."""
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "FloorPlanAnalysis", "strict": True, "schema": openai_strict_schema()},
+    }

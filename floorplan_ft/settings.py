@@ -138,14 +138,14 @@ class TeacherSettings(_Group):
 
 
 class QualityWeights(_Group):
-    schema_compliance: float = Field(0.30, ge=0)
-    field_completeness: float = Field(0.20, ge=0)
-    space_count_accuracy: float = Field(0.10, ge=0)
-    bay_count_consistency: float = Field(0.10, ge=0)
-    compliance_reasoning: float = Field(0.10, ge=0)
-    analysis_depth: float = Field(0.07, ge=0)
-    recommendation_quality: float = Field(0.06, ge=0)
-    json_validity: float = Field(0.07, ge=0)
+    schema_compliance: float = Field(0.30, ge=0, description="Weight of the schema_compliance metric.")
+    field_completeness: float = Field(0.20, ge=0, description="Weight of the field_completeness metric.")
+    space_count_accuracy: float = Field(0.10, ge=0, description="Weight of the space_count_accuracy metric.")
+    bay_count_consistency: float = Field(0.10, ge=0, description="Weight of the bay_count_consistency metric.")
+    compliance_reasoning: float = Field(0.10, ge=0, description="Weight of the compliance_reasoning metric.")
+    analysis_depth: float = Field(0.07, ge=0, description="Weight of the analysis_depth metric.")
+    recommendation_quality: float = Field(0.06, ge=0, description="Weight of the recommendation_quality metric.")
+    json_validity: float = Field(0.07, ge=0, description="Weight of the json_validity metric.")
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> QualityWeights:

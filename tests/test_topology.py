@@ -57,12 +57,13 @@ class Plan:
             f"공간_{name}", [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)], seg
         )
 
-    def _struct(self, cat, x0, y0, x1, y1, **attrs) -> int:
-        """A thin rectangle centred on the segment (x0,y0)-(x1,y1) (horizontal or vertical)."""
+    def _struct(self, cat, x0, y0, x1, y1, extend=0.0, **attrs) -> int:
+        """A thin rectangle centred on the segment (x0,y0)-(x1,y1) (horizontal or vertical),
+        `extend` px longer at both ends."""
         if y0 == y1:
-            box = [x0, y0 - T / 2, x1 - x0, T]
+            box = [x0 - extend, y0 - T / 2, x1 - x0 + 2 * extend, T]
         else:
-            box = [x0 - T / 2, y0, T, y1 - y0]
+            box = [x0 - T / 2, y0 - extend, T, y1 - y0 + 2 * extend]
         x, y, w, h = box
         return self._add(cat, box, [[x, y, x + w, y, x + w, y + h, x, y + h]], **attrs)
 
@@ -73,7 +74,8 @@ class Plan:
         return self._struct(vocab.DOOR, *seg, subtype="여닫이")
 
     def wall(self, *seg) -> int:
-        return self._struct(vocab.WALL, *seg)
+        # walls run T/2 past their ends, so they overlap the corners of neighbouring spaces
+        return self._struct(vocab.WALL, *seg, extend=T / 2)
 
     def obj(self, name, cx, cy) -> int:
         return self._add(f"객체_{name}", [cx - 10, cy - 10, 20, 20])
@@ -175,7 +177,11 @@ def test_flat_plan_statistics_and_nodes():
     # node ids follow the vocab category order, then y, then x
     assert [n.node_id for n in g.nodes] == [f"space_{i}" for i in range(5)]
     assert [n.category_name for n in g.nodes] == [
-        "공간_거실", "공간_침실", "공간_침실", "공간_주방및식당", "공간_화장실",
+        "공간_거실",
+        "공간_침실",
+        "공간_침실",
+        "공간_주방및식당",
+        "공간_화장실",
     ]
     bath = node_by_label(g, "욕실")
     assert bath.space_type == "습식공간"
@@ -201,7 +207,7 @@ def test_flat_plan_edges():
     assert edges_between(g, living, kitchen)[0].connection_id is None
     lm = edges_between(g, living, master)
     assert [e.connection_type for e in lm] == ["door"]
-    assert lm[0].connection_id == "15"  # the annotation id of the door
+    assert lm[0].connection_id == "19"  # the annotation id of the door
     assert [e.connection_type for e in edges_between(g, bath, master)] == ["door"]
     # walled, no door: no edge
     assert edges_between(g, bath, bed2) == []
@@ -213,7 +219,7 @@ def test_flat_plan_edges():
         assert order[e.source_node] < order[e.target_node]
     # a wall running past a corner does not belong to the space beyond the corner
     wall_ids = {w.structure_id for w in kitchen.contains.structures.walls}
-    assert wall_ids == {"11"}  # the x=300 wall only; not the y=200 wall starting at x=300
+    assert wall_ids == {"15"}  # the x=300 wall only; not the y=200 wall starting at x=300
 
 
 def test_tower_plan_living_with_two_perpendicular_windows():
@@ -306,7 +312,7 @@ def test_window_edge_room_balcony_and_bays():
     assert s.bay_count == 2
     assert s.structure_type == "판상형"
     assert s.balcony_count == 1
-    assert s.balcony_ratio == pytest.approx(round(500 * 60 / (500 * 260) * 100, 2))
+    assert s.balcony_ratio == pytest.approx(round(500 * 60 / (500 * 260 + 300 * 200) * 100, 2))
     assert s.windowless_ratio == 0.0
     # the balcony's main window is the long outer one (S); the shared one faces N for it
     assert len(balcony.contains.structures.windows) == 3
@@ -392,7 +398,7 @@ def test_non_rectangular_space_and_bbox_only_space():
     g = p.build()
     living = node_by_label(g, "거실")
     assert living.area == 80000.0
-    assert living.centroid == [pytest.approx(141.67, abs=0.01), pytest.approx(158.33, abs=0.01)]
+    assert living.centroid == [137.5, 162.5]
     bed = node_by_label(g, "침실")
     assert bed.segmentation == [[300.0, 100.0, 500.0, 100.0, 500.0, 300.0, 300.0, 300.0]]
     assert [e.connection_type for e in edges_between(g, living, bed)] == ["open"]
@@ -454,7 +460,7 @@ def test_detections_fields():
     assert {d.text for d in ocr} == {"주방", "욕실", "침실2", "거실", "안방"}
     obj = det.objects[0]
     assert obj.polygon == ((340.0, 50.0), (360.0, 50.0), (360.0, 70.0), (340.0, 70.0))
-    door = [d for d in det.structures if d.category_name == vocab.DOOR][0]
+    door = next(d for d in det.structures if d.category_name == vocab.DOOR)
     assert door.subtype == "여닫이"
 
 
@@ -522,3 +528,15 @@ def test_overlay_renders(tmp_path):
     out2 = render_overlay(g.model_dump(), img, tmp_path / "o2.png")
     with Image.open(out2) as im:
         assert im.size == (800, 600)
+
+
+def test_facade_window_spanning_two_rooms_is_not_an_edge():
+    p = Plan()
+    p.space("거실", 0, 0, 300, 200)
+    p.space("침실", 300, 0, 500, 200)
+    p.wall(300, 0, 300, 200)
+    p.window(100, 200, 450, 200)  # one long S window across both rooms' façade
+    g = p.build()
+    assert g.edges == []
+    assert all(len(n.contains.structures.windows) == 1 for n in g.nodes)
+    assert g.statistics.bay_count == 2

@@ -20,6 +20,10 @@ from floorplan_ft import vocab
 Point = tuple[float, float]
 
 
+class AnnotationError(ValueError):
+    """Malformed or unusable COCO input; the message names the key, category or annotation."""
+
+
 class DetImage(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -132,17 +136,17 @@ def _stem(name: str) -> str:
 def _select_image(coco: dict, image_file_name: str | None) -> dict:
     images = coco["images"]
     if not isinstance(images, list) or not images:
-        raise ValueError("COCO file has no images: 'images' must be a non-empty list")
+        raise AnnotationError("COCO file has no images: 'images' must be a non-empty list")
     for i, img in enumerate(images):
         if not isinstance(img, dict):
-            raise ValueError(f"COCO image entry {i} is not an object")
+            raise AnnotationError(f"COCO image entry {i} is not an object")
         for key in ("file_name", "width", "height"):
             if key not in img:
-                raise ValueError(f"COCO image entry {i} is missing key {key!r}")
+                raise AnnotationError(f"COCO image entry {i} is missing key {key!r}")
     if image_file_name is None:
         if len(images) == 1:
             return images[0]
-        raise ValueError(
+        raise AnnotationError(
             f"COCO file holds {len(images)} images: pass image_file_name to pick one"
         )
     wanted = str(image_file_name)
@@ -154,22 +158,20 @@ def _select_image(coco: dict, image_file_name: str | None) -> dict:
         found = [img for img in images if match(img)]
         if found:
             return found[0]
-    raise ValueError(
+    raise AnnotationError(
         f"image {wanted!r} not found in COCO file ({len(images)} images, "
         f"matched by file_name or stem)"
     )
 
 
 def _parse_bbox(raw: Any, ann_id: Any) -> tuple[float, float, float, float]:
-    if (
-        not isinstance(raw, (list, tuple))
-        or len(raw) != 4
-        or not all(_is_number(v) for v in raw)
-    ):
-        raise ValueError(f"annotation {ann_id}: bbox must be [x, y, w, h] numbers, got {raw!r}")
+    if not isinstance(raw, (list, tuple)) or len(raw) != 4 or not all(_is_number(v) for v in raw):
+        raise AnnotationError(
+            f"annotation {ann_id}: bbox must be [x, y, w, h] numbers, got {raw!r}"
+        )
     x, y, w, h = (float(v) for v in raw)
     if w < 0 or h < 0:
-        raise ValueError(f"annotation {ann_id}: bbox has negative width/height {raw!r}")
+        raise AnnotationError(f"annotation {ann_id}: bbox has negative width/height {raw!r}")
     return (x, y, w, h)
 
 
@@ -188,11 +190,11 @@ def _parse_segmentation(raw: Any, ann_id: Any) -> list[Point] | None:
     if raw is None:
         return None
     if isinstance(raw, dict):
-        raise ValueError(
+        raise AnnotationError(
             f"annotation {ann_id}: RLE segmentation is not supported, a polygon is required"
         )
     if not isinstance(raw, (list, tuple)):
-        raise ValueError(f"annotation {ann_id}: segmentation must be a list of polygons")
+        raise AnnotationError(f"annotation {ann_id}: segmentation must be a list of polygons")
     if not raw:
         return None
     rings_raw = [raw] if all(_is_number(v) for v in raw) else list(raw)
@@ -200,16 +202,16 @@ def _parse_segmentation(raw: Any, ann_id: Any) -> list[Point] | None:
     best_area = -1.0
     for ring in rings_raw:
         if not isinstance(ring, (list, tuple)) or not all(_is_number(v) for v in ring):
-            raise ValueError(
+            raise AnnotationError(
                 f"annotation {ann_id}: segmentation ring must be a flat list of numbers"
             )
         if len(ring) % 2:
-            raise ValueError(
+            raise AnnotationError(
                 f"annotation {ann_id}: segmentation ring has an odd number of coordinates"
             )
         pts = _clean_ring([(float(ring[i]), float(ring[i + 1])) for i in range(0, len(ring), 2)])
         if len(pts) < 3:
-            raise ValueError(
+            raise AnnotationError(
                 f"annotation {ann_id}: degenerate polygon (fewer than 3 distinct points)"
             )
         area = abs(ring_area(pts))
@@ -218,7 +220,7 @@ def _parse_segmentation(raw: Any, ann_id: Any) -> list[Point] | None:
     if best is None:
         return None
     if best_area <= 1e-9:
-        raise ValueError(f"annotation {ann_id}: degenerate polygon (zero area)")
+        raise AnnotationError(f"annotation {ann_id}: degenerate polygon (zero area)")
     return best
 
 
@@ -232,11 +234,11 @@ def _category_names(coco: dict) -> dict[Any, str]:
     if cats is None:
         return {}
     if not isinstance(cats, list):
-        raise ValueError("COCO 'categories' must be a list")
+        raise AnnotationError("COCO 'categories' must be a list")
     out: dict[Any, str] = {}
     for i, cat in enumerate(cats):
         if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
-            raise ValueError(f"COCO category entry {i} is missing key 'id' or 'name'")
+            raise AnnotationError(f"COCO category entry {i} is missing key 'id' or 'name'")
         out[cat["id"]] = str(cat["name"])
     return out
 
@@ -248,15 +250,15 @@ def detections_from_coco(coco: dict, image_file_name: str | None = None) -> Dete
     stem, case-insensitive); it may be omitted for a file holding a single image.
     """
     if not isinstance(coco, dict):
-        raise ValueError("COCO input must be a JSON object")
+        raise AnnotationError("COCO input must be a JSON object")
     for key in ("images", "annotations"):
         if key not in coco:
-            raise ValueError(f"COCO file is missing key {key!r}")
+            raise AnnotationError(f"COCO file is missing key {key!r}")
     img = _select_image(coco, image_file_name)
     if not (_is_number(img["width"]) and _is_number(img["height"])):
-        raise ValueError(f"image {img['file_name']!r}: width/height must be numbers")
+        raise AnnotationError(f"image {img['file_name']!r}: width/height must be numbers")
     if img["width"] <= 0 or img["height"] <= 0:
-        raise ValueError(f"image {img['file_name']!r}: width/height must be positive")
+        raise AnnotationError(f"image {img['file_name']!r}: width/height must be positive")
     image = DetImage(
         id=img.get("id"),
         file_name=str(img["file_name"]),
@@ -266,25 +268,25 @@ def detections_from_coco(coco: dict, image_file_name: str | None = None) -> Dete
     cat_names = _category_names(coco)
     anns = coco["annotations"]
     if not isinstance(anns, list):
-        raise ValueError("COCO 'annotations' must be a list")
+        raise AnnotationError("COCO 'annotations' must be a list")
     multi = len(coco["images"]) > 1
     out: list[Detection] = []
     seen: set[Any] = set()
     for i, ann in enumerate(anns):
         if not isinstance(ann, dict):
-            raise ValueError(f"annotation entry {i} is not an object")
+            raise AnnotationError(f"annotation entry {i} is not an object")
         if "id" not in ann:
-            raise ValueError(f"annotation entry {i} is missing key 'id'")
+            raise AnnotationError(f"annotation entry {i} is missing key 'id'")
         ann_id = ann["id"]
         if multi:
             if "image_id" not in ann:
-                raise ValueError(f"annotation {ann_id} is missing key 'image_id'")
+                raise AnnotationError(f"annotation {ann_id} is missing key 'image_id'")
             if ann["image_id"] != img.get("id"):
                 continue
         elif "image_id" in ann and "id" in img and ann["image_id"] != img["id"]:
             continue
         if ann_id in seen:
-            raise ValueError(f"duplicate annotation id {ann_id}")
+            raise AnnotationError(f"duplicate annotation id {ann_id}")
         seen.add(ann_id)
         # Category: by id through `categories`, or a name on the annotation itself.
         if "category_id" in ann and ann["category_id"] in cat_names:
@@ -293,19 +295,19 @@ def detections_from_coco(coco: dict, image_file_name: str | None = None) -> Dete
             name = str(ann["category_name"])
         elif "category_id" in ann:
             if not cat_names:
-                raise ValueError("COCO file is missing key 'categories'")
-            raise ValueError(
+                raise AnnotationError("COCO file is missing key 'categories'")
+            raise AnnotationError(
                 f"annotation {ann_id}: category_id {ann['category_id']!r} is not in 'categories'"
             )
         else:
-            raise ValueError(f"annotation {ann_id} is missing key 'category_id'")
+            raise AnnotationError(f"annotation {ann_id} is missing key 'category_id'")
         if name not in vocab.ALL_CATEGORIES:
-            raise ValueError(
+            raise AnnotationError(
                 f"annotation {ann_id}: unknown category {name!r} (not in vocab.ALL_CATEGORIES)"
             )
         attributes = ann.get("attributes") or {}
         if not isinstance(attributes, dict):
-            raise ValueError(f"annotation {ann_id}: attributes must be an object")
+            raise AnnotationError(f"annotation {ann_id}: attributes must be an object")
         attributes = dict(attributes)
         if name == vocab.OCR_CATEGORY and "text" not in attributes and "text" in ann:
             attributes["text"] = ann["text"]
@@ -317,10 +319,12 @@ def detections_from_coco(coco: dict, image_file_name: str | None = None) -> Dete
             ys = [p[1] for p in polygon]
             bbox = (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys))
         else:
-            raise ValueError(f"annotation {ann_id} is missing key 'bbox' (and has no segmentation)")
+            raise AnnotationError(
+                f"annotation {ann_id} is missing key 'bbox' (and has no segmentation)"
+            )
         if polygon is None:
             if name.startswith(vocab.SPACE_PREFIX) and (bbox[2] <= 0 or bbox[3] <= 0):
-                raise ValueError(
+                raise AnnotationError(
                     f"annotation {ann_id}: degenerate polygon (space bbox has zero area)"
                 )
             polygon = _rect(bbox)

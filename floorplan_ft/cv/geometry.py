@@ -55,9 +55,7 @@ def bbox_rect(bbox: Sequence[float]) -> Rect:
 
 
 def rects_touch(a: Rect, b: Rect, tol: float = 0.0) -> bool:
-    return not (
-        a[2] + tol < b[0] or b[2] + tol < a[0] or a[3] + tol < b[1] or b[3] + tol < a[1]
-    )
+    return not (a[2] + tol < b[0] or b[2] + tol < a[0] or a[3] + tol < b[1] or b[3] + tol < a[1])
 
 
 def point_in_polygon(pt: Point, poly: Sequence[Point]) -> bool:
@@ -145,7 +143,9 @@ def clip_polygon_to_rect(poly: Sequence[Point], rect: Rect) -> list[Point]:
     return pts
 
 
-def rect_polygon_overlap(rect: Rect, poly: Sequence[Point], poly_bounds: Rect | None = None) -> float:
+def rect_polygon_overlap(
+    rect: Rect, poly: Sequence[Point], poly_bounds: Rect | None = None
+) -> float:
     """Area of the intersection of an axis-aligned rectangle and a simple polygon."""
     if poly_bounds is not None and not rects_touch(rect, poly_bounds):
         return 0.0
@@ -210,7 +210,9 @@ def shared_segments(
     return out
 
 
-def merge_intervals(intervals: list[tuple[float, float]], gap: float = 1e-6) -> list[tuple[float, float]]:
+def merge_intervals(
+    intervals: list[tuple[float, float]], gap: float = 1e-6
+) -> list[tuple[float, float]]:
     merged: list[tuple[float, float]] = []
     for lo, hi in sorted(intervals):
         if merged and lo <= merged[-1][1] + gap:

@@ -15,8 +15,9 @@ Rules DOMAIN.md leaves open, fixed here (bump `BUILDER_VERSION` when any of them
   max(1 px², min(0.375·t², rect area / 4)), t = the rectangle's thickness (short side). A
   structure centred on a boundary overlaps each side by t/2 along its length; the t/2 × t/2
   corner bits of a wall that runs past a corner stay below the threshold.
-* door/window edge: the structure overlaps two or more spaces; the edge joins the two with the
-  largest overlap. open edge: one per pair of spaces whose shared boundary (edges parallel and
+* door/window edge: the structure overlaps spaces on both sides of its long axis; the edge joins
+  the space with the largest overlap on each side (a long façade window touching two rooms on
+  the same side joins nothing). open edge: one per pair of spaces whose shared boundary (edges parallel and
   within `SHARED_EDGE_TOL` px) has an uncovered run at least
   max(`MIN_OPEN_PX`, 3 × median wall thickness) long; a run is covered by any wall, door or window
   rectangle grown by `COVER_TOL` px.
@@ -170,7 +171,7 @@ def _main_direction(space: _Space | None) -> str | None:
 def _resolve_name(space: _Space) -> None:
     """Set label, canonical name, space_type and is_outside from category and OCR."""
     cat_canon = vocab.canonical_name(space.det.category_name)
-    suffix = space.det.category_name[len(vocab.SPACE_PREFIX):]
+    suffix = space.det.category_name[len(vocab.SPACE_PREFIX) :]
     texts = [d for d in space.ocr if d.text]
 
     def dist(d: Detection) -> float:
@@ -232,6 +233,31 @@ def _longest_uncovered(
     return max(best, length - pos)
 
 
+def _separated_pair(rect: geo.Rect, hits: list[tuple[float, _Space]]) -> tuple[int, int] | None:
+    """The two spaces a door/window separates: the largest overlap on each side of its long axis.
+
+    A structure straddling a boundary has one space on each side; a long window on the outer
+    wall that runs past a room corner touches two spaces on the same side and joins nothing.
+    """
+    x0, y0, x1, y1 = rect
+    if x1 - x0 >= y1 - y0:
+        cy = (y0 + y1) / 2
+        halves = ((x0, y0, x1, cy), (x0, cy, x1, y1))
+    else:
+        cx = (x0 + x1) / 2
+        halves = ((x0, y0, cx, y1), (cx, y0, x1, y1))
+    sides: list[list[tuple[float, int]]] = [[], []]
+    for _, s in hits:
+        ov = [geo.rect_polygon_overlap(h, s.poly, s.bounds) for h in halves]
+        side = 0 if ov[0] >= ov[1] else 1
+        sides[side].append((ov[side], s.index))
+    if not sides[0] or not sides[1]:
+        return None
+    a = min(sides[0], key=lambda t: (-t[0], t[1]))[1]
+    b = min(sides[1], key=lambda t: (-t[0], t[1]))[1]
+    return (min(a, b), max(a, b))
+
+
 def build_topology(det: Detections) -> TopologyGraph:
     """The topology graph of one plan, deterministic for a given input."""
     # ------------------------------------------------------------------ spaces
@@ -289,10 +315,10 @@ def build_topology(det: Detections) -> TopologyGraph:
                 d.category_name
             ].append(d)
         if d.category_name in (vocab.DOOR, vocab.WINDOW) and len(hits) >= 2:
-            top = sorted(hits, key=lambda h: (-h[0], h[1].index))[:2]
-            a, b = sorted(h[1].index for h in top)
-            kind = "door" if d.category_name == vocab.DOOR else "window"
-            edges.append((a, b, kind, str(d.id)))
+            pair = _separated_pair(rect, hits)
+            if pair is not None:
+                kind = "door" if d.category_name == vocab.DOOR else "window"
+                edges.append((*pair, kind, str(d.id)))
 
     # ------------------------------------------------------------------ open edges
     walls = [d for d in structures if d.category_name == vocab.WALL]
@@ -302,7 +328,7 @@ def build_topology(det: Detections) -> TopologyGraph:
         x0, y0, x1, y1 = _structure_rect(d)
         covers.append((x0 - COVER_TOL, y0 - COVER_TOL, x1 + COVER_TOL, y1 + COVER_TOL))
     for i, a in enumerate(spaces):
-        for b in spaces[i + 1:]:
+        for b in spaces[i + 1 :]:
             if not geo.rects_touch(a.bounds, b.bounds, SHARED_EDGE_TOL):
                 continue
             segs = geo.shared_segments(a.poly, b.poly, SHARED_EDGE_TOL)

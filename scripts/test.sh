@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite (no GPU, no network).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+exec .venv/bin/python -m pytest "$@"

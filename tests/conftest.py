@@ -1,0 +1,36 @@
+"""Shared fixtures. Prefect runs against one real local API for the whole session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Prefect reads these at import time: keep its home, results and telemetry inside the test run.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="ftp-prefect-home-")
+os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", os.path.join(_PREFECT_HOME, "results"))
+for _key in list(os.environ):
+    # A developer's shell must not leak settings or keys into the tests.
+    if _key.startswith("FTP_") or _key in {"LLM_PROVIDER", "EMBEDDING_PROVIDER", "OPENAI_API_KEY",
+                                            "GEMINI_API_KEY", "GOOGLE_API_KEY", "PREFECT_API_URL"}:
+        del os.environ[_key]
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API on a temporary SQLite database, started once per session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def no_dotenv(tmp_path, monkeypatch):
+    """Run in an empty directory so a developer's .env is not read."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
