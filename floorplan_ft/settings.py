@@ -83,9 +83,9 @@ class SamplingSettings(_Group):
 
 
 class CVSettings(_Group):
-    source: Literal["annotations", "plugin", "synthetic"] = Field(
+    source: Literal["annotations", "plugin"] = Field(
         "annotations",
-        description="Where detections come from: COCO annotations, the team's CV plugin, or synthetic plans.",
+        description="Where detections come from: COCO annotation files (also what synth writes) or the team's CV plugin.",
     )
     plugin: str | None = Field(
         None, description="'package.module:factory' returning an object with predict(image) -> detections."

@@ -10,17 +10,25 @@ from prefect.artifacts import create_markdown_artifact
 
 from floorplan_ft.settings import Settings
 from floorplan_ft.steps import ALL_STEPS, STEP_TITLES, parse_steps
+from flows.cv_batch import cv_batch_with_concurrency
 from tasks.common import artifact_key, settings_for_run
 from tasks.sampling import sample_plans
 
+RunArgs = dict[str, Any]
 
-def _phase0(settings: Settings) -> dict:
+
+def _phase0(settings: Settings, run: RunArgs) -> dict:
     return sample_plans(settings)
 
 
+def _phase1(settings: Settings, run: RunArgs) -> dict:
+    return cv_batch_with_concurrency(settings.cv.concurrency)(scope="sample", **run)
+
+
 # Built phases. A step missing here is reported as not available, never faked.
-PHASES: dict[str, Callable[[Settings], dict]] = {
+PHASES: dict[str, Callable[[Settings, RunArgs], dict]] = {
     "0": _phase0,
+    "1": _phase1,
 }
 
 
@@ -37,6 +45,7 @@ def ft_pipeline(
     """
     logger = get_run_logger()
     settings = settings_for_run(config_file, profile, overrides)
+    run_args: RunArgs = {"config_file": config_file, "profile": profile, "overrides": overrides}
     report: dict[str, dict] = {}
     for step in parse_steps(steps):
         runner = PHASES.get(step)
@@ -45,7 +54,7 @@ def ft_pipeline(
             report[step] = {"status": "not available"}
             continue
         logger.info("step %s: %s", step, STEP_TITLES[step])
-        report[step] = runner(settings)
+        report[step] = runner(settings, run_args)
     create_markdown_artifact(
         key=artifact_key("ft-pipeline-summary"),
         markdown=_summary_markdown(settings, report),

@@ -1,0 +1,36 @@
+"""cv-batch: topology graphs for every image that lacks a fresh one (the overnight job)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from floorplan_ft.sampling import list_images, read_sample
+from tasks.common import settings_for_run, store_for
+from tasks.cv import build_topologies
+
+Scope = Literal["all", "sample"]
+
+
+@flow(name="cv-batch", log_prints=True)
+def cv_batch(
+    scope: Scope = "all",
+    config_file: str | None = None,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict:
+    """Phase 1 over `scope`: "all" images in the image directory (nightly: only new or changed
+    plans do work) or the phase-0 "sample" (sampled_images.json)."""
+    settings = settings_for_run(config_file, profile, overrides)
+    if scope == "sample":
+        stems = read_sample(store_for(settings).run_file("sample"))
+    else:
+        stems = [f.stem for f in list_images(settings.image_dir())]
+    return build_topologies(settings, stems)
+
+
+def cv_batch_with_concurrency(concurrency: int):
+    """The flow with a task runner bounded by cv.concurrency (1 on a single GPU)."""
+    return cv_batch.with_options(task_runner=ThreadPoolTaskRunner(max_workers=concurrency))

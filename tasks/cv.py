@@ -1,0 +1,117 @@
+"""Phase 1 tasks: one topology per image, mapped; freshness decided by provenance sidecars."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from floorplan_ft.cv.runner import ImageOutcome, process_image, stale_stems, update_failure_ledger
+from floorplan_ft.cv.sources import SourceConfig
+from floorplan_ft.settings import Settings
+from floorplan_ft.store import ArtifactStore
+from tasks.common import artifact_key, store_for
+
+
+def source_config(settings: Settings) -> SourceConfig:
+    return SourceConfig(
+        kind=settings.cv.source,
+        image_dir=settings.image_dir(),
+        annotation_dir=None if settings.paths.annotation_file else settings.annotation_dir(),
+        annotation_file=settings.paths.annotation_file,
+        plugin=settings.cv.plugin,
+        device=settings.cv.device,
+        clear_cache_every=settings.cv.clear_cache_every,
+    )
+
+
+# Not Prefect-cached on purpose: the output is a file in the shared data root, and Prefect's result
+# cache cannot see that file deleted or its inputs changed. The content-keyed sidecar can, on every
+# machine, so the flow only submits stale images and this task rebuilds what it is given.
+@task(
+    name="build-topology",
+    cache_policy=NO_CACHE,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=[2, 8],
+    task_run_name="topology-{stem}",
+)
+def build_topology_task(stem: str, config: SourceConfig, data_root: str, overlay: bool = False) -> dict:
+    outcome = process_image(ArtifactStore(data_root), config, stem, overlay=overlay, force=True)
+    if outcome.status == "failed":
+        get_run_logger().warning("%s: %s", stem, outcome.reason)
+    return outcome.model_dump()
+
+
+@task(name="plan-cv-work", cache_policy=NO_CACHE)
+def plan_cv_work(stems: list[str], config: SourceConfig, data_root: str) -> dict:
+    fresh, todo = stale_stems(ArtifactStore(data_root), config, stems)
+    return {"fresh": fresh, "todo": todo}
+
+
+def build_topologies(settings: Settings, stems: list[str]) -> dict:
+    """Submit one task per stale image, track progress, record failures, publish a summary.
+    Call inside a flow; concurrency is that flow's task runner's."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    store = store_for(settings)
+    config = source_config(settings)
+    plan = plan_cv_work(stems, config, store.root)
+    todo = plan["todo"]
+    logger.info("phase 1: %d images, %d fresh, %d to build", len(stems), len(plan["fresh"]), len(todo))
+
+    outcomes: list[ImageOutcome] = []
+    if todo:
+        progress_id = create_progress_artifact(
+            progress=0.0, key=artifact_key("phase1-progress"), description="Phase 1: topologies built"
+        )
+        futures = build_topology_task.map(todo, config=config, data_root=store.root, overlay=settings.cv.overlay)
+        step = max(1, len(todo) // 50)
+        for done, future in enumerate(as_completed(futures), start=1):
+            result = future.result(raise_on_failure=False)
+            if isinstance(result, BaseException):
+                stem = todo[futures.index(future)] if future in futures else "?"
+                outcomes.append(
+                    ImageOutcome(stem=stem, status="failed", reason=f"{type(result).__name__}: {result}",
+                                 error_type=type(result).__name__)
+                )
+            else:
+                outcomes.append(ImageOutcome.model_validate(result))
+            if done % step == 0 or done == len(todo):
+                update_progress_artifact(progress_id, progress=100.0 * done / len(todo))
+    ledger = update_failure_ledger(store, outcomes)
+    built = sum(o.status == "built" for o in outcomes)
+    failed = sorted((o for o in outcomes if o.status == "failed"), key=lambda o: o.stem)
+    seconds = round(time.perf_counter() - started, 2)
+    create_markdown_artifact(
+        key=artifact_key("phase1-summary"),
+        markdown=_summary(len(stems), len(plan["fresh"]), built, failed, seconds, store.run_file("cv_failures")),
+        description="Phase 1: CV inference → topology graphs",
+    )
+    return {
+        "status": "done" if not failed else "done with failures",
+        "images": len(stems),
+        "built": built,
+        "cached": len(plan["fresh"]),
+        "failed": len(failed),
+        "failure_ledger": store.run_file("cv_failures") if ledger else None,
+        "seconds": seconds,
+    }
+
+
+def _summary(total: int, fresh: int, built: int, failed: list[ImageOutcome], seconds: float, ledger: str) -> str:
+    lines = [
+        "# Phase 1: topology graphs",
+        f"{total} images: **{built} built**, {fresh} already fresh (skipped), **{len(failed)} failed**, {seconds} s.",
+    ]
+    if failed:
+        lines += ["", f"Failure ledger: `{ledger}`", "", "| image | reason |", "|---|---|"]
+        lines += [f"| {o.stem} | {(o.reason or '').replace('|', '/')} |" for o in failed[:200]]
+    return "\n".join(lines)
