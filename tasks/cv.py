@@ -12,6 +12,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
+from prefect.utilities.annotations import unmapped
 
 from floorplan_ft.cv.runner import ImageOutcome, process_image, stale_stems, update_failure_ledger
 from floorplan_ft.cv.sources import SourceConfig
@@ -72,12 +73,15 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
         progress_id = create_progress_artifact(
             progress=0.0, key=artifact_key("phase1-progress"), description="Phase 1: topologies built"
         )
-        futures = build_topology_task.map(todo, config=config, data_root=store.root, overlay=settings.cv.overlay)
+        futures = build_topology_task.map(
+            todo, config=unmapped(config), data_root=unmapped(store.root), overlay=unmapped(settings.cv.overlay)
+        )
+        stem_of = {id(f): stem for f, stem in zip(futures, todo, strict=True)}
         step = max(1, len(todo) // 50)
         for done, future in enumerate(as_completed(futures), start=1):
             result = future.result(raise_on_failure=False)
             if isinstance(result, BaseException):
-                stem = todo[futures.index(future)] if future in futures else "?"
+                stem = stem_of[id(future)]
                 outcomes.append(
                     ImageOutcome(stem=stem, status="failed", reason=f"{type(result).__name__}: {result}",
                                  error_type=type(result).__name__)

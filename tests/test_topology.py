@@ -283,6 +283,17 @@ def test_mixed_plan_perpendicular_and_undecidable():
     assert g.statistics.structure_type == "혼합형"
     assert g.statistics.bay_count == 1  # a windowless living room: the number of living rooms
 
+    u = Plan()  # neither has a window: undecidable wins over "kitchen has no window"
+    u.space("거실", 0, 0, 300, 200)
+    u.space("주방", 300, 0, 500, 200)
+    assert u.build().statistics.structure_type == "혼합형"
+
+    v = Plan()  # corner living room but no kitchen: undecidable
+    v.space("거실", 0, 0, 300, 200)
+    v.window(50, 200, 250, 200)
+    v.window(0, 50, 0, 150)
+    assert v.build().statistics.structure_type == "혼합형"
+
 
 def test_window_edge_room_balcony_and_bays():
     """Bedroom and living room open onto a south balcony through windows."""

@@ -17,20 +17,21 @@ Rules DOMAIN.md leaves open, fixed here (bump `BUILDER_VERSION` when any of them
   corner bits of a wall that runs past a corner stay below the threshold.
 * door/window edge: the structure overlaps spaces on both sides of its long axis; the edge joins
   the space with the largest overlap on each side (a long façade window touching two rooms on
-  the same side joins nothing). open edge: one per pair of spaces whose shared boundary (edges parallel and
-  within `SHARED_EDGE_TOL` px) has an uncovered run at least
-  max(`MIN_OPEN_PX`, 3 × median wall thickness) long; a run is covered by any wall, door or window
-  rectangle grown by `COVER_TOL` px.
+  the same side joins nothing).
+* open edge: one per pair of spaces whose shared boundary (edges parallel and within
+  `SHARED_EDGE_TOL` px) has an uncovered run at least max(`MIN_OPEN_PX`, 3 × median wall
+  thickness) long; a run is covered by any wall, door or window rectangle grown by `COVER_TOL` px.
 * Window direction: w >= h counts as "wider than tall" (S below the centroid, else N), otherwise
   E right of the centroid, else W. Main window = longest side, ties: larger area, then lower
   annotation order (min y, min x, id).
 * The living room / kitchen / master bedroom are the largest inside space of that canonical
   name (ties: node order). bay_count counts every living room plus the bedrooms whose main window
   faces the reference living room's main direction.
-* structure_type, in DOMAIN.md's order: 판상형 if living and kitchen main windows face opposite
-  ways; else 타워형 if the living room has windows on two perpendicular sides, or a kitchen
-  exists without a window, or both main windows face the same way; else 혼합형 (perpendicular,
-  or no living room / kitchen / living-room window). A plan without a living room is 혼합형.
+* structure_type: 혼합형 first when it cannot be decided (no living room, no kitchen or no
+  living-room window); then in DOMAIN.md's order: 판상형 if the living room's and the kitchen's
+  main windows face opposite ways; else 타워형 if the living room has windows on two
+  perpendicular sides, or the kitchen has no window, or both face the same way; else 혼합형
+  (perpendicular).
 * Ratios are % of the inside area (outside spaces excluded), rounded to 2 decimals; windowless
   ratio over inside spaces whose canonical name is not 기타; 0 when nothing to count.
 """
@@ -57,7 +58,7 @@ from floorplan_ft.schemas import (
     TopologyStatistics,
 )
 
-BUILDER_VERSION = "cv-topology/1.0"
+BUILDER_VERSION = "cv-topology/1.1"
 
 SHARED_EDGE_TOL = 2.0  # px: two boundary edges closer than this are one shared boundary
 COVER_TOL = 1.0  # px: structure rectangles are grown by this much when covering a boundary
@@ -418,19 +419,15 @@ def _largest(spaces: list[_Space], name: str) -> _Space | None:
 
 def structure_type(living: _Space | None, kitchen: _Space | None) -> str:
     ld = _main_direction(living)
+    if living is None or kitchen is None or ld is None:
+        return "혼합형"  # cannot be decided
     kd = _main_direction(kitchen)
-    if living is None:
-        return "혼합형"
-    if ld is not None and kd is not None and OPPOSITE[ld] == kd:
+    if kd is not None and OPPOSITE[ld] == kd:
         return "판상형"
     living_axes = {AXIS[window_direction(w, living.centroid)] for w in living.windows}
-    if len(living_axes) == 2:
+    if len(living_axes) == 2 or kd is None or kd == ld:
         return "타워형"
-    if kitchen is not None and not kitchen.windows:
-        return "타워형"
-    if ld is not None and ld == kd:
-        return "타워형"
-    return "혼합형"
+    return "혼합형"  # perpendicular
 
 
 def _pct(part: float, whole: float) -> float:
