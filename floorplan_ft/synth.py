@@ -1725,8 +1725,7 @@ _FONT_CANDIDATES = (
 
 @lru_cache(maxsize=1)
 def _font_path() -> str | None:
-    env = os.environ.get("FTP_SYNTH_FONT")
-    for p in ((env,) if env else ()) + _FONT_CANDIDATES:
+    for p in _FONT_CANDIDATES:
         if p and os.path.isfile(p):
             return p
     return None
@@ -1745,7 +1744,7 @@ def _font(size: int):
         return None
 
 
-def render_plan(plan: SynthPlan, draw_text: bool = True):
+def render_plan(plan: SynthPlan, draw_text: bool = False):
     """The plan as a palette-mode PIL image (white background, light room fills, black walls,
     blue windows, brown doors, grey fixtures, OCR text when a Korean font is available)."""
     from PIL import Image, ImageDraw
@@ -1801,7 +1800,9 @@ def render_plan(plan: SynthPlan, draw_text: bool = True):
 
 
 def png_bytes(plan: SynthPlan) -> bytes:
-    """Deterministic PNG bytes (no metadata chunks, fixed compression)."""
+    """Deterministic PNG bytes (no metadata chunks, fixed compression). Text is not drawn: the
+    fonts differ between machines and the same seed must give the same bytes everywhere; the OCR
+    boxes are in the annotations."""
     buf = io.BytesIO()
     render_plan(plan).save(buf, format="PNG", compress_level=6, optimize=False)
     return buf.getvalue()
