@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 
-synth = pytest.importorskip("floorplan_ft.synth")
-if not hasattr(synth, "write_dataset"):  # pragma: no cover - generator not there yet
-    pytest.skip("floorplan_ft.synth.write_dataset missing", allow_module_level=True)
-
+from floorplan_ft import synth
 from floorplan_ft.cv import build_topology, detections_from_coco
 from floorplan_ft.schemas import TopologyGraph
 

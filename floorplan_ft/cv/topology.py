@@ -146,7 +146,12 @@ def _smallest_containing(pt: tuple[float, float], spaces: list[_Space]) -> _Spac
 
 def window_direction(window: Detection, space_centroid: tuple[float, float]) -> str:
     """N/S/E/W side of the space's centroid on which a window lies (DOMAIN.md)."""
-    x, y, w, h = window.bbox
+    return bbox_direction(window.bbox, space_centroid)
+
+
+def bbox_direction(bbox, space_centroid) -> str:
+    """Direction of a window given its [x, y, w, h] box and its space's centroid."""
+    x, y, w, h = bbox
     cx, cy = x + w / 2.0, y + h / 2.0
     if w >= h:
         return "S" if cy > space_centroid[1] else "N"

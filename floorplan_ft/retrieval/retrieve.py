@@ -1,0 +1,494 @@
+"""Phase 2 domain logic: corpus vectors (cached), per-plan queries, batched top-k retrieval.
+
+No orchestration imports: the Prefect tasks call these functions.
+
+* `embed_corpus` / `CorpusIndex`: chunk vectors cached as ``{key}.npy`` + ``{key}.json`` under a
+  cache folder (default ``{data_root}/cache/embeddings``), the key built from the embedding
+  manager's identity, the width and `corpus_hash`, so an edited chunk or another model never
+  reuses stale vectors. Both files are written atomically; the JSON (written last) is the marker.
+* `build_query`: a deterministic Korean query from a plan's topology statistics, phrased in the
+  criteria's own words and thresholds (ratios are bucketed at the criteria thresholds, so plans
+  that the criteria treat alike share a query, and are embedded once).
+* `retrieve_contexts`: the distinct queries are embedded in one `embed_queries` call (the manager
+  batches internally), ranked against the chunks with one matrix product; ties go to the earlier
+  chunk in corpus order.
+* `RagContext`: what ``output/{stem}/rag_context.json`` holds — the query, the ranked chunks,
+  ``context_text`` (exactly `prompts.format_criteria` of the ranked chunks, i.e. exactly what the
+  prompt includes) and provenance (embedding identity, dimensions, corpus hash, top_k).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from floorplan_ft.prompts import format_criteria
+from floorplan_ft.retrieval.corpus import CriteriaChunk, corpus_hash
+from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
+from floorplan_ft.schemas import TopologyGraph, TopologyStatistics
+from floorplan_ft.store import ArtifactStore
+
+# Bump when the query wording, the ranking or the file layout changes: part of every key.
+RETRIEVAL_VERSION = "1"
+CACHE_SUBDIR = ("cache", "embeddings")
+
+
+# ============================================================================ corpus vectors
+
+
+def default_cache_dir(store: ArtifactStore) -> str:
+    """``{data_root}/cache/embeddings`` of an artifact store."""
+    return store.path(*CACHE_SUBDIR)
+
+
+def corpus_cache_key(manager: BaseEmbeddingManager, chunks: Sequence[CriteriaChunk]) -> str:
+    """Content key of a corpus embedding: model identity + width + corpus content + version."""
+    payload = "\n".join(
+        [RETRIEVAL_VERSION, manager.identity(), str(int(manager.dimensions)), corpus_hash(list(chunks))]
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _cache_store(cache_dir: str | Path | ArtifactStore | None) -> ArtifactStore | None:
+    if cache_dir is None:
+        return None
+    if isinstance(cache_dir, ArtifactStore):
+        return ArtifactStore(default_cache_dir(cache_dir))
+    return ArtifactStore(cache_dir)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def embed_corpus(
+    manager: BaseEmbeddingManager,
+    chunks: Sequence[CriteriaChunk],
+    cache_dir: str | Path | ArtifactStore | None = None,
+) -> np.ndarray:
+    """Unit-row float32 vectors of the chunks, in corpus order, cached on disk when asked.
+
+    ``cache_dir``: a local folder or fsspec URL, an `ArtifactStore` (then its
+    ``cache/embeddings``), or None (no cache). A cache entry is used only when its metadata matches
+    the manager identity, the width, the corpus hash and the chunk ids; a broken entry is ignored
+    and rewritten.
+    """
+    chunks = list(chunks)
+    if not chunks:
+        raise ValueError("embed_corpus: the corpus is empty")
+    dims = int(manager.dimensions)
+    key = corpus_cache_key(manager, chunks)
+    meta = {
+        "key": key,
+        "retrieval_version": RETRIEVAL_VERSION,
+        "embedding_identity": manager.identity(),
+        "dimensions": dims,
+        "corpus_hash": corpus_hash(chunks),
+        "chunk_ids": [c.id for c in chunks],
+        "shape": [len(chunks), dims],
+    }
+    store = _cache_store(cache_dir)
+    if store is not None:
+        npy_path, meta_path = store.path(f"{key}.npy"), store.path(f"{key}.json")
+        if store.exists(meta_path) and store.exists(npy_path):
+            try:
+                stored = store.read_json(meta_path)
+                vectors = np.load(io.BytesIO(store.read_bytes(npy_path)), allow_pickle=False)
+                if stored == meta and list(vectors.shape) == meta["shape"]:
+                    return np.asarray(vectors, dtype=np.float32)
+            except (ValueError, OSError):
+                pass  # unreadable entry: recompute and overwrite
+    vectors = manager.embed_documents([c.content for c in chunks])
+    vectors = normalise_rows(np.asarray(vectors, dtype=np.float32))
+    if vectors.shape != (len(chunks), dims):
+        raise EmbeddingError(
+            f"{manager.identity()}: expected corpus vectors of shape {(len(chunks), dims)}, "
+            f"got {vectors.shape}"
+        )
+    if store is not None:
+        store.write_bytes(npy_path, _npy_bytes(vectors))
+        store.write_json(meta_path, meta)  # written last: its presence marks a complete entry
+    return vectors
+
+
+@dataclass(frozen=True)
+class CorpusIndex:
+    """The corpus, its vectors and their provenance."""
+
+    chunks: tuple[CriteriaChunk, ...]
+    vectors: np.ndarray
+    embedding_identity: str
+    dimensions: int
+    corpus_hash: str
+
+    @classmethod
+    def build(
+        cls,
+        manager: BaseEmbeddingManager,
+        chunks: Sequence[CriteriaChunk],
+        cache_dir: str | Path | ArtifactStore | None = None,
+    ) -> CorpusIndex:
+        chunks = tuple(chunks)
+        return cls(
+            chunks=chunks,
+            vectors=embed_corpus(manager, chunks, cache_dir),
+            embedding_identity=manager.identity(),
+            dimensions=int(manager.dimensions),
+            corpus_hash=corpus_hash(list(chunks)),
+        )
+
+    def search(self, query_vectors: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, similarities), each (n_queries, k): see `rank`."""
+        return rank(self.vectors, query_vectors, top_k)
+
+
+# ============================================================================ queries
+
+
+def _stat(stats: Any, name: str, default: Any = None) -> Any:
+    if isinstance(stats, Mapping):
+        value = stats.get(name, default)
+    else:
+        value = getattr(stats, name, default)
+    return default if value is None else value
+
+
+def _as_statistics(stats: TopologyStatistics | TopologyGraph | Mapping[str, Any]) -> Any:
+    if isinstance(stats, TopologyGraph):
+        return stats.statistics
+    if isinstance(stats, Mapping) and "statistics" in stats and "nodes" in stats:
+        return stats["statistics"]
+    return stats
+
+
+def build_query(stats: TopologyStatistics | TopologyGraph | Mapping[str, Any]) -> str:
+    """A Korean retrieval query from a plan's statistics (deterministic).
+
+    It names the plan (structure type, bays, rooms, bathrooms) and states each of the four values
+    in the criteria's own vocabulary; a deficiency is spelled out with the words of the criterion
+    that covers it (안방 창 없음 → 외기창/불합격, 무창실 비율 높음, 수납 부족 → 드레스룸·팬트리,
+    타워형 → 맞통풍 어려움, LDK 부족/과다). Ratios are bucketed at the criteria's thresholds, so plans
+    the criteria treat alike get the same query. A dict with missing keys is accepted (unknown
+    values are left out).
+    """
+    s = _as_statistics(stats)
+    structure = _stat(s, "structure_type", "")
+    bays = int(_stat(s, "bay_count", 0))
+    rooms = int(_stat(s, "room_count", 0))
+    baths = int(_stat(s, "bathroom_count", 0))
+    windowless = float(_stat(s, "windowless_ratio", 0.0))
+    balcony = float(_stat(s, "balcony_ratio", 0.0))
+    ldk = float(_stat(s, "ldk_ratio", 0.0))
+    storage = float(_stat(s, "storage_ratio", 0.0))
+    master_window = _stat(s, "master_bedroom_has_window", None)
+
+    lines: list[str] = []
+    head = f"{structure} 구조" if structure else "아파트"
+    lines.append(f"{head}, {bays}베이, 방 {rooms}개, 화장실 {baths}개인 평면의 평가 기준.")
+
+    # Mandatory condition first: the master bedroom's exterior window.
+    if master_window is False:
+        lines.append(
+            "안방 창 없음: 안방(가장 큰 침실)에 외기에 면한 창이 없어 필수 조건 미충족, 불합격 여부."
+        )
+
+    # 채광: bays and windowless rooms.
+    if bays >= 4:
+        grade = "최우수"
+    elif bays == 3:
+        grade = "우수"
+    elif bays == 2:
+        grade = "보통"
+    else:
+        grade = "미흡"
+    lines.append(f"채광: {bays}베이로 베이 수 {grade}.")
+    if windowless > 30:
+        lines.append("무창실 비율이 30%를 넘어 높음: 창이 없는 실(무창실)이 많아 자연광 부족.")
+    else:
+        lines.append("무창실 비율 30% 이하로 적정.")
+
+    # 환기: structure type.
+    if structure == "판상형":
+        lines.append("환기: 판상형으로 맞통풍 가능.")
+    elif structure == "타워형":
+        lines.append("환기: 타워형으로 맞통풍이 어려워 환기 보완 필요.")
+    elif structure == "혼합형":
+        lines.append("환기: 혼합형으로 부분적인 교차 환기.")
+
+    # 가족융화: LDK share.
+    if ldk < 30:
+        lines.append("가족융화: LDK(거실·주방·식당) 비율 30% 미만으로 부족.")
+    elif ldk <= 40:
+        lines.append("가족융화: LDK 비율 30~40%로 적정.")
+    else:
+        lines.append("가족융화: LDK 비율 40% 초과로 과다.")
+
+    # 수납: storage share.
+    if storage < 5:
+        lines.append("수납 부족: 드레스룸·팬트리 등 수납 공간 비율 5% 미만, 수납 보완 필요.")
+    elif storage < 10:
+        lines.append("수납 보통: 수납 공간 비율 5~10%.")
+    else:
+        lines.append("수납 우수: 수납 공간 비율 10% 이상.")
+
+    # Balcony share (a reference figure in the daylight criteria).
+    if balcony <= 0:
+        lines.append("발코니 없음.")
+    elif balcony < 10:
+        lines.append("발코니 면적 비율 10% 미만.")
+    else:
+        lines.append("발코니 면적 비율 10% 이상.")
+    return " ".join(lines)
+
+
+def distinct_queries(queries: Mapping[str, str] | Iterable[str]) -> list[str]:
+    """The distinct query texts, sorted (a stable order for batching and cache keys)."""
+    values = queries.values() if isinstance(queries, Mapping) else queries
+    return sorted(set(values))
+
+
+def query_cache_key(
+    manager: BaseEmbeddingManager | str, queries: Mapping[str, str] | Iterable[str]
+) -> str:
+    """Content key of a batch of query embeddings: manager identity + the sorted distinct queries.
+
+    Same key ⇔ `embed_query_batch(manager, distinct_queries(queries))` gives the same matrix.
+    """
+    identity = manager if isinstance(manager, str) else manager.identity()
+    h = hashlib.sha256(f"{RETRIEVAL_VERSION}\n{identity}\n".encode())
+    for q in distinct_queries(queries):
+        h.update(hashlib.sha256(q.encode()).digest())
+    return h.hexdigest()[:24]
+
+
+def embed_query_batch(manager: BaseEmbeddingManager, distinct: Sequence[str]) -> np.ndarray:
+    """One `embed_queries` call over the distinct queries → unit rows, in the given order."""
+    distinct = list(distinct)
+    if not distinct:
+        return np.zeros((0, int(manager.dimensions)), dtype=np.float32)
+    vectors = normalise_rows(np.asarray(manager.embed_queries(distinct), dtype=np.float32))
+    if vectors.shape != (len(distinct), int(manager.dimensions)):
+        raise EmbeddingError(
+            f"{manager.identity()}: expected query vectors of shape "
+            f"{(len(distinct), int(manager.dimensions))}, got {vectors.shape}"
+        )
+    return vectors
+
+
+# ============================================================================ ranking
+
+
+def rank(chunk_vectors: np.ndarray, query_vectors: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-k of every query against every chunk with one matrix product.
+
+    Returns (indices, similarities), each (n_queries, min(top_k, n_chunks)), best first; equal
+    similarities keep corpus order (a stable sort), so results are deterministic.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (setting retrieval.top_k), got {top_k}")
+    chunks = normalise_rows(chunk_vectors)
+    queries = normalise_rows(query_vectors)
+    if queries.shape[0] == 0:
+        return np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    if chunks.shape[1] != queries.shape[1]:
+        raise EmbeddingError(
+            f"query width {queries.shape[1]} != corpus width {chunks.shape[1]}: the corpus "
+            "vectors come from another model or dimensions setting"
+        )
+    sims = queries @ chunks.T  # (n_queries, n_chunks)
+    k = min(int(top_k), chunks.shape[0])
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(sims, order, axis=1)
+
+
+# ============================================================================ contexts
+
+
+class RetrievedChunk(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(ge=1)
+    id: str
+    content: str
+    similarity: float
+    source: str
+
+
+class RagContext(BaseModel):
+    """``output/{stem}/rag_context.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str
+    chunks: list[RetrievedChunk]
+    context_text: str = Field(description="prompts.format_criteria(chunks): exactly what the prompt includes")
+    embedding_identity: str
+    dimensions: int
+    corpus_hash: str
+    top_k: int
+    retrieval_version: str = RETRIEVAL_VERSION
+
+    def prompt_criteria(self) -> list[dict[str, Any]]:
+        """The ranked chunks as `prompts.build_user_prompt` / `build_messages` take them."""
+        return [c.model_dump() for c in self.chunks]
+
+    def is_current(
+        self,
+        *,
+        embedding_identity: str,
+        dimensions: int,
+        corpus_hash: str,
+        top_k: int,
+        query: str | None = None,
+    ) -> bool:
+        """Whether this context still matches the settings, corpus, query and prompt formatting."""
+        return (
+            self.retrieval_version == RETRIEVAL_VERSION
+            and self.embedding_identity == embedding_identity
+            and self.dimensions == int(dimensions)
+            and self.corpus_hash == corpus_hash
+            and self.top_k == int(top_k)
+            and (query is None or self.query == query)
+            and self.context_text == format_criteria(self.chunks)
+        )
+
+
+def make_context(
+    query: str,
+    chunks: Sequence[CriteriaChunk],
+    indices: Sequence[int],
+    similarities: Sequence[float],
+    *,
+    embedding_identity: str,
+    dimensions: int,
+    corpus_hash_: str,
+    top_k: int,
+) -> RagContext:
+    hits = [
+        RetrievedChunk(
+            rank=r,
+            id=chunks[int(i)].id,
+            content=chunks[int(i)].content,
+            similarity=round(float(s), 6),
+            source=chunks[int(i)].source,
+        )
+        for r, (i, s) in enumerate(zip(indices, similarities, strict=True), start=1)
+    ]
+    return RagContext(
+        query=query,
+        chunks=hits,
+        context_text=format_criteria(hits),
+        embedding_identity=embedding_identity,
+        dimensions=int(dimensions),
+        corpus_hash=corpus_hash_,
+        top_k=int(top_k),
+    )
+
+
+def retrieve_contexts(
+    manager: BaseEmbeddingManager,
+    chunks: Sequence[CriteriaChunk],
+    chunk_vectors: np.ndarray,
+    queries: Mapping[str, str],
+    top_k: int,
+    *,
+    query_vectors: np.ndarray | None = None,
+) -> dict[str, RagContext]:
+    """Top-k criteria for every plan: ``{stem: query}`` → ``{stem: RagContext}``.
+
+    Identical queries are embedded once: the distinct queries (`distinct_queries`, sorted) go to
+    the manager in a single `embed_queries` call. ``query_vectors``, when given, are those
+    vectors already computed (e.g. a cached `embed_query_batch` result keyed by
+    `query_cache_key`), rows in `distinct_queries(queries)` order; the manager is then not called.
+    """
+    chunks = list(chunks)
+    chunk_vectors = np.asarray(chunk_vectors, dtype=np.float32)
+    if chunk_vectors.shape[0] != len(chunks):
+        raise ValueError(f"{len(chunks)} chunks but {chunk_vectors.shape[0]} chunk vectors")
+    if not queries:
+        return {}
+    distinct = distinct_queries(queries)
+    if query_vectors is None:
+        query_vectors = embed_query_batch(manager, distinct)
+    elif np.asarray(query_vectors).shape[0] != len(distinct):
+        raise ValueError(f"{len(distinct)} distinct queries but {np.asarray(query_vectors).shape[0]} vectors")
+    indices, sims = rank(chunk_vectors, query_vectors, top_k)
+    row = {q: i for i, q in enumerate(distinct)}
+    identity, dims, c_hash = manager.identity(), int(manager.dimensions), corpus_hash(chunks)
+    by_query: dict[str, RagContext] = {}
+    out: dict[str, RagContext] = {}
+    for stem in sorted(queries):
+        q = queries[stem]
+        if q not in by_query:
+            r = row[q]
+            by_query[q] = make_context(
+                q, chunks, indices[r], sims[r],
+                embedding_identity=identity, dimensions=dims, corpus_hash_=c_hash, top_k=top_k,
+            )
+        out[stem] = by_query[q].model_copy(deep=True)
+    return out
+
+
+def write_context(store: ArtifactStore, stem: str, ctx: RagContext) -> str:
+    """Write ``output/{stem}/rag_context.json`` atomically; returns the path."""
+    return store.write_json(store.rag_context_path(stem), ctx.model_dump(mode="json"))
+
+
+def read_context(store: ArtifactStore, stem: str) -> RagContext:
+    """Read and validate ``output/{stem}/rag_context.json`` (FileNotFoundError when missing)."""
+    path = store.rag_context_path(stem)
+    if not store.exists(path):
+        raise FileNotFoundError(path)
+    try:
+        return RagContext.model_validate(store.read_json(path))
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a valid rag context ({exc})") from None
+
+
+# ============================================================================ health
+
+
+def retrieval_health(
+    contexts: Mapping[str, RagContext],
+    chunks: Sequence[CriteriaChunk],
+    plans_without_topology: int | Sequence[str] = 0,
+) -> dict[str, Any]:
+    """Summary numbers for a retrieval run (for a table artifact / the stats report)."""
+    missing = (
+        int(plans_without_topology)
+        if isinstance(plans_without_topology, int)
+        else len(plans_without_topology)
+    )
+    frequency = {c.id: 0 for c in chunks}
+    top1: list[float] = []
+    topk: list[float] = []
+    for ctx in contexts.values():
+        if ctx.chunks:
+            top1.append(ctx.chunks[0].similarity)
+        for hit in ctx.chunks:
+            topk.append(hit.similarity)
+            frequency[hit.id] = frequency.get(hit.id, 0) + 1
+
+    def mean(values: list[float]) -> float | None:
+        return round(float(np.mean(values)), 6) if values else None
+
+    return {
+        "plans": len(contexts),
+        "plans_without_topology": missing,
+        "distinct_queries": len({ctx.query for ctx in contexts.values()}),
+        "mean_top1_similarity": mean(top1),
+        "min_top1_similarity": round(float(min(top1)), 6) if top1 else None,
+        "mean_topk_similarity": mean(topk),
+        "chunk_frequency": frequency,
+        "never_retrieved": [cid for cid, n in frequency.items() if n == 0],
+    }
