@@ -115,6 +115,25 @@ class RetrievalSettings(_Group):
     batch_size: int = Field(32, gt=0, description="Texts per embedding call.")
 
 
+class ModelPrice(_Group):
+    input_per_m: float = Field(ge=0, description="US$ per 1M input tokens.")
+    output_per_m: float = Field(ge=0, description="US$ per 1M output tokens.")
+
+
+def _default_prices() -> dict[str, ModelPrice]:
+    # Public list prices (US$ per 1M tokens); live prices change, override in your config.
+    table = {
+        "gpt-4o": (2.50, 10.00),
+        "gpt-4o-mini": (0.15, 0.60),
+        "gpt-4.1": (2.00, 8.00),
+        "gemini-3-pro-preview": (2.00, 12.00),
+        "gemini-2.5-pro": (1.25, 10.00),
+        "gemini-2.5-flash": (0.30, 2.50),
+        "text-embedding-3-small": (0.02, 0.0),
+    }
+    return {k: ModelPrice(input_per_m=i, output_per_m=o) for k, (i, o) in table.items()}
+
+
 class TeacherSettings(_Group):
     teachers: list[str] = Field(
         default_factory=lambda: ["openai", "gemini"],
@@ -135,6 +154,17 @@ class TeacherSettings(_Group):
     )
     request_timeout_s: float = Field(120.0, gt=0, description="Timeout of one teacher request.")
     budget_usd: float = Field(60.0, ge=0, description="Stop labeling before spending more than this per teacher.")
+    max_rate_limit_retries: int = Field(5, ge=0, description="Retries of one request after HTTP 429.")
+    truncation_budget_factor: float = Field(
+        2.0, ge=1, description="Output budget multiplier for the one retry after a cut-off answer."
+    )
+    max_output_tokens_cap: int = Field(16_384, gt=0, description="Upper bound of that larger budget.")
+    expected_output_tokens: int = Field(1500, gt=0, description="Output tokens per answer, for estimates.")
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=_default_prices, description="Price per model (US$ per 1M tokens in/out)."
+    )
+    batch_discount: float = Field(0.5, gt=0, le=1, description="Price factor of the providers' batch APIs.")
+    use_batch_api: bool = Field(False, description="Label through the providers' batch APIs (half price, ≤ 24 h).")
 
 
 class QualityWeights(_Group):

@@ -12,6 +12,7 @@ from floorplan_ft.settings import Settings
 from floorplan_ft.steps import ALL_STEPS, STEP_TITLES, parse_steps
 from flows.cv_batch import cv_batch_with_concurrency
 from tasks.common import artifact_key, settings_for_run
+from tasks.labeling import label_with_teacher
 from tasks.sampling import sample_plans
 
 RunArgs = dict[str, Any]
@@ -23,6 +24,30 @@ def _phase0(settings: Settings, run: RunArgs) -> dict:
 
 def _phase1(settings: Settings, run: RunArgs) -> dict:
     return cv_batch_with_concurrency(settings.cv.concurrency)(scope="sample", **run)
+
+
+TEACHER_STEPS = ("3a", "3b")
+
+
+def _teacher_for(settings: Settings, step: str) -> str | None:
+    names = settings.teachers.teachers
+    index = TEACHER_STEPS.index(step)
+    return names[index] if index < len(names) else None
+
+
+def _label(settings: Settings, steps: list[str]) -> dict[str, dict]:
+    """3a and 3b side by side: one task per teacher, submitted together."""
+    futures, report = {}, {}
+    for step in steps:
+        name = _teacher_for(settings, step)
+        if name is None:
+            report[step] = {"status": "not configured",
+                            "reason": f"teachers.teachers lists no teacher for step {step}"}
+        else:
+            futures[step] = label_with_teacher.submit(settings, name)
+    for step, future in futures.items():
+        report[step] = future.result()
+    return report
 
 
 # Built phases. A step missing here is reported as not available, never faked.
@@ -47,7 +72,12 @@ def ft_pipeline(
     settings = settings_for_run(config_file, profile, overrides)
     run_args: RunArgs = {"config_file": config_file, "profile": profile, "overrides": overrides}
     report: dict[str, dict] = {}
-    for step in parse_steps(steps):
+    selected = parse_steps(steps)
+    for step in selected:
+        if step in TEACHER_STEPS:
+            if step not in report:
+                report.update(_label(settings, [s for s in TEACHER_STEPS if s in selected]))
+            continue
         runner = PHASES.get(step)
         if runner is None:
             logger.warning("step %s (%s) is not available yet: skipped", step, STEP_TITLES[step])

@@ -171,84 +171,91 @@ def _as_statistics(stats: TopologyStatistics | TopologyGraph | Mapping[str, Any]
     return stats
 
 
-def build_query(stats: TopologyStatistics | TopologyGraph | Mapping[str, Any]) -> str:
+def build_query(
+    stats: TopologyStatistics | TopologyGraph | Mapping[str, Any], *, include_counts: bool = False
+) -> str:
     """A Korean retrieval query from a plan's statistics (deterministic).
 
-    It names the plan (structure type, bays, rooms, bathrooms) and states each of the four values
-    in the criteria's own vocabulary; a deficiency is spelled out with the words of the criterion
-    that covers it (안방 창 없음 → 외기창/불합격, 무창실 비율 높음, 수납 부족 → 드레스룸·팬트리,
-    타워형 → 맞통풍 어려움, LDK 부족/과다). Ratios are bucketed at the criteria's thresholds, so plans
-    the criteria treat alike get the same query. A dict with missing keys is accepted (unknown
-    values are left out).
+    The query states where the plan stands on each of the four values, in the criteria's own words
+    and at the criteria's own thresholds. Deficiencies come first and are spelled out with the
+    vocabulary of the criterion that covers them (안방 창 없음 → 외기창·불합격, 무창실 비율 높음,
+    타워형/혼합형 → 맞통풍·환기 보완, LDK 부족/과다, 수납 부족 → 드레스룸·팬트리·알파룸, 베이 부족);
+    what is compliant follows in a few words, so the top-k favours the criteria the plan needs.
+
+    Bays and ratios are bucketed at the criteria thresholds (bays 0-3 / "4베이 이상"; windowless
+    30%; LDK 30-40%; storage 5/10%; balcony present or not, as the criteria set no threshold for
+    it), so plans the criteria treat alike share one query and are embedded once. Room and
+    bathroom counts do not change which criterion applies, so they are left out unless
+    ``include_counts`` (the teacher sees them anyway in the topology); with them, about twice as
+    many distinct queries.
+    A dict with missing keys is accepted: unknown values are left out.
     """
     s = _as_statistics(stats)
     structure = _stat(s, "structure_type", "")
     bays = int(_stat(s, "bay_count", 0))
-    rooms = int(_stat(s, "room_count", 0))
-    baths = int(_stat(s, "bathroom_count", 0))
     windowless = float(_stat(s, "windowless_ratio", 0.0))
     balcony = float(_stat(s, "balcony_ratio", 0.0))
     ldk = float(_stat(s, "ldk_ratio", 0.0))
     storage = float(_stat(s, "storage_ratio", 0.0))
     master_window = _stat(s, "master_bedroom_has_window", None)
 
-    lines: list[str] = []
-    head = f"{structure} 구조" if structure else "아파트"
-    lines.append(f"{head}, {bays}베이, 방 {rooms}개, 화장실 {baths}개인 평면의 평가 기준.")
+    bay_text = "4베이 이상" if bays >= 4 else f"{bays}베이"
+    grade = {4: "최우수", 3: "우수", 2: "보통"}.get(min(bays, 4), "미흡")
+    head = f"{structure} 구조 {bay_text}" if structure else bay_text
+    if include_counts:
+        head += f", 방 {int(_stat(s, 'room_count', 0))}개, 화장실 {int(_stat(s, 'bathroom_count', 0))}개"
+    problems: list[str] = []
+    fine: list[str] = []
 
-    # Mandatory condition first: the master bedroom's exterior window.
+    # Mandatory condition: the master bedroom's exterior window.
     if master_window is False:
-        lines.append(
-            "안방 창 없음: 안방(가장 큰 침실)에 외기에 면한 창이 없어 필수 조건 미충족, 불합격 여부."
-        )
+        problems.append("안방 창 없음: 안방(가장 큰 침실)에 외기에 면한 창이 없어 필수 조건 미충족, 불합격.")
+    elif master_window is True:
+        fine.append("안방 창 있음")
 
     # 채광: bays and windowless rooms.
-    if bays >= 4:
-        grade = "최우수"
-    elif bays == 3:
-        grade = "우수"
-    elif bays == 2:
-        grade = "보통"
+    if bays < 3:
+        problems.append(f"채광 {grade}: {bay_text}로 베이 수가 적어 남향 채광 부족.")
     else:
-        grade = "미흡"
-    lines.append(f"채광: {bays}베이로 베이 수 {grade}.")
+        fine.append(f"채광 {bay_text} {grade}")
     if windowless > 30:
-        lines.append("무창실 비율이 30%를 넘어 높음: 창이 없는 실(무창실)이 많아 자연광 부족.")
+        problems.append("무창실 비율 30% 초과로 높음: 창이 없는 실(무창실)이 많아 자연광 부족.")
     else:
-        lines.append("무창실 비율 30% 이하로 적정.")
+        fine.append("무창실 비율 30% 이하")
 
     # 환기: structure type.
-    if structure == "판상형":
-        lines.append("환기: 판상형으로 맞통풍 가능.")
-    elif structure == "타워형":
-        lines.append("환기: 타워형으로 맞통풍이 어려워 환기 보완 필요.")
+    if structure == "타워형":
+        problems.append("환기 미흡: 타워형으로 맞통풍이 어렵고 주방 창·환기 보완 필요.")
     elif structure == "혼합형":
-        lines.append("환기: 혼합형으로 부분적인 교차 환기.")
+        problems.append("환기 보통: 혼합형으로 창이 직각 배치, 부분적인 교차 환기만 가능.")
+    elif structure == "판상형":
+        fine.append("판상형 맞통풍 환기")
 
     # 가족융화: LDK share.
     if ldk < 30:
-        lines.append("가족융화: LDK(거실·주방·식당) 비율 30% 미만으로 부족.")
-    elif ldk <= 40:
-        lines.append("가족융화: LDK 비율 30~40%로 적정.")
+        problems.append("가족융화 부족: LDK(거실·주방·식당) 비율 30% 미만으로 공용 공간이 작음.")
+    elif ldk > 40:
+        problems.append("가족융화: LDK(거실·주방·식당) 비율 40% 초과로 과다, 개인 공간과 수납 감소.")
     else:
-        lines.append("가족융화: LDK 비율 40% 초과로 과다.")
+        fine.append("LDK 비율 30~40% 적정")
 
     # 수납: storage share.
     if storage < 5:
-        lines.append("수납 부족: 드레스룸·팬트리 등 수납 공간 비율 5% 미만, 수납 보완 필요.")
+        problems.append(
+            "수납 부족: 드레스룸·팬트리·다용도실 수납 공간 비율 5% 미만, 알파룸 전환이나 붙박이장 등 수납 보완."
+        )
     elif storage < 10:
-        lines.append("수납 보통: 수납 공간 비율 5~10%.")
+        problems.append("수납 보통: 드레스룸·팬트리 수납 공간 비율 5~10%.")
     else:
-        lines.append("수납 우수: 수납 공간 비율 10% 이상.")
+        fine.append("수납 비율 10% 이상 우수")
 
-    # Balcony share (a reference figure in the daylight criteria).
-    if balcony <= 0:
-        lines.append("발코니 없음.")
-    elif balcony < 10:
-        lines.append("발코니 면적 비율 10% 미만.")
-    else:
-        lines.append("발코니 면적 비율 10% 이상.")
-    return " ".join(lines)
+    # Balcony: only a reference figure in the daylight criteria (no threshold), so presence only.
+    fine.append("발코니 있음" if balcony > 0 else "발코니 없음")
+
+    parts = [f"{head} 평면의 평가 기준."]
+    parts += problems
+    parts.append("충족: " + ", ".join(fine) + ".")
+    return " ".join(parts)
 
 
 def distinct_queries(queries: Mapping[str, str] | Iterable[str]) -> list[str]:

@@ -1,0 +1,45 @@
+"""Build a teacher by name from the settings."""
+
+from __future__ import annotations
+
+from floorplan_ft.settings import Settings
+from floorplan_ft.teachers.labeling import LLMTeacher, ReferenceTeacher, Teacher
+
+TEACHER_NAMES = ("openai", "gemini", "compatible", "reference")
+
+
+def teacher_model(settings: Settings, name: str) -> str:
+    t = settings.teachers
+    return {
+        "openai": t.openai_model,
+        "gemini": t.gemini_model,
+        "compatible": t.compatible_model or "",
+        "reference": ReferenceTeacher.model,
+    }[name]
+
+
+def make_teacher(settings: Settings, name: str) -> Teacher:
+    """A teacher ready to label; missing keys or servers fail here, before any money is spent."""
+    from floorplan_ft.serving.factory import make_chat_client
+
+    t = settings.teachers
+    if name == "reference":
+        return ReferenceTeacher()
+    if name == "openai":
+        client = make_chat_client(settings, provider="openai", model=t.openai_model, timeout_s=t.request_timeout_s)
+    elif name == "gemini":
+        client = make_chat_client(settings, provider="gemini", model=t.gemini_model, timeout_s=t.request_timeout_s)
+    elif name == "compatible":
+        if not (t.compatible_base_url and t.compatible_model):
+            from floorplan_ft.serving.base import ConfigError
+
+            raise ConfigError(
+                "teacher 'compatible' needs teachers.compatible_base_url and teachers.compatible_model"
+            )
+        client = make_chat_client(
+            settings, provider="openai-compatible", model=t.compatible_model,
+            base_url=t.compatible_base_url, timeout_s=t.request_timeout_s,
+        )
+    else:
+        raise ValueError(f"setting teachers.teachers: unknown teacher {name!r} (choose from {', '.join(TEACHER_NAMES)})")
+    return LLMTeacher(name, client, t.temperature)

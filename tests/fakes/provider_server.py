@@ -1,0 +1,498 @@
+"""A real HTTP server on 127.0.0.1 that speaks just enough OpenAI and Gemini for the clients.
+
+Endpoints (OpenAI base URL: ``server.openai_base_url`` = ``http://127.0.0.1:PORT/v1``; Gemini base
+URL: ``server.gemini_base_url`` = ``http://127.0.0.1:PORT``):
+
+- ``POST /v1/chat/completions``: with ``response_format`` json_schema the answer is a valid instance
+  generated from that schema (or ``server.answer``); without, a short text.
+- ``POST /v1/embeddings``: deterministic vectors from a hash of each text, ``dimensions`` honoured,
+  deliberately *not* unit length (so the client's normalisation is tested); float or base64.
+- ``GET /v1/models``: ``server.models``.
+- ``POST /{v1,v1beta,v1alpha}/models/{model}:generateContent``: Gemini, answer generated from
+  ``generationConfig.responseJsonSchema``.
+
+Behaviour is scripted per request: ``server.push(Reply.rate_limited(retry_after=2), Reply.ok())``
+queues replies consumed in order by POST requests; when the queue is empty ``server.default`` is
+used. ``server.latency_s`` delays every request. Every request is recorded (method, path, headers
+including the key, JSON body) in ``server.requests``; ``server.request_count`` counts them.
+
+Use as a context manager: ``with FakeProviderServer() as server: ...``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+import numpy as np
+
+DEFAULT_RATE_LIMIT_HEADERS = {
+    "x-ratelimit-limit-requests": "500",
+    "x-ratelimit-remaining-requests": "499",
+    "x-ratelimit-reset-requests": "120ms",
+    "x-ratelimit-limit-tokens": "30000",
+    "x-ratelimit-remaining-tokens": "29000",
+    "x-ratelimit-reset-tokens": "6m0s",
+}
+DEFAULT_USAGE = {"prompt_tokens": 120, "completion_tokens": 45, "cached_tokens": 20, "reasoning_tokens": 5}
+REFUSAL_TEXT = "I'm sorry, but I can't help with that."
+THINK_TEXT = "<think>\n평면을 살펴보면 거실이 남향이고...\n</think>\n\n"
+
+_GEMINI_PATH = re.compile(r"^/(v1|v1beta|v1alpha)/models/([^/:]+):generateContent$")
+
+
+@dataclass
+class Reply:
+    """One scripted behaviour. Build with the class methods; `delay_s` adds latency to this reply."""
+
+    kind: str = "ok"
+    status: int = 200
+    content: str | None = None
+    retry_after: str | None = None
+    retry_after_ms: str | None = None
+    message: str = ""
+    delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def ok(cls, content: str | None = None, delay_s: float = 0.0) -> Reply:
+        """A normal answer (`content` overrides the generated one)."""
+        return cls("ok", content=content, delay_s=delay_s)
+
+    @classmethod
+    def rate_limited(
+        cls, retry_after: float | str | None = None, retry_after_ms: float | None = None
+    ) -> Reply:
+        """HTTP 429 with optional ``Retry-After`` / ``retry-after-ms`` headers."""
+        return cls(
+            "status",
+            status=429,
+            retry_after=None if retry_after is None else str(retry_after),
+            retry_after_ms=None if retry_after_ms is None else str(retry_after_ms),
+            message="Rate limit reached for requests",
+        )
+
+    @classmethod
+    def server_error(cls, status: int = 500) -> Reply:
+        return cls("status", status=status, message="The server had an error processing your request.")
+
+    @classmethod
+    def unauthorized(cls, status: int = 401) -> Reply:
+        """401 whose message echoes the key it received (worse than real providers on purpose)."""
+        return cls("status", status=status, message="Incorrect API key provided: {key}")
+
+    @classmethod
+    def bad_request(cls, status: int = 400, message: str = "Invalid schema for response_format") -> Reply:
+        return cls("status", status=status, message=message)
+
+    @classmethod
+    def truncated(cls) -> Reply:
+        """finish_reason ``length`` / ``MAX_TOKENS`` with half an answer."""
+        return cls("truncated")
+
+    @classmethod
+    def invalid_json(cls, content: str = '{"image_name": "C01_0001.png", "bay_count": ') -> Reply:
+        return cls("ok", content=content)
+
+    @classmethod
+    def refusal(cls) -> Reply:
+        """OpenAI ``message.refusal``; Gemini finish_reason ``SAFETY``."""
+        return cls("refusal")
+
+    @classmethod
+    def content_filter(cls) -> Reply:
+        """OpenAI finish_reason ``content_filter``; Gemini ``PROHIBITED_CONTENT``."""
+        return cls("content_filter")
+
+    @classmethod
+    def prompt_blocked(cls) -> Reply:
+        """Gemini: no candidates, ``promptFeedback.blockReason``."""
+        return cls("prompt_blocked")
+
+    @classmethod
+    def malformed_body(cls) -> Reply:
+        """HTTP 200 whose body is not JSON at all."""
+        return cls("malformed_body")
+
+    @classmethod
+    def thinking(cls, content: str | None = None) -> Reply:
+        """The answer preceded by a ``<think>...</think>`` block (Qwen3 without the template flag)."""
+        return cls("think", content=content)
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+class FakeProviderServer:
+    """OpenAI + Gemini fake on a free port of 127.0.0.1, serving from a background thread."""
+
+    def __init__(self) -> None:
+        self.default = Reply.ok()
+        self.queue: deque[Reply] = deque()
+        self.latency_s = 0.0
+        self.rate_limit_headers: dict[str, str] = dict(DEFAULT_RATE_LIMIT_HEADERS)
+        self.usage: dict[str, int] = dict(DEFAULT_USAGE)
+        self.answer: dict | str | Callable[[RecordedRequest], dict | str] | None = None
+        self.models = ["fake-model"]
+        self.embedding_size = 64
+        self.honour_dimensions = True
+        self.requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> FakeProviderServer:
+        self._httpd = _Server(("127.0.0.1", 0), _make_handler(self))
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> FakeProviderServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.base_url + "/v1"
+
+    @property
+    def gemini_base_url(self) -> str:
+        return self.base_url
+
+    # ------------------------------------------------------------------ scripting
+
+    def push(self, *replies: Reply) -> None:
+        with self._lock:
+            self.queue.extend(replies)
+
+    def reset(self) -> None:
+        """Forget requests and scripted replies (between phases of one test)."""
+        with self._lock:
+            self.queue.clear()
+            self.requests.clear()
+        self.default = Reply.ok()
+
+    @property
+    def request_count(self) -> int:
+        return len(self.requests)
+
+    def requests_to(self, fragment: str) -> list[RecordedRequest]:
+        return [r for r in self.requests if fragment in r.path]
+
+    @property
+    def last(self) -> RecordedRequest:
+        return self.requests[-1]
+
+    def _record(self, request: RecordedRequest) -> Reply | None:
+        with self._lock:
+            self.requests.append(request)
+            if request.method == "POST":
+                return self.queue.popleft() if self.queue else self.default
+        return None
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            self._stopping.wait(seconds)
+
+    def _answer_text(self, request: RecordedRequest, schema: dict | None) -> str:
+        answer = self.answer(request) if callable(self.answer) else self.answer
+        if isinstance(answer, str):
+            return answer
+        if answer is not None:
+            return json.dumps(answer, ensure_ascii=False)
+        if schema is not None:
+            return json.dumps(example_from_schema(schema), ensure_ascii=False)
+        return "가짜 응답입니다."
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # a client that timed out hung up: fine
+        import sys
+
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
+
+
+def _make_handler(fake: FakeProviderServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # keep test output clean
+            pass
+
+        def do_GET(self) -> None:
+            self._handle("GET")
+
+        def do_POST(self) -> None:
+            self._handle("POST")
+
+        def _handle(self, method: str) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw) if raw else None
+            except json.JSONDecodeError:
+                body = raw.decode("utf-8", "replace")
+            path = self.path.split("?", 1)[0]
+            request = RecordedRequest(
+                method, path, {k.lower(): v for k, v in self.headers.items()}, body
+            )
+            reply = fake._record(request)
+            fake._sleep(fake.latency_s + (reply.delay_s if reply else 0.0))
+            if method == "GET" and path.rstrip("/") == "/v1/models":
+                data = [{"id": m, "object": "model", "owned_by": "fake"} for m in fake.models]
+                return self._json(200, {"object": "list", "data": data})
+            if method == "POST" and path == "/v1/chat/completions":
+                return self._openai_chat(request, reply)
+            if method == "POST" and path == "/v1/embeddings":
+                return self._openai_embeddings(request, reply)
+            match = _GEMINI_PATH.match(path)
+            if method == "POST" and match:
+                return self._gemini(request, reply, match.group(2))
+            self._json(404, {"error": {"message": f"no route {method} {path}", "code": 404}})
+
+        # -------------------------------------------------------------- plumbing
+
+        def _send(self, status: int, payload: bytes, content_type: str, headers: dict[str, str]) -> None:
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(payload)))
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def _json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
+            payload = json.dumps(data, ensure_ascii=False).encode()
+            self._send(status, payload, "application/json", headers or {})
+
+        def _status_headers(self, reply: Reply) -> dict[str, str]:
+            headers = dict(reply.headers)
+            if reply.retry_after is not None:
+                headers["retry-after"] = reply.retry_after
+            if reply.retry_after_ms is not None:
+                headers["retry-after-ms"] = reply.retry_after_ms
+            return headers
+
+        def _echo_key(self, request: RecordedRequest, message: str) -> str:
+            auth = request.header("authorization") or ""
+            key = auth.removeprefix("Bearer ") or request.header("x-goog-api-key") or ""
+            return message.replace("{key}", key)
+
+        # -------------------------------------------------------------- OpenAI
+
+        def _openai_error(self, request: RecordedRequest, reply: Reply) -> None:
+            code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(reply.status)
+            error = {"message": self._echo_key(request, reply.message), "type": "error", "code": code}
+            self._json(reply.status, {"error": error}, self._status_headers(reply))
+
+        def _openai_chat(self, request: RecordedRequest, reply: Reply) -> None:
+            if reply.kind == "status":
+                return self._openai_error(request, reply)
+            if reply.kind == "malformed_body":
+                return self._send(200, b"<html>upstream hiccup</html>", "text/html", {})
+            body = request.body or {}
+            schema = (body.get("response_format") or {}).get("json_schema", {}).get("schema")
+            text = reply.content if reply.content is not None else fake._answer_text(request, schema)
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            finish = "stop"
+            if reply.kind == "truncated":
+                message["content"], finish = text[: max(1, len(text) // 2)], "length"
+            elif reply.kind == "refusal":
+                message["content"], message["refusal"] = None, REFUSAL_TEXT
+            elif reply.kind == "content_filter":
+                message["content"], finish = None, "content_filter"
+            elif reply.kind == "think":
+                message["content"] = THINK_TEXT + text
+            usage = fake.usage
+            data = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": 1_700_000_000,
+                "model": body.get("model", "fake-model"),
+                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                "usage": {
+                    "prompt_tokens": usage["prompt_tokens"],
+                    "completion_tokens": usage["completion_tokens"],
+                    "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+                    "prompt_tokens_details": {"cached_tokens": usage["cached_tokens"]},
+                    "completion_tokens_details": {"reasoning_tokens": usage["reasoning_tokens"]},
+                },
+            }
+            self._json(200, data, {**fake.rate_limit_headers, **reply.headers})
+
+        def _openai_embeddings(self, request: RecordedRequest, reply: Reply) -> None:
+            if reply.kind == "status":
+                return self._openai_error(request, reply)
+            body = request.body or {}
+            inputs = body.get("input")
+            inputs = [inputs] if isinstance(inputs, str) else list(inputs or [])
+            size = fake.embedding_size
+            if fake.honour_dimensions and body.get("dimensions"):
+                size = int(body["dimensions"])
+            rows = []
+            for i, text in enumerate(inputs):
+                vector = fake_embedding(str(text), size)
+                if body.get("encoding_format") == "base64":
+                    encoded: Any = base64.b64encode(vector.astype("<f4").tobytes()).decode()
+                else:
+                    encoded = vector.tolist()
+                rows.append({"object": "embedding", "index": i, "embedding": encoded})
+            tokens = sum(len(str(t)) for t in inputs)
+            data = {
+                "object": "list",
+                "data": rows,
+                "model": body.get("model", "fake-embedding"),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+            self._json(200, data, fake.rate_limit_headers)
+
+        # -------------------------------------------------------------- Gemini
+
+        def _gemini(self, request: RecordedRequest, reply: Reply, model: str) -> None:
+            if reply.kind == "status":
+                status_name = {
+                    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                    429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE",
+                }.get(reply.status, "UNKNOWN")
+                error: dict[str, Any] = {
+                    "code": reply.status,
+                    "message": self._echo_key(request, reply.message),
+                    "status": status_name,
+                }
+                if reply.status == 429 and reply.retry_after is not None:
+                    error["details"] = [
+                        {"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                         "retryDelay": f"{reply.retry_after}s"}
+                    ]
+                return self._json(reply.status, {"error": error}, self._status_headers(reply))
+            if reply.kind == "malformed_body":
+                return self._send(200, b"<html>upstream hiccup</html>", "text/html", {})
+            body = request.body or {}
+            config = body.get("generationConfig") or {}
+            schema = config.get("responseJsonSchema") or config.get("responseSchema")
+            text = reply.content if reply.content is not None else fake._answer_text(request, schema)
+            usage = fake.usage
+            usage_metadata = {
+                "promptTokenCount": usage["prompt_tokens"],
+                "candidatesTokenCount": usage["completion_tokens"],
+                "thoughtsTokenCount": usage["reasoning_tokens"],
+                "cachedContentTokenCount": usage["cached_tokens"],
+                "totalTokenCount": usage["prompt_tokens"] + usage["completion_tokens"]
+                + usage["reasoning_tokens"],
+            }
+            candidate: dict[str, Any] = {
+                "content": {"role": "model", "parts": [{"text": text}]},
+                "finishReason": "STOP",
+                "index": 0,
+            }
+            data: dict[str, Any] = {"modelVersion": model, "usageMetadata": usage_metadata}
+            if reply.kind == "truncated":
+                candidate["content"]["parts"] = [{"text": text[: max(1, len(text) // 2)]}]
+                candidate["finishReason"] = "MAX_TOKENS"
+            elif reply.kind in ("refusal", "content_filter"):
+                candidate.pop("content")
+                candidate["finishReason"] = "SAFETY" if reply.kind == "refusal" else "PROHIBITED_CONTENT"
+            elif reply.kind == "think":
+                candidate["content"]["parts"] = [
+                    {"text": THINK_TEXT, "thought": True}, {"text": text}
+                ]
+            if reply.kind == "prompt_blocked":
+                data["promptFeedback"] = {"blockReason": "SAFETY"}
+            else:
+                data["candidates"] = [candidate]
+            self._json(200, data, reply.headers)
+
+    return Handler
+
+
+def fake_embedding(text: str, size: int) -> np.ndarray:
+    """Deterministic, not unit-length vector for `text` (norm ≈ 3)."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    vector = np.random.default_rng(seed).standard_normal(size)
+    return (3.0 * vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+# --------------------------------------------------------------------- answers from a schema
+
+
+def example_from_schema(schema: dict, root: dict | None = None, name: str = "") -> Any:
+    """A small valid instance of a JSON schema (the subset pydantic and OpenAI strict mode write)."""
+    root = root if root is not None else schema
+    if "$ref" in schema:
+        target: Any = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        return example_from_schema(target, root, name)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            options = [o for o in schema[key] if o.get("type") != "null"] or schema[key]
+            return example_from_schema(options[0], root, name)
+    if "allOf" in schema:
+        return example_from_schema(schema["allOf"][0], root, name)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        return {
+            key: example_from_schema(sub, root, key)
+            for key, sub in (schema.get("properties") or {}).items()
+        }
+    if kind == "array":
+        count = max(schema.get("minItems", 0), min(1, schema.get("maxItems", 1)))
+        return [example_from_schema(schema.get("items") or {}, root, name) for _ in range(count)]
+    if kind == "string":
+        text = f"예시 {name}".strip()
+        text = text.ljust(schema.get("minLength", 0), "가")
+        return text[: schema["maxLength"]] if "maxLength" in schema else text
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", schema.get("exclusiveMinimum", 0))
+        high = schema.get("maximum", schema.get("exclusiveMaximum"))
+        value = max(low, 1) if high is None or high >= 1 else low
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            value = schema["exclusiveMinimum"] + 1
+        return int(value) if kind == "integer" else float(value)
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return "예시"
