@@ -388,7 +388,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "paths": {"data_root": "./demo-data"},
         "sampling": {"sample_size": 24, "size_low_pct": 0.0, "size_high_pct": 100.0},
         "cv": {"source": "annotations", "device": "cpu", "concurrency": 2, "chunk_size": 8},
-        "retrieval": {"device": "cpu"},
+        "retrieval": {"device": "cpu", "model": "packaged:all-MiniLM-L6-v2", "dimensions": 384},
         "teachers": {"teachers": ["reference"]},
         "quality": {"sample_size": 12, "bootstrap_samples": 200},
         "finetune": {

@@ -13,6 +13,7 @@ from floorplan_ft.steps import ALL_STEPS, STEP_TITLES, parse_steps
 from flows.cv_batch import cv_batch_with_concurrency
 from tasks.common import artifact_key, settings_for_run
 from tasks.labeling import label_with_teacher
+from tasks.retrieval import retrieve_for_plans
 from tasks.sampling import sample_plans
 
 RunArgs = dict[str, Any]
@@ -50,10 +51,15 @@ def _label(settings: Settings, steps: list[str]) -> dict[str, dict]:
     return report
 
 
+def _phase2(settings: Settings, run: RunArgs) -> dict:
+    return retrieve_for_plans(settings)
+
+
 # Built phases. A step missing here is reported as not available, never faked.
 PHASES: dict[str, Callable[[Settings, RunArgs], dict]] = {
     "0": _phase0,
     "1": _phase1,
+    "2": _phase2,
 }
 
 

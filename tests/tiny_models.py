@@ -93,3 +93,27 @@ def build_tiny_causal_lm(directory: str | Path, seed: int = 0, hidden_size: int 
     )
     model.save_pretrained(directory)
     return model, tokenizer
+
+
+def bias_towards_short_json(model, tokenizer, directory: str | Path | None = None):
+    """Make a random tiny LM prefer closing tokens (``"`` > ``]`` > ``}``), so schema-constrained
+    decoding ends in a few hundred tokens instead of filling every string to its maxLength.
+
+    How: the residual branches are scaled to ~0 and embedding dimension 0 is set to a constant,
+    so the final hidden state always points along dimension 0; the preferred tokens get a larger
+    value there, hence a larger logit (embeddings are tied). Saves to `directory` if given.
+    """
+    import torch
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.01)
+            layer.mlp.down_proj.weight.mul_(0.01)
+        embeddings = model.get_input_embeddings().weight
+        embeddings[:, 0] = 4.0
+        for boost, token in ((3.0, '"'), (2.0, "]"), (1.0, "}")):
+            embeddings[tokenizer.convert_tokens_to_ids(token), 0] = 4.0 + boost
+    if directory is not None:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    return model

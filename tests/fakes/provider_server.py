@@ -27,9 +27,10 @@ import json
 import re
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Self
 
 import numpy as np
 
@@ -41,7 +42,12 @@ DEFAULT_RATE_LIMIT_HEADERS = {
     "x-ratelimit-remaining-tokens": "29000",
     "x-ratelimit-reset-tokens": "6m0s",
 }
-DEFAULT_USAGE = {"prompt_tokens": 120, "completion_tokens": 45, "cached_tokens": 20, "reasoning_tokens": 5}
+DEFAULT_USAGE = {
+    "prompt_tokens": 120,
+    "completion_tokens": 45,
+    "cached_tokens": 20,
+    "reasoning_tokens": 5,
+}
 REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 THINK_TEXT = "<think>\n평면을 살펴보면 거실이 남향이고...\n</think>\n\n"
 
@@ -81,7 +87,9 @@ class Reply:
 
     @classmethod
     def server_error(cls, status: int = 500) -> Reply:
-        return cls("status", status=status, message="The server had an error processing your request.")
+        return cls(
+            "status", status=status, message="The server had an error processing your request."
+        )
 
     @classmethod
     def unauthorized(cls, status: int = 401) -> Reply:
@@ -89,7 +97,9 @@ class Reply:
         return cls("status", status=status, message="Incorrect API key provided: {key}")
 
     @classmethod
-    def bad_request(cls, status: int = 400, message: str = "Invalid schema for response_format") -> Reply:
+    def bad_request(
+        cls, status: int = 400, message: str = "Invalid schema for response_format"
+    ) -> Reply:
         return cls("status", status=status, message=message)
 
     @classmethod
@@ -142,24 +152,17 @@ class FakeProviderServer:
     """OpenAI + Gemini fake on a free port of 127.0.0.1, serving from a background thread."""
 
     def __init__(self) -> None:
-        self.default = Reply.ok()
-        self.queue: deque[Reply] = deque()
-        self.latency_s = 0.0
-        self.rate_limit_headers: dict[str, str] = dict(DEFAULT_RATE_LIMIT_HEADERS)
-        self.usage: dict[str, int] = dict(DEFAULT_USAGE)
-        self.answer: dict | str | Callable[[RecordedRequest], dict | str] | None = None
-        self.models = ["fake-model"]
-        self.embedding_size = 64
-        self.honour_dimensions = True
-        self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.queue: deque[Reply] = deque()
+        self.requests: list[RecordedRequest] = []
+        self.reset()
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> FakeProviderServer:
+    def start(self) -> Self:
         self._httpd = _Server(("127.0.0.1", 0), _make_handler(self))
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
@@ -172,7 +175,7 @@ class FakeProviderServer:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> FakeProviderServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -198,11 +201,18 @@ class FakeProviderServer:
             self.queue.extend(replies)
 
     def reset(self) -> None:
-        """Forget requests and scripted replies (between phases of one test)."""
+        """Back to defaults: no scripted replies, no recorded requests, no latency (between tests)."""
         with self._lock:
             self.queue.clear()
             self.requests.clear()
         self.default = Reply.ok()
+        self.latency_s = 0.0
+        self.rate_limit_headers: dict[str, str] = dict(DEFAULT_RATE_LIMIT_HEADERS)
+        self.usage: dict[str, int] = dict(DEFAULT_USAGE)
+        self.answer: dict | str | Callable[[RecordedRequest], dict | str] | None = None
+        self.models = ["fake-model"]
+        self.embedding_size = 64
+        self.honour_dimensions = True
 
     @property
     def request_count(self) -> int:
@@ -288,7 +298,9 @@ def _make_handler(fake: FakeProviderServer):
 
         # -------------------------------------------------------------- plumbing
 
-        def _send(self, status: int, payload: bytes, content_type: str, headers: dict[str, str]) -> None:
+        def _send(
+            self, status: int, payload: bytes, content_type: str, headers: dict[str, str]
+        ) -> None:
             self.send_response(status)
             self.send_header("content-type", content_type)
             self.send_header("content-length", str(len(payload)))
@@ -318,7 +330,11 @@ def _make_handler(fake: FakeProviderServer):
 
         def _openai_error(self, request: RecordedRequest, reply: Reply) -> None:
             code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(reply.status)
-            error = {"message": self._echo_key(request, reply.message), "type": "error", "code": code}
+            error = {
+                "message": self._echo_key(request, reply.message),
+                "type": "error",
+                "code": code,
+            }
             self._json(reply.status, {"error": error}, self._status_headers(reply))
 
         def _openai_chat(self, request: RecordedRequest, reply: Reply) -> None:
@@ -328,7 +344,9 @@ def _make_handler(fake: FakeProviderServer):
                 return self._send(200, b"<html>upstream hiccup</html>", "text/html", {})
             body = request.body or {}
             schema = (body.get("response_format") or {}).get("json_schema", {}).get("schema")
-            text = reply.content if reply.content is not None else fake._answer_text(request, schema)
+            text = (
+                reply.content if reply.content is not None else fake._answer_text(request, schema)
+            )
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
             finish = "stop"
             if reply.kind == "truncated":
@@ -345,7 +363,9 @@ def _make_handler(fake: FakeProviderServer):
                 "object": "chat.completion",
                 "created": 1_700_000_000,
                 "model": body.get("model", "fake-model"),
-                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                "choices": [
+                    {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+                ],
                 "usage": {
                     "prompt_tokens": usage["prompt_tokens"],
                     "completion_tokens": usage["completion_tokens"],
@@ -387,8 +407,12 @@ def _make_handler(fake: FakeProviderServer):
         def _gemini(self, request: RecordedRequest, reply: Reply, model: str) -> None:
             if reply.kind == "status":
                 status_name = {
-                    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
-                    429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE",
+                    400: "INVALID_ARGUMENT",
+                    401: "UNAUTHENTICATED",
+                    403: "PERMISSION_DENIED",
+                    429: "RESOURCE_EXHAUSTED",
+                    500: "INTERNAL",
+                    503: "UNAVAILABLE",
                 }.get(reply.status, "UNKNOWN")
                 error: dict[str, Any] = {
                     "code": reply.status,
@@ -397,8 +421,10 @@ def _make_handler(fake: FakeProviderServer):
                 }
                 if reply.status == 429 and reply.retry_after is not None:
                     error["details"] = [
-                        {"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                         "retryDelay": f"{reply.retry_after}s"}
+                        {
+                            "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                            "retryDelay": f"{reply.retry_after}s",
+                        }
                     ]
                 return self._json(reply.status, {"error": error}, self._status_headers(reply))
             if reply.kind == "malformed_body":
@@ -406,14 +432,17 @@ def _make_handler(fake: FakeProviderServer):
             body = request.body or {}
             config = body.get("generationConfig") or {}
             schema = config.get("responseJsonSchema") or config.get("responseSchema")
-            text = reply.content if reply.content is not None else fake._answer_text(request, schema)
+            text = (
+                reply.content if reply.content is not None else fake._answer_text(request, schema)
+            )
             usage = fake.usage
             usage_metadata = {
                 "promptTokenCount": usage["prompt_tokens"],
                 "candidatesTokenCount": usage["completion_tokens"],
                 "thoughtsTokenCount": usage["reasoning_tokens"],
                 "cachedContentTokenCount": usage["cached_tokens"],
-                "totalTokenCount": usage["prompt_tokens"] + usage["completion_tokens"]
+                "totalTokenCount": usage["prompt_tokens"]
+                + usage["completion_tokens"]
                 + usage["reasoning_tokens"],
             }
             candidate: dict[str, Any] = {
@@ -427,10 +456,13 @@ def _make_handler(fake: FakeProviderServer):
                 candidate["finishReason"] = "MAX_TOKENS"
             elif reply.kind in ("refusal", "content_filter"):
                 candidate.pop("content")
-                candidate["finishReason"] = "SAFETY" if reply.kind == "refusal" else "PROHIBITED_CONTENT"
+                candidate["finishReason"] = (
+                    "SAFETY" if reply.kind == "refusal" else "PROHIBITED_CONTENT"
+                )
             elif reply.kind == "think":
                 candidate["content"]["parts"] = [
-                    {"text": THINK_TEXT, "thought": True}, {"text": text}
+                    {"text": THINK_TEXT, "thought": True},
+                    {"text": text},
                 ]
             if reply.kind == "prompt_blocked":
                 data["promptFeedback"] = {"blockReason": "SAFETY"}

@@ -1,0 +1,114 @@
+"""Phase 2 tasks: embed the corpus once, embed the distinct plan queries once, write contexts."""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from floorplan_ft.retrieval.corpus import corpus_hash, load_corpus
+from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager
+from floorplan_ft.retrieval.retrieve import (
+    corpus_cache_key,
+    distinct_queries,
+    embed_corpus,
+    embed_query_batch,
+    query_cache_key,
+    read_context,
+    retrieval_health,
+    retrieve_contexts,
+    write_context,
+)
+from floorplan_ft.retrieval.retrieve import build_query as build_plan_query
+from floorplan_ft.sampling import read_sample
+from floorplan_ft.schemas import TopologyGraph
+from floorplan_ft.serving.factory import make_embedding_manager
+from floorplan_ft.settings import Settings
+from tasks.common import artifact_key, store_for
+
+
+# The keys are computed from content (model identity and width, corpus text, the queries), never
+# from the manager object, which cannot be hashed; a changed document or model gets a new key.
+@task(
+    name="embed-corpus",
+    cache_key_fn=lambda _ctx, p: "corpus-" + corpus_cache_key(p["manager"], p["chunks"]),
+    persist_result=True,
+)
+def embed_corpus_task(manager: BaseEmbeddingManager, chunks: list, cache_dir: str) -> np.ndarray:
+    return embed_corpus(manager, chunks, cache_dir)
+
+
+@task(
+    name="embed-queries",
+    cache_key_fn=lambda _ctx, p: "queries-" + query_cache_key(p["manager"], p["distinct"]),
+    persist_result=True,
+)
+def embed_queries_task(manager: BaseEmbeddingManager, distinct: list[str]) -> np.ndarray:
+    return embed_query_batch(manager, distinct)
+
+
+def retrieve_for_plans(settings: Settings) -> dict:
+    """Phase 2 over the sampled plans. Contexts that are still current are left alone, so a rerun
+    embeds nothing; plans without a topology are counted, not fatal."""
+    logger = get_run_logger()
+    store = store_for(settings)
+    stems = read_sample(store.run_file("sample"))
+    queries, missing = {}, []
+    for stem in stems:
+        path = store.topology_path(stem)
+        if not store.exists(path):
+            missing.append(stem)
+            continue
+        graph = TopologyGraph.model_validate_json(store.read_text(path))
+        queries[stem] = build_plan_query(graph.statistics)
+
+    manager = make_embedding_manager(settings)
+    chunks = load_corpus(settings.paths.corpus_path)
+    top_k = settings.retrieval.top_k
+    vectors = embed_corpus_task(manager, chunks, store.path("cache", "embeddings"))
+
+    contexts, todo = {}, {}
+    identity, c_hash = manager.identity(), corpus_hash(chunks)
+    for stem, query in queries.items():
+        try:
+            ctx = read_context(store, stem)
+        except (FileNotFoundError, ValueError):
+            todo[stem] = query
+            continue
+        if ctx.is_current(embedding_identity=identity, dimensions=manager.dimensions,
+                          corpus_hash=c_hash, top_k=top_k, query=query):
+            contexts[stem] = ctx
+        else:
+            todo[stem] = query
+    if todo:
+        distinct = distinct_queries(todo)
+        query_vectors = embed_queries_task(manager, distinct)
+        fresh = retrieve_contexts(manager, chunks, vectors, todo, top_k, query_vectors=query_vectors)
+        for stem, ctx in fresh.items():
+            write_context(store, stem, ctx)
+        contexts.update(fresh)
+    health = retrieval_health(contexts, chunks, missing)
+    logger.info("phase 2: %d contexts (%d new), %d plans without topology", len(contexts), len(todo), len(missing))
+    create_table_artifact(
+        key=artifact_key("phase2-retrieval-health"),
+        table=[
+            {"measure": "plans with a context", "value": health["plans"]},
+            {"measure": "written this run", "value": len(todo)},
+            {"measure": "plans without topology", "value": len(missing)},
+            {"measure": "distinct queries", "value": health["distinct_queries"]},
+            {"measure": "mean top-1 similarity", "value": health["mean_top1_similarity"]},
+            {"measure": f"mean top-{top_k} similarity", "value": health["mean_topk_similarity"]},
+            {"measure": "embedding", "value": identity},
+        ]
+        + [{"measure": f"retrieved: {cid}", "value": n} for cid, n in health["chunk_frequency"].items()],
+        description="Phase 2: retrieval health (the plan wanted a mean top-5 similarity above 0.7 on Qwen3-Embedding)",
+    )
+    return {
+        "status": "done",
+        "contexts": len(contexts),
+        "written": len(todo),
+        "missing_topology": len(missing),
+        "distinct_queries": health["distinct_queries"],
+        "mean_top1": health["mean_top1_similarity"],
+        "mean_topk": health["mean_topk_similarity"],
+    }
