@@ -26,6 +26,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -200,11 +201,22 @@ class FakeProviderServer:
         with self._lock:
             self.queue.extend(replies)
 
+    def push_for(self, marker: str, *replies: Reply) -> None:
+        """Replies for requests whose body contains `marker` (e.g. one plan's image name), used
+        before the shared queue: scripts per item stay right whatever order requests arrive in."""
+        with self._lock:
+            self.scripts.setdefault(marker, deque()).extend(replies)
+
     def reset(self) -> None:
         """Back to defaults: no scripted replies, no recorded requests, no latency (between tests)."""
         with self._lock:
             self.queue.clear()
             self.requests.clear()
+            self.scripts: dict[str, deque[Reply]] = {}
+            self.admitted: deque[float] = deque()
+            self.rejected_429: list[float] = []
+        # A provider-side limit: more than `rpm_limit` POSTs in 60 s get a 429 with Retry-After.
+        self.rpm_limit: int | None = None
         self.default = Reply.ok()
         self.latency_s = 0.0
         self.rate_limit_headers: dict[str, str] = dict(DEFAULT_RATE_LIMIT_HEADERS)
@@ -228,9 +240,22 @@ class FakeProviderServer:
     def _record(self, request: RecordedRequest) -> Reply | None:
         with self._lock:
             self.requests.append(request)
-            if request.method == "POST":
-                return self.queue.popleft() if self.queue else self.default
-        return None
+            if request.method != "POST":
+                return None
+            if self.rpm_limit is not None:
+                now = time.monotonic()
+                while self.admitted and now - self.admitted[0] >= 60.0:
+                    self.admitted.popleft()
+                if len(self.admitted) >= self.rpm_limit:
+                    self.rejected_429.append(now)
+                    return Reply.rate_limited(retry_after=round(self.admitted[0] + 60.0 - now, 3))
+                self.admitted.append(now)
+            if self.scripts:
+                text = json.dumps(request.body, ensure_ascii=False)
+                for marker, replies in self.scripts.items():
+                    if replies and marker in text:
+                        return replies.popleft()
+            return self.queue.popleft() if self.queue else self.default
 
     def _sleep(self, seconds: float) -> None:
         if seconds > 0:

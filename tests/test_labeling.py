@@ -1,0 +1,236 @@
+"""Phase 3 against a real HTTP server that speaks OpenAI's and Gemini's wire formats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from fakes.provider_server import Reply
+
+from floorplan_ft.cv.runner import process_image
+from floorplan_ft.cv.sources import SourceConfig
+from floorplan_ft.retrieval.corpus import corpus_hash, load_corpus
+from floorplan_ft.retrieval.retrieve import make_context, write_context
+from floorplan_ft.schemas import FloorPlanAnalysis
+from floorplan_ft.settings import load_settings
+from floorplan_ft.store import ArtifactStore
+from floorplan_ft.synth import write_dataset
+from floorplan_ft.teachers.factory import make_teacher
+from floorplan_ft.teachers.items import build_items
+from floorplan_ft.teachers.labeling import LabelingRun, ledger_path, meta_path
+
+OPENAI_KEY = "sk-test-LABELING-secret-key-0123456789"
+GEMINI_KEY = "AIzaTEST-LABELING-secret-0123456789abcd"
+FAST = {"backoff_s": [0.01, 0.02, 0.04], "retry_after_cap_s": 0.2, "concurrency": 3}
+
+
+def prepare(root: Path, count: int) -> tuple[ArtifactStore, list[str]]:
+    """Synthetic plans with topologies and (fixed) retrieval contexts, as phases 1-2 leave them."""
+    stems = write_dataset(root, count=count, complexes=2, seed=21)
+    store = ArtifactStore(root)
+    config = SourceConfig(image_dir=str(root / "images"), annotation_dir=str(root / "annotations"))
+    chunks = load_corpus()
+    for i, stem in enumerate(stems):
+        assert process_image(store, config, stem).status == "built"
+        picks = [(i + j) % len(chunks) for j in range(3)]
+        ctx = make_context(f"q{i}", chunks, picks, [0.9, 0.8, 0.7], embedding_identity="test",
+                           dimensions=8, corpus_hash_=corpus_hash(chunks), top_k=3)
+        write_context(store, stem, ctx)
+    store.write_json(store.run_file("sample"), {"stems": stems, "n": len(stems)})
+    return store, stems
+
+
+def settings_for(fake, **teachers):
+    return load_settings(
+        teachers={**FAST, **teachers},
+        openai_api_key=OPENAI_KEY,
+        openai_base_url=fake.openai_base_url,
+        gemini_api_key=GEMINI_KEY,
+        gemini_base_url=fake.gemini_base_url,
+    )
+
+
+def run_teacher(settings, store, name, stems):
+    items, missing = build_items(store, stems)
+    assert not missing
+    return asyncio.run(LabelingRun(make_teacher(settings, name), store, settings.teachers).run(items))
+
+
+@pytest.fixture
+def data(tmp_path, no_dotenv):
+    return prepare(tmp_path / "data", 10)
+
+
+def test_labels_every_plan_then_a_rerun_sends_nothing(fake_provider, data):
+    store, stems = data
+    settings = settings_for(fake_provider)
+    summary = run_teacher(settings, store, "openai", stems)
+    assert (summary.labeled, summary.failed, summary.cached) == (10, 0, 0)
+    assert fake_provider.request_count == 10
+    meta = store.read_json(meta_path(store, stems[0], "openai"))
+    assert meta["model"] == "gpt-4o" and meta["attempts"] == 1 and meta["input_tokens"] == 120
+    assert {"prompt_version", "schema_hash", "cost_usd", "output_tokens", "seconds"} <= set(meta)
+    FloorPlanAnalysis.model_validate_json(Path(store.analysis_path(stems[0], "openai")).read_text())
+    ledger = store.read_json(ledger_path(store, "openai"))
+    assert ledger["requests"] == 10 and ledger["cost_usd"] == pytest.approx(summary.cost_usd, abs=1e-6)
+    # Both teachers saw the same prompt: the user message is identical across providers.
+    openai_prompts = {m["content"] for r in fake_provider.requests_to("chat/completions")
+                      for m in r.body["messages"]}
+
+    again = run_teacher(settings, store, "openai", stems)
+    assert (again.labeled, again.cached) == (0, 10)
+    assert fake_provider.request_count == 10  # a second run sends zero requests
+
+    run_teacher(settings, store, "gemini", stems)
+    for request in fake_provider.requests_to("generateContent"):
+        assert request.body["contents"][0]["parts"][0]["text"] in openai_prompts
+        assert request.body["systemInstruction"]["parts"][0]["text"] in openai_prompts
+
+
+def test_failures_are_handled_by_class_within_bounds(fake_provider, data):
+    store, stems = data
+    settings = settings_for(fake_provider)
+    name = {i: f"{stems[i]}.png" for i in range(10)}
+    fake_provider.push_for(name[0], Reply.rate_limited(retry_after=0.05), Reply.ok())
+    fake_provider.push_for(name[1], *[Reply.server_error(500)] * 4)
+    fake_provider.push_for(name[2], Reply.truncated(), Reply.ok())
+    fake_provider.push_for(name[3], Reply.truncated(), Reply.truncated())
+    fake_provider.push_for(name[4], Reply.invalid_json(), Reply.ok())
+    fake_provider.push_for(name[5], Reply.invalid_json(), Reply.invalid_json())
+    fake_provider.push_for(name[6], Reply.refusal())
+    fake_provider.push_for(name[7], Reply.content_filter())
+    fake_provider.push_for(name[8], Reply.server_error(503), Reply.ok())
+
+    summary = run_teacher(settings, store, "openai", stems)
+    expected_attempts = {0: 2, 1: 4, 2: 2, 3: 2, 4: 2, 5: 2, 6: 1, 7: 1, 8: 2, 9: 1}
+    assert fake_provider.request_count == sum(expected_attempts.values())
+    failures = json.loads(Path(store.path("label_failures_openai.json")).read_text())["failures"]
+    assert {s: f["reason"] for s, f in failures.items()} == {
+        stems[1]: "server_error", stems[3]: "truncated", stems[5]: "invalid_output",
+        stems[6]: "refusal", stems[7]: "refusal",
+    }
+    assert failures[stems[1]]["attempts"] == 4  # 1 + the 2 → 4 → 8 s backoff schedule
+    assert (summary.labeled, summary.failed) == (5, 5)
+    for i in (0, 2, 4, 8):
+        assert store.read_json(meta_path(store, stems[i], "openai"))["attempts"] == expected_attempts[i]
+
+    requests = {i: [r for r in fake_provider.requests if name[i] in json.dumps(r.body, ensure_ascii=False)]
+                for i in (2, 4)}
+    budgets = [r.body["max_completion_tokens"] for r in requests[2]]
+    assert budgets == [4096, 8192]  # one retry with a larger output budget
+    reask = requests[4][1].body["messages"]
+    assert reask[-2]["role"] == "assistant" and "스키마 검증" in reask[-1]["content"]
+    # The failed attempts' tokens are paid for and booked.
+    ledger = store.read_json(ledger_path(store, "openai"))
+    assert ledger["requests"] == fake_provider.request_count
+
+
+def test_gemini_teacher_faults(fake_provider, data):
+    store, stems = data
+    settings = settings_for(fake_provider)
+    fake_provider.push_for(f"{stems[0]}.png", Reply.rate_limited(retry_after=0.05), Reply.ok())
+    fake_provider.push_for(f"{stems[1]}.png", Reply.malformed_body(), Reply.malformed_body())
+    fake_provider.push_for(f"{stems[2]}.png", Reply.prompt_blocked())
+    summary = run_teacher(settings, store, "gemini", stems[:4])
+    failures = json.loads(Path(store.path("label_failures_gemini.json")).read_text())["failures"]
+    assert set(failures) == {stems[1], stems[2]} and failures[stems[2]]["reason"] == "refusal"
+    assert summary.labeled == 2 and summary.rate_limited == 1
+
+
+def test_budget_cap_is_never_exceeded(fake_provider, data):
+    store, stems = data
+    # Answers as big as the plan's (~3K in, 1.5K out ≈ $0.0225 each with gpt-4o); each attempt
+    # reserves its worst case (the full 4,096-token output budget) before it is sent.
+    fake_provider.usage = {"prompt_tokens": 3000, "completion_tokens": 1500, "cached_tokens": 0,
+                           "reasoning_tokens": 0}
+    settings = settings_for(fake_provider, budget_usd=0.15, concurrency=2)
+    summary = run_teacher(settings, store, "openai", stems)
+    spent = store.read_json(ledger_path(store, "openai"))["cost_usd"]
+    assert spent <= 0.15
+    assert summary.skipped_budget > 0 and summary.labeled > 0 and summary.stopped == "budget"
+    assert summary.labeled + summary.skipped_budget == 10
+    assert set(summary.unlabeled) == {s for s in stems if not Path(store.analysis_path(s, "openai")).exists()}
+    # A second run with the same cap finds the money already spent and sends nothing more.
+    before = fake_provider.request_count
+    run_teacher(settings, store, "openai", stems)
+    assert store.read_json(ledger_path(store, "openai"))["cost_usd"] <= 0.15
+    assert fake_provider.request_count - before <= 1
+
+
+def test_bad_key_stops_the_teacher_and_never_leaks(fake_provider, data, caplog):
+    store, stems = data
+    settings = settings_for(fake_provider, concurrency=1)
+    fake_provider.push(Reply.unauthorized())
+    summary = run_teacher(settings, store, "openai", stems)
+    assert summary.stopped == "auth" and fake_provider.request_count == 1
+    assert len(summary.unlabeled) == 10
+    detail = json.dumps(summary.failures, ensure_ascii=False)
+    assert "OPENAI_API_KEY" in detail
+
+
+def test_no_key_in_any_file_or_log(fake_provider, data, caplog):
+    store, stems = data
+    settings = settings_for(fake_provider)
+    fake_provider.push(Reply.unauthorized(), Reply.rate_limited(retry_after=0.01), Reply.server_error())
+    with caplog.at_level("DEBUG"):
+        run_teacher(settings, store, "openai", stems)
+        run_teacher(settings, store, "gemini", stems)
+    assert any(r.header("authorization") == f"Bearer {OPENAI_KEY}" for r in fake_provider.requests)
+    for path in Path(store.root).rglob("*"):
+        if path.is_file():
+            data_bytes = path.read_bytes()
+            assert OPENAI_KEY.encode() not in data_bytes and GEMINI_KEY.encode() not in data_bytes, path
+    assert OPENAI_KEY not in caplog.text and GEMINI_KEY not in caplog.text
+
+
+KILLED_RUN = """
+import asyncio, sys
+sys.path[:0] = {paths!r}
+from floorplan_ft.settings import load_settings
+from floorplan_ft.store import ArtifactStore
+from floorplan_ft.teachers.factory import make_teacher
+from floorplan_ft.teachers.items import build_items
+from floorplan_ft.teachers.labeling import LabelingRun
+settings = load_settings(teachers={{"concurrency": 2}}, openai_api_key={key!r}, openai_base_url={url!r})
+store = ArtifactStore({root!r})
+items, _ = build_items(store, {stems!r})
+asyncio.run(LabelingRun(make_teacher(settings, "openai"), store, settings.teachers).run(items))
+"""
+
+
+def test_killed_run_never_pays_twice_for_a_finished_item(fake_provider, data, tmp_path):
+    store, stems = data
+    fake_provider.latency_s = 0.4
+    script = tmp_path / "run.py"
+    here = str(Path(__file__).parent)
+    script.write_text(textwrap.dedent(KILLED_RUN.format(
+        paths=[str(Path(here).parent), here], key=OPENAI_KEY, url=fake_provider.openai_base_url,
+        root=str(store.root), stems=stems)))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": ""})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done = [s for s in stems if Path(meta_path(store, s, "openai")).exists()]
+        if len(done) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {s for s in stems if Path(meta_path(store, s, "openai")).exists()}
+    assert 3 <= len(finished) < 10
+    before = fake_provider.request_count
+
+    fake_provider.latency_s = 0.0
+    summary = run_teacher(settings_for(fake_provider), store, "openai", stems)
+    resent = [r for r in fake_provider.requests[before:]
+              if any(f"{s}.png" in json.dumps(r.body, ensure_ascii=False) for s in finished)]
+    assert resent == []
+    assert summary.cached == len(finished) and summary.labeled == 10 - len(finished)
