@@ -137,12 +137,15 @@ def _default_prices() -> dict[str, ModelPrice]:
 class TeacherSettings(_Group):
     teachers: list[str] = Field(
         default_factory=lambda: ["openai", "gemini"],
-        description="Teachers that label every plan (openai, gemini, compatible, reference).",
+        description="Teachers that label every plan, in step order 3a, 3b (openai, gemini, compatible, local, reference).",
     )
     openai_model: str = Field("gpt-4o", description="OpenAI teacher model.")
     gemini_model: str = Field("gemini-3-pro-preview", description="Gemini teacher model.")
     compatible_model: str | None = Field(None, description="Model of an OpenAI-compatible teacher server.")
     compatible_base_url: str | None = Field(None, description="Base URL of that server.")
+    local_model_path: str | None = Field(
+        None, description="Model directory of the in-process 'local' teacher (the demo's tiny model)."
+    )
     temperature: float = Field(0.2, ge=0, le=2, description="Sampling temperature for both teachers.")
     max_output_tokens: int = Field(4096, gt=0, description="Output token budget per answer.")
     concurrency: int = Field(5, gt=0, description="Requests in flight per teacher.")
@@ -193,10 +196,17 @@ class QualitySettings(_Group):
     tie_margin: float = Field(0.05, ge=0, description="A gap under this goes to the cheaper teacher.")
     force_teacher: str | None = Field(None, description="Skip the comparison's decision and use this teacher.")
     bootstrap_samples: int = Field(1000, gt=0, description="Bootstrap resamples for 95% intervals.")
+    review_plans: int = Field(20, ge=0, description="Plans on the side-by-side manual review page.")
 
 
 class DatasetSettings(_Group):
-    train_ratio: float = Field(0.9, gt=0, lt=1, description="Share of complexes in train.")
+    train_ratio: float = Field(
+        0.9, gt=0, lt=1,
+        description="Share of rows in train (whole complexes move together; val gets the complexes closest to 1 - ratio).",
+    )
+    drop_overlong: bool = Field(
+        False, description="Drop rows longer than finetune.max_length instead of only flagging them."
+    )
     seed: int = Field(42, description="Seed of the grouped split.")
 
 
@@ -239,6 +249,9 @@ class ServingSettings(_Group):
     base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible server (vLLM …).")
     adapter_path: str | None = Field(None, description="LoRA adapter or merged model for the local backend.")
     max_new_tokens: int = Field(3072, gt=0, description="Output token limit of one analysis.")
+    cpu_threads: int | None = Field(
+        None, gt=0, description="Torch threads for an in-process model on CPU (1 is fastest for tiny models)."
+    )
     timeout_s: float = Field(60.0, gt=0, description="Timeout of one provider call.")
     host: str = Field("127.0.0.1", description="HTTP API bind address.")
     port: int = Field(8000, gt=0, lt=65536, description="HTTP API port.")
@@ -389,7 +402,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sampling": {"sample_size": 24, "size_low_pct": 0.0, "size_high_pct": 100.0},
         "cv": {"source": "annotations", "device": "cpu", "concurrency": 2, "chunk_size": 8},
         "retrieval": {"device": "cpu", "model": "packaged:all-MiniLM-L6-v2", "dimensions": 384},
-        "teachers": {"teachers": ["reference"]},
+        # Teacher A: the rule-based reference. Teacher B: a tiny random local model under
+        # schema-constrained decoding, built by `ft-pipeline demo`: valid JSON, meaningless text,
+        # there to run phases 3-4 offline (phase 4 rightly prefers the reference).
+        "teachers": {"teachers": ["reference", "local"], "max_output_tokens": 1024},
         "quality": {"sample_size": 12, "bootstrap_samples": 200},
         "finetune": {
             "device": "cpu",
@@ -405,7 +421,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "save_steps": 10,
             "logging_steps": 2,
         },
-        "serving": {"llm_provider": "reference"},
+        "serving": {"llm_provider": "reference", "cpu_threads": 1},
     },
 }
 

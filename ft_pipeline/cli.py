@@ -112,7 +112,15 @@ def demo(
     if not images.is_dir() or not any(images.iterdir()):
         stems = write_dataset(data_root, count=count, complexes=6, seed=42)
         typer.echo(f"generated {len(stems)} synthetic plans under {data_root}")
-    run(steps=steps, config=None, profile="demo", set_=[f"paths.data_root={data_root}"])
+    teacher_dir = data_root / "models" / "tiny-local-teacher"
+    if not (teacher_dir / "config.json").is_file():
+        from floorplan_ft.training.tiny import build_tiny_causal_lm, bias_towards_short_json
+
+        model, tokenizer = build_tiny_causal_lm(teacher_dir, seed=0)
+        bias_towards_short_json(model, tokenizer, teacher_dir)
+        typer.echo(f"built the demo's tiny local teacher (random weights) at {teacher_dir}")
+    run(steps=steps, config=None, profile="demo",
+        set_=[f"paths.data_root={data_root}", f"teachers.local_model_path={teacher_dir}"])
 
 
 @config_app.command("show")

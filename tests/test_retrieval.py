@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -313,6 +314,24 @@ def test_identity_changes_when_model_files_change(tiny_model_dir, tmp_path):
     raw[-3] ^= 0xFF  # same size, different weights
     weights.write_bytes(bytes(raw))
     assert LocalEmbeddingManager(str(copy), 16).identity() != b
+
+
+def test_manager_is_thread_safe_and_imports_lazily(tiny_model_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    manager = LocalEmbeddingManager(str(tiny_model_dir), 8, device="cpu", batch_size=2)
+    texts = [f"the room has no window {'air ' * (i % 5)}" for i in range(12)]
+    expected = manager.embed_queries(texts)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(lambda i: manager.embed_queries([texts[i]])[0], range(12)))
+    np.testing.assert_allclose(np.stack(results), expected, atol=1e-5)
+
+    code = (
+        "import sys; import floorplan_ft.retrieval.local_embeddings, floorplan_ft.retrieval.retrieve; "
+        "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # ============================================================================ corpus cache

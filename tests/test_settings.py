@@ -70,7 +70,7 @@ def test_profiles_validate(name):
 
 def test_demo_profile_is_offline_and_small():
     s = load_settings(profile="demo")
-    assert s.teachers.teachers == ["reference"]
+    assert s.teachers.teachers == ["reference", "local"]
     assert s.finetune.device == "cpu" and s.finetune.load_in_4bit is False
     assert s.sampling.sample_size < 100
 

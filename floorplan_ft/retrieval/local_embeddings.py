@@ -99,7 +99,9 @@ def resolve_model_path(model: str) -> Path:
                 "it is not a sentence-transformers / transformers model folder"
             )
         return path.resolve()
-    if path.exists() or _looks_like_path(model) or model.count("/") > 1:
+    if path.exists():
+        raise EmbeddingError(f"retrieval.model = {model!r}: is a file, not a model folder")
+    if _looks_like_path(model) or model.count("/") > 1:
         raise EmbeddingError(f"retrieval.model = {model!r}: no such model folder")
     # A hub id: only the local cache counts.
     try:

@@ -119,6 +119,7 @@ def make_chat_client(
         device="auto",
         load_in_4bit=settings.finetune.load_in_4bit and is_adapter,
         max_new_tokens=max_tokens or serving.max_new_tokens,
+        cpu_threads=serving.cpu_threads,
     )
 
 

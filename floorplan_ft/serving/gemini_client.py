@@ -95,6 +95,27 @@ class GeminiChatClient(RemoteLLMClient):
         max_tokens: int | None,
         temperature: float | None,
     ) -> ChatResult:
+        contents, config = self.build_generate_content_request(
+            messages, schema, max_tokens=max_tokens, temperature=temperature
+        )
+        started = time.perf_counter()
+        response = await self._send(sdk, contents, config)
+        return self.parse_generate_content(
+            response, schema, latency_s=time.perf_counter() - started
+        )
+
+    # ------------------------------------------------------------------ also used by the batch API
+
+    def build_generate_content_request(
+        self,
+        messages: Messages,
+        schema: type[BaseModel] | None = None,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> tuple[list[Any], Any]:
+        """``(contents, GenerateContentConfig)`` of the ``generateContent`` call ``achat`` makes
+        (system instruction, JSON schema, temperature, token limit), e.g. for a batch request."""
         from google.genai import types
 
         system, contents = to_gemini_contents(messages)
@@ -107,15 +128,25 @@ class GeminiChatClient(RemoteLLMClient):
         limit = max_tokens or self.max_tokens
         if limit:
             config["max_output_tokens"] = limit
+        return contents, types.GenerateContentConfig(**config)
 
-        started = time.perf_counter()
-        response = await self._send(sdk, contents, types.GenerateContentConfig(**config))
-        usage = _usage(response.usage_metadata, time.perf_counter() - started)
+    def parse_generate_content(
+        self, response: Any, schema: type[BaseModel] | None = None, *, latency_s: float = 0.0
+    ) -> ChatResult:
+        """Validate a ``GenerateContentResponse`` (from ``achat`` or a batch job's inlined
+        responses) the same way: blocked prompt, safety stops, truncation, JSON and schema map to
+        the same errors, with the spent tokens on ``exc.usage``."""
+        usage = _usage(getattr(response, "usage_metadata", None), latency_s)
         try:
             return self._result(response, usage, schema)
         except LLMError as exc:
             exc.usage = usage
             raise
+
+    def new_sdk(self) -> Any:
+        """A fresh ``genai.Client`` with this client's key, URL, API version and timeout and no SDK
+        retries, for calls outside ``achat`` (batch jobs). The caller closes ``.aio``."""
+        return self._new_sdk()
 
     async def _send(self, sdk: Any, contents: list[Any], config: Any) -> Any:
         from google.genai import errors

@@ -7,10 +7,12 @@ One attempt per call (`max_retries=0`): the teachers own retries. Raw-response a
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import openai
+from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, SecretStr
 
 from floorplan_ft.schemas import FloorPlanAnalysis, openai_response_format
@@ -124,14 +126,13 @@ class OpenAIChatClient(RemoteLLMClient):
 
     # ------------------------------------------------------------------ the call
 
-    async def _request(
+    def _request_kwargs(
         self,
-        sdk: openai.AsyncOpenAI,
         messages: Messages,
         schema: type[BaseModel] | None,
         max_tokens: int | None,
         temperature: float | None,
-    ) -> ChatResult:
+    ) -> dict[str, Any]:
         request: dict[str, Any] = {"model": self.model, "messages": messages}
         limit = max_tokens or self.max_tokens
         if limit:
@@ -143,18 +144,76 @@ class OpenAIChatClient(RemoteLLMClient):
         extra_body = self._extra_body()
         if extra_body:
             request["extra_body"] = extra_body
+        return request
 
+    async def _request(
+        self,
+        sdk: openai.AsyncOpenAI,
+        messages: Messages,
+        schema: type[BaseModel] | None,
+        max_tokens: int | None,
+        temperature: float | None,
+    ) -> ChatResult:
+        request = self._request_kwargs(messages, schema, max_tokens, temperature)
         started = time.perf_counter()
         raw = await self._send(sdk, request)
         latency = time.perf_counter() - started
         completion = self._completion(raw)
+        return self._checked_result(completion, latency, schema, raw.headers)
+
+    def _checked_result(
+        self, completion: Any, latency: float, schema: type[BaseModel] | None, headers: Any
+    ) -> ChatResult:
         choice = completion.choices[0]
         usage = _usage(completion.usage, latency)
         try:
-            return self._result(completion, choice, usage, schema, raw.headers)
+            return self._result(completion, choice, usage, schema, headers)
         except LLMError as exc:
             exc.usage = usage  # tokens were spent even though the answer is unusable
             raise
+
+    # ------------------------------------------------------------------ outside achat (batch API)
+
+    def build_chat_request_body(
+        self,
+        messages: Messages,
+        schema: type[BaseModel] | None = None,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> dict[str, Any]:
+        """The JSON body ``achat`` would POST to ``/chat/completions`` for this call (same model,
+        messages, strict ``response_format``, token limit and temperature), e.g. for a Batch API
+        line."""
+        request = self._request_kwargs(messages, schema, max_tokens, temperature)
+        extra_body = request.pop("extra_body", None) or {}
+        return {**request, **extra_body}
+
+    def parse_chat_completion(
+        self,
+        body: dict[str, Any],
+        schema: type[BaseModel] | None = None,
+        *,
+        latency_s: float = 0.0,
+    ) -> ChatResult:
+        """Validate a chat-completion body obtained elsewhere (a Batch API output line) exactly as
+        ``achat`` validates its answer: refusal, content filter, truncation, JSON and schema map to
+        the same errors, with the spent tokens on ``exc.usage``."""
+        kw = {"provider": self.provider, "model": self.model}
+        text = json.dumps(body, ensure_ascii=False)[:2000] if isinstance(body, dict) else str(body)[:2000]
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not (choices and isinstance(choices, list) and isinstance(choices[0], dict)
+                and isinstance(choices[0].get("message"), dict)):
+            raise InvalidOutput(
+                text, "no choices", message="the response body is not a chat completion", **kw
+            )
+        completion = ChatCompletion.construct(**body)  # lenient, like the SDK's own parsing
+        return self._checked_result(completion, latency_s, schema, None)
+
+    def new_sdk(self) -> openai.AsyncOpenAI:
+        """A fresh SDK client with this client's key, URL and timeout and no SDK retries, for calls
+        outside ``achat`` (files and batches). The caller closes it."""
+        return self._new_sdk()
 
     async def _send(self, sdk: openai.AsyncOpenAI, request: dict[str, Any]) -> Any:
         kw = {"provider": self.provider, "model": self.model}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from floorplan_ft.settings import Settings
 from floorplan_ft.teachers.labeling import LLMTeacher, ReferenceTeacher, Teacher
 
-TEACHER_NAMES = ("openai", "gemini", "compatible", "reference")
+TEACHER_NAMES = ("openai", "gemini", "compatible", "local", "reference")
 
 
 def teacher_model(settings: Settings, name: str) -> str:
@@ -14,6 +14,7 @@ def teacher_model(settings: Settings, name: str) -> str:
         "openai": t.openai_model,
         "gemini": t.gemini_model,
         "compatible": t.compatible_model or "",
+        "local": t.local_model_path or "",
         "reference": ReferenceTeacher.model,
     }[name]
 
@@ -40,6 +41,13 @@ def make_teacher(settings: Settings, name: str) -> Teacher:
             settings, provider="openai-compatible", model=t.compatible_model,
             base_url=t.compatible_base_url, timeout_s=t.request_timeout_s,
         )
+    elif name == "local":
+        if not t.local_model_path:
+            from floorplan_ft.serving.base import ConfigError
+
+            raise ConfigError("teacher 'local' needs teachers.local_model_path (a model directory)")
+        client = make_chat_client(settings, provider="local", model=t.local_model_path,
+                                  max_tokens=t.max_output_tokens)
     else:
         raise ValueError(f"setting teachers.teachers: unknown teacher {name!r} (choose from {', '.join(TEACHER_NAMES)})")
     return LLMTeacher(name, client, t.temperature)

@@ -75,6 +75,8 @@ class Teacher:
     provider: str
     model: str
     temperature: float | None = None
+    # Remote APIs have per-minute limits; an in-process model or the rules do not.
+    remote: bool = True
 
     def cache_identity(self) -> dict[str, Any]:
         return {"provider": self.provider, "model": self.model, "temperature": self.temperature}
@@ -93,6 +95,7 @@ class LLMTeacher(Teacher):
         self.provider = client.provider
         self.model = client.model
         self.temperature = temperature
+        self.remote = client.provider != "local"
 
     async def answer(self, item: LabelItem, messages: list[dict], max_tokens: int) -> ChatResult:
         return await self.client.achat(
@@ -109,6 +112,7 @@ class ReferenceTeacher(Teacher):
     name = "reference"
     provider = "rules"
     model = REFERENCE_VERSION
+    remote = False
 
     async def answer(self, item: LabelItem, messages: list[dict], max_tokens: int) -> ChatResult:
         if item.topology is None:
@@ -208,6 +212,41 @@ def cached_answer(store: ArtifactStore, stem: str, teacher: str, key: str) -> di
     return meta
 
 
+def write_answer(
+    store: ArtifactStore,
+    teacher: Teacher,
+    stem: str,
+    key: str,
+    result: ChatResult,
+    outcome: ItemOutcome,
+    seconds: float,
+) -> None:
+    """Write one validated answer and its provenance sidecar (the online engine and the batch
+    runner both write through here, so caching and phase 4 see one format)."""
+    answer = result.parsed
+    assert isinstance(answer, BaseModel)
+    store.write_text(store.analysis_path(stem, teacher.name), answer.model_dump_json(indent=1) + "\n")
+    # The sidecar is written last: its existence with the right key means the answer is complete.
+    store.write_json(
+        meta_path(store, stem, teacher.name),
+        {
+            "key": key,
+            "teacher": teacher.name,
+            "provider": teacher.provider,
+            "model": result.model or teacher.model,
+            "prompt_version": PROMPT_VERSION,
+            "schema_version": SCHEMA_VERSION,
+            "schema_hash": schema_hash(),
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "cost_usd": round(outcome.cost_usd, 6),
+            "attempts": outcome.attempts,
+            "seconds": round(seconds, 3),
+            "labeled_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
+
+
 class CostLedger:
     """Cumulative tokens and dollars of one teacher on one data root, failed attempts included.
     Rewritten atomically after every attempt, so a killed run loses at most what was in flight."""
@@ -222,8 +261,8 @@ class CostLedger:
             self.totals.update({k: data.get(k, 0) for k in self.FIELDS})
         self.teacher = teacher
 
-    def add(self, usage: Usage | None, cost: float) -> None:
-        self.totals["requests"] += 1
+    def add(self, usage: Usage | None, cost: float, requests: int = 1) -> None:
+        self.totals["requests"] += requests
         if usage is not None:
             self.totals["input_tokens"] += usage.input_tokens
             self.totals["output_tokens"] += usage.output_tokens
@@ -294,7 +333,12 @@ class LabelingRun:
         self.store = store
         self.cfg = settings
         self.price = None if isinstance(teacher, ReferenceTeacher) else settings.prices.get(teacher.model)
-        self.limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute, sleep=sleep)
+        unlimited = 10**12
+        self.limiter = (
+            RateLimiter(settings.requests_per_minute, settings.tokens_per_minute, sleep=sleep)
+            if teacher.remote
+            else RateLimiter(unlimited, unlimited, sleep=sleep)
+        )
         self.sleep = sleep
         self.rng = rng or random.Random()
         self.on_progress = on_progress
@@ -311,31 +355,7 @@ class LabelingRun:
         )
 
     def _record_answer(self, item: LabelItem, key: str, result: ChatResult, outcome: ItemOutcome, started: float) -> None:
-        answer = result.parsed
-        assert isinstance(answer, BaseModel)
-        self.store.write_text(
-            self.store.analysis_path(item.stem, self.teacher.name),
-            answer.model_dump_json(indent=1) + "\n",
-        )
-        # The sidecar is written last: its existence with the right key means the answer is complete.
-        self.store.write_json(
-            meta_path(self.store, item.stem, self.teacher.name),
-            {
-                "key": key,
-                "teacher": self.teacher.name,
-                "provider": self.teacher.provider,
-                "model": result.model or self.teacher.model,
-                "prompt_version": PROMPT_VERSION,
-                "schema_version": SCHEMA_VERSION,
-                "schema_hash": schema_hash(),
-                "input_tokens": outcome.input_tokens,
-                "output_tokens": outcome.output_tokens,
-                "cost_usd": round(outcome.cost_usd, 6),
-                "attempts": outcome.attempts,
-                "seconds": round(time.perf_counter() - started, 3),
-                "labeled_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            },
-        )
+        write_answer(self.store, self.teacher, item.stem, key, result, outcome, time.perf_counter() - started)
 
     def _settle(self, outcome: ItemOutcome, reserved: float, estimated_tokens: int, usage: Usage | None) -> None:
         """Book one finished attempt: budget, limiter, ledger and the item's own totals."""
@@ -383,6 +403,9 @@ class LabelingRun:
             except LLMError as exc:
                 self._settle(outcome, worst, tokens, getattr(exc, "usage", None))
                 error = exc
+            except Exception as exc:  # a bug or a broken local model: this item fails, the run goes on
+                self._settle(outcome, worst, tokens, None)
+                return self._fail(outcome, "error", f"{type(exc).__name__}: {exc}")
             except BaseException:
                 self._settle(outcome, worst, tokens, None)
                 raise

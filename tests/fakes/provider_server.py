@@ -11,6 +11,21 @@ URL: ``server.gemini_base_url`` = ``http://127.0.0.1:PORT``):
 - ``POST /{v1,v1beta,v1alpha}/models/{model}:generateContent``: Gemini, answer generated from
   ``generationConfig.responseJsonSchema``.
 
+Batch APIs (state kept in ``server.batches`` / ``server.files``; these routes are recorded but never
+consume scripted replies and are not counted by ``rpm_limit``):
+
+- OpenAI: ``POST /v1/files`` (multipart upload), ``GET /v1/files/{id}/content``, ``POST /v1/batches``,
+  ``GET /v1/batches`` (list) and ``GET /v1/batches/{id}``.
+- Gemini: ``POST /{ver}/models/{model}:batchGenerateContent`` (inlined requests),
+  ``GET /{ver}/batches`` (list) and ``GET /{ver}/batches/{id}`` (the job as a long-running
+  operation whose ``metadata`` is the batch, with ``output.inlinedResponses`` once it ends).
+
+Each batch follows a `BatchPlan` (``server.push_batch(...)``, else ``server.batch_default``): it answers
+"in progress" for ``polls`` status requests, then ends ``completed``, ``expired`` (with ``finished``
+lines done), ``failed`` or ``cancelled``. The lines are answered when the batch ends, each like a
+request with that body: ``push_for(marker, ...)`` scripts apply per line (an invalid answer, a
+refusal, an error status), everything else is a normal answer with ``server.usage``.
+
 Behaviour is scripted per request: ``server.push(Reply.rate_limited(retry_after=2), Reply.ok())``
 queues replies consumed in order by POST requests; when the queue is empty ``server.default`` is
 used. ``server.latency_s`` delays every request. Every request is recorded (method, path, headers
@@ -53,6 +68,16 @@ REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 THINK_TEXT = "<think>\n평면을 살펴보면 거실이 남향이고...\n</think>\n\n"
 
 _GEMINI_PATH = re.compile(r"^/(v1|v1beta|v1alpha)/models/([^/:]+):generateContent$")
+_GEMINI_BATCH_CREATE = re.compile(r"^/(v1|v1beta|v1alpha)/models/([^/:]+):batchGenerateContent$")
+_GEMINI_BATCHES = re.compile(r"^/(v1|v1beta|v1alpha)/batches(?:/([^/:]+))?$")
+_OPENAI_BATCHES = re.compile(r"^/v1/batches(?:/([^/]+))?$")
+_OPENAI_FILE_CONTENT = re.compile(r"^/v1/files/([^/]+)/content$")
+_GEMINI_STATES = {
+    "completed": "BATCH_STATE_SUCCEEDED",
+    "expired": "BATCH_STATE_EXPIRED",
+    "failed": "BATCH_STATE_FAILED",
+    "cancelled": "BATCH_STATE_CANCELLED",
+}
 
 
 @dataclass
@@ -149,11 +174,48 @@ class RecordedRequest:
         return self.headers.get(name.lower())
 
 
+@dataclass
+class BatchPlan:
+    """How one batch job behaves: ``polls`` status requests answer "in progress", the next one
+    the final state: ``completed``, ``expired`` or ``cancelled`` (the first ``finished`` lines are
+    done, the rest are not; OpenAI lists those in the error file when ``report_unfinished``), or
+    ``failed`` (validation failed: no output at all)."""
+
+    polls: int = 1
+    final: str = "completed"
+    finished: int | None = None
+    report_unfinished: bool = True
+
+
+@dataclass
+class FakeBatch:
+    id: str
+    provider: str  # openai | gemini
+    lines: list[dict]
+    plan: BatchPlan
+    created_at: int
+    input_file_id: str | None = None
+    endpoint: str | None = None
+    completion_window: str | None = None
+    metadata: dict | None = None
+    model: str | None = None
+    display_name: str | None = None
+    polls: int = 0
+    status: str = "validating"
+    ended_at: int | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    completed: int = 0
+    failed: int = 0
+    inlined: list[dict] = field(default_factory=list)
+
+
 class FakeProviderServer:
     """OpenAI + Gemini fake on a free port of 127.0.0.1, serving from a background thread."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._batch_lock = threading.Lock()
         self._stopping = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -225,6 +287,24 @@ class FakeProviderServer:
         self.models = ["fake-model"]
         self.embedding_size = 64
         self.honour_dimensions = True
+        with self._lock:
+            self.batch_plans: deque[BatchPlan] = deque()
+            self.batches: dict[str, FakeBatch] = {}
+            self.files: dict[str, dict[str, Any]] = {}
+            self._ids = 0
+        self.batch_default = BatchPlan()
+
+    def push_batch(self, *plans: BatchPlan) -> None:
+        """Plans for the next batch jobs created, in order (then ``batch_default``)."""
+        with self._lock:
+            self.batch_plans.extend(plans)
+
+    def batch_creations(self) -> list[RecordedRequest]:
+        """The requests that created a batch job (OpenAI or Gemini)."""
+        return [
+            r for r in self.requests
+            if r.method == "POST" and (r.path == "/v1/batches" or r.path.endswith(":batchGenerateContent"))
+        ]
 
     @property
     def request_count(self) -> int:
@@ -237,10 +317,10 @@ class FakeProviderServer:
     def last(self) -> RecordedRequest:
         return self.requests[-1]
 
-    def _record(self, request: RecordedRequest) -> Reply | None:
+    def _record(self, request: RecordedRequest, consume: bool = True) -> Reply | None:
         with self._lock:
             self.requests.append(request)
-            if request.method != "POST":
+            if request.method != "POST" or not consume:
                 return None
             if self.rpm_limit is not None:
                 now = time.monotonic()
@@ -260,6 +340,152 @@ class FakeProviderServer:
     def _sleep(self, seconds: float) -> None:
         if seconds > 0:
             self._stopping.wait(seconds)
+
+    # ------------------------------------------------------------------ batch jobs
+
+    def _new_id(self, prefix: str) -> str:
+        with self._lock:
+            self._ids += 1
+            return f"{prefix}{self._ids:05d}fake"
+
+    def _line_reply(self, body: Any) -> Reply:
+        """The reply for one batch line: a `push_for` script whose marker is in the line, else ok."""
+        with self._lock:
+            if self.scripts:
+                text = json.dumps(body, ensure_ascii=False)
+                for marker, replies in self.scripts.items():
+                    if replies and marker in text:
+                        return replies.popleft()
+        return Reply.ok()
+
+    def _new_batch(self, provider: str, lines: list[dict], **kw: Any) -> FakeBatch:
+        with self._lock:
+            plan = self.batch_plans.popleft() if self.batch_plans else self.batch_default
+        prefix = "batch_" if provider == "openai" else "batches/"
+        batch = FakeBatch(self._new_id(prefix), provider, lines, plan, int(time.time()), **kw)
+        with self._lock:
+            self.batches[batch.id] = batch
+        return batch
+
+    def _poll(self, batch: FakeBatch) -> None:
+        """One status request: in progress for `plan.polls` requests, then the final state.
+        Called with `_batch_lock` held."""
+        if batch.ended_at is not None:
+            return
+        batch.polls += 1
+        if batch.polls <= batch.plan.polls:
+            batch.status = "in_progress"
+            return
+        self._finish(batch)
+
+    def _finish(self, batch: FakeBatch) -> None:
+        plan = batch.plan
+        batch.status, batch.ended_at = plan.final, int(time.time())
+        if plan.final == "failed":
+            return
+        done = len(batch.lines) if plan.final == "completed" else (plan.finished or 0)
+        outputs: list[dict] = []
+        errors: list[dict] = []
+        for i, line in enumerate(batch.lines):
+            if batch.provider == "gemini":
+                if i < done:
+                    batch.inlined.append(self._gemini_line(line, batch))
+                continue
+            custom_id = line.get("custom_id")
+            if i >= done:
+                if plan.report_unfinished:
+                    code = "batch_expired" if plan.final == "expired" else "batch_cancelled"
+                    errors.append({"id": f"batch_req_{i}", "custom_id": custom_id, "response": None,
+                                   "error": {"code": code, "message": "not executed before the batch ended"}})
+                continue
+            body = line.get("body") or {}
+            reply = self._line_reply(body)
+            request = RecordedRequest("POST", line.get("url", ""), {}, body)
+            if reply.kind in ("status", "malformed_body"):
+                status = reply.status if reply.kind == "status" else 500
+                errors.append({"id": f"batch_req_{i}", "custom_id": custom_id, "error": None,
+                               "response": {"status_code": status, "request_id": f"req_{i}",
+                                            "body": {"error": {"message": reply.message, "type": "error",
+                                                               "code": None}}}})
+                continue
+            outputs.append({"id": f"batch_req_{i}", "custom_id": custom_id, "error": None,
+                            "response": {"status_code": 200, "request_id": f"req_{i}",
+                                         "body": openai_chat_body(self, request, reply)}})
+        batch.completed, batch.failed = len(outputs), len(errors)
+        if batch.provider == "gemini":
+            batch.completed = sum(1 for r in batch.inlined if "response" in r)
+            batch.failed = len(batch.inlined) - batch.completed
+            return
+        if outputs:
+            batch.output_file_id = self._store_file(outputs, "batch_output")
+        if errors:
+            batch.error_file_id = self._store_file(errors, "batch_output")
+
+    def _store_file(self, rows: list[dict], purpose: str) -> str:
+        content = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        file_id = self._new_id("file-")
+        with self._lock:
+            self.files[file_id] = {"filename": f"{file_id}.jsonl", "purpose": purpose,
+                                   "content": content.encode()}
+        return file_id
+
+    def _gemini_line(self, line: dict, batch: FakeBatch) -> dict:
+        request_body = line.get("request") or {}
+        model = (batch.model or "models/fake-model").split("/")[-1]
+        reply = self._line_reply(request_body)
+        out: dict[str, Any] = {}
+        if line.get("metadata") is not None:
+            out["metadata"] = line["metadata"]
+        if reply.kind in ("status", "malformed_body"):
+            status = reply.status if reply.kind == "status" else 500
+            out["error"] = {"code": status, "message": reply.message or "error"}
+            return out
+        request = RecordedRequest("POST", f"/v1beta/models/{model}:generateContent", {}, request_body)
+        out["response"] = gemini_body(self, request, reply, model)
+        return out
+
+    def openai_batch_view(self, batch: FakeBatch) -> dict[str, Any]:
+        ended = batch.ended_at
+        view: dict[str, Any] = {
+            "id": batch.id, "object": "batch", "endpoint": batch.endpoint,
+            "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
+            "status": batch.status, "created_at": batch.created_at,
+            "expires_at": batch.created_at + 86_400, "metadata": batch.metadata,
+            "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
+            "request_counts": {"total": len(batch.lines), "completed": batch.completed,
+                               "failed": batch.failed},
+            "errors": None,
+        }
+        if batch.status != "validating":
+            view["in_progress_at"] = batch.created_at
+        if ended is not None:
+            view[{"completed": "completed_at", "expired": "expired_at", "failed": "failed_at",
+                  "cancelled": "cancelled_at"}[batch.status]] = ended
+        if batch.status == "failed":
+            view["errors"] = {"object": "list", "data": [
+                {"code": "invalid_request", "message": "the input file failed validation", "line": None}]}
+        return view
+
+    def gemini_batch_view(self, batch: FakeBatch) -> dict[str, Any]:
+        iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch.created_at))
+        state = {"validating": "BATCH_STATE_PENDING", "in_progress": "BATCH_STATE_RUNNING"}.get(
+            batch.status) or _GEMINI_STATES[batch.status]
+        meta: dict[str, Any] = {
+            "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+            "model": batch.model, "displayName": batch.display_name, "name": batch.id,
+            "createTime": iso, "updateTime": iso, "state": state,
+            "batchStats": {"requestCount": str(len(batch.lines)),
+                           "successfulRequestCount": str(batch.completed),
+                           "failedRequestCount": str(batch.failed)},
+        }
+        if batch.ended_at is not None:
+            meta["endTime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch.ended_at))
+            if batch.inlined:
+                meta["output"] = {"inlinedResponses": {"inlinedResponses": batch.inlined}}
+        view: dict[str, Any] = {"name": batch.id, "metadata": meta, "done": batch.ended_at is not None}
+        if batch.status == "failed":
+            view["error"] = {"code": 3, "message": "the batch failed"}
+        return view
 
     def _answer_text(self, request: RecordedRequest, schema: dict | None) -> str:
         answer = self.answer(request) if callable(self.answer) else self.answer
@@ -299,16 +525,23 @@ def _make_handler(fake: FakeProviderServer):
         def _handle(self, method: str) -> None:
             length = int(self.headers.get("content-length") or 0)
             raw = self.rfile.read(length) if length else b""
-            try:
-                body = json.loads(raw) if raw else None
-            except json.JSONDecodeError:
-                body = raw.decode("utf-8", "replace")
+            content_type = self.headers.get("content-type") or ""
+            if content_type.startswith("multipart/form-data"):
+                body: Any = _parse_multipart(content_type, raw)
+            else:
+                try:
+                    body = json.loads(raw) if raw else None
+                except json.JSONDecodeError:
+                    body = raw.decode("utf-8", "replace")
             path = self.path.split("?", 1)[0]
             request = RecordedRequest(
                 method, path, {k.lower(): v for k, v in self.headers.items()}, body
             )
-            reply = fake._record(request)
+            batch_route = self._batch_route(method, path)
+            reply = fake._record(request, consume=batch_route is None)
             fake._sleep(fake.latency_s + (reply.delay_s if reply else 0.0))
+            if batch_route is not None:
+                return batch_route(request)
             if method == "GET" and path.rstrip("/") == "/v1/models":
                 data = [{"id": m, "object": "model", "owned_by": "fake"} for m in fake.models]
                 return self._json(200, {"object": "list", "data": data})
@@ -367,38 +600,7 @@ def _make_handler(fake: FakeProviderServer):
                 return self._openai_error(request, reply)
             if reply.kind == "malformed_body":
                 return self._send(200, b"<html>upstream hiccup</html>", "text/html", {})
-            body = request.body or {}
-            schema = (body.get("response_format") or {}).get("json_schema", {}).get("schema")
-            text = (
-                reply.content if reply.content is not None else fake._answer_text(request, schema)
-            )
-            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-            finish = "stop"
-            if reply.kind == "truncated":
-                message["content"], finish = text[: max(1, len(text) // 2)], "length"
-            elif reply.kind == "refusal":
-                message["content"], message["refusal"] = None, REFUSAL_TEXT
-            elif reply.kind == "content_filter":
-                message["content"], finish = None, "content_filter"
-            elif reply.kind == "think":
-                message["content"] = THINK_TEXT + text
-            usage = fake.usage
-            data = {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion",
-                "created": 1_700_000_000,
-                "model": body.get("model", "fake-model"),
-                "choices": [
-                    {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
-                ],
-                "usage": {
-                    "prompt_tokens": usage["prompt_tokens"],
-                    "completion_tokens": usage["completion_tokens"],
-                    "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
-                    "prompt_tokens_details": {"cached_tokens": usage["cached_tokens"]},
-                    "completion_tokens_details": {"reasoning_tokens": usage["reasoning_tokens"]},
-                },
-            }
+            data = openai_chat_body(fake, request, reply)
             self._json(200, data, {**fake.rate_limit_headers, **reply.headers})
 
         def _openai_embeddings(self, request: RecordedRequest, reply: Reply) -> None:
@@ -454,48 +656,181 @@ def _make_handler(fake: FakeProviderServer):
                 return self._json(reply.status, {"error": error}, self._status_headers(reply))
             if reply.kind == "malformed_body":
                 return self._send(200, b"<html>upstream hiccup</html>", "text/html", {})
-            body = request.body or {}
-            config = body.get("generationConfig") or {}
-            schema = config.get("responseJsonSchema") or config.get("responseSchema")
-            text = (
-                reply.content if reply.content is not None else fake._answer_text(request, schema)
+            self._json(200, gemini_body(fake, request, reply, model), reply.headers)
+
+        # -------------------------------------------------------------- batch APIs
+
+        def _batch_route(self, method: str, path: str) -> Callable[[RecordedRequest], None] | None:
+            if method == "POST" and path == "/v1/files":
+                return self._openai_upload
+            match = _OPENAI_FILE_CONTENT.match(path)
+            if method == "GET" and match:
+                return lambda request: self._openai_file_content(match.group(1))
+            match = _OPENAI_BATCHES.match(path)
+            if match and method == "POST" and match.group(1) is None:
+                return self._openai_batch_create
+            match = _GEMINI_BATCH_CREATE.match(path)
+            if match and method == "POST":
+                return lambda request: self._gemini_batch_create(request, match.group(2))
+            match = _GEMINI_BATCHES.match(path)
+            if match and method == "GET":
+                # /v1/batches is both APIs' path: google-genai sends its key in x-goog-api-key.
+                name = match.group(2)
+
+                def get(request: RecordedRequest) -> None:
+                    if request.header("x-goog-api-key") or not path.startswith("/v1/"):
+                        return self._batch_get("gemini", name and f"batches/{name}")
+                    return self._batch_get("openai", name)
+
+                return get
+            return None
+
+        def _not_found(self, what: str) -> None:
+            self._json(404, {"error": {"message": f"{what} not found", "code": 404, "status": "NOT_FOUND"}})
+
+        def _openai_upload(self, request: RecordedRequest) -> None:
+            form = request.body if isinstance(request.body, dict) else {}
+            upload = form.get("file") or {}
+            content = upload.get("content", "").encode()
+            file_id = fake._new_id("file-")
+            with fake._lock:
+                fake.files[file_id] = {"filename": upload.get("filename"), "purpose": form.get("purpose"),
+                                       "content": content}
+            self._json(200, {"id": file_id, "object": "file", "bytes": len(content),
+                             "created_at": int(time.time()), "filename": upload.get("filename") or "upload",
+                             "purpose": form.get("purpose") or "batch", "status": "processed"})
+
+        def _openai_file_content(self, file_id: str) -> None:
+            stored = fake.files.get(file_id)
+            if stored is None:
+                return self._not_found(f"file {file_id}")
+            self._send(200, stored["content"], "application/octet-stream", {})
+
+        def _openai_batch_create(self, request: RecordedRequest) -> None:
+            body = request.body if isinstance(request.body, dict) else {}
+            stored = fake.files.get(body.get("input_file_id", ""))
+            if stored is None:
+                return self._not_found(f"file {body.get('input_file_id')}")
+            lines = [json.loads(line) for line in stored["content"].decode().splitlines() if line.strip()]
+            batch = fake._new_batch(
+                "openai", lines, input_file_id=body["input_file_id"], endpoint=body.get("endpoint"),
+                completion_window=body.get("completion_window"), metadata=body.get("metadata"),
+                model=(lines[0].get("body") or {}).get("model") if lines else None,
             )
-            usage = fake.usage
-            usage_metadata = {
-                "promptTokenCount": usage["prompt_tokens"],
-                "candidatesTokenCount": usage["completion_tokens"],
-                "thoughtsTokenCount": usage["reasoning_tokens"],
-                "cachedContentTokenCount": usage["cached_tokens"],
-                "totalTokenCount": usage["prompt_tokens"]
-                + usage["completion_tokens"]
-                + usage["reasoning_tokens"],
-            }
-            candidate: dict[str, Any] = {
-                "content": {"role": "model", "parts": [{"text": text}]},
-                "finishReason": "STOP",
-                "index": 0,
-            }
-            data: dict[str, Any] = {"modelVersion": model, "usageMetadata": usage_metadata}
-            if reply.kind == "truncated":
-                candidate["content"]["parts"] = [{"text": text[: max(1, len(text) // 2)]}]
-                candidate["finishReason"] = "MAX_TOKENS"
-            elif reply.kind in ("refusal", "content_filter"):
-                candidate.pop("content")
-                candidate["finishReason"] = (
-                    "SAFETY" if reply.kind == "refusal" else "PROHIBITED_CONTENT"
-                )
-            elif reply.kind == "think":
-                candidate["content"]["parts"] = [
-                    {"text": THINK_TEXT, "thought": True},
-                    {"text": text},
-                ]
-            if reply.kind == "prompt_blocked":
-                data["promptFeedback"] = {"blockReason": "SAFETY"}
-            else:
-                data["candidates"] = [candidate]
-            self._json(200, data, reply.headers)
+            self._json(200, fake.openai_batch_view(batch))
+
+        def _gemini_batch_create(self, request: RecordedRequest, model: str) -> None:
+            body = request.body if isinstance(request.body, dict) else {}
+            spec = body.get("batch") or {}
+            lines = ((spec.get("inputConfig") or {}).get("requests") or {}).get("requests") or []
+            batch = fake._new_batch("gemini", lines, model=f"models/{model}",
+                                    display_name=spec.get("displayName"))
+            self._json(200, fake.gemini_batch_view(batch))
+
+        def _batch_get(self, provider: str, batch_id: str | None) -> None:
+            view = fake.openai_batch_view if provider == "openai" else fake.gemini_batch_view
+            if batch_id is None:  # the list, newest first
+                batches = [b for b in reversed(list(fake.batches.values())) if b.provider == provider]
+                if provider == "openai":
+                    data = [view(b) for b in batches]
+                    return self._json(200, {"object": "list", "data": data, "has_more": False,
+                                            "first_id": data[0]["id"] if data else None,
+                                            "last_id": data[-1]["id"] if data else None})
+                return self._json(200, {"operations": [view(b) for b in batches]})
+            batch = fake.batches.get(batch_id)
+            if batch is None or batch.provider != provider:
+                return self._not_found(f"batch {batch_id}")
+            with fake._batch_lock:
+                fake._poll(batch)
+                data = view(batch)
+            self._json(200, data)
 
     return Handler
+
+
+def openai_chat_body(fake: FakeProviderServer, request: RecordedRequest, reply: Reply) -> dict[str, Any]:
+    """The chat-completion JSON for `reply` (kinds ok, truncated, refusal, content_filter, think)."""
+    body = request.body or {}
+    schema = (body.get("response_format") or {}).get("json_schema", {}).get("schema")
+    text = reply.content if reply.content is not None else fake._answer_text(request, schema)
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    finish = "stop"
+    if reply.kind == "truncated":
+        message["content"], finish = text[: max(1, len(text) // 2)], "length"
+    elif reply.kind == "refusal":
+        message["content"], message["refusal"] = None, REFUSAL_TEXT
+    elif reply.kind == "content_filter":
+        message["content"], finish = None, "content_filter"
+    elif reply.kind == "think":
+        message["content"] = THINK_TEXT + text
+    usage = fake.usage
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": body.get("model", "fake-model"),
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "usage": {
+            "prompt_tokens": usage["prompt_tokens"],
+            "completion_tokens": usage["completion_tokens"],
+            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": usage["cached_tokens"]},
+            "completion_tokens_details": {"reasoning_tokens": usage["reasoning_tokens"]},
+        },
+    }
+
+
+def gemini_body(fake: FakeProviderServer, request: RecordedRequest, reply: Reply, model: str) -> dict[str, Any]:
+    """The generateContent JSON for `reply` (kinds ok, truncated, refusal, content_filter, think,
+    prompt_blocked)."""
+    body = request.body or {}
+    config = body.get("generationConfig") or {}
+    schema = config.get("responseJsonSchema") or config.get("responseSchema")
+    text = reply.content if reply.content is not None else fake._answer_text(request, schema)
+    usage = fake.usage
+    usage_metadata = {
+        "promptTokenCount": usage["prompt_tokens"],
+        "candidatesTokenCount": usage["completion_tokens"],
+        "thoughtsTokenCount": usage["reasoning_tokens"],
+        "cachedContentTokenCount": usage["cached_tokens"],
+        "totalTokenCount": usage["prompt_tokens"] + usage["completion_tokens"] + usage["reasoning_tokens"],
+    }
+    candidate: dict[str, Any] = {
+        "content": {"role": "model", "parts": [{"text": text}]},
+        "finishReason": "STOP",
+        "index": 0,
+    }
+    data: dict[str, Any] = {"modelVersion": model, "usageMetadata": usage_metadata}
+    if reply.kind == "truncated":
+        candidate["content"]["parts"] = [{"text": text[: max(1, len(text) // 2)]}]
+        candidate["finishReason"] = "MAX_TOKENS"
+    elif reply.kind in ("refusal", "content_filter"):
+        candidate.pop("content")
+        candidate["finishReason"] = "SAFETY" if reply.kind == "refusal" else "PROHIBITED_CONTENT"
+    elif reply.kind == "think":
+        candidate["content"]["parts"] = [{"text": THINK_TEXT, "thought": True}, {"text": text}]
+    if reply.kind == "prompt_blocked":
+        data["promptFeedback"] = {"blockReason": "SAFETY"}
+    else:
+        data["candidates"] = [candidate]
+    return data
+
+
+def _parse_multipart(content_type: str, raw: bytes) -> dict[str, Any]:
+    """A multipart/form-data body as ``{field: text}``, files as ``{field: {filename, content}}``."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    message = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
+    )
+    form: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = (part.get_payload(decode=True) or b"").decode("utf-8", "replace")
+        filename = part.get_filename()
+        form[name] = {"filename": filename, "content": payload} if filename else payload
+    return form
 
 
 def fake_embedding(text: str, size: int) -> np.ndarray:
