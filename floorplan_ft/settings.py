@@ -168,6 +168,10 @@ class TeacherSettings(_Group):
     )
     batch_discount: float = Field(0.5, gt=0, le=1, description="Price factor of the providers' batch APIs.")
     use_batch_api: bool = Field(False, description="Label through the providers' batch APIs (half price, ≤ 24 h).")
+    batch_poll_interval_s: float = Field(60.0, gt=0, description="Seconds between polls of a batch job.")
+    batch_max_wait_s: float = Field(
+        3600.0, ge=0, description="Wait this long for batch jobs, then return; a rerun resumes polling."
+    )
 
 
 class QualityWeights(_Group):

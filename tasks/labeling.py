@@ -70,6 +70,8 @@ def label_with_teacher(settings: Settings, teacher_name: str) -> dict:
     teacher = make_teacher(settings, teacher_name)
     if teacher_name == "reference":
         logger.info("teacher 'reference' is the rule-based analyst (no LLM, no cost)")
+    if settings.teachers.use_batch_api and teacher_name in ("openai", "gemini"):
+        return _label_in_batches(settings, teacher_name, items, missing, store, len(stems))
     progress = _ProgressPublisher(teacher_name, len(items))
     try:
         summary = asyncio.run(LabelingRun(teacher, store, settings.teachers, on_progress=progress).run(items))
@@ -94,6 +96,43 @@ def label_with_teacher(settings: Settings, teacher_name: str) -> dict:
         "missing_inputs": len(missing),
         "cost_usd": summary.cost_usd,
         "total_spent_usd": summary.total_spent_usd,
+    }
+
+
+def _label_in_batches(settings: Settings, teacher_name: str, items, missing, store, plans: int) -> dict:
+    """Half price through the provider's batch API; jobs persist in the data root, so a rerun
+    polls instead of resubmitting, and whatever the batch did not answer is finished online."""
+    from floorplan_ft.teachers.batch import label_in_batches
+
+    t = settings.teachers
+    outcome = asyncio.run(
+        label_in_batches(teacher_name, settings, items, store,
+                         poll_interval_s=t.batch_poll_interval_s, max_wait_s=t.batch_max_wait_s)
+    )
+    result = outcome.as_dict()
+    create_markdown_artifact(
+        key=artifact_key("phase3-summary", teacher_name),
+        markdown=(
+            f"# Phase 3: teacher `{teacher_name}` through the batch API\n\n"
+            f"status **{outcome.status}** · labeled {outcome.labeled} · cached {outcome.cached} · "
+            f"waiting in jobs {outcome.waiting} · finished online {outcome.finished_online} · "
+            f"failed {len(outcome.failed)} · ${outcome.cost_usd:.4f} this run · "
+            f"${outcome.total_spent_usd:.4f} in all"
+        ),
+        description=f"Phase 3: batch labels from {teacher_name}",
+    )
+    return {
+        "status": "pending batch jobs" if outcome.status == "pending" else
+                  ("done" if not (outcome.failed or missing) else "done with failures"),
+        "teacher": teacher_name,
+        "plans": plans,
+        "labeled": result["labeled"],
+        "cached": result["cached"],
+        "waiting": result["waiting"],
+        "failed": len(result["failed"]),
+        "missing_inputs": len(missing),
+        "cost_usd": result["cost_usd"],
+        "total_spent_usd": result["total_spent_usd"],
     }
 
 

@@ -29,7 +29,8 @@ from floorplan_ft.teachers.labeling import LabelingRun, ledger_path, meta_path
 
 OPENAI_KEY = "sk-test-LABELING-secret-key-0123456789"
 GEMINI_KEY = "AIzaTEST-LABELING-secret-0123456789abcd"
-FAST = {"backoff_s": [0.01, 0.02, 0.04], "retry_after_cap_s": 0.2, "concurrency": 3}
+FAST = {"backoff_s": [0.01, 0.02, 0.04], "retry_after_cap_s": 0.2, "concurrency": 3,
+        "tokens_per_minute": 10_000_000}
 
 
 def prepare(root: Path, count: int) -> tuple[ArtifactStore, list[str]]:

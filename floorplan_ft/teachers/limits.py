@@ -71,8 +71,11 @@ class RateLimiter:
                     self._events.append((now, tokens))
                     self._tokens_in_window += tokens
                     return waited
-                waited += delay
-                await self._sleep(delay)
+                # Sleep in short slices: a settle() that hands back unused tokens or a new limit
+                # from the provider's headers can admit this request earlier.
+                step = min(delay, 1.0)
+                waited += step
+                await self._sleep(step)
 
     def settle(self, estimated: int, actual: int) -> None:
         """Replace a request's estimate by the tokens it really used (the most recent match)."""
