@@ -13,6 +13,7 @@ from floorplan_ft.steps import ALL_STEPS, STEP_TITLES, parse_steps
 from flows.cv_batch import cv_batch_with_concurrency
 from tasks.common import artifact_key, settings_for_run
 from tasks.labeling import label_with_teacher
+from tasks.quality import build_training_data_task, compare_teachers_task
 from tasks.retrieval import retrieve_for_plans
 from tasks.sampling import sample_plans
 
@@ -55,11 +56,21 @@ def _phase2(settings: Settings, run: RunArgs) -> dict:
     return retrieve_for_plans(settings)
 
 
+def _phase4(settings: Settings, run: RunArgs) -> dict:
+    return compare_teachers_task(settings)
+
+
+def _phase5(settings: Settings, run: RunArgs) -> dict:
+    return build_training_data_task(settings)
+
+
 # Built phases. A step missing here is reported as not available, never faked.
 PHASES: dict[str, Callable[[Settings, RunArgs], dict]] = {
     "0": _phase0,
     "1": _phase1,
     "2": _phase2,
+    "4": _phase4,
+    "5": _phase5,
 }
 
 
