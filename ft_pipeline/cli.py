@@ -123,6 +123,46 @@ def demo(
         set_=[f"paths.data_root={data_root}", f"teachers.local_model_path={teacher_dir}"])
 
 
+@app.command()
+def estimate(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    items: Annotated[int | None, typer.Option(help="Items to label (default: the sample, or sampling.sample_size).")] = None,
+) -> None:
+    """Expected tokens, dollars and hours per teacher for the planned labeling, before any call."""
+    from floorplan_ft.sampling import SamplingError, read_sample
+    from floorplan_ft.store import ArtifactStore
+    from floorplan_ft.teachers.estimate import estimate_teacher, mean_prompt_tokens
+    from floorplan_ft.teachers.items import build_items
+    from tasks.common import nest_overrides
+
+    try:
+        settings = load_settings(config, profile, **nest_overrides(_parse_sets(set_)))
+    except SettingsError as exc:
+        _fail(exc)
+    store = ArtifactStore(settings.paths.data_root)
+    stems: list[str] = []
+    try:
+        stems = read_sample(store.run_file("sample"))
+    except SamplingError:
+        pass
+    count = items or len(stems) or settings.sampling.sample_size
+    built, _ = build_items(store, stems[:200]) if stems else ([], [])
+    measured = mean_prompt_tokens([i.messages for i in built])
+    typer.echo(f"Labeling {count} plans ({'sampled' if stems and not items else 'planned'}); "
+               f"input tokens per item: {'measured on ' + str(len(built)) + ' prompts' if measured else 'the plan figure'}\n")
+    typer.echo("| teacher | model | $ online | $ batch | items/min | limited by | hours | budget |")
+    typer.echo("|---|---|---|---|---|---|---|---|")
+    for name in settings.teachers.teachers:
+        e = estimate_teacher(settings, name, count, measured)
+        usd = "n/a (no price)" if e.usd_online is None else f"{e.usd_online:.2f}"
+        batch = "n/a" if e.usd_batch is None else f"{e.usd_batch:.2f}"
+        flag = " ⚠ over budget" if e.over_budget else ""
+        typer.echo(f"| {e.teacher} | {e.model} | {usd} | {batch} | {e.items_per_minute} | {e.limited_by} | "
+                   f"{e.hours} | {e.budget_usd:.2f}{flag} |")
+
+
 @config_app.command("show")
 def config_show(
     config: ConfigOpt = None,

@@ -169,6 +169,8 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: Any
+    at: float = field(default_factory=time.monotonic)
+    rejected: bool = False
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -328,6 +330,7 @@ class FakeProviderServer:
                     self.admitted.popleft()
                 if len(self.admitted) >= self.rpm_limit:
                     self.rejected_429.append(now)
+                    request.rejected = True
                     return Reply.rate_limited(retry_after=round(self.admitted[0] + 60.0 - now, 3))
                 self.admitted.append(now)
             if self.scripts:
