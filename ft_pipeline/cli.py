@@ -15,6 +15,11 @@ from floorplan_ft.settings import SettingsError, describe_settings, load_setting
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the settings.")
 app.add_typer(config_app, name="config")
+# Prefect server set-up for the deployments (issue 9): work pools and blocks.
+from ft_pipeline.ops_cli import blocks_app, pools_app  # noqa: E402
+
+app.add_typer(pools_app, name="pools")
+app.add_typer(blocks_app, name="blocks")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML or YAML settings file.", exists=True, dir_okay=False)
