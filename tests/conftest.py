@@ -17,7 +17,7 @@ for _key in list(os.environ):
                                             "GEMINI_API_KEY", "GOOGLE_API_KEY", "PREFECT_API_URL"}:
         del os.environ[_key]
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")

@@ -6,14 +6,14 @@ import textwrap
 
 import pytest
 
-from flows.cv_batch import cv_batch
-from flows.ft_pipeline import ft_pipeline
 from floorplan_ft.cv import BUILDER_VERSION
 from floorplan_ft.cv.runner import process_image
 from floorplan_ft.cv.sources import SourceConfig, load_plugin
 from floorplan_ft.schemas import TopologyGraph
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.synth import write_dataset
+from flows.cv_batch import cv_batch
+from flows.ft_pipeline import ft_pipeline
 
 pytestmark = pytest.mark.prefect
 

@@ -11,9 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from plans import prepare_plans
 
-from floorplan_ft.cv.runner import process_image
-from floorplan_ft.cv.sources import SourceConfig
 from floorplan_ft.dataset import (
     DatasetError,
     answer_json,
@@ -25,13 +24,10 @@ from floorplan_ft.dataset import (
     to_prompt_completion,
     write_training_data,
 )
-from floorplan_ft.retrieval.corpus import corpus_hash, load_corpus
-from floorplan_ft.retrieval.retrieve import make_context, write_context
 from floorplan_ft.sampling import group_key
 from floorplan_ft.schemas import FloorPlanAnalysis
 from floorplan_ft.settings import load_settings
 from floorplan_ft.store import ArtifactStore
-from floorplan_ft.synth import write_dataset
 from floorplan_ft.teachers.items import build_items
 from floorplan_ft.teachers.labeling import LabelingRun, ReferenceTeacher, failures_path, meta_path
 
@@ -42,16 +38,7 @@ N_PLANS, N_COMPLEXES = 40, 8
 def base(tmp_path_factory):
     """Plans with topologies and contexts, labeled by the reference teacher (real sidecars)."""
     root = tmp_path_factory.mktemp("dataset") / "data"
-    stems = write_dataset(root, count=N_PLANS, complexes=N_COMPLEXES, seed=11)
-    store = ArtifactStore(root)
-    config = SourceConfig(image_dir=str(root / "images"), annotation_dir=str(root / "annotations"))
-    chunks = load_corpus()
-    for i, stem in enumerate(stems):
-        assert process_image(store, config, stem).status == "built"
-        picks = [(i + j) % len(chunks) for j in range(3)]
-        ctx = make_context(f"q{i}", chunks, picks, [0.9, 0.8, 0.7], embedding_identity="test",
-                           dimensions=8, corpus_hash_=corpus_hash(chunks), top_k=3)
-        write_context(store, stem, ctx)
+    store, stems = prepare_plans(root, N_PLANS, N_COMPLEXES, seed=11)
     items, missing = build_items(store, stems)
     assert not missing
     summary = asyncio.run(LabelingRun(ReferenceTeacher(), store, load_settings().teachers).run(items))

@@ -6,8 +6,8 @@ import json
 import pytest
 from prefect.client.orchestration import get_client
 
-from flows.ft_pipeline import PHASES, ft_pipeline
 from floorplan_ft.steps import ALL_STEPS
+from flows.ft_pipeline import PHASES, ft_pipeline
 
 pytestmark = pytest.mark.prefect
 

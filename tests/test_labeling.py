@@ -14,15 +14,11 @@ from pathlib import Path
 
 import pytest
 from fakes.provider_server import Reply
+from plans import prepare_plans
 
-from floorplan_ft.cv.runner import process_image
-from floorplan_ft.cv.sources import SourceConfig
-from floorplan_ft.retrieval.corpus import corpus_hash, load_corpus
-from floorplan_ft.retrieval.retrieve import make_context, write_context
 from floorplan_ft.schemas import FloorPlanAnalysis
 from floorplan_ft.settings import load_settings
 from floorplan_ft.store import ArtifactStore
-from floorplan_ft.synth import write_dataset
 from floorplan_ft.teachers.factory import make_teacher
 from floorplan_ft.teachers.items import build_items
 from floorplan_ft.teachers.labeling import LabelingRun, ledger_path, meta_path
@@ -34,17 +30,7 @@ FAST = {"backoff_s": [0.01, 0.02, 0.04], "retry_after_cap_s": 0.2, "concurrency"
 
 
 def prepare(root: Path, count: int) -> tuple[ArtifactStore, list[str]]:
-    """Synthetic plans with topologies and (fixed) retrieval contexts, as phases 1-2 leave them."""
-    stems = write_dataset(root, count=count, complexes=2, seed=21)
-    store = ArtifactStore(root)
-    config = SourceConfig(image_dir=str(root / "images"), annotation_dir=str(root / "annotations"))
-    chunks = load_corpus()
-    for i, stem in enumerate(stems):
-        assert process_image(store, config, stem).status == "built"
-        picks = [(i + j) % len(chunks) for j in range(3)]
-        ctx = make_context(f"q{i}", chunks, picks, [0.9, 0.8, 0.7], embedding_identity="test",
-                           dimensions=8, corpus_hash_=corpus_hash(chunks), top_k=3)
-        write_context(store, stem, ctx)
+    store, stems = prepare_plans(root, count, complexes=2, seed=21)
     store.write_json(store.run_file("sample"), {"stems": stems, "n": len(stems)})
     return store, stems
 

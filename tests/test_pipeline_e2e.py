@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from flows.ft_pipeline import ft_pipeline
 from floorplan_ft.synth import write_dataset
 from floorplan_ft.training.tiny import bias_towards_short_json, build_tiny_causal_lm
+from flows.ft_pipeline import ft_pipeline
 
 pytestmark = pytest.mark.prefect
 

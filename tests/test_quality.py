@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from plans import prepare_plans
 
-from floorplan_ft.cv.runner import process_image
-from floorplan_ft.cv.sources import SourceConfig
 from floorplan_ft.quality import (
     CHECKS,
     METRICS,
@@ -28,12 +27,9 @@ from floorplan_ft.quality import (
     score_answer,
     write_outputs,
 )
-from floorplan_ft.retrieval.corpus import corpus_hash, load_corpus
-from floorplan_ft.retrieval.retrieve import make_context, write_context
 from floorplan_ft.schemas import TopologyGraph
 from floorplan_ft.settings import load_settings
 from floorplan_ft.store import ArtifactStore
-from floorplan_ft.synth import write_dataset
 from floorplan_ft.teachers.labeling import failures_path, meta_path
 from floorplan_ft.teachers.reference import reference_analysis
 
@@ -42,17 +38,7 @@ N_PLANS = 24
 
 def prepare(root: Path, count: int, complexes: int, seed: int) -> list[str]:
     """Synthetic plans with topologies and retrieval contexts, as phases 1-2 leave them."""
-    stems = write_dataset(root, count=count, complexes=complexes, seed=seed)
-    store = ArtifactStore(root)
-    config = SourceConfig(image_dir=str(root / "images"), annotation_dir=str(root / "annotations"))
-    chunks = load_corpus()
-    for i, stem in enumerate(stems):
-        assert process_image(store, config, stem).status == "built"
-        picks = [(i + j) % len(chunks) for j in range(3)]
-        ctx = make_context(f"q{i}", chunks, picks, [0.9, 0.8, 0.7], embedding_identity="test",
-                           dimensions=8, corpus_hash_=corpus_hash(chunks), top_k=3)
-        write_context(store, stem, ctx)
-    return stems
+    return prepare_plans(root, count, complexes, seed)[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,258 @@
+"""The HTTP API over `AnalysisService` (FastAPI): ``POST /analyze``, ``POST /chat``, ``GET /health``.
+
+* ``POST /analyze`` ``{"topology": <topology_graph.json>, "image_name": "optional.png"}`` →
+  ``{"analysis": FloorPlanAnalysis, "meta": {provider, model, is_llm, timings, criteria, ...}}``
+  with ``Server-Timing: retrieval;dur=…, llm;dur=…, total;dur=…`` and ``X-Analysis-Ms`` headers.
+* ``POST /chat`` ``{"analysis": FloorPlanAnalysis, "question": "…", "history": [{role, content}]}``
+  → ``{"answer": "…", "meta": {…, "truncated": bool}}`` (Korean, grounded in the analysis).
+* ``GET /health`` → which provider/model is live (no secrets), embeddings, vector store.
+
+Errors: a body that is not JSON, or a topology / analysis that does not validate → 422 with
+``detail`` (FastAPI's list of ``{loc, msg, type}``) and ``message`` (one readable line naming the
+fields). Provider failures → 502 (the provider answered badly: 5xx, invalid or cut JSON, refusal,
+rejected key or request) or 503 (rate limit, timeout, unreachable, retrieval down; with
+``Retry-After`` when known), as ``{"error", "reason", "stage", "provider", "retryable"}``. Every
+provider call is bounded by ``serving.timeout_s``, so no request hangs.
+
+Run it with ``ft-pipeline serve`` (uvicorn; host and port from ``serving.host`` / ``serving.port``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from floorplan_ft.schemas import FloorPlanAnalysis, TopologyGraph
+from floorplan_ft.serving.base import (
+    AuthError,
+    BadRequest,
+    ConfigError,
+    ConnectionFailed,
+    InvalidOutput,
+    LLMError,
+    OutputTruncated,
+    ProviderTimeout,
+    RateLimitError,
+    Refusal,
+    ServerError,
+)
+from floorplan_ft.serving.service import (
+    CHAT_QUESTION_MAX,
+    CHAT_TURN_MAX,
+    AnalysisService,
+    InvalidInput,
+    RetrievalUnavailable,
+)
+
+log = logging.getLogger(__name__)
+API_VERSION = "1"
+
+
+# ----------------------------------------------------------------------------- bodies
+
+
+class AnalyzeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    topology: TopologyGraph = Field(description="The plan's topology graph (topology_graph.json).")
+    image_name: Annotated[str, Field(max_length=200)] | None = Field(
+        None, description="Name written into the analysis; default: topology.image_info.file_name."
+    )
+
+
+class AnalyzeResponse(BaseModel):
+    analysis: FloorPlanAnalysis
+    meta: dict[str, Any]
+
+
+class ChatTurn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant"]
+    content: Annotated[str, Field(max_length=CHAT_TURN_MAX)]
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    analysis: FloorPlanAnalysis = Field(description="A stored analysis (the `analysis` of /analyze).")
+    question: Annotated[str, Field(min_length=1, max_length=CHAT_QUESTION_MAX)]
+    history: list[ChatTurn] = Field(default_factory=list, max_length=40)
+
+
+class ChatResponse(BaseModel):
+    answer: str
+    meta: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- errors
+
+# 503: try again later (the provider is busy, slow or away). 502: the provider answered, badly.
+_STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (RateLimitError, 503),
+    (ProviderTimeout, 503),
+    (ConnectionFailed, 503),
+    (ServerError, 502),
+    (AuthError, 502),
+    (InvalidOutput, 502),
+    (OutputTruncated, 502),
+    (Refusal, 502),
+    (BadRequest, 502),
+    (ConfigError, 503),
+)
+
+
+def error_status(exc: LLMError) -> int:
+    for kind, status in _STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 502
+
+
+def _error_response(status: int, kind: str, reason: str, stage: str, **extra: Any) -> JSONResponse:
+    headers = {}
+    retry_after = extra.pop("retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    body = {"error": kind, "reason": reason, "stage": stage, **extra}
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+def _readable(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for err in errors[:10]:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        parts.append(f"{'.'.join(loc) or '(body)'}: {err.get('msg')}")
+    more = f" (+{len(errors) - 10} more)" if len(errors) > 10 else ""
+    return "; ".join(parts) + more
+
+
+def _clean(errors: list[Any]) -> list[dict[str, Any]]:
+    """FastAPI's errors without the echoed input (a whole topology) and with JSON-safe ctx."""
+    out = []
+    for err in errors:
+        item = {"loc": list(err.get("loc", ())), "msg": err.get("msg"), "type": err.get("type")}
+        ctx = err.get("ctx")
+        if ctx:
+            item["ctx"] = {k: str(v) for k, v in ctx.items()}
+        out.append(item)
+    return out
+
+
+def _timing_headers(timings: dict[str, float], provider: str, model: str) -> dict[str, str]:
+    parts = [f"{name.removesuffix('_ms')};dur={value:.1f}" for name, value in timings.items()]
+    return {
+        "Server-Timing": ", ".join(parts),
+        "X-Analysis-Ms": f"{timings.get('total_ms', 0.0):.1f}",
+        "X-LLM-Provider": provider,
+        # Header values must be latin-1: a local model path may not be.
+        "X-LLM-Model": model.encode("latin-1", "replace").decode("latin-1"),
+    }
+
+
+# ----------------------------------------------------------------------------- app
+
+
+def create_app(source: Any = None) -> FastAPI:
+    """The FastAPI app over a service: pass an `AnalysisService`, or settings to build one (None:
+    `load_settings()`, so ``LLM_PROVIDER`` and the other variables pick the provider). A service
+    built here is closed when the app shuts down."""
+    if isinstance(source, AnalysisService):
+        service, owned = source, False
+    else:
+        service, owned = AnalysisService(source), True
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        if owned:
+            service.close()
+
+    app = FastAPI(
+        title="ft-pipeline analysis service",
+        version=API_VERSION,
+        description=__doc__,
+        lifespan=lifespan,
+    )
+    app.state.service = service
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _clean(list(exc.errors()))
+        return JSONResponse(status_code=422, content={"detail": errors, "message": _readable(errors)})
+
+    @app.exception_handler(InvalidInput)
+    async def _invalid_input(_request: Request, exc: InvalidInput) -> JSONResponse:
+        errors = [{**e, "loc": ["body", *e["loc"]]} for e in exc.errors]
+        return JSONResponse(status_code=422, content={"detail": errors, "message": _readable(errors)})
+
+    @app.exception_handler(LLMError)
+    async def _provider_failed(_request: Request, exc: LLMError) -> JSONResponse:
+        status = error_status(exc)
+        log.warning("provider failure -> %d: %s", status, exc)
+        return _error_response(
+            status, type(exc).__name__, str(exc), "llm",
+            provider=exc.provider or service.provider, retryable=bool(exc.retryable),
+            retry_after=getattr(exc, "retry_after", None),
+        )
+
+    @app.exception_handler(RetrievalUnavailable)
+    async def _retrieval_failed(_request: Request, exc: RetrievalUnavailable) -> JSONResponse:
+        log.warning("retrieval failure -> 503: %s", exc)
+        return _error_response(503, "RetrievalUnavailable", str(exc), "retrieval",
+                               provider=service.provider, retryable=True)
+
+    @app.post("/analyze", response_model=AnalyzeResponse)
+    async def analyze(body: AnalyzeRequest) -> JSONResponse:
+        """Topology in, validated FloorPlanAnalysis out, with per-stage timings."""
+        outcome = await service.aanalyze_detailed(body.topology, body.image_name)
+        content = {"analysis": outcome.analysis.model_dump(mode="json"), "meta": outcome.meta()}
+        return JSONResponse(
+            content, headers=_timing_headers(outcome.timings, outcome.provider, outcome.model)
+        )
+
+    @app.post("/chat", response_model=ChatResponse)
+    async def chat(body: ChatRequest) -> JSONResponse:
+        """A Korean answer about a stored analysis, grounded in it and the criteria."""
+        outcome = await service.achat_detailed(
+            body.analysis, body.question, [t.model_dump() for t in body.history]
+        )
+        return JSONResponse(
+            {"answer": outcome.answer, "meta": outcome.meta()},
+            headers=_timing_headers(outcome.timings, outcome.provider, outcome.model),
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Live provider and model (LLM or the rule-based reference), embeddings, vector store."""
+        return service.health()
+
+    return app
+
+
+def serve(settings: Any = None, *, host: str | None = None, port: int | None = None,
+          log_level: str = "info") -> None:
+    """Run the API on uvicorn (blocking); host and port default to ``serving.host`` / ``.port``."""
+    try:
+        import uvicorn
+    except ImportError:  # pragma: no cover - the `serve` extra
+        raise ConfigError("`ft-pipeline serve` needs uvicorn: pip install 'ft-pipeline[serve]'") from None
+    if settings is None:
+        from floorplan_ft.settings import load_settings
+
+        settings = load_settings()
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=host or settings.serving.host,
+        port=port or settings.serving.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+    )
