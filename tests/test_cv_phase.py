@@ -184,3 +184,26 @@ def test_overlay_is_written_when_asked(tmp_path):
     assert outcome.status == "built"
     png = root / "output" / stems[0] / "topology_overlay.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_coco_file_for_the_whole_set(tmp_path):
+    root = tmp_path / "data"
+    stems = write_dataset(root, count=3, complexes=1, seed=9)
+    merged = {"images": [], "annotations": [], "categories": None}
+    next_id = 1
+    for image_id, stem in enumerate(stems, start=1):
+        coco = json.loads((root / "annotations" / f"{stem}.json").read_text())
+        merged["categories"] = coco["categories"]
+        merged["images"].append({**coco["images"][0], "id": image_id})
+        for ann in coco["annotations"]:
+            merged["annotations"].append({**ann, "id": next_id, "image_id": image_id})
+            next_id += 1
+    whole = tmp_path / "all.json"
+    whole.write_text(json.dumps(merged, ensure_ascii=False))
+    config = SourceConfig(image_dir=str(root / "images"), annotation_file=str(whole))
+    store = ArtifactStore(tmp_path / "out")
+    for stem in stems:
+        assert process_image(store, config, stem).status == "built"
+        graph = TopologyGraph.model_validate_json((tmp_path / "out" / "output" / stem / "topology_graph.json").read_text())
+        truth = json.loads((root / "truth" / f"{stem}.json").read_text())
+        assert graph.statistics.bay_count == truth["bay_count"]

@@ -96,6 +96,7 @@ class TrainConfig:
     save_total_limit: int = 2
     cpu_threads: int | None = None
     eval_limit: int | None = None  # evaluate only the first N val rows (None: all)
+    trust_remote_code: bool = False  # models whose code is not in transformers (EXAONE 3.5)
 
     # ------------------------------------------------------------------ construction
 
@@ -138,7 +139,7 @@ class TrainConfig:
             "seed": getattr(ft, "seed", getattr(settings.dataset, "seed", 42)),
         }
         # Settings this module reads when they exist (asked for; absent in older settings files).
-        for name in ("gradient_checkpointing", "cpu_threads", "eval_limit", "save_total_limit"):
+        for name in ("gradient_checkpointing", "cpu_threads", "eval_limit", "save_total_limit", "trust_remote_code"):
             if hasattr(ft, name):
                 values[name] = getattr(ft, name)
         values.update(overrides)
