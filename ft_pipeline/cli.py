@@ -15,6 +15,10 @@ from floorplan_ft.settings import SettingsError, describe_settings, load_setting
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the settings.")
 app.add_typer(config_app, name="config")
+
+from ft_pipeline.vectors_cli import vectors_app  # noqa: E402 - after `app`, which it extends
+
+app.add_typer(vectors_app, name="vectors")
 # Prefect server set-up for the deployments (issue 9): work pools and blocks.
 from ft_pipeline.ops_cli import blocks_app, pools_app  # noqa: E402
 
@@ -166,6 +170,35 @@ def estimate(
         flag = " ⚠ over budget" if e.over_budget else ""
         typer.echo(f"| {e.teacher} | {e.model} | {usd} | {batch} | {e.items_per_minute} | {e.limited_by} | "
                    f"{e.hours} | {e.budget_usd:.2f}{flag} |")
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default: serving.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: serving.port).")] = None,
+) -> None:
+    """Run the analysis HTTP API on uvicorn (POST /analyze, POST /chat, GET /health).
+
+    The provider is LLM_PROVIDER / serving.llm_provider; openai is the rollback.
+    """
+    from tasks.common import nest_overrides
+
+    try:
+        settings = load_settings(config, profile, **nest_overrides(_parse_sets(set_)))
+    except SettingsError as exc:
+        _fail(exc)
+    from floorplan_ft.retrieval.embeddings import EmbeddingError
+    from floorplan_ft.serving.api import serve as serve_api
+    from floorplan_ft.serving.base import LLMError
+    from floorplan_ft.serving.vectorstore import VectorStoreError
+
+    try:
+        serve_api(settings, host=host, port=port)
+    except (LLMError, VectorStoreError, EmbeddingError) as exc:  # start-up problems name their setting
+        _fail(exc)
 
 
 @config_app.command("show")

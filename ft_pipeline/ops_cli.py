@@ -14,7 +14,7 @@ import typer
 pools_app = typer.Typer(no_args_is_help=True, help="Prefect work pools (local-gpu, runpod).")
 blocks_app = typer.Typer(no_args_is_help=True, help="Prefect blocks (teacher keys, data root).")
 
-_SECRETISH = re.compile(r"KEY|SECRET|TOKEN|PASSWORD", re.IGNORECASE)
+_SECRETISH = re.compile(r"(^|_)(KEY|SECRET|TOKEN|PASSWORD|CREDENTIALS?)(_|$)", re.IGNORECASE)
 
 
 def _require_server() -> str:

@@ -128,6 +128,11 @@ def _error_response(status: int, kind: str, reason: str, stage: str, **extra: An
 def _readable(errors: list[dict[str, Any]]) -> str:
     parts = []
     for err in errors[:10]:
+        if err.get("type") == "json_invalid":
+            where = err.get("loc", ["body", "?"])[-1]
+            detail = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"the body is not valid JSON (at character {where}): {detail}".rstrip(": "))
+            continue
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         parts.append(f"{'.'.join(loc) or '(body)'}: {err.get('msg')}")
     more = f" (+{len(errors) - 10} more)" if len(errors) > 10 else ""
