@@ -93,7 +93,8 @@ class CVSettings(_Group):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the CV plugin.")
     concurrency: int = Field(1, gt=0, description="Images processed at once (1 on a single GPU).")
     chunk_size: int = Field(
-        50, gt=0, description="Images per mapped task run (keeps Prefect run history bounded)."
+        20, gt=0,
+        description="Images per mapped task run (1: a task run per image; larger cuts engine overhead and keeps run history bounded).",
     )
     clear_cache_every: int = Field(50, gt=0, description="Clear the CUDA cache every N images.")
     overlay: bool = Field(False, description="Also render the graph over the plan (costs 2-3x).")

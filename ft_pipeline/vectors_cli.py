@@ -114,7 +114,9 @@ def migrate(
         else:
             from floorplan_ft.retrieval.corpus import load_corpus
             from floorplan_ft.serving.factory import make_embedding_manager
+            from floorplan_ft.serving.vectorstore import vector_status
 
+            vector_status(target)  # reach the database before loading any model
             manager = make_embedding_manager(settings)
             report = migrate_vectors(
                 target, old_table, manager, load_corpus(settings.paths.corpus_path),

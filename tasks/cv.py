@@ -36,19 +36,37 @@ def source_config(settings: Settings) -> SourceConfig:
 # Not Prefect-cached on purpose: the output is a file in the shared data root, and Prefect's result
 # cache cannot see that file deleted or its inputs changed. The content-keyed sidecar can, on every
 # machine, so the flow only submits stale images and this task rebuilds what it is given.
+# One task run covers a chunk of `cv.chunk_size` images: a task run costs ~10-30 ms of engine and
+# API work on this class of machine (more than building a topology), and a server without Redis
+# drops run history past a few thousand task runs per burst. Bad inputs fail per image inside the
+# chunk; an unexpected error fails the chunk after its other images are done, and the retry only
+# redoes what is still stale.
 @task(
-    name="build-topology",
+    name="build-topologies",
     cache_policy=NO_CACHE,
     persist_result=True,
     retries=2,
     retry_delay_seconds=[2, 8],
-    task_run_name="topology-{stem}",
+    task_run_name="topologies-{stems[0]}+{chunk_len}",
 )
-def build_topology_task(stem: str, config: SourceConfig, data_root: str, overlay: bool = False) -> dict:
-    outcome = process_image(ArtifactStore(data_root), config, stem, overlay=overlay, force=True)
-    if outcome.status == "failed":
-        get_run_logger().warning("%s: %s", stem, outcome.reason)
-    return outcome.model_dump()
+def build_topology_task(stems: list[str], config: SourceConfig, data_root: str, overlay: bool = False,
+                        chunk_len: int = 0) -> list[dict]:
+    store = ArtifactStore(data_root)
+    outcomes, errors = [], []
+    for stem in stems:
+        try:
+            outcome = process_image(store, config, stem, overlay=overlay)
+        except Exception as exc:  # transient or unexpected: retried with the chunk
+            errors.append(f"{stem}: {type(exc).__name__}: {exc}")
+            continue
+        if outcome.status == "failed":
+            get_run_logger().warning("%s: %s", stem, outcome.reason)
+        elif outcome.status == "fresh":  # built by an earlier attempt of this chunk
+            outcome.status = "built"
+        outcomes.append(outcome.model_dump())
+    if errors:
+        raise RuntimeError("; ".join(errors[:5]))
+    return outcomes
 
 
 @task(name="plan-cv-work", cache_policy=NO_CACHE)
@@ -73,23 +91,28 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
         progress_id = create_progress_artifact(
             progress=0.0, key=artifact_key("phase1-progress"), description="Phase 1: topologies built"
         )
+        size = settings.cv.chunk_size
+        chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
         futures = build_topology_task.map(
-            todo, config=unmapped(config), data_root=unmapped(store.root), overlay=unmapped(settings.cv.overlay)
+            chunks, config=unmapped(config), data_root=unmapped(store.root),
+            overlay=unmapped(settings.cv.overlay), chunk_len=[len(c) for c in chunks],
         )
-        stem_of = {id(f): stem for f, stem in zip(futures, todo, strict=True)}
-        step = max(1, len(todo) // 50)
-        for done, future in enumerate(as_completed(futures), start=1):
+        chunk_of = {id(f): chunk for f, chunk in zip(futures, chunks, strict=True)}
+        done = 0
+        for future in as_completed(futures):
+            chunk = chunk_of[id(future)]
             result = future.result(raise_on_failure=False)
             if isinstance(result, BaseException):
-                stem = stem_of[id(future)]
-                outcomes.append(
-                    ImageOutcome(stem=stem, status="failed", reason=f"{type(result).__name__}: {result}",
-                                 error_type=type(result).__name__)
-                )
+                # Retries exhausted: every image of the chunk without a fresh graph is a failure.
+                fresh, stale = stale_stems(store, config, chunk)
+                outcomes += [ImageOutcome(stem=s, status="built") for s in fresh]
+                outcomes += [ImageOutcome(stem=s, status="failed", reason=f"{type(result).__name__}: {result}",
+                                          error_type=type(result).__name__) for s in stale]
             else:
-                outcomes.append(ImageOutcome.model_validate(result))
-            if done % step == 0 or done == len(todo):
-                update_progress_artifact(progress_id, progress=100.0 * done / len(todo))
+                outcomes += [ImageOutcome.model_validate(r) for r in result]
+            done += len(chunk)
+            update_progress_artifact(progress_id, progress=100.0 * done / len(todo),
+                                     description=f"Phase 1: {done}/{len(todo)} images processed")
     ledger = update_failure_ledger(store, outcomes)
     built = sum(o.status == "built" for o in outcomes)
     failed = sorted((o for o in outcomes if o.status == "failed"), key=lambda o: o.stem)

@@ -207,3 +207,51 @@ def test_one_coco_file_for_the_whole_set(tmp_path):
         graph = TopologyGraph.model_validate_json((tmp_path / "out" / "output" / stem / "topology_graph.json").read_text())
         truth = json.loads((root / "truth" / f"{stem}.json").read_text())
         assert graph.statistics.bay_count == truth["bay_count"]
+
+
+FLAKY_PLUGIN = '''
+import json
+from pathlib import Path
+
+CALLS = {"predict": 0}
+
+
+class Detector:
+    def predict(self, image):
+        CALLS["predict"] += 1
+        height, width = image.shape[:2]
+        for path in sorted(Path(ANNOTATIONS).glob("*.json")):
+            coco = json.loads(path.read_text())
+            info = coco["images"][0]
+            if (info["width"], info["height"]) == (width, height):
+                if path.stem == BROKEN:
+                    raise RuntimeError("CUDA error: device-side assert (simulated)")
+                return {"categories": coco["categories"], "annotations": coco["annotations"]}
+        raise ValueError("no detections")
+
+
+def make():
+    return Detector()
+'''
+
+
+def test_unexpected_errors_are_retried_then_listed(prefect_api, tmp_path, monkeypatch):
+    import tasks.cv as cv_tasks
+
+    root = tmp_path / "data"
+    stems = write_dataset(root, count=3, complexes=1, seed=31)
+    module = tmp_path / "flaky_cv_plugin.py"
+    module.write_text(textwrap.dedent(FLAKY_PLUGIN)
+                      .replace("ANNOTATIONS", repr(str(root / "annotations")))
+                      .replace("BROKEN", repr(stems[1])))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cv_tasks, "build_topology_task",
+                        cv_tasks.build_topology_task.with_options(retry_delay_seconds=0))
+    report = cv_batch(scope="all", overrides={
+        "paths.data_root": str(root), "cv.source": "plugin", "cv.plugin": "flaky_cv_plugin:make",
+        "cv.chunk_size": 3})
+    assert (report["built"], report["failed"]) == (2, 1)
+    ledger = json.loads((root / "cv_failures.json").read_text())["failures"]
+    assert list(ledger) == [stems[1]] and "device-side assert" in ledger[stems[1]]["reason"]
+    # 3 images, then two retries of the chunk that only redo the stale image: 3 + 1 + 1 calls.
+    assert sys.modules["flaky_cv_plugin"].CALLS["predict"] == 5

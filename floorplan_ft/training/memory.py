@@ -66,11 +66,13 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     tied_embeddings: bool = False
+    qk_norm: bool = False  # Qwen3 normalises queries and keys per head
     source: str = "table"  # table | config.json | parameters
 
     @property
     def params(self) -> int:
-        return self.embedding_params + self.layers * self.linear_params_per_layer + self.layers * 2 * self.hidden
+        norms = self.layers * (2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)) + self.hidden
+        return self.embedding_params + self.layers * self.linear_params_per_layer + norms
 
     @property
     def embedding_params(self) -> int:
@@ -93,7 +95,8 @@ class ModelShape:
 
 def _shape(name: str, layers: int, hidden: int, intermediate: int, vocab: int, heads: int, kv: int,
            head_dim: int | None = None, tied: bool = False) -> ModelShape:
-    return ModelShape(name, layers, hidden, intermediate, vocab, heads, kv, head_dim or hidden // heads, tied)
+    return ModelShape(name, layers, hidden, intermediate, vocab, heads, kv, head_dim or hidden // heads, tied,
+                      qk_norm=name.startswith("Qwen/Qwen3"))
 
 
 # The profiles' models and their neighbours (public config.json values).
@@ -140,6 +143,7 @@ def shape_from_config(config: dict[str, Any], name: str = "model") -> ModelShape
         kv_heads=int(first("num_key_value_heads", default=heads)),
         head_dim=int(first("head_dim", default=hidden // heads)),
         tied_embeddings=bool(config.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
+        qk_norm=str(cfg.get("model_type", config.get("model_type", ""))).startswith("qwen3"),
         source="config.json",
     )
 
@@ -153,8 +157,8 @@ def shape_from_params(params: int, name: str = "model") -> ModelShape:
     hidden = int((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a))
     hidden = max(64, hidden - hidden % 64)
     heads = max(1, hidden // 128)
-    return ModelShape(name, layers, hidden, int(hidden * 8 / 3), vocab, heads, heads, hidden // heads, False,
-                      "parameters")
+    return ModelShape(name, layers, hidden, int(hidden * 8 / 3), vocab, heads, heads, hidden // heads,
+                      source="parameters")
 
 
 def _cached_config(repo_id: str) -> str | None:

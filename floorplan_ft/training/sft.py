@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from floorplan_ft.dataset import read_rows, to_prompt_completion
+from floorplan_ft.dataset import to_prompt_completion
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.training.config import (
     TrainConfig,
@@ -388,18 +388,22 @@ class Prepared:
     warnings: list[str]
 
 
-class _LogRelay:
-    """TrainerCallback forwarding every log record (with its step) to a function."""
+def _log_relay(fn: LogFn | None):
+    """A TrainerCallback that logs every record (instead of transformers' stdout printer) and
+    forwards it, with its step, to ``fn``."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, fn: LogFn):
-        from transformers import TrainerCallback
+    class LogRelay(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs:
+                return
+            record = {"step": state.global_step, **logs}
+            log.info("step %s/%s: %s", state.global_step, state.max_steps,
+                     {k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items()})
+            if fn is not None:
+                fn(record)
 
-        class Relay(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ARG002
-                if logs:
-                    fn({"step": state.global_step, **logs})
-
-        return Relay()
+    return LogRelay()
 
 
 def data_summary(config: TrainConfig, store: ArtifactStore) -> dict[str, Any]:
@@ -630,8 +634,6 @@ def prepare(
             f"no train row keeps any answer token within finetune.max_length={config.max_length} "
             f"(longest row: {longest} tokens with this tokenizer): set finetune.max_length >= {longest}"
         )
-    for msg in warnings:
-        log.warning(msg)
     data.update({
         "train_rows": len(train_split.examples), "val_rows": len(val_split.examples),
         "longest_tokens": longest, "overlong": train_split.overlong + val_split.overlong,
@@ -644,10 +646,10 @@ def prepare(
     has_val = bool(val_split.examples)
     if not has_val:
         warnings.append("val.jsonl has no usable rows: no validation loss and no early stopping")
+    for msg in warnings:
+        log.warning(msg)
     args = _sft_config(config, device, backend, has_val)
-    cbs = list(callbacks)
-    if on_log is not None:
-        cbs.append(_LogRelay(on_log))
+    cbs = [*callbacks, _log_relay(on_log)]
     if has_val and config.early_stopping_patience > 0:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = SFTTrainer(
@@ -659,6 +661,9 @@ def prepare(
         peft_config=peft_config,
         callbacks=cbs,
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # records go to the logger (and on_log) instead of stdout
     return Prepared(config, trainer, tokenizer, backend, device, base_path, hub_id, train_split, val_split,
                     data, fingerprint, memory, warnings)
 
@@ -669,8 +674,6 @@ def prepare(
 def _prepare_checkpoints(config: TrainConfig, fingerprint: str, resume: bool) -> str | None:
     """The checkpoint to resume from (None: start fresh). Checkpoints of another run (other
     parameters or data) are moved aside, never mixed."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     ckpt = Path(config.checkpoints_dir)
     run_file = ckpt / RUN_FILE
     if ckpt.is_dir() and any(ckpt.iterdir()):
@@ -692,7 +695,34 @@ def _prepare_checkpoints(config: TrainConfig, fingerprint: str, resume: bool) ->
         for old in ckpt.glob("checkpoint-*"):
             shutil.rmtree(old, ignore_errors=True)
         return None
-    return get_last_checkpoint(str(ckpt))
+    return last_complete_checkpoint(ckpt, remove_incomplete=True)
+
+
+def _complete(checkpoint: Path) -> bool:
+    """A checkpoint a resume can use: trainer state, weights and optimizer state all written (a pod
+    killed in the middle of a save leaves a partial folder behind)."""
+    names = {p.name for p in checkpoint.iterdir()} if checkpoint.is_dir() else set()
+    weights = any(n.startswith(("adapter_model.", "model.", "model-")) for n in names)
+    optimizer = any(n.startswith("optimizer.") for n in names)
+    return "trainer_state.json" in names and weights and optimizer
+
+
+def last_complete_checkpoint(checkpoints_dir: str | Path, *, remove_incomplete: bool = False) -> str | None:
+    """The newest complete ``checkpoint-N`` folder (None when there is none); newer incomplete
+    ones are skipped (and deleted with ``remove_incomplete``, so the trainer can save that step again)."""
+    found = []
+    for p in Path(checkpoints_dir).glob("checkpoint-*"):
+        suffix = p.name.rsplit("-", 1)[-1]
+        if suffix.isdigit():
+            found.append((int(suffix), p))
+    for _, p in sorted(found, reverse=True):
+        if _complete(p):
+            return str(p)
+        log.warning("checkpoint %s is incomplete (interrupted while saving): %s", p,
+                    "removed" if remove_incomplete else "skipped")
+        if remove_incomplete:
+            shutil.rmtree(p, ignore_errors=True)
+    return None
 
 
 def _free() -> None:
@@ -821,12 +851,21 @@ def train(
     store.write_json(config.result_path, result.to_dict())
     if keep_model:
         result.model = model
-    model = trainer = prep = output = None  # noqa: F841 - drop the references before freeing
+    model = trainer = prep = output = None
     _free()
     return result
 
 
 # ============================================================================= merge
+
+
+def adapter_hash(adapter_dir: str | Path) -> str:
+    """Content hash of an adapter (config + weights): what a merged model was made from."""
+    adapter = Path(adapter_dir)
+    h = hashlib.sha256((adapter / "adapter_config.json").read_bytes())
+    for w in sorted(adapter.glob("adapter_model.*")):
+        h.update(w.read_bytes())
+    return h.hexdigest()
 
 
 def merge_adapter(config: TrainConfig, adapter_dir: str | None = None, out_dir: str | None = None, *,
@@ -841,14 +880,11 @@ def merge_adapter(config: TrainConfig, adapter_dir: str | None = None, out_dir: 
     out = Path(out_dir or config.merged_dir)
     if not (adapter / "adapter_config.json").is_file():
         raise TrainConfigError(f"no adapter in {adapter}: train first (step 6)")
-    adapter_hash = hashlib.sha256((adapter / "adapter_config.json").read_bytes()).hexdigest()
-    weights = sorted(adapter.glob("adapter_model.*"))
-    for w in weights:
-        adapter_hash = hashlib.sha256(adapter_hash.encode() + w.read_bytes()).hexdigest()
+    digest = adapter_hash(adapter)
     marker = out / MERGE_FILE
     if not force and marker.is_file():
         try:
-            if json.loads(marker.read_text()).get("adapter_sha256") == adapter_hash:
+            if json.loads(marker.read_text()).get("adapter_sha256") == digest:
                 return str(out)
         except ValueError:
             pass
@@ -866,9 +902,9 @@ def merge_adapter(config: TrainConfig, adapter_dir: str | None = None, out_dir: 
     card = adapter / "README.md"
     if card.is_file():
         shutil.copyfile(card, out / "README.md")
-    marker.write_text(json.dumps({"adapter": str(adapter), "adapter_sha256": adapter_hash, "base_model": base_ref,
+    marker.write_text(json.dumps({"adapter": str(adapter), "adapter_sha256": digest, "base_model": base_ref,
                                   "dtype": str(dtype).replace("torch.", "")}, indent=2))
-    base = merged = None  # noqa: F841
+    base = merged = None
     _free()
     return str(out)
 
