@@ -33,9 +33,9 @@ def test_requests_per_minute_are_never_exceeded():
     limiter = RateLimiter(requests_per_minute=3, tokens_per_minute=10**9, clock=clock, sleep=clock.sleep)
     times = _admit(limiter, clock, [1] * 10)
     for i, t in enumerate(times):
-        in_window = [u for u in times if t - 60.5 < u <= t]
+        in_window = [u for u in times if t - 61.5 < u <= t]
         assert len(in_window) <= 3, (i, times)
-    assert times[3] == 60.5 and times[6] == 121.0
+    assert times[3] == 61.5 and times[6] == 123.0
 
 
 def test_tokens_per_minute_bound_the_rate():
@@ -43,8 +43,8 @@ def test_tokens_per_minute_bound_the_rate():
     limiter = RateLimiter(requests_per_minute=1000, tokens_per_minute=10_000, clock=clock, sleep=clock.sleep)
     times = _admit(limiter, clock, [4_500] * 6)
     # Two 4.5K requests fit a minute, the third waits for the first to leave the window.
-    assert times[:3] == [0.0, 0.0, 60.5]
-    assert times[5] == 121.0
+    assert times[:3] == [0.0, 0.0, 61.5]
+    assert times[5] == 123.0
 
 
 def test_settle_returns_unused_tokens():
