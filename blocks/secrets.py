@@ -24,36 +24,45 @@ _log = logging.getLogger("ft_pipeline.blocks")
 
 def prefect_server_configured() -> bool:
     """True when PREFECT_API_URL points at a server (not Prefect's ephemeral in-process API)."""
-    try:
-        from prefect.settings import get_current_settings
+    from prefect.settings import get_current_settings
 
-        return bool(get_current_settings().api.url)
-    except Exception:  # pragma: no cover - a broken Prefect install
-        return False
+    return bool(get_current_settings().api.url)
 
 
 def _logger() -> Any:
-    try:
-        from prefect import get_run_logger
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
 
+    try:
         return get_run_logger()
-    except Exception:
+    except MissingContextError:
         return _log
+
+
+class _Unreachable(Exception):
+    """The server did not answer: the remaining blocks are not tried."""
+
+
+def _load(block_cls: type, name: str) -> Any | None:
+    try:
+        return block_cls.load(name, _sync=True)
+    except ValueError:
+        # Prefect raises ValueError for a missing document or an unregistered block type.
+        return None
+    except Exception as exc:  # noqa: BLE001 - network, auth, schema drift: use the settings
+        _logger().warning(
+            "could not read Prefect block %s/%s (%s): using settings instead",
+            block_cls.get_block_type_slug(), name, type(exc).__name__,
+        )
+        raise _Unreachable from None
 
 
 def load_block(block_cls: type, name: str) -> Any | None:
     """The block document `name` of `block_cls`, or None when it (or its type) does not exist or
     the server cannot be reached. Never raises."""
     try:
-        return block_cls.load(name, _sync=True)
-    except ValueError:
-        # Prefect raises ValueError for a missing document or an unregistered block type.
-        return None
-    except Exception as exc:  # network, auth, schema drift: fall back to the settings
-        _logger().warning(
-            "could not read Prefect block %s/%s (%s): using settings instead",
-            block_cls.get_block_type_slug(), name, type(exc).__name__,
-        )
+        return _load(block_cls, name)
+    except _Unreachable:
         return None
 
 
@@ -73,22 +82,25 @@ def apply_block_secrets(
 
     update: dict[str, Any] = {}
     used: list[str] = []
-    for cls, name, prefix in (
-        (OpenAICredentials, openai_block or OPENAI_BLOCK, "openai"),
-        (GeminiCredentials, gemini_block or GEMINI_BLOCK, "gemini"),
-    ):
-        block = load_block(cls, name)
-        if block is None:
-            continue
-        fields = ["api_key"]
-        update[f"{prefix}_api_key"] = block.api_key
-        if block.base_url:
-            update[f"{prefix}_base_url"] = block.base_url
-            fields.append("base_url")
-        used.append(f"{cls.get_block_type_slug()}/{name} ({', '.join(fields)})")
+    try:
+        for cls, name, prefix in (
+            (OpenAICredentials, openai_block or OPENAI_BLOCK, "openai"),
+            (GeminiCredentials, gemini_block or GEMINI_BLOCK, "gemini"),
+        ):
+            block = _load(cls, name)
+            if block is None:
+                continue
+            fields = ["api_key"]
+            update[f"{prefix}_api_key"] = block.api_key
+            if block.base_url:
+                update[f"{prefix}_base_url"] = block.base_url
+                fields.append("base_url")
+            used.append(f"{cls.get_block_type_slug()}/{name} ({', '.join(fields)})")
 
-    storage_name = data_root_block or DATA_ROOT_BLOCK
-    storage = load_block(DataRootStorage, storage_name)
+        storage_name = data_root_block or DATA_ROOT_BLOCK
+        storage = _load(DataRootStorage, storage_name)
+    except _Unreachable:
+        return settings
     if storage is not None:
         ref = f"{DataRootStorage.get_block_type_slug()}/{storage_name}"
         data_root = settings.paths.data_root

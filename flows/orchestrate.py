@@ -22,11 +22,12 @@ class RemoteRunFailed(RuntimeError):
 
 
 def _logger() -> Any:
-    try:
-        from prefect import get_run_logger
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
 
+    try:
         return get_run_logger()
-    except Exception:
+    except MissingContextError:
         return logging.getLogger("ft_pipeline.orchestrate")
 
 
@@ -37,7 +38,7 @@ def split_cv_steps(steps: str | list[str]) -> tuple[list[str], list[str]]:
 
 
 def run_cv_on_local_gpu(
-    steps: str | list[str] = ",".join(CV_STEPS),
+    steps: str | list[str] = "0,1",
     config_file: str | None = None,
     profile: str | None = None,
     overrides: dict[str, Any] | None = None,

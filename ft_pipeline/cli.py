@@ -16,7 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the settings.")
 app.add_typer(config_app, name="config")
 
-from ft_pipeline.vectors_cli import vectors_app  # noqa: E402 - after `app`, which it extends
+from ft_pipeline.vectors_cli import vectors_app  # after `app`, which it extends
 
 app.add_typer(vectors_app, name="vectors")
 # Prefect server set-up for the deployments (issue 9): work pools and blocks.

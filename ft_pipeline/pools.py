@@ -17,6 +17,9 @@ from ft_pipeline.deploy_steps import project_root
 
 POOLS: tuple[str, ...] = ("local-gpu", "runpod")
 POOL_TYPE = "process"
+# One GPU on the workstation: one flow run at a time (cv-batch and a CV child run queue rather than
+# share 18-20 GB of GPU memory). A pod runs what it is given; start more pods for more runs.
+CONCURRENCY: dict[str, int | None] = {"local-gpu": 1, "runpod": None}
 DESCRIPTIONS = {
     "local-gpu": "The workstation's GPU: CV inference (phases 0-1) and the nightly cv-batch.",
     "runpod": "RunPod pods (A100): retrieval, labeling and fine-tuning (phases 2-6).",
@@ -91,7 +94,7 @@ def create_or_update(
             if existing is None:
                 client.create_work_pool(
                     WorkPoolCreate(name=pool, type=POOL_TYPE, base_job_template=template,
-                                   description=DESCRIPTIONS[pool])
+                                   description=DESCRIPTIONS[pool], concurrency_limit=CONCURRENCY[pool])
                 )
                 status = "created"
             elif existing.type != POOL_TYPE:
@@ -99,11 +102,15 @@ def create_or_update(
                     f"work pool {pool!r} exists with type {existing.type!r}, not {POOL_TYPE!r}: "
                     f"delete it (prefect work-pool delete {pool}) and run this again"
                 )
-            elif existing.base_job_template == template and existing.description == DESCRIPTIONS[pool]:
+            elif (existing.base_job_template, existing.description, existing.concurrency_limit) == (
+                template, DESCRIPTIONS[pool], CONCURRENCY[pool]
+            ):
                 status = "unchanged"
             else:
                 client.update_work_pool(
-                    pool, WorkPoolUpdate(base_job_template=template, description=DESCRIPTIONS[pool])
+                    pool,
+                    WorkPoolUpdate(base_job_template=template, description=DESCRIPTIONS[pool],
+                                   concurrency_limit=CONCURRENCY[pool]),
                 )
                 status = "updated"
             results.append((pool, status, template_env(template)))

@@ -4,6 +4,7 @@ annotation CV source on synthetic plans."""
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from fakes.provider_server import Reply
 from service_helpers import (
     OPENAI_KEY,
+    SHARED_DATA_ROOT,
     minilm_manager,
     sample_graphs,
     service_settings,
@@ -24,7 +26,7 @@ from floorplan_ft.retrieval.corpus import load_corpus
 from floorplan_ft.retrieval.embeddings import EmbeddingError
 from floorplan_ft.retrieval.retrieve import build_query, embed_corpus, retrieve_contexts
 from floorplan_ft.schemas import FloorPlanAnalysis, openai_response_format
-from floorplan_ft.serving import AuthError, ProviderTimeout
+from floorplan_ft.serving import AuthError, ConfigError, ProviderTimeout
 from floorplan_ft.serving.service import (
     CHAT_SYSTEM_PROMPT,
     REFERENCE_CHAT_PREFIX,
@@ -57,7 +59,7 @@ def phase2_messages(graph, cache_dir):
     return build_messages(graph.image_info.file_name, graph, ctx.prompt_criteria()), ctx
 
 
-def test_analyze_sends_exactly_the_pipeline_prompt_and_times_each_stage(fake, openai_service, tmp_path):
+def test_analyze_sends_exactly_the_pipeline_prompt_and_times_each_stage(fake, openai_service):
     graph = sample_graphs()[0]
     analysis, timings = openai_service.analyze(topology_json(0))  # a dict, as the API receives it
     assert isinstance(analysis, FloorPlanAnalysis)
@@ -65,12 +67,13 @@ def test_analyze_sends_exactly_the_pipeline_prompt_and_times_each_stage(fake, op
     assert all(v > 0 for v in timings.values())
     assert timings["total_ms"] >= timings["retrieval_ms"] + timings["llm_ms"]
 
-    expected, ctx = phase2_messages(graph, tmp_path / "cache")
+    expected, ctx = phase2_messages(graph, SHARED_DATA_ROOT / "cache" / "embeddings")
     sent = fake.requests_to("/chat/completions")[-1]
     assert sent.body["messages"] == expected  # byte for byte what the teachers saw
     assert sent.body["response_format"] == openai_response_format()
     assert sent.body["model"] == "gpt-4o-mini"
     assert sent.body["max_completion_tokens"] == openai_service.settings.serving.max_new_tokens
+    assert sent.body["temperature"] == 0.2  # as the teachers labelled
     assert sent.header("authorization") == f"Bearer {OPENAI_KEY}"
 
     outcome = openai_service.analyze_detailed(graph)
@@ -158,10 +161,12 @@ def test_provider_and_retrieval_failures_are_typed_and_bounded(fake, no_dotenv):
         def embed_queries(self, texts):
             raise EmbeddingError("retrieval.base_url=http://nowhere: connection refused")
 
-    store = MemoryVectorStore.build(minilm_manager(), load_corpus())
-    with AnalysisService(settings, embedding_manager=BrokenEmbeddings(), vector_store=store) as service:
-        with pytest.raises(RetrievalUnavailable, match="connection refused"):
-            service.analyze(sample_graphs()[0])
+    store = MemoryVectorStore.build(minilm_manager(), load_corpus(), SHARED_DATA_ROOT / "cache" / "embeddings")
+    with (
+        AnalysisService(settings, embedding_manager=BrokenEmbeddings(), vector_store=store) as service,
+        pytest.raises(RetrievalUnavailable, match="connection refused"),
+    ):
+        service.analyze(sample_graphs()[0])
 
 
 def test_analyze_image_goes_through_the_cv_source(no_dotenv, tmp_path):
@@ -193,6 +198,15 @@ def test_local_student_answers_with_a_schema_valid_analysis(no_dotenv, tmp_path_
         assert outcome.usage.input_tokens > 1000  # the whole pipeline prompt went in
         answer = service.chat(outcome.analysis, "수납은?")
         assert isinstance(answer, str)
+
+    # Without serving.adapter_path, LLM_PROVIDER=local serves phase 6's output under the data root.
+    root = tmp_path_factory.mktemp("root")
+    settings = service_settings(root, serving={"llm_provider": "local"})
+    with pytest.raises(ConfigError, match="serving.adapter_path"):
+        AnalysisService(settings, embedding_manager=minilm_manager())
+    shutil.copytree(student, root / "student" / "merged_model")
+    with AnalysisService(settings, embedding_manager=minilm_manager()) as service:
+        assert service.health()["llm"]["model"] == str(root / "student" / "merged_model")
 
 
 def test_query_vectors_are_cached_per_query(openai_service):

@@ -61,7 +61,8 @@ def pg_admin_dsn():
     port = free_port()
     try:
         pg_ctl(["-w", "restart", "-m", "fast", "-o",
-                f"-h 127.0.0.1 -p {port} -k {info.socket_dir}"],
+                (f"-h 127.0.0.1 -p {port} -k {info.socket_dir} "
+                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")],  # throwaway data
                pgdata=server.pgdata, user=server.system_user, timeout=20)
         server._postmaster_info = PostmasterInfo.read_from_pgdata(server.pgdata)  # stop the new one
         dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
@@ -147,8 +148,8 @@ def test_pgvector_store_searches_like_the_memory_store(dsn, corpus):
     assert store.count() == len(corpus) and store.dimensions == 384
     assert store.embedding_identity == manager.identity()
     queries = sample_queries(corpus) + ["안방에 창이 없으면 불합격인가요?", "수납 공간 비율 기준"]
-    got = store.search(manager.embed_queries(queries), 5)
-    expected = memory.search(manager.embed_queries(queries), 5)
+    query_vectors = manager.embed_queries(queries)
+    got, expected = store.search(query_vectors, 5), memory.search(query_vectors, 5)
     for hits, ref in zip(got, expected, strict=True):
         assert [h.id for h in hits] == [r.id for r in ref]
         assert [h.content for h in hits] == [r.content for r in ref]
@@ -274,20 +275,21 @@ def test_vectors_cli_migrate_rollback_drop_status(dsn, fake, corpus, no_dotenv, 
     from ft_pipeline.cli import app
 
     old_table = migrate_vectors(dsn, None, openai_512(fake), corpus).new_table
-    monkeypatch.setenv("EMBEDDING_PROVIDER", "local")  # the new embedding: the packaged MiniLM
-    args = ["--set", "retrieval.model=packaged:all-MiniLM-L6-v2", "--set", "retrieval.dimensions=384",
-            "--set", "retrieval.device=cpu"]
+    # The new embedding, as the settings name it: Qwen3-Embedding at 768 behind a compatible server.
+    monkeypatch.setenv("EMBEDDING_PROVIDER", "openai-compatible")
+    args = ["--set", f"retrieval.base_url={fake.openai_base_url}", "--set", "retrieval.dimensions=768",
+            "--set", "retrieval.model=Qwen/Qwen3-Embedding-0.6B"]
     runner = CliRunner()
 
     result = runner.invoke(app, ["vectors", "migrate", "--dsn", dsn, *args])
     assert result.exit_code == 0, result.output
-    assert f"migrated: {old_table} -> criteria_vectors_384_all_minilm_l6_v2_" in result.output
+    assert f"migrated: {old_table} -> criteria_vectors_768_qwen3_embedding_0_6b_" in result.output
     assert "[ok] new row count: 16 rows, 16 distinct ids, corpus 16" in result.output
     assert "FAIL" not in result.output and "the old table is kept" in result.output
-    assert view_width(dsn) == 384
+    assert view_width(dsn) == 768
 
     result = runner.invoke(app, ["vectors", "migrate", "--dsn", dsn, "--rollback"])
-    assert result.exit_code == 0 and f"rolled-back" in result.output
+    assert result.exit_code == 0 and "rolled-back" in result.output
     assert view_width(dsn) == 512
 
     result = runner.invoke(app, ["vectors", "migrate", "--dsn", dsn, "--drop-old", *args, "--json"])
@@ -297,7 +299,7 @@ def test_vectors_cli_migrate_rollback_drop_status(dsn, fake, corpus, no_dotenv, 
 
     status = json.loads(runner.invoke(app, ["vectors", "status", "--dsn", dsn]).stdout)
     assert status["previous"] is None and len(status["tables"]) == 1
-    assert status["tables"][0]["dimensions"] == 384
+    assert status["tables"][0]["dimensions"] == 768
 
     result = runner.invoke(app, ["vectors", "migrate", "--dsn", dsn, "--rollback"])
     assert result.exit_code == 2 and "no previous table" in result.output

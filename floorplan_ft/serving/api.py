@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import asynccontextmanager
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -165,14 +169,17 @@ def _timing_headers(timings: dict[str, float], provider: str, model: str) -> dic
 # ----------------------------------------------------------------------------- app
 
 
-def create_app(source: Any = None) -> FastAPI:
+def create_app(source: Any = None, *, warm_up: bool = False) -> FastAPI:
     """The FastAPI app over a service: pass an `AnalysisService`, or settings to build one (None:
     `load_settings()`, so ``LLM_PROVIDER`` and the other variables pick the provider). A service
-    built here is closed when the app shuts down."""
+    built here is closed when the app shuts down. `warm_up`: load the models now, not on the
+    first request."""
     if isinstance(source, AnalysisService):
         service, owned = source, False
     else:
         service, owned = AnalysisService(source), True
+    if warm_up:
+        log.info("warm-up: %s", service.warm_up())
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -253,7 +260,7 @@ def serve(settings: Any = None, *, host: str | None = None, port: int | None = N
         from floorplan_ft.settings import load_settings
 
         settings = load_settings()
-    app = create_app(settings)
+    app = create_app(settings, warm_up=True)
     uvicorn.run(
         app,
         host=host or settings.serving.host,
@@ -261,3 +268,33 @@ def serve(settings: Any = None, *, host: str | None = None, port: int | None = N
         log_level=log_level,
         timeout_graceful_shutdown=5,
     )
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+                    start_timeout_s: float = 30.0) -> Iterator[str]:
+    """Run `app` on uvicorn in a background thread on a real socket (port 0: a free one); yields
+    the base URL and stops the server on exit. For tests, benchmarks and notebooks."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name="uvicorn-api")
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError(f"the API did not start on {host}:{bound}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

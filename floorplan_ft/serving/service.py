@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -51,7 +51,6 @@ from floorplan_ft.serving.base import (
     ChatResult,
     ConfigError,
     LLMClient,
-    LLMError,
     OutputTruncated,
     ProviderTimeout,
     Usage,
@@ -227,14 +226,27 @@ def open_vector_store(
                              statement_timeout_s=settings.serving.timeout_s)
     if kind != "memory":
         raise ConfigError(f"serving.vector_store = {kind!r}: use memory or pgvector")
-    cache_dir = _serving(settings, "vector_cache_dir", None) or "/".join(
-        [settings.paths.data_root.rstrip("/"), *CACHE_SUBDIR]
-    )
+    cache_dir = "/".join([settings.paths.data_root.rstrip("/"), *CACHE_SUBDIR])
     try:
         return MemoryVectorStore.build(manager, chunks, cache_dir)
     except OSError as exc:  # a read-only data root: embed without the cache
         log.warning("corpus vector cache %s unusable (%s); embedding without it", cache_dir, exc)
         return MemoryVectorStore.build(manager, chunks, None)
+
+
+def default_student_path(settings: Any) -> str:
+    """Phase 6's student under the data root, for ``LLM_PROVIDER=local`` without
+    ``serving.adapter_path``: ``{data_root}/{finetune.student_name}/merged_model`` if it was
+    merged, else ``.../adapter_model`` (LoRA on its base)."""
+    root = Path(settings.paths.data_root) / settings.finetune.student_name
+    for name, marker in (("merged_model", "config.json"), ("adapter_model", "adapter_config.json")):
+        if (root / name / marker).is_file():
+            return str(root / name)
+    raise ConfigError(
+        f"LLM_PROVIDER=local needs the student: set serving.adapter_path (FTP_SERVING__ADAPTER_PATH) "
+        f"or train one into {root}/adapter_model (step 6)",
+        provider="local",
+    )
 
 
 def _safe_url(url: str | None) -> str | None:
@@ -366,7 +378,8 @@ class AnalysisService:
         self.timeout_s = float(serving.timeout_s)
         self.max_tokens = int(serving.max_new_tokens)
         self.chat_max_tokens = int(_serving(settings, "chat_max_tokens", 1024))
-        self.temperature = _serving(settings, "temperature", None)
+        # The teachers labelled at teachers.temperature (0.2); the local student decodes greedily.
+        self.temperature = _serving(settings, "temperature", 0.2)
         self.top_k = int(settings.retrieval.top_k)
         self.warnings: list[str] = []
         self._owned: list[Any] = []
@@ -396,7 +409,10 @@ class AnalysisService:
         else:
             from floorplan_ft.serving.factory import make_chat_client
 
-            self.client = make_chat_client(settings)
+            student = None
+            if self.provider == "local" and not serving.adapter_path:
+                student = default_student_path(settings)
+            self.client = make_chat_client(settings, model=student)
             self._owned.append(self.client)
         if self.client is not None:
             self.provider = self.client.provider
@@ -451,6 +467,20 @@ class AnalysisService:
             "timeout_s": self.timeout_s,
             "warnings": list(self.warnings),
         }
+
+    def warm_up(self) -> dict[str, float]:
+        """Load what loads lazily (an in-process student, a local embedding model) and run one
+        retrieval, so the first request is not the slow one. Returns seconds per part."""
+        spent: dict[str, float] = {}
+        t0 = time.perf_counter()
+        load = getattr(self.client, "load", None)
+        if callable(load):
+            load()
+            spent["llm_load_s"] = round(time.perf_counter() - t0, 3)
+        t1 = time.perf_counter()
+        self.retrieve(build_query({}))
+        spent["retrieval_s"] = round(time.perf_counter() - t1, 3)
+        return spent
 
     # ------------------------------------------------------------------ retrieval
 
@@ -658,7 +688,7 @@ class AnalysisService:
                 log.debug("closing %r: %s", owned, exc)
         self._owned.clear()
 
-    def __enter__(self) -> AnalysisService:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -206,7 +206,7 @@ def connect(dsn: str | SecretStr, *, connect_timeout_s: float = 5.0, statement_t
         return psycopg.connect(
             _dsn_text(dsn),
             autocommit=True,
-            connect_timeout=max(1, int(round(connect_timeout_s))),
+            connect_timeout=max(1, round(connect_timeout_s)),
             options=f"-c statement_timeout={int(statement_timeout_s * 1000)}",
         )
     except psycopg.Error as exc:
@@ -944,7 +944,9 @@ def check_identity(store: VectorStore, manager: BaseEmbeddingManager) -> Identit
                                    "only its width was checked")
     if stored == manager.identity():
         return IdentityCheck(True)
-    head = lambda text: "|".join(text.split("|")[:3])  # noqa: E731 - provider|model|dims
+    def head(text: str) -> str:  # provider|model|dims
+        return "|".join(text.split("|")[:3])
+
     if head(stored) != head(manager.identity()):
         raise VectorStoreError(
             f"the vector table was built with {head(stored)} but the service embeds with "

@@ -248,10 +248,17 @@ class TrainConfig:
                 "finetune.load_in_4bit=true needs CUDA (bitsandbytes 4-bit kernels), but training runs on the CPU. "
                 "Set finetune.load_in_4bit=false (the demo profile does), or run on a CUDA machine"
             )
-        if device != "cuda" and ("8bit" in self.optim or "bnb" in self.optim or "paged" in self.optim):
+        bnb_optim = "8bit" in self.optim or "bnb" in self.optim or "paged" in self.optim
+        if device != "cuda" and bnb_optim:
             errors.append(
                 f"finetune.optim={self.optim!r} is a bitsandbytes optimizer and needs CUDA. "
                 "Set finetune.optim=adamw_torch on the CPU"
+            )
+        if device == "cuda" and (self.load_in_4bit or bnb_optim) and importlib.util.find_spec("bitsandbytes") is None:
+            what = "finetune.load_in_4bit=true" if self.load_in_4bit else f"finetune.optim={self.optim!r}"
+            errors.append(
+                f"{what} needs bitsandbytes, which is not installed: install the gpu extra "
+                "(pip install 'ft-pipeline[gpu]'), or set finetune.load_in_4bit=false and finetune.optim=adamw_torch"
             )
         if self.lr_scheduler not in LR_SCHEDULERS:
             errors.append(

@@ -191,7 +191,7 @@ class EvalReport:
              f"≥ {pct(s['compliance_target'])} |"),
             f"| JSON validity | {pct(s['json_validity'])} | |",
             f"| weighted quality | {num(q['student'])} | teacher {num(q['teacher'])} |",
-            f"| quality relative to the teacher | {pct(q['ratio'])}{mark(q.get('within_expected_band'))} | "
+            f"| quality relative to the teacher | {pct(q['ratio'])}{mark(q.get('meets_expected_band'))} | "
             + (f"{pct(band[0])}–{pct(band[1])} expected" if band else "—") + " |",
             f"| scalar fields equal to the teacher's | {pct(s['field_agreement']['scalar_exact_match'])} | |",
             f"| ROUGE-L (char) on text fields | {num(s['field_agreement']['rouge_l'])} | |",
@@ -315,7 +315,7 @@ def evaluate_student(
     own_client = client is None
     if own_client:
         client = LocalChatClient(
-            model_dir, device=config.device if config.device != "auto" else "auto",
+            model_dir, device=config.device,
             load_in_4bit=False, max_new_tokens=max_new, enable_thinking=config.enable_thinking,
             path_setting="finetune.student_name", cpu_threads=config.cpu_threads or settings.serving.cpu_threads,
         )
@@ -404,7 +404,7 @@ def evaluate_student(
             "teacher": None if t_mean is None else round(t_mean, 4),
             "ratio": None if ratio is None else round(ratio, 4),
             "expected_band": list(band) if band else None,
-            "within_expected_band": None if band is None or ratio is None else band[0] <= ratio,
+            "meets_expected_band": None if band is None or ratio is None else band[0] <= ratio,
             "note": note,
             "rows_scored": len(scored),
             "student_metrics": {m: _round(_mean([r["student"]["metrics"][m] for r in scored])) for m in METRICS},
@@ -429,7 +429,10 @@ def evaluate_student(
             "max_new_tokens": max_new,
         },
     }
-    kind = getattr(client, "_device", None) or config.resolved_device()
+    try:
+        kind = client.describe().get("device") or config.resolved_device()
+    except Exception:  # noqa: BLE001 - a stand-in client without describe()
+        kind = config.resolved_device()
     report = EvalReport(
         model_dir=str(model_dir), base_model=base, params=params, device=describe_device(kind), rows=out_rows,
         summary=summary, created_at=datetime.now(UTC).isoformat(timespec="seconds"), warnings=warnings,

@@ -6,9 +6,10 @@ the prompt is rendered with the base model's chat template exactly as the servin
 think block) and the completion is the answer's JSON followed by the tokenizer's EOS token. Both are
 tokenized here, so ``labels`` are -100 on every prompt token and equal to the input on the answer
 and its EOS: the loss covers the answer only, with any chat template. (TRL's own conversational
-prompt/completion path renders prompt+completion through the template, which for templates whose
-assistant turn differs from the generation prompt — the tiny test template, EXAONE — trains on a
-context the model never sees at serving time; see the report in ``docs``.) Rows longer than
+prompt/completion path renders prompt+completion through the template and starts the completion
+where the two token sequences diverge: with a template whose finished assistant turn differs from
+its generation prompt — the tiny test template drops the empty think block — TRL warns and trains
+on a context the model never sees when served, plus the template's trailing newline.) Rows longer than
 ``finetune.max_length`` are named in a warning and cut (prompt first, so the answer's end is lost);
 a row left with no answer token is dropped, and a configuration that drops every row is refused.
 
@@ -780,6 +781,7 @@ def train(
             log.info("finished run %s found in %s: reused (force=True retrains)", reused.fingerprint, config.result_path)
             return reused
     started = time.perf_counter()
+    Path(config.result_path).unlink(missing_ok=True)  # a result of another run must not outlive its adapter
     prep = prepare(config, store, on_log=on_log, callbacks=callbacks)
     trainer = prep.trainer
     resume_from = _prepare_checkpoints(config, prep.fingerprint, resume)
@@ -800,14 +802,14 @@ def train(
 
     # Outputs: adapter (+ tokenizer, card), log, chart.
     adapter_dir = Path(config.adapter_dir)
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
+    staging = adapter_dir.with_name(adapter_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
     model = trainer.model
     base_ref = prep.hub_id or prep.base_path
     for peft_cfg in getattr(model, "peft_config", {}).values():
         peft_cfg.base_model_name_or_path = base_ref
-    model.save_pretrained(str(adapter_dir))
-    prep.tokenizer.save_pretrained(str(adapter_dir))
+    model.save_pretrained(str(staging))
+    prep.tokenizer.save_pretrained(str(staging))
 
     train_loss = output.metrics.get("train_loss") if output and output.metrics else None
     result = TrainResult(
@@ -839,7 +841,10 @@ def train(
         warnings=list(prep.warnings),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    (adapter_dir / "README.md").write_text(model_card(config, result, prep.data), encoding="utf-8")
+    (staging / "README.md").write_text(model_card(config, result, prep.data), encoding="utf-8")
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    staging.rename(adapter_dir)  # the adapter folder appears complete or not at all
     store.write_json(config.log_path, {
         "base_model": config.base_model, "backend": prep.backend, "device": prep.device,
         "fingerprint": prep.fingerprint, "global_step": result.global_step, "max_steps": result.max_steps,
