@@ -58,7 +58,10 @@ def _version(*texts: str) -> str:
     return hashlib.sha256("\n\x00".join(texts).encode()).hexdigest()[:12]
 
 
-PROMPT_VERSION = _version(SYSTEM_PROMPT, ANALYSIS_TEMPLATE, NO_CRITERIA)
+# Bump when the code that fills the template changes (the topology slimming, its JSON layout): the
+# version must change whenever the text a teacher or the student sees can change.
+PROMPT_FORMAT = "2"  # 2: compact topology JSON without ocr_labels
+PROMPT_VERSION = _version(PROMPT_FORMAT, SYSTEM_PROMPT, ANALYSIS_TEMPLATE, NO_CRITERIA)
 
 
 def slim_topology(topology: TopologyGraph | Mapping[str, Any]) -> dict[str, Any]:
@@ -77,7 +80,6 @@ def slim_topology(topology: TopologyGraph | Mapping[str, Any]) -> dict[str, Any]
                 "is_outside": node["is_outside"],
                 "area_ratio": node.get("area_ratio"),
                 "objects": [o["category_name"] for o in contains.get("objects", [])],
-                "ocr_labels": list(contains.get("ocr_labels", [])),
                 "door_count": len(structures.get("doors", [])),
                 "window_count": len(structures.get("windows", [])),
             }
@@ -120,7 +122,9 @@ def build_user_prompt(
     topology: TopologyGraph | Mapping[str, Any],
     criteria: Iterable[Mapping[str, Any] | Any] = (),
 ) -> str:
-    topology_json = json.dumps(slim_topology(topology), ensure_ascii=False, indent=1)
+    # Compact JSON: indentation alone costs ~500 tokens per plan, and the answer must fit beside the
+    # prompt in the student's max length (4,096 in the plan).
+    topology_json = json.dumps(slim_topology(topology), ensure_ascii=False, separators=(",", ":"))
     return ANALYSIS_TEMPLATE.format(
         image_name=image_name,
         topology_json=topology_json,

@@ -242,6 +242,12 @@ class FinetuneSettings(_Group):
     optim: str = Field("adamw_8bit", description="Optimizer (adamw_torch on CPU).")
     merge: bool = Field(False, description="Also write a merged bf16 model for vLLM.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
+    cpu_threads: int | None = Field(None, gt=0, description="Torch threads on CPU (1 is fastest for tiny models).")
+    eval_limit: int | None = Field(None, gt=0, description="Evaluate the student on the first N val rows only.")
+    trust_remote_code: bool = Field(False, description="Allow the base model's own code (EXAONE needs it).")
+    gradient_checkpointing: bool | None = Field(None, description="Trade compute for memory (None: on for CUDA only).")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk.")
+    seed: int = Field(42, description="Training seed.")
 
 
 class ServingSettings(_Group):
@@ -258,6 +264,21 @@ class ServingSettings(_Group):
         None, gt=0, description="Torch threads for an in-process model on CPU (1 is fastest for tiny models)."
     )
     timeout_s: float = Field(60.0, gt=0, description="Timeout of one provider call.")
+    temperature: float | None = Field(
+        0.2, ge=0, le=2,
+        description="Sampling temperature sent to remote providers (None: provider default); the local student decodes greedily.",
+    )
+    chat_max_tokens: int = Field(1024, gt=0, description="Output token limit of one /chat answer.")
+    vector_store: Literal["memory", "pgvector"] = Field(
+        "memory",
+        description="Where the service reads criteria vectors: memory (embedded at start-up, cached under {data_root}/cache/embeddings) or pgvector (serving.pg_dsn).",
+    )
+    pg_dsn: SecretStr | None = Field(
+        None, description="PostgreSQL DSN of the pgvector store; also the default --dsn of `ft-pipeline vectors`. Never logged."
+    )
+    vector_table: str | None = Field(
+        None, description="Pin the service to this vector table (a canary); default: the live table in vector_store_active."
+    )
     host: str = Field("127.0.0.1", description="HTTP API bind address.")
     port: int = Field(8000, gt=0, lt=65536, description="HTTP API port.")
 
@@ -396,6 +417,9 @@ PROFILES: dict[str, dict[str, Any]] = {
             "batch_size": 4,
             "grad_accum": 4,
             "max_length": 2048,
+            # EXAONE names its projections differently from Qwen/Llama, and ships its own code.
+            "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc_0", "c_fc_1", "c_proj"],
+            "trust_remote_code": True,
         },
         "serving": {"llm_provider": "local", "max_new_tokens": 2048},
         "cv": {"device": "cuda"},
@@ -425,6 +449,13 @@ PROFILES: dict[str, dict[str, Any]] = {
             "eval_steps": 10,
             "save_steps": 10,
             "logging_steps": 2,
+            # The tiny byte-level tokenizer needs ~4 tokens per Korean character; a random tiny
+            # model needs a large step to move at all.
+            "max_length": 16384,
+            "learning_rate": 5e-3,
+            "cpu_threads": 1,
+            "merge": True,
+            "eval_limit": 4,
         },
         "serving": {"llm_provider": "reference", "cpu_threads": 1},
     },

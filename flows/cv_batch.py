@@ -7,6 +7,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from blocks.secrets import apply_block_secrets
 from floorplan_ft.sampling import list_images, read_sample
 from tasks.common import settings_for_run, store_for
 from tasks.cv import build_topologies
@@ -23,7 +24,7 @@ def cv_batch(
 ) -> dict:
     """Phase 1 over `scope`: "all" images in the image directory (nightly: only new or changed
     plans do work) or the phase-0 "sample" (sampled_images.json)."""
-    settings = settings_for_run(config_file, profile, overrides)
+    settings = apply_block_secrets(settings_for_run(config_file, profile, overrides))
     if scope == "sample":
         stems = read_sample(store_for(settings).run_file("sample"))
     else:

@@ -10,8 +10,11 @@ from prefect.artifacts import create_markdown_artifact
 
 from floorplan_ft.settings import Settings
 from floorplan_ft.steps import ALL_STEPS, STEP_TITLES, parse_steps
+from blocks.secrets import apply_block_secrets
 from flows.cv_batch import cv_batch_with_concurrency
+from flows.orchestrate import run_cv_on_local_gpu, split_cv_steps
 from tasks.common import artifact_key, settings_for_run
+from tasks.finetune import evaluate_task, finetune_task
 from tasks.labeling import label_with_teacher
 from tasks.quality import build_training_data_task, compare_teachers_task
 from tasks.retrieval import retrieve_for_plans
@@ -64,6 +67,16 @@ def _phase5(settings: Settings, run: RunArgs) -> dict:
     return build_training_data_task(settings)
 
 
+def _phase6(settings: Settings, run: RunArgs) -> dict:
+    trained = finetune_task(settings)
+    evaluated = evaluate_task(settings)
+    summary = evaluated.get("summary", {})
+    return {"status": "done", "steps": trained.get("global_step"), "first_loss": trained.get("first_loss"),
+            "last_loss": trained.get("last_loss"), "merged": trained.get("merged_dir"),
+            "eval_report": evaluated.get("path"), "schema_compliance": summary.get("schema_compliance"),
+            "quality_vs_teacher": (summary.get("quality") or {}).get("ratio"), "device": evaluated.get("device")}
+
+
 # Built phases. A step missing here is reported as not available, never faked.
 PHASES: dict[str, Callable[[Settings, RunArgs], dict]] = {
     "0": _phase0,
@@ -71,6 +84,7 @@ PHASES: dict[str, Callable[[Settings, RunArgs], dict]] = {
     "2": _phase2,
     "4": _phase4,
     "5": _phase5,
+    "6": _phase6,
 }
 
 
@@ -80,16 +94,22 @@ def ft_pipeline(
     config_file: str | None = None,
     profile: str | None = None,
     overrides: dict[str, Any] | None = None,
+    cv_deployment: str | None = None,
 ) -> dict[str, dict]:
     """Run the selected phases (e.g. "0,1,2,3a,3b,4,5,6", "all", "2-6") on one data root.
 
-    `overrides` takes dotted setting names, e.g. {"sampling.sample_size": 500}.
+    `overrides` takes dotted setting names, e.g. {"sampling.sample_size": 500}. With
+    `cv_deployment` (e.g. "ft-pipeline/local-gpu"), steps 0-1 run there, on the GPU workstation's
+    pool, and this run waits for them: both read and write the same data root.
     """
     logger = get_run_logger()
-    settings = settings_for_run(config_file, profile, overrides)
+    settings = apply_block_secrets(settings_for_run(config_file, profile, overrides))
     run_args: RunArgs = {"config_file": config_file, "profile": profile, "overrides": overrides}
     report: dict[str, dict] = {}
     selected = parse_steps(steps)
+    if cv_deployment:
+        remote, selected = split_cv_steps(selected)
+        report.update(run_cv_on_local_gpu(remote, config_file, profile, overrides, deployment=cv_deployment))
     for step in selected:
         if step in TEACHER_STEPS:
             if step not in report:

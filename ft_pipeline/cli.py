@@ -128,8 +128,12 @@ def demo(
         model, tokenizer = build_tiny_causal_lm(teacher_dir, seed=0)
         bias_towards_short_json(model, tokenizer, teacher_dir)
         typer.echo(f"built the demo's tiny local teacher (random weights) at {teacher_dir}")
+    from floorplan_ft.training.sft import ensure_demo_base
+
+    student_base = ensure_demo_base(data_root / "models" / "tiny-student-base")
     run(steps=steps, config=None, profile="demo",
-        set_=[f"paths.data_root={data_root}", f"teachers.local_model_path={teacher_dir}"])
+        set_=[f"paths.data_root={data_root}", f"teachers.local_model_path={teacher_dir}",
+              f"finetune.base_model={student_base}"])
 
 
 @app.command()

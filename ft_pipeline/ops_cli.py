@@ -88,8 +88,10 @@ def pools_show_template(
     --base-job-template`)."""
     import json
 
-    from ft_pipeline.pools import customise, load_template
+    from ft_pipeline.pools import POOLS, customise, load_template
 
+    if pool not in POOLS:
+        raise typer.BadParameter(f"unknown pool {pool!r} (choose from {', '.join(POOLS)})")
     typer.echo(json.dumps(customise(load_template(pool), data_root, cache_root), indent=2))
 
 

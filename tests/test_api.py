@@ -194,7 +194,16 @@ def test_chat_endpoint_answers_from_the_stored_analysis(fake, app):
     assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
 
 
-def _env_app(monkeypatch, provider: str | None, **env: str):
+@pytest.fixture
+def env_apps():
+    """Apps built by `_env_app`; their services are closed at the end of the test."""
+    apps: list = []
+    yield apps
+    for app in apps:
+        app.state.service.close()
+
+
+def _env_app(monkeypatch, provider: str | None, apps: list | None = None, **env: str):
     """An app built from the environment alone, as `ft-pipeline serve` builds it."""
     for key in ("LLM_PROVIDER", "FTP_SERVING__ADAPTER_PATH", "FTP_SERVING__BASE_URL"):
         monkeypatch.delenv(key, raising=False)
@@ -202,10 +211,14 @@ def _env_app(monkeypatch, provider: str | None, **env: str):
         monkeypatch.setenv("LLM_PROVIDER", provider)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    return create_app(load_settings())
+    app = create_app(load_settings())
+    if apps is not None:
+        apps.append(app)
+    return app
 
 
-def test_provider_switch_by_environment_and_rollback(fake, no_dotenv, monkeypatch, tmp_path_factory):
+def test_provider_switch_by_environment_and_rollback(fake, no_dotenv, monkeypatch, tmp_path_factory,
+                                                   env_apps):
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
     monkeypatch.setenv("FTP_OPENAI_BASE_URL", fake.openai_base_url)
     monkeypatch.setenv("FTP_PATHS__DATA_ROOT", str(SHARED_DATA_ROOT))
@@ -221,23 +234,25 @@ def test_provider_switch_by_environment_and_rollback(fake, no_dotenv, monkeypatc
     def live(app):
         return call(app, "GET", "/health").json()["llm"]
 
-    openai_app = _env_app(monkeypatch, None)  # the default is the OpenAI path
+    openai_app = _env_app(monkeypatch, None, env_apps)  # the default is the OpenAI path
     assert live(openai_app)["provider"] == "openai"
 
-    with single_torch_thread():
-        local_app = _env_app(monkeypatch, "local", FTP_SERVING__ADAPTER_PATH=str(student))
-        assert live(local_app)["provider"] == "local" and live(local_app)["model"] == str(student)
-        before = len(fake.requests)
-        response = call(local_app, "POST", "/analyze", json=body)
-        assert response.status_code == 200, response.text
-        FloorPlanAnalysis.model_validate(response.json()["analysis"])  # schema-valid student answer
-        assert response.headers["x-llm-provider"] == "local"
-        assert len(fake.requests) == before  # nothing went to OpenAI
-        chat = call(local_app, "POST", "/chat", json={"analysis": response.json()["analysis"],
-                                                       "question": "수납은 어떤가요?"})
-        assert chat.status_code == 200 and chat.json()["meta"]["provider"] == "local"
+    with single_torch_thread():  # the student over HTTP on a real socket
+        local_app = _env_app(monkeypatch, "local", env_apps, FTP_SERVING__ADAPTER_PATH=str(student))
+        with uvicorn_server(local_app) as base_url, httpx.Client(base_url=base_url, timeout=60) as http:
+            health = http.get("/health").json()["llm"]
+            assert health["provider"] == "local" and health["model"] == str(student)
+            before = len(fake.requests)
+            response = http.post("/analyze", json=body)
+            assert response.status_code == 200, response.text
+            FloorPlanAnalysis.model_validate(response.json()["analysis"])  # schema-valid answer
+            assert response.headers["x-llm-provider"] == "local"
+            assert len(fake.requests) == before  # nothing went to OpenAI
+            chat = http.post("/chat", json={"analysis": response.json()["analysis"],
+                                            "question": "수납은 어떤가요?"})
+            assert chat.status_code == 200 and chat.json()["meta"]["provider"] == "local"
 
-    compatible_app = _env_app(monkeypatch, "openai-compatible", FTP_SERVING__BASE_URL=fake.openai_base_url)
+    compatible_app = _env_app(monkeypatch, "openai-compatible", env_apps, FTP_SERVING__BASE_URL=fake.openai_base_url)
     assert live(compatible_app) == {"provider": "openai-compatible", "model": "fake-model",
                                     "base_url": fake.openai_base_url, "enable_thinking": None,
                                     "is_llm": True}
@@ -245,7 +260,7 @@ def test_provider_switch_by_environment_and_rollback(fake, no_dotenv, monkeypatc
     assert response.status_code == 200 and fake.last.body["model"] == "fake-model"
     assert "authorization" not in fake.last.headers or OPENAI_KEY not in fake.last.headers["authorization"]
 
-    rollback_app = _env_app(monkeypatch, "openai")  # one variable back: the rollback
+    rollback_app = _env_app(monkeypatch, "openai", env_apps)  # one variable back: the rollback
     assert live(rollback_app)["provider"] == "openai"
     response = call(rollback_app, "POST", "/analyze", json=body)
     assert response.status_code == 200 and fake.last.body["model"] == "gpt-4o-mini"

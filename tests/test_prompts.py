@@ -55,8 +55,10 @@ def test_no_criteria_is_said_explicitly():
 
 
 def test_prompt_version_follows_the_text():
-    assert PROMPT_VERSION == prompts._version(prompts.SYSTEM_PROMPT, prompts.ANALYSIS_TEMPLATE, prompts.NO_CRITERIA)
-    assert prompts._version(prompts.SYSTEM_PROMPT + " ", prompts.ANALYSIS_TEMPLATE, prompts.NO_CRITERIA) != PROMPT_VERSION
+    parts = (prompts.PROMPT_FORMAT, prompts.SYSTEM_PROMPT, prompts.ANALYSIS_TEMPLATE, prompts.NO_CRITERIA)
+    assert PROMPT_VERSION == prompts._version(*parts)
+    assert prompts._version(parts[0], parts[1] + " ", *parts[2:]) != PROMPT_VERSION
+    assert prompts._version("1", *parts[1:]) != PROMPT_VERSION
 
 
 def test_shipped_corpus():

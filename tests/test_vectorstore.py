@@ -42,14 +42,14 @@ from floorplan_ft.serving.vectorstore import (
     vector_status,
 )
 
-pytest.importorskip("psycopg", reason="pgvector tests need psycopg[binary]")
+import psycopg  # noqa: E402,F401  (dev extra: psycopg[binary]; the suite fails without it)
 
 
 @pytest.fixture(scope="session")
 def pg_admin_dsn():
     """PostgreSQL 16 + pgvector from the pgserver wheel, moved from its Unix socket to a TCP port on
     127.0.0.1 (as the service would reach a database); stopped at the end of the session."""
-    pgserver = pytest.importorskip("pgserver", reason="pgvector tests need the pgserver wheel")
+    import pgserver
     from pgserver._commands import pg_ctl
     from pgserver.utils import PostmasterInfo
 
