@@ -9,6 +9,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.secrets import apply_block_secrets
 from floorplan_ft.sampling import list_images, read_sample
+from floorplan_ft.settings import ProfileName
 from tasks.common import settings_for_run, store_for
 from tasks.cv import build_topologies
 
@@ -19,7 +20,7 @@ Scope = Literal["all", "sample"]
 def cv_batch(
     scope: Scope = "all",
     config_file: str | None = None,
-    profile: str | None = None,
+    profile: ProfileName | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> dict:
     """Phase 1 over `scope`: "all" images in the image directory (nightly: only new or changed

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from floorplan_ft.settings import Settings
+from floorplan_ft.settings import ProfileName, Settings
 from floorplan_ft.steps import ALL_STEPS, STEP_TITLES, parse_steps
 from blocks.secrets import apply_block_secrets
 from flows.cv_batch import cv_batch_with_concurrency
@@ -92,7 +92,7 @@ PHASES: dict[str, Callable[[Settings, RunArgs], dict]] = {
 def ft_pipeline(
     steps: str = ",".join(ALL_STEPS),
     config_file: str | None = None,
-    profile: str | None = None,
+    profile: ProfileName | None = None,
     overrides: dict[str, Any] | None = None,
     cv_deployment: str | None = None,
 ) -> dict[str, dict]:
