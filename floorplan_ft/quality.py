@@ -753,13 +753,7 @@ def _read_answer(store: ArtifactStore, stem: str, teacher: str) -> str | None:
 
 
 def _load_graph(store: ArtifactStore, stem: str) -> TopologyGraph | None:
-    path = store.topology_path(stem)
-    if not store.exists(path):
-        return None
-    try:
-        return TopologyGraph.model_validate_json(store.read_text(path))
-    except ValueError:
-        return None
+    return store.read_topology(stem)
 
 
 def _cost_stats(store: ArtifactStore, stems: Sequence[str], teacher: str, failures: dict[str, dict]) -> dict[str, Any]:

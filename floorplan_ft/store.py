@@ -38,7 +38,7 @@ class ArtifactStore:
         self.root = str(root).rstrip("/") or "/"
         self.is_local = not _is_url(self.root)
         if self.is_local:
-            local = self.root[len("file://"):] if self.root.startswith("file://") else self.root
+            local = self.root.removeprefix("file://")
             self.root = str(Path(local).expanduser().resolve())
             self.fs = None
         else:
@@ -129,6 +129,18 @@ class ArtifactStore:
         if not self.fs.exists(path):
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(path, detail=False))
+
+    def read_topology(self, stem: str):
+        """The plan's topology graph, or None when it is missing or does not validate."""
+        from floorplan_ft.schemas import TopologyGraph
+
+        path = self.topology_path(stem)
+        if not self.exists(path):
+            return None
+        try:
+            return TopologyGraph.model_validate_json(self.read_text(path))
+        except ValueError:
+            return None
 
     def file_hash(self, path: str) -> str:
         """SHA-256 of a file's content (cache keys are built on content, not on names)."""

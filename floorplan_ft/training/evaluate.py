@@ -264,13 +264,7 @@ def expected_band(params: int | None) -> tuple[tuple[float, float] | None, str |
 
 
 def _load_graph(store: ArtifactStore, stem: str) -> TopologyGraph | None:
-    path = store.topology_path(stem)
-    if not store.exists(path):
-        return None
-    try:
-        return TopologyGraph.model_validate_json(store.read_text(path))
-    except ValueError:
-        return None
+    return store.read_topology(stem)
 
 
 def evaluate_student(
