@@ -344,7 +344,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        layered = _LAYERED.get()
+        layered = _LAYERED.get() or {}
         return (
             init_settings,
             env_settings,
@@ -366,7 +366,7 @@ def _join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
-_LAYERED: contextvars.ContextVar[dict[str, dict]] = contextvars.ContextVar("_LAYERED", default={})
+_LAYERED: contextvars.ContextVar[dict[str, dict] | None] = contextvars.ContextVar("_LAYERED", default=None)
 
 
 class _DictSource(PydanticBaseSettingsSource):

@@ -115,8 +115,7 @@ def canonical_name(text: str) -> str:
     "unknown" apart by checking ``SPACE_CLASS``.
     """
     name = text.strip()
-    if name.startswith(SPACE_PREFIX):
-        name = name[len(SPACE_PREFIX):]
+    name = name.removeprefix(SPACE_PREFIX)
     name = _TRAILING_DIGITS.sub("", name).replace(" ", "")
     return SYNONYMS.get(name, SYNONYMS.get(name.lower(), name))
 

@@ -8,9 +8,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from blocks.secrets import apply_block_secrets
 from floorplan_ft.settings import ProfileName, Settings
 from floorplan_ft.steps import ALL_STEPS, STEP_TITLES, parse_steps
-from blocks.secrets import apply_block_secrets
 from flows.cv_batch import cv_batch_with_concurrency
 from flows.orchestrate import run_cv_on_local_gpu, split_cv_steps
 from tasks.common import artifact_key, settings_for_run

@@ -20,7 +20,7 @@ from ft_pipeline.vectors_cli import vectors_app  # after `app`, which it extends
 
 app.add_typer(vectors_app, name="vectors")
 # Prefect server set-up for the deployments (issue 9): work pools and blocks.
-from ft_pipeline.ops_cli import blocks_app, pools_app  # noqa: E402
+from ft_pipeline.ops_cli import blocks_app, pools_app
 
 app.add_typer(pools_app, name="pools")
 app.add_typer(blocks_app, name="blocks")
@@ -123,7 +123,7 @@ def demo(
         typer.echo(f"generated {len(stems)} synthetic plans under {data_root}")
     teacher_dir = data_root / "models" / "tiny-local-teacher"
     if not (teacher_dir / "config.json").is_file():
-        from floorplan_ft.training.tiny import build_tiny_causal_lm, bias_towards_short_json
+        from floorplan_ft.training.tiny import bias_towards_short_json, build_tiny_causal_lm
 
         model, tokenizer = build_tiny_causal_lm(teacher_dir, seed=0)
         bias_towards_short_json(model, tokenizer, teacher_dir)

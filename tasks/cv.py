@@ -56,7 +56,7 @@ def build_topology_task(stems: list[str], config: SourceConfig, data_root: str, 
     for stem in stems:
         try:
             outcome = process_image(store, config, stem, overlay=overlay)
-        except Exception as exc:  # transient or unexpected: retried with the chunk
+        except Exception as exc:  # noqa: BLE001  (transient or unexpected: retried with the chunk)
             errors.append(f"{stem}: {type(exc).__name__}: {exc}")
             continue
         if outcome.status == "failed":

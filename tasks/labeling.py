@@ -6,7 +6,11 @@ import asyncio
 import threading
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from floorplan_ft.sampling import read_sample
@@ -122,8 +126,10 @@ def _label_in_batches(settings: Settings, teacher_name: str, items, missing, sto
         description=f"Phase 3: batch labels from {teacher_name}",
     )
     return {
-        "status": "pending batch jobs" if outcome.status == "pending" else
-                  ("done" if not (outcome.failed or missing) else "done with failures"),
+        "status": (
+            "pending batch jobs" if outcome.status == "pending"
+            else "done" if not (outcome.failed or missing) else "done with failures"
+        ),
         "teacher": teacher_name,
         "plans": plans,
         "labeled": result["labeled"],

@@ -8,6 +8,7 @@ from prefect.artifacts import create_table_artifact
 
 from floorplan_ft.retrieval.corpus import corpus_hash, load_corpus
 from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager
+from floorplan_ft.retrieval.retrieve import build_query as build_plan_query
 from floorplan_ft.retrieval.retrieve import (
     corpus_cache_key,
     distinct_queries,
@@ -19,7 +20,6 @@ from floorplan_ft.retrieval.retrieve import (
     retrieve_contexts,
     write_context,
 )
-from floorplan_ft.retrieval.retrieve import build_query as build_plan_query
 from floorplan_ft.sampling import read_sample
 from floorplan_ft.schemas import TopologyGraph
 from floorplan_ft.serving.factory import make_embedding_manager

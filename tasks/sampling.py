@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from floorplan_ft.sampling import list_images, sample_images
 from floorplan_ft.settings import Settings

@@ -403,7 +403,7 @@ class LabelingRun:
             except LLMError as exc:
                 self._settle(outcome, worst, tokens, getattr(exc, "usage", None))
                 error = exc
-            except Exception as exc:  # a bug or a broken local model: this item fails, the run goes on
+            except Exception as exc:  # noqa: BLE001  (a bug or a broken local model: this item fails, the run goes on)
                 self._settle(outcome, worst, tokens, None)
                 return self._fail(outcome, "error", f"{type(exc).__name__}: {exc}")
             except BaseException:
