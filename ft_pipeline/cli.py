@@ -82,12 +82,17 @@ def run(
     _prefect_defaults(settings.paths.data_root)
     from flows.ft_pipeline import ft_pipeline
 
-    report = ft_pipeline(
-        steps=steps,
-        config_file=str(config) if config else None,
-        profile=profile,
-        overrides=overrides or None,
-    )
+    try:
+        report = ft_pipeline(
+            steps=steps,
+            config_file=str(config) if config else None,
+            profile=profile,
+            overrides=overrides or None,
+        )
+    except Exception as exc:  # noqa: BLE001  (Prefect has logged the traceback; end on one clear line)
+        typer.secho(f"\nthe run failed: {type(exc).__name__}: {exc}", fg=typer.colors.RED, err=True)
+        typer.echo(f"Finished work is kept under {settings.paths.data_root}; a rerun resumes from it.", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"\nData root: {settings.paths.data_root}")
     for step, outcome in report.items():
         extra = {k: v for k, v in outcome.items() if k != "status"}
