@@ -36,7 +36,7 @@ from floorplan_ft.settings import load_settings  # noqa: E402
 from floorplan_ft.store import ArtifactStore  # noqa: E402
 from floorplan_ft.teachers.labeling import LabelingRun, LabelItem, LLMTeacher  # noqa: E402
 
-KEY = "sk-bench-not-a-real-key-000000000000"
+KEY = "bench-placeholder-not-a-key"
 
 
 def make_items(n: int, tag: str) -> list[LabelItem]:

@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,7 +69,7 @@ class LabelItem:
     topology: TopologyGraph | None = None
 
 
-class Teacher:
+class Teacher(ABC):
     """A labeler: an LLM behind a chat client, or the rule-based reference."""
 
     name: str
@@ -81,8 +82,9 @@ class Teacher:
     def cache_identity(self) -> dict[str, Any]:
         return {"provider": self.provider, "model": self.model, "temperature": self.temperature}
 
+    @abstractmethod
     async def answer(self, item: LabelItem, messages: list[dict], max_tokens: int) -> ChatResult:
-        raise NotImplementedError  # abstract
+        """One attempt at labeling `item` with these messages (a re-ask adds turns)."""
 
     async def aclose(self) -> None:
         return None
