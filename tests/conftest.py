@@ -11,6 +11,9 @@ os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", os.path.join(_PREFECT_HOME, "results"))
+# No test may reach a model hub: tiny models are built locally, real ones come from packages.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 for _key in list(os.environ):
     # A developer's shell must not leak settings or keys into the tests.
     if _key.startswith("FTP_") or _key in {"LLM_PROVIDER", "EMBEDDING_PROVIDER", "OPENAI_API_KEY",
