@@ -221,3 +221,17 @@ def test_killed_run_never_pays_twice_for_a_finished_item(fake_provider, data, tm
               if any(f"{s}.png" in json.dumps(r.body, ensure_ascii=False) for s in finished)]
     assert resent == []
     assert summary.cached == len(finished) and summary.labeled == 10 - len(finished)
+
+
+def test_an_openai_compatible_server_can_be_a_teacher(fake_provider, data):
+    store, stems = data
+    fake_provider.models = ["Qwen/Qwen3-32B"]
+    settings = settings_for(fake_provider, compatible_base_url=fake_provider.openai_base_url,
+                            compatible_model="Qwen/Qwen3-32B")
+    summary = run_teacher(settings, store, "compatible", stems[:3])
+    assert summary.labeled == 3 and summary.model == "Qwen/Qwen3-32B"
+    body = fake_provider.requests_to("chat/completions")[0].body
+    assert body["model"] == "Qwen/Qwen3-32B"
+    assert body["chat_template_kwargs"] == {"enable_thinking": False}  # Qwen3 served non-thinking
+    # The OpenAI key is never sent to a third-party server.
+    assert all(OPENAI_KEY not in str(r.headers) for r in fake_provider.requests)
