@@ -67,11 +67,12 @@ def label_with_teacher(settings: Settings, teacher_name: str) -> dict:
     (content-addressed sidecars), which is what makes a rerun free, on any machine."""
     logger = get_run_logger()
     store = store_for(settings)
+    # The teacher first: a missing key or an unreachable server stops here, before any work.
+    teacher = make_teacher(settings, teacher_name)
     stems = read_sample(store.run_file("sample"))
     items, missing = build_items(store, stems)
     for m in missing[:20]:
         logger.warning("%s: not labeled (%s)", m.stem, m.reason)
-    teacher = make_teacher(settings, teacher_name)
     if teacher_name == "reference":
         logger.info("teacher 'reference' is the rule-based analyst (no LLM, no cost)")
     if settings.teachers.use_batch_api and teacher_name in ("openai", "gemini"):
