@@ -95,6 +95,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from floorplan_ft import vocab
+from floorplan_ft.charts import chart_font
 from floorplan_ft.criteria import CRITERIA
 from floorplan_ft.sampling import allocate, group_key, stable_hash
 from floorplan_ft.schemas import FloorPlanAnalysis, TopologyGraph
@@ -1112,16 +1113,13 @@ def chart_png(report: QualityReport) -> bytes:
 
 
 def _chart_pillow(report: QualityReport) -> bytes:
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     keys, series = _chart_series(report)
     W, H, left, right, top, bottom = 1000, 460, 60, 20, 40, 70
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
+    font = chart_font(13)
     ph, pw = H - top - bottom, W - left - right
 
     def y(v: float) -> float:

@@ -52,3 +52,24 @@ def provider_server():
 def fake_provider(provider_server):
     provider_server.reset()
     return provider_server
+
+
+@pytest.fixture(scope="module")
+def single_thread_torch():
+    """Tiny models run far faster on one thread than on two contended cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def copy_prepared(root, tmp_path):
+    """A private copy of a module-scoped prepared data root (tests may change files)."""
+    import shutil
+
+    from floorplan_ft.store import ArtifactStore
+
+    shutil.copytree(root, tmp_path / "data")
+    return ArtifactStore(tmp_path / "data")

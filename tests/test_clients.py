@@ -553,17 +553,6 @@ class Small(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def single_thread_torch():
-    """Tiny models run far faster on one thread than on two contended cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory, single_thread_torch):
     root = tmp_path_factory.mktemp("tiny-student")
     random_dir, terse_dir, adapter_dir = root / "random", root / "terse", root / "adapter"

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import copy_prepared
 from plans import prepare_plans
 
 from floorplan_ft.dataset import (
@@ -27,7 +28,6 @@ from floorplan_ft.dataset import (
 from floorplan_ft.sampling import group_key
 from floorplan_ft.schemas import FloorPlanAnalysis
 from floorplan_ft.settings import load_settings
-from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.items import build_items
 from floorplan_ft.teachers.labeling import LabelingRun, ReferenceTeacher, failures_path, meta_path
 
@@ -50,8 +50,7 @@ def base(tmp_path_factory):
 @pytest.fixture
 def data(base, tmp_path, no_dotenv):
     root, stems = base
-    shutil.copytree(root, tmp_path / "data")
-    return ArtifactStore(tmp_path / "data"), list(stems)
+    return copy_prepared(root, tmp_path), list(stems)
 
 
 def test_rows_are_the_teachers_prompt_and_answer_split_by_complex(data):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_prepared
 from plans import prepare_plans
 
 from floorplan_ft.quality import (
@@ -51,8 +51,7 @@ def base(tmp_path_factory):
 @pytest.fixture
 def data(base, tmp_path, no_dotenv):
     root, stems = base
-    shutil.copytree(root, tmp_path / "data")
-    return ArtifactStore(tmp_path / "data"), list(stems)
+    return copy_prepared(root, tmp_path), list(stems)
 
 
 def graph_of(store: ArtifactStore, stem: str) -> TopologyGraph:

@@ -28,14 +28,8 @@ STRUCTURES = ("판상형", "타워형", "혼합형")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_thread_torch():
-    """Tiny models run far faster on one thread than on two contended cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(single_thread_torch):
+    """Every test here runs tiny models: one torch thread (conftest)."""
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from floorplan_ft.charts import chart_font
 from floorplan_ft.dataset import to_prompt_completion
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.training.config import (
@@ -251,15 +252,12 @@ def history_records(log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any
 
 def curves_png(records: Sequence[dict[str, Any]], title: str = "Student fine-tune") -> bytes:
     """Train and validation loss against the step (and the learning rate, scaled), drawn with Pillow."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     W, H, left, right, top, bottom = 900, 420, 70, 70, 40, 60
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
+    font = chart_font(13)
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     val = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     lrs = [(r["step"], r["learning_rate"]) for r in records if r.get("learning_rate") is not None]
