@@ -192,24 +192,38 @@ def test_a_finished_run_is_reused_and_a_changed_one_is_not(trained, short_store)
     assert config.fingerprint(hashes) == config.replace(logging_steps=7).fingerprint(hashes)
 
 
-class Interrupted(RuntimeError):
-    pass
+KILL_AT_STEP_3 = """
+import json, os, signal, sys
+import torch
+torch.set_num_threads(1)
+from transformers import TrainerCallback
+from floorplan_ft.training.config import TrainConfig
+from floorplan_ft.training.sft import train
+
+class KillAtStep3(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)  # a pre-empted pod: no cleanup, no exception
+
+values = json.loads(sys.argv[1])
+values["target_modules"] = tuple(values["target_modules"])
+train(TrainConfig(**values), callbacks=[KillAtStep3()])
+"""
 
 
 def test_training_killed_after_a_checkpoint_resumes_at_the_right_step(short_store, tiny_base):
-    from transformers import TrainerCallback
+    import dataclasses
+    import signal
+    import subprocess
+    import sys
 
     from floorplan_ft.training.sft import train
 
-    class KillAfterStep3(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise Interrupted("pod pre-empted")
-
     config = _config(short_store, tiny_base, student_name="student-resume", max_steps=4, save_steps=2,
                      eval_steps=2, early_stopping_patience=0)
-    with pytest.raises(Interrupted):
-        train(config, short_store, callbacks=[KillAfterStep3()])
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP_3, json.dumps(dataclasses.asdict(config))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpts = sorted(p.name for p in Path(config.checkpoints_dir).glob("checkpoint-*"))
     assert ckpts == ["checkpoint-2"] and not Path(config.adapter_dir).exists()
     partial = Path(config.checkpoints_dir) / "checkpoint-3"  # as if killed in the middle of a save
@@ -225,6 +239,105 @@ def test_training_killed_after_a_checkpoint_resumes_at_the_right_step(short_stor
     assert [r["step"] for r in history if r["loss"] is not None] == [1, 2, 3, 4]  # the first run's log kept
     assert (Path(config.adapter_dir) / "adapter_model.safetensors").is_file()
     assert not partial.exists()
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tiny_base):
+    """Validation answers the train rows never contain: fitting the train answers makes the
+    validation loss rise from the first evaluation, so patience 2 stops at the third."""
+    from safetensors.torch import load_file
+
+    from floorplan_ft.training.sft import train
+
+    def unseen_answer(i: int) -> dict:
+        row = _row(i)
+        row["messages"][-1]["content"] = "QXJVWKZ qxjvwkz 0987 " * 6
+        return row
+
+    store = _write_rows(tmp_path / "data", [_row(i) for i in range(6)], [unseen_answer(i) for i in range(2)],
+                        [f"T{i}" for i in range(6)], ["V0", "V1"])
+    config = _config(store, tiny_base, student_name="student-es", max_steps=40, eval_steps=2, save_steps=2,
+                     early_stopping_patience=2)
+    result = train(config, store)
+    evals = [(r["step"], r["eval_loss"]) for r in json.loads(Path(config.log_path).read_text())["history"]
+             if r["eval_loss"] is not None]
+    assert [s for s, _ in evals] == [2, 4, 6] and evals[0][1] < evals[1][1] < evals[2][1], evals
+    assert result.stopped_early and result.global_step == 6 and result.max_steps == 40
+    assert Path(result.best_checkpoint).name == "checkpoint-2" and result.best_eval_loss == evals[0][1]
+    saved = load_file(Path(config.adapter_dir) / "adapter_model.safetensors")
+    best = load_file(Path(result.best_checkpoint) / "adapter_model.safetensors")
+    last = load_file(Path(config.checkpoints_dir) / "checkpoint-6" / "adapter_model.safetensors")
+    assert saved.keys() == best.keys() and all(torch_equal(saved[k], best[k]) for k in saved)
+    assert not all(torch_equal(saved[k], last[k]) for k in saved)  # the best, not the last, was kept
+    assert "stopped early" in result.markdown()
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_production_profile_qlora_path_runs_on_the_cpu(short_store, tmp_path, no_dotenv):
+    """The production profile as the A100 runs it (NF4 4-bit base, LoRA r 64 / alpha 128 on every
+    projection, 8-bit AdamW, cosine with warmup, gradient checkpointing, merge), with bitsandbytes'
+    CPU kernels, a tiny model, short rows and a few steps at a higher learning rate."""
+    import torch
+    from transformers import TrainerCallback
+
+    from floorplan_ft.settings import load_settings
+    from floorplan_ft.training.sft import prepare, run_finetune, train
+
+    base = tmp_path / "base64"
+    model, _ = build_tiny_causal_lm(base, seed=1, hidden_size=64)  # CPU NF4 kernels need >= 64 features
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10.0)
+    model.save_pretrained(base)
+    production = load_settings(profile="production")
+    settings = load_settings(profile="production", paths={"data_root": short_store.root}, finetune={
+        "base_model": str(base), "student_name": "student-qlora", "device": "cpu", "max_length": 512,
+        "max_steps": 8, "eval_steps": 4, "save_steps": 4, "logging_steps": 1, "grad_accum": 2,
+        "learning_rate": 2e-2, "gradient_checkpointing": True,
+    })
+    ft, prod = settings.finetune, production.finetune
+    for name in ("load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr_scheduler",
+                 "warmup_ratio", "batch_size", "optim", "merge", "backend"):
+        assert getattr(ft, name) == getattr(prod, name), name
+    assert ft.load_in_4bit and ft.optim == "adamw_8bit" and ft.lora_r == 64 and ft.merge
+
+    config = TrainConfig.from_settings(settings, short_store)
+    prepared = prepare(config)
+    peft_model = prepared.trainer.model
+    layers = {type(m).__name__ for n, m in peft_model.named_modules() if n.endswith(("q_proj.base_layer",
+                                                                                      "down_proj.base_layer"))}
+    assert layers == {"Linear4bit"} and prepared.backend == "trl"
+    assert peft_model.is_gradient_checkpointing and prepared.memory.assumptions["load_in_4bit"]
+    prepared = peft_model = None
+
+    seen: dict[str, set] = {"optimizer": set(), "state": set()}
+
+    class OptimizerProbe(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            inner = getattr(optimizer, "optimizer", optimizer)
+            seen["optimizer"].add(f"{type(inner).__module__}.{type(inner).__name__}")
+            for st in inner.state.values():
+                seen["state"].update(str(v.dtype) for v in st.values() if hasattr(v, "dtype"))
+
+    logs: list[dict] = []
+    out = train(config, short_store, on_log=logs.append, callbacks=[OptimizerProbe()])
+    assert seen["optimizer"] == {"bitsandbytes.optim.adamw.AdamW"} and "torch.uint8" in seen["state"], seen
+    losses = [r["loss"] for r in logs if "loss" in r]
+    assert out.global_step == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, losses
+    assert out.parameters["load_in_4bit"] and out.parameters["optim"] == "adamw_8bit"
+
+    merged = run_finetune(settings, short_store)  # reuses the finished run, then merges on an unquantised base
+    assert merged["reused"] and merged["merged_dir"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged["merged_dir"])
+    merged_model = AutoModelForCausalLM.from_pretrained(merged["merged_dir"])
+    adapter_model, _ = _load_adapter(out.adapter_dir)
+    assert all(p.dtype == torch.float32 for p in merged_model.parameters())
+    assert torch.allclose(_logits(merged_model, tokenizer), _logits(adapter_model, tokenizer), atol=1e-4)
 
 
 def test_loss_mask_covers_only_the_answer_tokens(short_store, tiny_base):
@@ -274,17 +387,25 @@ def test_max_length_warning_names_the_overlong_rows(tmp_path, tiny_base):
 
 
 def test_config_errors_name_the_setting_and_the_fix(short_store, tiny_base, tmp_path):
-    with pytest.raises(TrainConfigError, match=r"finetune.load_in_4bit=true needs CUDA.*finetune.load_in_4bit=false"):
-        _config(short_store, tiny_base, load_in_4bit=True).validate(cuda_available=False)
-    with pytest.raises(TrainConfigError, match=r"finetune.optim='adamw_8bit'.*adamw_torch"):
-        _config(short_store, tiny_base, optim="adamw_8bit").validate(cuda_available=False)
+    with pytest.raises(TrainConfigError, match=r"finetune.load_in_4bit=true needs bitsandbytes, which is not installed.*"
+                                               r"finetune.load_in_4bit=false"):
+        _config(short_store, tiny_base, load_in_4bit=True).validate(cuda_available=False, bnb_version=None)
+    with pytest.raises(TrainConfigError, match=r"finetune.optim='adamw_8bit' needs bitsandbytes.*adamw_torch"):
+        _config(short_store, tiny_base, optim="adamw_8bit").validate(cuda_available=False, bnb_version=None)
+    with pytest.raises(TrainConfigError, match=r"on the CPU needs bitsandbytes >= 0.50 \(CPU kernels\), but 0.45.5"):
+        _config(short_store, tiny_base, load_in_4bit=True).validate(cuda_available=False, bnb_version="0.45.5")
+    _config(short_store, tiny_base, load_in_4bit=True, device="auto").validate(cuda_available=True, bnb_version="0.45.5")
     with pytest.raises(TrainConfigError, match=r"save_steps=15 must be a multiple of finetune.eval_steps=10"):
         _config(short_store, tiny_base, eval_steps=10, save_steps=15).validate(cuda_available=False)
     with pytest.raises(TrainConfigError, match="finetune.device=cuda but CUDA is not available"):
         _config(short_store, tiny_base, device="cuda").validate(cuda_available=False)
+    with pytest.raises(TrainConfigError, match="finetune.backend=unsloth needs CUDA"):
+        _config(short_store, tiny_base, backend="unsloth").validate(cuda_available=False)
     with pytest.raises(TrainConfigError, match="run step 5"):
         _config(short_store, tiny_base, train_path=str(tmp_path / "none.jsonl")).check_data()
     _config(short_store, tiny_base).validate(cuda_available=False)  # the CPU set-up is fine
+    # The dev set-up installs bitsandbytes with CPU kernels: QLoRA settings validate on the CPU.
+    _config(short_store, tiny_base, load_in_4bit=True, optim="adamw_8bit").validate(cuda_available=False)
 
 
 def test_memory_check_refuses_an_impossible_profile_with_advice(tiny_base, no_dotenv):

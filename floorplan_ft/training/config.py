@@ -5,8 +5,8 @@ the optional ``finetune.cpu_threads`` / ``finetune.eval_limit`` settings) and th
 ``train.jsonl`` / ``val.jsonl`` paths. ``validate()`` fails early, before anything is loaded, with
 a message that names the setting and the fix (the way TRL's config errors read), e.g.::
 
-    finetune.load_in_4bit=true needs CUDA (bitsandbytes 4-bit kernels), but training runs on the CPU.
-    Set finetune.load_in_4bit=false (the demo profile does), or run on a CUDA machine.
+    finetune.device=cuda but CUDA is not available here (no GPU or a CPU-only torch). Set
+    finetune.device=cpu or auto, or use a profile made for this machine (--profile demo on a CPU)
 
 Output layout under the data root (``{student}`` = ``finetune.student_name``)::
 
@@ -36,6 +36,10 @@ LR_SCHEDULERS = (
     "warmup_stable_decay",
 )
 CPU_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
+# bitsandbytes ships CPU kernels (NF4 4-bit layers, 8-bit optimizers) in this release and later: the
+# QLoRA path of the production profile then runs on a CPU too (slowly; the tests use it on tiny models).
+BNB_CPU_MIN = (0, 50)
+_PROBE = object()
 
 
 class TrainConfigError(ValueError):
@@ -54,6 +58,27 @@ def unsloth_available() -> bool:
     """Unsloth is installed (the ``gpu`` extra). Importing it is left to the backend: it patches
     transformers/TRL on import and needs CUDA."""
     return importlib.util.find_spec("unsloth") is not None
+
+
+def bitsandbytes_version() -> str | None:
+    """The installed bitsandbytes version (None: not installed). Read from the package metadata:
+    importing bitsandbytes is slow and noisy."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:  # pragma: no cover - importable but without metadata
+        return "0"
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
 
 
 def is_local_model_dir(name: str) -> bool:
@@ -218,8 +243,11 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self, *, cuda_available: bool | None = None) -> None:
-        """Raise ``TrainConfigError`` naming the setting and the fix; loads nothing."""
+    def validate(self, *, cuda_available: bool | None = None, bnb_version: Any = _PROBE) -> None:
+        """Raise ``TrainConfigError`` naming the setting and the fix; loads nothing.
+
+        ``cuda_available`` / ``bnb_version`` replace what this machine has (tests): a version
+        string, or None for "bitsandbytes is not installed"."""
         cuda = _cuda_available() if cuda_available is None else cuda_available
         device = self.device if self.device != "auto" else ("cuda" if cuda else "cpu")
         errors: list[str] = []
@@ -243,23 +271,21 @@ class TrainConfig:
                     "finetune.backend=unsloth but unsloth is not installed. Install the gpu extra "
                     "(pip install 'ft-pipeline[gpu]') or set finetune.backend=trl (or auto)"
                 )
-        if self.load_in_4bit and device != "cuda":
-            errors.append(
-                "finetune.load_in_4bit=true needs CUDA (bitsandbytes 4-bit kernels), but training runs on the CPU. "
-                "Set finetune.load_in_4bit=false (the demo profile does), or run on a CUDA machine"
-            )
         bnb_optim = "8bit" in self.optim or "bnb" in self.optim or "paged" in self.optim
-        if device != "cuda" and bnb_optim:
-            errors.append(
-                f"finetune.optim={self.optim!r} is a bitsandbytes optimizer and needs CUDA. "
-                "Set finetune.optim=adamw_torch on the CPU"
-            )
-        if device == "cuda" and (self.load_in_4bit or bnb_optim) and importlib.util.find_spec("bitsandbytes") is None:
+        if self.load_in_4bit or bnb_optim:
             what = "finetune.load_in_4bit=true" if self.load_in_4bit else f"finetune.optim={self.optim!r}"
-            errors.append(
-                f"{what} needs bitsandbytes, which is not installed: install the gpu extra "
-                "(pip install 'ft-pipeline[gpu]'), or set finetune.load_in_4bit=false and finetune.optim=adamw_torch"
-            )
+            version = bitsandbytes_version() if bnb_version is _PROBE else bnb_version
+            off = "set finetune.load_in_4bit=false and finetune.optim=adamw_torch (the demo profile does)"
+            if version is None:
+                errors.append(
+                    f"{what} needs bitsandbytes, which is not installed: install the gpu extra "
+                    f"(pip install 'ft-pipeline[gpu]'), or {off}"
+                )
+            elif device != "cuda" and _version_tuple(version) < BNB_CPU_MIN:
+                errors.append(
+                    f"{what} on the CPU needs bitsandbytes >= {'.'.join(map(str, BNB_CPU_MIN))} (CPU kernels), "
+                    f"but {version} is installed: upgrade it, run on a CUDA machine, or {off}"
+                )
         if self.lr_scheduler not in LR_SCHEDULERS:
             errors.append(
                 f"finetune.lr_scheduler={self.lr_scheduler!r} is unknown; use one of {', '.join(LR_SCHEDULERS)}"

@@ -5,7 +5,7 @@ or, for the profiles' models, from a small table (``KNOWN_MODELS``). The estimat
 
 weights
     4-bit (QLoRA): the linear layers at NF4 with double quantisation (~4.13 bits per parameter),
-    embeddings / LM head / norms at bf16, plus one dequantised linear layer. Otherwise every
+    embeddings / LM head / norms at the compute dtype, plus one dequantised linear layer. Otherwise every
     parameter at the compute dtype (bf16 on CUDA, fp32 on the CPU).
 lora
     the adapter parameters (rank x (in + out) per targeted projection per layer) in fp32, their
@@ -305,7 +305,7 @@ def memory_breakdown(
     else:
         shape = model_shape(str(model))
     device = device or "cuda"
-    load_in_4bit = bool(load_in_4bit) and device == "cuda"
+    load_in_4bit = bool(load_in_4bit)
     lora_r = lora_r or 16
     batch = batch or 1
     max_length = max_length or 2048
@@ -320,7 +320,8 @@ def memory_breakdown(
     other = shape.params - linear
     if load_in_4bit:
         biggest = max(i * o for i, o in proj.values())
-        weights = int(linear * NF4_BYTES_PER_PARAM + other * 2 + biggest * 2)
+        # bitsandbytes keeps the rest (embeddings, norms) at the compute dtype: bf16 on CUDA, fp32 on the CPU
+        weights = int(linear * NF4_BYTES_PER_PARAM + other * dtype_bytes + biggest * dtype_bytes)
     else:
         weights = shape.params * dtype_bytes
 
@@ -431,7 +432,7 @@ def check_memory(
     if not options:
         options.append("use a larger GPU (the production profile targets an A100 80 GB) or a smaller "
                        "finetune.base_model")
-    mode = "4-bit QLoRA" if kw["load_in_4bit"] and device.kind == "cuda" else (
+    mode = "4-bit QLoRA" if kw["load_in_4bit"] else (
         "bf16" if device.kind == "cuda" else "fp32")
     raise MemoryCheckError(
         f"finetune.base_model={config.base_model} ({shape.params / 1e9:.1f}B parameters, {mode}, LoRA r "

@@ -22,7 +22,8 @@ the old checkpoints aside. A rerun after a finished run with the same fingerprin
 ``train_result.json`` (``force=True`` retrains).
 
 Backends. ``trl``: ``AutoModelForCausalLM`` (fp32 on the CPU, bf16/fp16 on CUDA; 4-bit NF4 through
-``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training`` when ``load_in_4bit``) and PEFT LoRA.
+``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training`` when ``load_in_4bit``, on CUDA or, with
+bitsandbytes' CPU kernels, on the CPU) and PEFT LoRA; 8-bit AdamW from bitsandbytes likewise.
 ``unsloth`` (CUDA only, imported lazily): ``FastLanguageModel.from_pretrained`` +
 ``get_peft_model``. ``auto`` picks Unsloth on CUDA when it is installed.
 """
@@ -441,6 +442,22 @@ def _check_targets(model: Any, targets: Sequence[str]) -> None:
         )
 
 
+# bitsandbytes' CPU inference kernel repacks NF4 weights in blocks of 64 input features (evaluation
+# steps run it); a narrower layer fails there with a reshape error, so refuse it before training.
+CPU_4BIT_MIN_FEATURES = 64
+
+
+def _check_cpu_4bit(model: Any) -> None:
+    narrow = {name.rsplit(".", 1)[-1]: mod.in_features for name, mod in model.named_modules()
+              if type(mod).__name__ == "Linear4bit" and mod.in_features < CPU_4BIT_MIN_FEATURES}
+    if narrow:
+        raise TrainConfigError(
+            f"finetune.load_in_4bit=true on the CPU: bitsandbytes' CPU kernels need layers with at least "
+            f"{CPU_4BIT_MIN_FEATURES} input features, and this model has narrower ones {narrow}. "
+            "Set finetune.load_in_4bit=false for this model"
+        )
+
+
 def _load_trl(config: TrainConfig, base_path: str, device: str, trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -451,16 +468,18 @@ def _load_trl(config: TrainConfig, base_path: str, device: str, trust_remote_cod
         kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         kwargs["dtype"] = torch.float32
-    if config.load_in_4bit and device == "cuda":
+    if config.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
+        # NF4 with double quantisation; compute in bf16/fp16 on CUDA, fp32 on the CPU (bitsandbytes'
+        # CPU kernels: the same code path, slower, used by the tests on tiny models).
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=kwargs["dtype"],
             bnb_4bit_use_double_quant=True,
         )
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     except ValueError as exc:
@@ -472,7 +491,9 @@ def _load_trl(config: TrainConfig, base_path: str, device: str, trust_remote_cod
             ) from None
         raise
     _check_targets(model, config.target_modules)
-    if config.load_in_4bit and device == "cuda":
+    if config.load_in_4bit and device == "cpu":
+        _check_cpu_4bit(model)
+    if config.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -563,6 +584,7 @@ def _sft_config(config: TrainConfig, device: str, backend: str, has_val: bool):
         fp16=bool(cuda and not bf16),
         # Unsloth checkpoints inside its own patched model; TRL's default (True) is slow and pointless on a CPU.
         gradient_checkpointing=config.use_gradient_checkpointing() and backend == "trl",
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # as prepare_model_for_kbit_training sets it
         report_to="none",
         seed=config.seed,
         data_seed=config.seed,
