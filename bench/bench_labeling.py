@@ -27,14 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from fakes.provider_server import FakeProviderServer  # noqa: E402
+from fakes.provider_server import FakeProviderServer
 
-from floorplan_ft.schemas import FloorPlanAnalysis  # noqa: E402
-from floorplan_ft.serving.base import RateLimitError  # noqa: E402
-from floorplan_ft.serving.openai_client import OpenAIChatClient  # noqa: E402
-from floorplan_ft.settings import load_settings  # noqa: E402
-from floorplan_ft.store import ArtifactStore  # noqa: E402
-from floorplan_ft.teachers.labeling import LabelingRun, LabelItem, LLMTeacher  # noqa: E402
+from floorplan_ft.schemas import FloorPlanAnalysis
+from floorplan_ft.serving.base import RateLimitError
+from floorplan_ft.serving.openai_client import OpenAIChatClient
+from floorplan_ft.settings import load_settings
+from floorplan_ft.store import ArtifactStore
+from floorplan_ft.teachers.labeling import LabelingRun, LabelItem, LLMTeacher
 
 KEY = "bench-placeholder-not-a-key"
 

@@ -149,8 +149,11 @@ def _markdown(s: TeacherRunSummary, missing) -> str:
         "",
         "| plans | labeled now | cached | failed | skipped (budget) | requests | 429s | tokens in/out | $ this run | $ total / budget |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {s.items} | {s.labeled} | {s.cached} | {s.failed} | {s.skipped_budget} | {s.requests} | {s.rate_limited} | "
-        f"{s.input_tokens}/{s.output_tokens} | {s.cost_usd:.4f} | {s.total_spent_usd:.4f} / {s.budget_usd:.2f} |",
+        (
+            f"| {s.items} | {s.labeled} | {s.cached} | {s.failed} | {s.skipped_budget} | {s.requests} | "
+            f"{s.rate_limited} | {s.input_tokens}/{s.output_tokens} | {s.cost_usd:.4f} | "
+            f"{s.total_spent_usd:.4f} / {s.budget_usd:.2f} |"
+        ),
     ]
     if s.stopped:
         lines += ["", f"**Stopped early: {s.stopped}.** Unlabeled plans are listed below and in the failure ledger."]

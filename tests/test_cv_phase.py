@@ -35,7 +35,7 @@ def _mtimes(root, stems):
 
 
 def test_steps_0_1_build_every_sampled_topology_and_rerun_does_no_work(prefect_api, plans):
-    root, stems = plans
+    root, _ = plans
     report = ft_pipeline(steps="0,1", overrides=_overrides(root, **{"sampling.sample_size": 8}))
     sample = json.loads((root / "sampled_images.json").read_text())["stems"]
     assert len(sample) == 8 and report["1"]["built"] == 8 and report["1"]["failed"] == 0

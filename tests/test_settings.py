@@ -149,5 +149,7 @@ def test_paths_are_configurable():
 
 
 def test_settings_object_rejects_unknown_keyword():
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="nonsense"):
         Settings(nonsense=1)

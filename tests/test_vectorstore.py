@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import psycopg  # noqa: F401  (dev extra: psycopg[binary]; the suite fails without it)
 import pytest
 from fakes.provider_server import Reply
 from service_helpers import (
@@ -41,8 +42,6 @@ from floorplan_ft.serving.vectorstore import (
     table_name_for,
     vector_status,
 )
-
-import psycopg  # noqa: E402,F401  (dev extra: psycopg[binary]; the suite fails without it)
 
 
 @pytest.fixture(scope="session")

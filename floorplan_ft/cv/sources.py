@@ -158,7 +158,7 @@ def load_plugin(spec: str, device: str = "auto") -> Any:
         kwargs = {"device": device} if "device" in inspect.signature(factory).parameters else {}
         model = factory(**kwargs)
         if not callable(getattr(model, "predict", None)):
-            raise ValueError(f"setting cv.plugin: {spec!r} returned an object without predict(image)")
+            raise TypeError(f"setting cv.plugin: {spec!r} returned an object without predict(image)")
         _PLUGINS[key] = model
         return model
 

@@ -55,9 +55,8 @@ class RateLimiter:
         if over_requests <= 0 and over_tokens <= 0:
             return 0.0
         # Walk the window until enough of it has expired for both limits.
-        freed_requests, freed_tokens = 0, 0
-        for at, used in self._events:
-            freed_requests += 1
+        freed_tokens = 0
+        for freed_requests, (at, used) in enumerate(self._events, start=1):
             freed_tokens += used
             if freed_requests >= over_requests and freed_tokens >= over_tokens:
                 return max(0.0, at + WINDOW_S - now)
