@@ -181,6 +181,28 @@ def estimate(
                    f"{e.hours} | {e.budget_usd:.2f}{flag} |")
 
 
+@app.command("train-plan")
+def train_plan(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """What step 6 will do with these settings: steps, tokens, memory and hours per GPU, before any pod."""
+    import json
+
+    from floorplan_ft.training.config import TrainConfigError
+    from floorplan_ft.training.plan import plan_training
+    from tasks.common import nest_overrides
+
+    try:
+        settings = load_settings(config, profile, **nest_overrides(_parse_sets(set_)))
+        plan = plan_training(settings)
+    except (SettingsError, TrainConfigError) as exc:
+        _fail(exc)
+    typer.echo(json.dumps(plan.to_dict(), indent=2, ensure_ascii=False) if as_json else plan.markdown())
+
+
 @app.command()
 def serve(
     config: ConfigOpt = None,

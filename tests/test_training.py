@@ -277,6 +277,66 @@ def torch_equal(a, b) -> bool:
     return bool(torch.equal(a, b))
 
 
+UNSLOTH_RUN = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from floorplan_ft.training.config import TrainConfig
+from floorplan_ft.training.sft import train
+
+values = json.loads(sys.argv[1])
+values["target_modules"] = tuple(values["target_modules"])
+logs = []
+result = train(TrainConfig(**values), on_log=logs.append)
+import trl
+print("RESULT " + json.dumps({
+    "backend": result.backend, "steps": result.global_step, "eval": result.best_eval_loss,
+    "losses": [r["loss"] for r in logs if "loss" in r], "unsloth_loaded": "unsloth" in sys.modules,
+    "trainer": trl.SFTTrainer.__qualname__, "warnings": result.warnings,
+}))
+"""
+
+
+def test_unsloth_backend_trains_and_writes_an_adapter_plain_peft_loads(short_store, tmp_path):
+    """``finetune.backend=unsloth`` through our loader and trainer, on Unsloth's CPU fallback (its
+    CUDA kernels need a GPU). In a subprocess: importing unsloth patches TRL for the whole process."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    import torch
+
+    from floorplan_ft.training.sft import merge_adapter
+
+    base = tmp_path / "base64"
+    model, _ = build_tiny_causal_lm(base, seed=1, hidden_size=64)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10.0)
+    model.save_pretrained(base)
+    config = _config(short_store, base, student_name="student-unsloth", backend="unsloth", load_in_4bit=True,
+                     gradient_checkpointing=True, max_steps=12, eval_steps=4, save_steps=4)
+    proc = subprocess.run([sys.executable, "-c", UNSLOTH_RUN, json.dumps(dataclasses.asdict(config))],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    out = json.loads(line.removeprefix("RESULT "))
+    assert out["backend"] == "unsloth" and out["unsloth_loaded"] and out["steps"] == 12
+    assert "<locals>" in out["trainer"], out["trainer"]  # TRL's SFTTrainer was replaced by Unsloth's subclass
+    assert any("Unsloth's CPU fallback" in w for w in out["warnings"])
+    losses = out["losses"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, losses
+
+    # What Unsloth wrote is a plain PEFT adapter: our serving path loads it and merges it.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.adapter_dir)
+    adapter_model, base_ref = _load_adapter(config.adapter_dir)
+    assert Path(base_ref) == base.resolve()
+    merged = merge_adapter(config.replace(backend="trl"))
+    merged_model = AutoModelForCausalLM.from_pretrained(merged)
+    assert torch.allclose(_logits(merged_model, tokenizer), _logits(adapter_model, tokenizer), atol=1e-4)
+
+
 def test_production_profile_qlora_path_runs_on_the_cpu(short_store, tmp_path, no_dotenv):
     """The production profile as the A100 runs it (NF4 4-bit base, LoRA r 64 / alpha 128 on every
     projection, 8-bit AdamW, cosine with warmup, gradient checkpointing, merge), with bitsandbytes'
@@ -399,8 +459,10 @@ def test_config_errors_name_the_setting_and_the_fix(short_store, tiny_base, tmp_
         _config(short_store, tiny_base, eval_steps=10, save_steps=15).validate(cuda_available=False)
     with pytest.raises(TrainConfigError, match="finetune.device=cuda but CUDA is not available"):
         _config(short_store, tiny_base, device="cuda").validate(cuda_available=False)
-    with pytest.raises(TrainConfigError, match="finetune.backend=unsloth needs CUDA"):
-        _config(short_store, tiny_base, backend="unsloth").validate(cuda_available=False)
+    with pytest.raises(TrainConfigError, match="finetune.backend=unsloth but unsloth is not installed"):
+        _config(short_store, tiny_base, backend="unsloth").validate(cuda_available=False, unsloth=None)
+    with pytest.raises(TrainConfigError, match=r"unsloth on the CPU needs Unsloth's CPU fallback.*backend=trl"):
+        _config(short_store, tiny_base, backend="unsloth").validate(cuda_available=False, unsloth="2025.3.1")
     with pytest.raises(TrainConfigError, match="run step 5"):
         _config(short_store, tiny_base, train_path=str(tmp_path / "none.jsonl")).check_data()
     _config(short_store, tiny_base).validate(cuda_available=False)  # the CPU set-up is fine

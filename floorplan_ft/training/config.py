@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ CPU_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagr
 # bitsandbytes ships CPU kernels (NF4 4-bit layers, 8-bit optimizers) in this release and later: the
 # QLoRA path of the production profile then runs on a CPU too (slowly; the tests use it on tiny models).
 BNB_CPU_MIN = (0, 50)
+# Unsloth falls back to a CPU implementation of FastLanguageModel (plain transformers + PEFT + TRL)
+# from this release on, instead of refusing to import without a GPU.
+UNSLOTH_CPU_MIN = (2026, 10, 9)
 _PROBE = object()
 
 
@@ -56,21 +60,31 @@ def _cuda_available() -> bool:
 
 def unsloth_available() -> bool:
     """Unsloth is installed (the ``gpu`` extra). Importing it is left to the backend: it patches
-    transformers/TRL on import and needs CUDA."""
+    transformers/TRL on import. ``auto`` picks it on CUDA only."""
     return importlib.util.find_spec("unsloth") is not None
 
 
-def bitsandbytes_version() -> str | None:
-    """The installed bitsandbytes version (None: not installed). Read from the package metadata:
-    importing bitsandbytes is slow and noisy."""
-    if importlib.util.find_spec("bitsandbytes") is None:
+def _dist_version(module: str, dist: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
         return None
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("bitsandbytes")
+        return version(dist)
     except PackageNotFoundError:  # pragma: no cover - importable but without metadata
         return "0"
+
+
+def unsloth_version() -> str | None:
+    """The installed unsloth version (None: not installed), without importing it (it patches
+    transformers and TRL on import)."""
+    return _dist_version("unsloth", "unsloth")
+
+
+def bitsandbytes_version() -> str | None:
+    """The installed bitsandbytes version (None: not installed), read from the package metadata:
+    importing bitsandbytes is slow and noisy."""
+    return _dist_version("bitsandbytes", "bitsandbytes")
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -243,11 +257,12 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self, *, cuda_available: bool | None = None, bnb_version: Any = _PROBE) -> None:
+    def validate(self, *, cuda_available: bool | None = None, bnb_version: Any = _PROBE,
+                 unsloth: Any = _PROBE) -> None:
         """Raise ``TrainConfigError`` naming the setting and the fix; loads nothing.
 
-        ``cuda_available`` / ``bnb_version`` replace what this machine has (tests): a version
-        string, or None for "bitsandbytes is not installed"."""
+        ``cuda_available`` / ``bnb_version`` / ``unsloth`` replace what this machine has (tests):
+        a version string, or None for "not installed"."""
         cuda = _cuda_available() if cuda_available is None else cuda_available
         device = self.device if self.device != "auto" else ("cuda" if cuda else "cpu")
         errors: list[str] = []
@@ -261,15 +276,18 @@ class TrainConfig:
         if self.backend not in ("auto", "trl", "unsloth"):
             errors.append(f"finetune.backend={self.backend!r} is not one of auto, trl, unsloth")
         if self.backend == "unsloth":
-            if device != "cuda":
-                errors.append(
-                    "finetune.backend=unsloth needs CUDA, but training runs on the CPU. "
-                    "Set finetune.backend=trl (or auto, which picks TRL on the CPU)"
-                )
-            elif not unsloth_available():
+            installed = unsloth_version() if unsloth is _PROBE else unsloth
+            if installed is None:
                 errors.append(
                     "finetune.backend=unsloth but unsloth is not installed. Install the gpu extra "
                     "(pip install 'ft-pipeline[gpu]') or set finetune.backend=trl (or auto)"
+                )
+            elif device != "cuda" and (_version_tuple(installed) < UNSLOTH_CPU_MIN
+                                       or os.environ.get("UNSLOTH_DISABLE_CPU_FALLBACK") == "1"):
+                errors.append(
+                    f"finetune.backend=unsloth on the CPU needs Unsloth's CPU fallback (unsloth >= "
+                    f"{'.'.join(map(str, UNSLOTH_CPU_MIN))}, UNSLOTH_DISABLE_CPU_FALLBACK unset); unsloth {installed} "
+                    "is installed. Set finetune.backend=trl (or auto, which picks TRL on the CPU)"
                 )
         bnb_optim = "8bit" in self.optim or "bnb" in self.optim or "paged" in self.optim
         if self.load_in_4bit or bnb_optim:

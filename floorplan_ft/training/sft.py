@@ -24,8 +24,9 @@ the old checkpoints aside. A rerun after a finished run with the same fingerprin
 Backends. ``trl``: ``AutoModelForCausalLM`` (fp32 on the CPU, bf16/fp16 on CUDA; 4-bit NF4 through
 ``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training`` when ``load_in_4bit``, on CUDA or, with
 bitsandbytes' CPU kernels, on the CPU) and PEFT LoRA; 8-bit AdamW from bitsandbytes likewise.
-``unsloth`` (CUDA only, imported lazily): ``FastLanguageModel.from_pretrained`` +
-``get_peft_model``. ``auto`` picks Unsloth on CUDA when it is installed.
+``unsloth`` (imported lazily): ``FastLanguageModel.from_pretrained`` + ``get_peft_model``. ``auto``
+picks Unsloth on CUDA when it is installed; asked for by name on a CPU, Unsloth's own CPU fallback
+runs (slowly, and it swaps 8-bit optimizers for AdamW), which is how the tests exercise this path.
 """
 
 from __future__ import annotations
@@ -614,6 +615,9 @@ def prepare(
     warnings: list[str] = []
     if config.backend == "auto" and device == "cuda" and backend == "trl" and not unsloth_available():
         log.info("unsloth is not installed: training with TRL + PEFT")
+    if backend == "unsloth" and device == "cpu":
+        warnings.append("finetune.backend=unsloth on the CPU: Unsloth's CPU fallback trains (slowly, and with "
+                        "AdamW in place of 8-bit optimizers); finetune.backend=auto picks TRL here")
 
     data = data_summary(config, store)
     train_rows = _read_split(store, config.train_path)
