@@ -244,6 +244,11 @@ class FinetuneSettings(_Group):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
     cpu_threads: int | None = Field(None, gt=0, description="Torch threads on CPU (1 is fastest for tiny models).")
     eval_limit: int | None = Field(None, gt=0, description="Evaluate the student on the first N val rows only.")
+    eval_base_url: str | None = Field(
+        None,
+        description="Evaluate through an OpenAI-compatible server (e.g. vLLM serving merged_model/) at this URL instead of in-process transformers.",
+    )
+    eval_model: str | None = Field(None, description="Model name on that server (default: the first it lists).")
     trust_remote_code: bool = Field(False, description="Allow the base model's own code (EXAONE needs it).")
     gradient_checkpointing: bool | None = Field(None, description="Trade compute for memory (None: on for CUDA only).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk.")
@@ -258,6 +263,10 @@ class ServingSettings(_Group):
     )
     llm_model: str = Field("gpt-4o-mini", description="Model served by that backend.")
     base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible server (vLLM …).")
+    enable_thinking: bool | None = Field(
+        None,
+        description="Qwen3 thinking on that server: None sends enable_thinking=false to models named *qwen*; set false for a student served under its own name (it was trained non-thinking).",
+    )
     adapter_path: str | None = Field(None, description="LoRA adapter or merged model for the local backend.")
     max_new_tokens: int = Field(3072, gt=0, description="Output token limit of one analysis.")
     cpu_threads: int | None = Field(

@@ -39,3 +39,28 @@ def test_a_failed_run_ends_on_one_clear_line(prefect_api, no_dotenv, tmp_path):
     result = runner.invoke(app, ["run", "--steps", "3a", "--set", f"paths.data_root={tmp_path / 'data'}"])
     assert result.exit_code == 1
     assert "the run failed: ConfigError" in result.output and "OPENAI_API_KEY" in result.output
+
+
+def test_train_plan_for_the_production_profile(no_dotenv, tmp_path):
+    import json
+
+    result = runner.invoke(app, ["train-plan", "--profile", "production", "--json",
+                                 "--set", f"paths.data_root={tmp_path / 'empty'}"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    # 2,000 plans x 0.9 = 1,800 rows; batch 2 x accumulation 8: ceil(900 / 8) = 113 steps an epoch.
+    assert plan["rows"] == 1800 and plan["effective_batch"] == 16 and plan["steps_per_epoch"] == 113
+    assert plan["total_steps"] == 339 and plan["evaluations"] == 3 and plan["checkpoints"] == 3
+    assert plan["tokens_total"] == 1800 * 4096 * 3  # the plan's ~4.5K-token rows, capped at max_length
+    gpus = {g["device"]: g for g in plan["gpus"]}
+    a100 = gpus["NVIDIA A100 80GB"]
+    assert a100["fits"] and 10 < a100["memory_gib"] < 30
+    low, high = a100["hours"]
+    assert 1.5 < low < high < 8  # 8 FLOPs x 8.2B params x 22M tokens at 25-45 % of 312 TFLOPS
+    rtx3070 = gpus["NVIDIA RTX 3070 8GB"]
+    assert not rtx3070["fits"] and rtx3070["hours"] is None and "local-8gb" in rtx3070["advice"]
+
+    local = json.loads(runner.invoke(app, ["train-plan", "--profile", "local-8gb", "--json",
+                                           "--set", f"paths.data_root={tmp_path / 'empty'}"]).output)
+    assert {g["device"]: g for g in local["gpus"]}["NVIDIA RTX 3070 8GB"]["fits"]
+    assert local["tokens_total"] == 1800 * 2048 * 3

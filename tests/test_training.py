@@ -598,3 +598,63 @@ def test_demo_profile_finetune_and_evaluation_end_to_end(plans_store, no_dotenv)
     ev = run_evaluation(settings, plans_store)
     assert Path(ev["model_dir"]).name == "merged_model"  # the merged model, made from the current adapter
     assert ev["summary"]["schema_compliance"] == 1.0 and Path(ev["path"]).is_file()
+
+
+def test_train_plan_counts_the_rows_with_the_base_models_tokenizer(plans_store, no_dotenv):
+    from transformers import AutoTokenizer
+
+    from floorplan_ft.dataset import read_rows
+    from floorplan_ft.settings import load_settings
+    from floorplan_ft.training.plan import plan_training
+    from floorplan_ft.training.sft import encode_row, ensure_demo_base
+
+    base = ensure_demo_base(Path(plans_store.root) / "models" / "tiny-student-base")
+    settings = load_settings(profile="demo", paths={"data_root": plans_store.root},
+                             finetune={"base_model": base, "max_length": 4096})
+    plan = plan_training(settings, plans_store)
+    rows = read_rows(plans_store, "train")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    lengths = [len(encode_row(tokenizer, r)[0]) for r in rows]
+    assert plan.rows == len(rows) and plan.tokens_source == "counted with the tokenizer"
+    assert plan.longest_row == max(lengths) > 4096  # byte-level tokenizer: Korean rows are long
+    assert plan.rows_over_max_length == sum(n > 4096 for n in lengths)
+    assert plan.tokens_per_epoch == sum(min(n, 4096) for n in lengths)
+    assert "rows exceed finetune.max_length" in plan.markdown()
+
+
+def test_evaluation_through_an_openai_compatible_server(plans_store, fake_provider, no_dotenv, monkeypatch):
+    """``finetune.eval_base_url``: the student served by vLLM (here the fake server, speaking the
+    OpenAI wire protocol on 127.0.0.1) answers the val prompts; it answers with the teacher's own
+    answers, so every agreement measure is exactly 1."""
+    from fakes.provider_server import Reply
+
+    from floorplan_ft.dataset import read_rows
+    from floorplan_ft.settings import load_settings
+    from floorplan_ft.training.evaluate import run_evaluation
+    from floorplan_ft.training.sft import split_stems
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-reach-the-student-server-0123")
+    rows = read_rows(plans_store, "val")
+    settings = load_settings(profile="demo", paths={"data_root": plans_store.root}, finetune={
+        "student_name": "served-student", "eval_base_url": fake_provider.openai_base_url,
+        "eval_model": "floorplan-student", "base_model": "Qwen/Qwen3-8B"})
+    stems = split_stems(TrainConfig.from_settings(settings, plans_store), "val", len(rows))
+    for stem, row in zip(stems, rows, strict=True):
+        fake_provider.push_for(stem, Reply.ok(row["messages"][-1]["content"]))
+
+    out = run_evaluation(settings, plans_store)
+    s = out["summary"]
+    assert s["rows"] == len(rows) and s["schema_compliance"] == 1.0 and s["quality"]["ratio"] == 1.0
+    assert s["field_agreement"]["scalar_exact_match"] == 1.0 and s["field_agreement"]["rouge_l"] == 1.0
+    assert s["quality"]["expected_band"] == [0.85, 0.95]  # from the base model the student was trained on
+    assert out["device"]["kind"] == "server" and fake_provider.openai_base_url in out["device"]["name"]
+    assert s["latency"]["p50_s"] > 0
+    chats = fake_provider.requests_to("/chat/completions")
+    assert len(chats) == len(rows)
+    for req in chats:
+        assert req.body["model"] == "floorplan-student"
+        assert req.body["chat_template_kwargs"] == {"enable_thinking": False}  # as trained, whatever its name
+        assert req.body["response_format"]["type"] == "json_schema"
+        assert "sk-must-not-reach" not in (req.header("authorization") or "")
+    report = json.loads(Path(out["path"]).read_text())
+    assert report["summary"] == s and Path(out["path"]).parent.name == "served-student"

@@ -28,6 +28,7 @@ def make_chat_client(
     timeout_s: float | None = None,
     max_tokens: int | None = None,
     probe: bool = True,
+    enable_thinking: bool | None = None,
 ) -> LLMClient:
     """A client for `provider` (default ``settings.serving.llm_provider``).
 
@@ -38,7 +39,8 @@ def make_chat_client(
     provider, or for a compatible server to the first model it lists. `timeout_s` defaults to
     ``serving.timeout_s``, `max_tokens` to the provider's default (local: ``serving.max_new_tokens``).
     `base_url` overrides the provider's URL setting (``openai_base_url``, ``gemini_base_url``,
-    ``serving.base_url``); errors then name whichever setting holds that URL.
+    ``serving.base_url``); errors then name whichever setting holds that URL. `enable_thinking`
+    (OpenAI-compatible servers) defaults to ``serving.enable_thinking`` for ``openai-compatible``.
     """
     serving = settings.serving
     provider = provider or serving.llm_provider
@@ -100,8 +102,11 @@ def make_chat_client(
                         f"the server at {setting}={base_url} lists no models; set the model name"
                     )
                 model = offered[0]
+        if enable_thinking is None and provider == "openai-compatible":
+            enable_thinking = serving.enable_thinking
         return OpenAICompatibleChatClient(
-            base_url, model, timeout_s=timeout, max_tokens=max_tokens, base_url_setting=setting
+            base_url, model, timeout_s=timeout, max_tokens=max_tokens, base_url_setting=setting,
+            enable_thinking=enable_thinking,
         )
     # local
     from floorplan_ft.serving.local_client import LocalChatClient
@@ -183,6 +188,8 @@ def _url_setting(settings: Any, base_url: str | None, provider: str) -> str:
         return "teachers.compatible_base_url"
     if base_url and base_url == settings.serving.base_url:
         return "serving.base_url"
+    if base_url and base_url == getattr(settings.finetune, "eval_base_url", None):
+        return "finetune.eval_base_url"
     if base_url:
         return "the base_url passed to make_chat_client"
     return "teachers.compatible_base_url" if provider == "compatible" else "serving.base_url"

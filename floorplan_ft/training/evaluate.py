@@ -1,7 +1,8 @@
 """Phase 6b: the student against the teacher on the validation rows.
 
 For every val row the student answers the row's own prompt (system + user turns) through
-``LocalChatClient`` with schema-constrained decoding; the answer is scored with phase 4's metrics
+``LocalChatClient`` with schema-constrained decoding (or, with ``finetune.eval_base_url``, through
+the OpenAI-compatible server, e.g. vLLM, that serves it: the latency is then the serving latency); the answer is scored with phase 4's metrics
 and checks (``quality.score_answer``) against the plan's topology and the rule-based reference, and
 compared with the teacher's answer (the row's assistant turn):
 
@@ -240,7 +241,7 @@ def _base_of(model_dir: Path) -> str | None:
     merged = model_dir / "merged_from.json"
     if merged.is_file():
         return json.loads(merged.read_text()).get("base_model")
-    return str(model_dir)
+    return str(model_dir) if (model_dir / "config.json").is_file() else None
 
 
 def _params_of(base: str | None) -> int | None:
@@ -371,7 +372,7 @@ def evaluate_student(
     if missing_graph:
         warnings.append(f"{len(missing_graph)} rows have no topology graph (no quality score): {missing_graph[:10]}")
 
-    base = _base_of(model_dir)
+    base = _base_of(model_dir) or config.base_model
     params = _params_of(base)
     band, note = expected_band(params)
     scored = [r for r in out_rows if r["student"] is not None]
@@ -423,12 +424,18 @@ def evaluate_student(
             "max_new_tokens": max_new,
         },
     }
-    try:
-        kind = client.describe().get("device") or config.resolved_device()
-    except Exception:  # noqa: BLE001 - a stand-in client without describe()
-        kind = config.resolved_device()
+    server = getattr(client, "base_url", None) if getattr(client, "provider", None) == "openai-compatible" else None
+    if server:
+        device = {"kind": "server", "name": f"OpenAI-compatible server at {server}",
+                  "model": getattr(client, "model", None)}
+    else:
+        try:
+            kind = client.describe().get("device") or config.resolved_device()
+        except Exception:  # noqa: BLE001 - a stand-in client without describe()
+            kind = config.resolved_device()
+        device = describe_device(kind)
     report = EvalReport(
-        model_dir=str(model_dir), base_model=base, params=params, device=describe_device(kind), rows=out_rows,
+        model_dir=str(model_dir), base_model=base, params=params, device=device, rows=out_rows,
         summary=summary, created_at=datetime.now(UTC).isoformat(timespec="seconds"), warnings=warnings,
     )
     if write:
@@ -459,6 +466,26 @@ def run_evaluation(settings: Any, store: ArtifactStore | None = None) -> dict[st
     """Step 6b: evaluate the trained student on the val rows; the report and its markdown."""
     store = store or ArtifactStore(settings.paths.data_root)
     config = TrainConfig.from_settings(settings, store)
-    report = evaluate_student(store, student_model_dir(config), settings=settings)
+    client = None
+    if settings.finetune.eval_base_url:
+        # The student served by vLLM (or any OpenAI-compatible server): schema-constrained through
+        # the server's json_schema response format, Qwen3 thinking off, the key never sent.
+        from floorplan_ft.serving.factory import make_chat_client
+
+        client = make_chat_client(settings, "openai-compatible", settings.finetune.eval_model,
+                                  base_url=settings.finetune.eval_base_url,
+                                  max_tokens=settings.serving.max_new_tokens,
+                                  enable_thinking=config.enable_thinking)  # as trained, whatever its name
+    try:
+        try:
+            model_dir = student_model_dir(config)
+        except FileNotFoundError:
+            if client is None:
+                raise
+            model_dir = Path(config.student_dir)  # served from elsewhere: the report names the base model
+        report = evaluate_student(store, model_dir, settings=settings, client=client)
+    finally:
+        if client is not None:
+            client.close()
     return {"path": report.path, "summary": report.summary, "device": report.device,
             "model_dir": report.model_dir, "markdown": report.markdown()}
