@@ -64,3 +64,6 @@ def test_train_plan_for_the_production_profile(no_dotenv, tmp_path):
                                            "--set", f"paths.data_root={tmp_path / 'empty'}"]).output)
     assert {g["device"]: g for g in local["gpus"]}["NVIDIA RTX 3070 8GB"]["fits"]
     assert local["tokens_total"] == 1800 * 2048 * 3
+    # The plan's ~3K-token prompts do not fit the local profile's 2,048 tokens: said before any pod.
+    assert any("max_length=2048" in w and "dropped" in w for w in local["warnings"])
+    assert plan["warnings"] == []

@@ -40,7 +40,8 @@ GPUS: tuple[tuple[DeviceInfo, float], ...] = (
     (DeviceInfo("cuda", "NVIDIA RTX 3070 8GB", 8 * GiB), 40e12),
 )
 # DOMAIN.md: ~3K prompt tokens per plan and ~1.5K answer tokens (the teacher's output).
-PLAN_ROW_TOKENS = 3000 + 1500
+PLAN_PROMPT_TOKENS = 3000
+PLAN_ROW_TOKENS = PLAN_PROMPT_TOKENS + 1500
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TrainPlan:
     evaluations: int
     checkpoints: int
     gpus: list[GpuPlan] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def tokens_total(self) -> int:
@@ -90,8 +92,7 @@ class TrainPlan:
             f" = {self.total_steps} steps, {self.evaluations} validation passes, {self.checkpoints} checkpoints; "
             f"{self.tokens_total:,} training tokens"),
         ]
-        if self.rows_over_max_length:
-            lines.append(f"Warning: {self.rows_over_max_length} rows exceed finetune.max_length and will be cut")
+        lines += [f"Warning: {w}" for w in self.warnings]
         lines += ["", "| GPU | memory estimate | fits | hours (25-45 % of bf16 peak) |", "|---|---|---|---|"]
         for g in self.gpus:
             hours = "-" if g.hours is None else f"{g.hours[0]:.1f}-{g.hours[1]:.1f}"
@@ -146,6 +147,18 @@ def plan_training(settings: Any, store: ArtifactStore | None = None) -> TrainPla
         steps_per_epoch=per_epoch, total_steps=total, evaluations=total // config.eval_steps,
         checkpoints=total // config.save_steps,
     )
+    if over:
+        plan.warnings.append(
+            f"{over} of {n_rows} rows exceed finetune.max_length={config.max_length} (longest {longest} tokens) and "
+            "will be cut, losing the end of their answers: raise finetune.max_length or set dataset.drop_overlong=true"
+        )
+    elif not train_path.is_file() and PLAN_ROW_TOKENS > config.max_length:
+        what = ("the prompt alone (~3,000) leaves no room for the answer, so such rows would be dropped"
+                if PLAN_PROMPT_TOKENS >= config.max_length else "their answers would be cut")
+        plan.warnings.append(
+            f"the plan's rows (~{PLAN_ROW_TOKENS:,} tokens) are longer than finetune.max_length={config.max_length}: "
+            f"{what}. Measure real rows after step 5 (this command counts them) before training"
+        )
     tokens = plan.tokens_total if config.max_steps <= 0 else total * effective * (tokens_per_epoch / max(n_rows, 1))
     gpu_config = config.replace(device="cuda")
     for device, peak in GPUS:
