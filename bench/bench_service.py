@@ -23,7 +23,9 @@ On a GPU box against the real student (target: total p95 <= 30 s per analysis):
     FTP_RETRIEVAL__DEVICE=cuda FTP_PATHS__DATA_ROOT=/data \
         python bench/bench_service.py --providers settings --requests 50 --warmup 2
     # or vLLM serving the merged student (`vllm serve /models/student/merged --port 8000`):
+    # (served under its own name: say it was trained non-thinking)
     LLM_PROVIDER=openai-compatible FTP_SERVING__BASE_URL=http://127.0.0.1:8000/v1 \
+    FTP_SERVING__ENABLE_THINKING=false \
         python bench/bench_service.py --providers settings --requests 50
     # the rollback path for comparison (costs money): LLM_PROVIDER=openai OPENAI_API_KEY=...
 Add ``--profile production`` (or ``-c config.toml``) for the team's settings. The result is written

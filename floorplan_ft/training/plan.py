@@ -39,6 +39,9 @@ GPUS: tuple[tuple[DeviceInfo, float], ...] = (
     (DeviceInfo("cuda", "NVIDIA RTX 4090 24GB", 24 * GiB), 165e12),
     (DeviceInfo("cuda", "NVIDIA RTX 3070 8GB", 8 * GiB), 40e12),
 )
+# bench/bench_training.py measured up to 1.24x the estimate's live memory (QLoRA on the CPU); a fit
+# with less headroom than that is flagged as tight.
+TIGHT_MARGIN = 1.25
 # DOMAIN.md: ~3K prompt tokens per plan and ~1.5K answer tokens (the teacher's output).
 PLAN_PROMPT_TOKENS = 3000
 PLAN_ROW_TOKENS = PLAN_PROMPT_TOKENS + 1500
@@ -50,6 +53,7 @@ class GpuPlan:
     memory_gib: float
     fits: bool
     advice: str | None
+    tight: bool
     hours: tuple[float, float] | None
 
 
@@ -96,7 +100,7 @@ class TrainPlan:
         lines += ["", "| GPU | memory estimate | fits | hours (25-45 % of bf16 peak) |", "|---|---|---|---|"]
         for g in self.gpus:
             hours = "-" if g.hours is None else f"{g.hours[0]:.1f}-{g.hours[1]:.1f}"
-            fits = "yes" if g.fits else f"no: {g.advice}"
+            fits = ("yes, tight (less than 25 % headroom)" if g.tight else "yes") if g.fits else f"no: {g.advice}"
             lines.append(f"| {g.device} | {g.memory_gib:.1f} GiB | {fits} | {hours} |")
         return "\n".join(lines) + "\n"
 
@@ -169,6 +173,7 @@ def plan_training(settings: Any, store: ArtifactStore | None = None) -> TrainPla
             advice = str(exc).split("Options: ", 1)[-1]
         flops = FLOPS_PER_PARAM_TOKEN * shape.params * tokens
         hours = (flops / (peak * UTILISATION[1]) / 3600, flops / (peak * UTILISATION[0]) / 3600) if fits else None
-        plan.gpus.append(GpuPlan(device.name, round(est.total_gib, 1), fits, advice,
+        tight = fits and est.total_bytes * TIGHT_MARGIN > device.usable_bytes
+        plan.gpus.append(GpuPlan(device.name, round(est.total_gib, 1), fits, advice, tight,
                                  None if hours is None else (round(hours[0], 2), round(hours[1], 2))))
     return plan
