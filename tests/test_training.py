@@ -147,6 +147,8 @@ def test_loss_goes_down_and_outputs_are_written(trained, short_store):
     for path in (config.train_path, config.val_path):
         assert hashlib.sha256(Path(path).read_bytes()).hexdigest() in card
     assert str(config.base_model) in card and "lora_r" in card and "best validation loss" in card
+    assert result.peak_memory["device"] == "cpu" and result.peak_memory["max_rss_gib"] > 0.1
+    assert "measured peak" in card and "max RSS" in result.markdown()
     saved = json.loads(Path(config.result_path).read_text())
     assert saved["fingerprint"] == result.fingerprint and saved["global_step"] == 20
     assert (Path(config.adapter_dir) / "tokenizer.json").is_file()

@@ -193,6 +193,7 @@ class TrainResult:
     memory: dict[str, Any] | None
     warnings: list[str] = field(default_factory=list)
     merged_dir: str | None = None
+    peak_memory: dict[str, Any] | None = None  # measured: CUDA allocator peaks, or the process's max RSS
     reused: bool = False
     created_at: str = ""
     model: Any = field(default=None, repr=False, compare=False)  # the trained model (keep_model=True)
@@ -230,9 +231,37 @@ class TrainResult:
         ]
         if self.memory:
             lines.append(f"| memory estimate | {self.memory.get('total_gib')} GiB |")
+        if self.peak_memory:
+            lines.append(f"| measured peak | {describe_peak(self.peak_memory)} |")
         if self.warnings:
             lines += ["", "Warnings:"] + [f"- {w}" for w in self.warnings]
         return "\n".join(lines) + "\n"
+
+
+def _reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure_peak_memory(device: str) -> dict[str, Any]:
+    """What training really used: on CUDA the caching allocator's peaks (allocated = live tensors,
+    comparable with the estimate; reserved ~ what nvidia-smi shows), on the CPU the process's max RSS."""
+    if device == "cuda":
+        import torch
+
+        return {"device": "cuda", "allocated_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 2),
+                "reserved_gib": round(torch.cuda.max_memory_reserved() / 1024**3, 2)}
+    import resource
+
+    return {"device": "cpu", "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)}
+
+
+def describe_peak(peak: dict[str, Any]) -> str:
+    if peak.get("device") == "cuda":
+        return f"{peak['allocated_gib']} GiB allocated, {peak['reserved_gib']} GiB reserved (CUDA)"
+    return f"{peak.get('max_rss_gib')} GiB max RSS of the process (CPU)"
 
 
 def history_records(log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -356,6 +385,7 @@ Backend `{result.backend}` on `{result.device}`, {result.global_step} of {result
 | best validation loss | {f(result.best_eval_loss)} |
 | last validation loss | {f(result.last_eval_loss)} |
 | best checkpoint | {Path(result.best_checkpoint).name if result.best_checkpoint else 'n/a'} |
+| memory: estimated / measured peak | {(result.memory or {}).get('total_gib', 'n/a')} GiB / {describe_peak(result.peak_memory) if result.peak_memory else 'n/a'} |
 
 Run fingerprint `{result.fingerprint}`. Student evaluation: `eval_report.json` beside this folder.
 
@@ -811,7 +841,11 @@ def train(
     resume_from = _prepare_checkpoints(config, prep.fingerprint, resume)
     if resume_from:
         log.info("resuming from %s", resume_from)
+    _reset_peak_memory(prep.device)
     output = trainer.train(resume_from_checkpoint=resume_from)
+    peak = measure_peak_memory(prep.device)
+    if prep.memory:
+        log.info("memory: estimated %.1f GiB, measured %s", prep.memory.total_gib, describe_peak(peak))
     state = trainer.state
 
     records = history_records(state.log_history)
@@ -862,6 +896,7 @@ def train(
         resumed_from=resume_from,
         runtime_s=round(time.perf_counter() - started, 2),
         memory=prep.memory.to_dict() if prep.memory else None,
+        peak_memory=peak,
         warnings=list(prep.warnings),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
