@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from floorplan_ft.settings import Settings
@@ -22,9 +24,17 @@ def finetune_task(settings: Settings) -> dict:
     def log(record: dict) -> None:
         logger.info("train %s", {k: record[k] for k in sorted(record) if k in ("step", "loss", "eval_loss", "learning_rate")})
 
-    result = run_finetune(settings, store_for(settings), on_log=log)
+    store = store_for(settings)
+    result = run_finetune(settings, store, on_log=log)
     create_markdown_artifact(key=artifact_key("phase6-training"), markdown=result.pop("markdown"),
                              description="Phase 6: fine-tune (loss curves, adapter, model card)")
+    history = json.loads(store.read_text(result["log_path"])).get("history", [])
+    if history:
+        create_table_artifact(
+            key=artifact_key("phase6-loss-curve"),
+            table=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in history],
+            description="Phase 6: train and validation loss per logged step (training_log.json)",
+        )
     return result
 
 

@@ -660,3 +660,44 @@ def test_evaluation_through_an_openai_compatible_server(plans_store, fake_provid
         assert "sk-must-not-reach" not in (req.header("authorization") or "")
     report = json.loads(Path(out["path"]).read_text())
     assert report["summary"] == s and Path(out["path"]).parent.name == "served-student"
+
+
+@pytest.mark.prefect
+def test_ft_pipeline_run_steps_6_trains_evaluates_and_publishes(prefect_api, plans_store, no_dotenv):
+    """`ft-pipeline run --steps 6` with the demo profile, through the parent flow on a real Prefect
+    API: the report line, the outputs, and the three phase-6 artifacts."""
+    import httpx
+    from typer.testing import CliRunner
+
+    from floorplan_ft.training.sft import ensure_demo_base
+    from ft_pipeline.cli import app
+
+    base = ensure_demo_base(Path(plans_store.root) / "models" / "tiny-student-base")
+    sets = {"paths.data_root": plans_store.root, "finetune.base_model": base, "finetune.student_name": "cli-student",
+            "finetune.max_steps": 3, "finetune.eval_steps": 3, "finetune.save_steps": 3, "finetune.logging_steps": 1,
+            "finetune.max_length": 16384, "finetune.eval_limit": 1}
+    args = ["run", "--profile", "demo", "--steps", "6"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (line,) = [x for x in result.output.splitlines() if x.strip().startswith("step  6:")]
+    assert "done" in line and '"steps": 3' in line and '"schema_compliance": 1.0' in line
+    student = Path(plans_store.root) / "cli-student"
+    for name in ("adapter_model/adapter_model.safetensors", "adapter_model/README.md", "merged_model/config.json",
+                 "training_log.json", "training_curves.png", "train_result.json", "eval_report.json"):
+        assert (student / name).is_file(), name
+
+    from prefect.settings import PREFECT_API_URL
+
+    response = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", json={
+        "artifacts": {"key": {"any_": ["phase6-training", "phase6-loss-curve", "phase6-evaluation"]}},
+        "limit": 20, "offset": 0, "sort": "CREATED_DESC"})
+    latest = {}
+    for artifact in response.json():
+        latest.setdefault(artifact["key"], artifact)
+    assert set(latest) == {"phase6-training", "phase6-loss-curve", "phase6-evaluation"}
+    assert "Phase 6: student fine-tune" in latest["phase6-training"]["data"]
+    assert "schema compliance" in latest["phase6-evaluation"]["data"]
+    table = json.loads(latest["phase6-loss-curve"]["data"])
+    assert [r["step"] for r in table if r["loss"] is not None] == [1, 2, 3] and table[-1]["eval_loss"] is not None

@@ -227,6 +227,7 @@ class TrainResult:
             f"| first → last train loss | {f(self.first_loss)} → {f(self.last_loss)} |",
             f"| best / last val loss | {f(self.best_eval_loss)} / {f(self.last_eval_loss)} |",
             f"| adapter | `{self.adapter_dir}` |",
+            f"| loss curves | `{self.curves_path}` (chart), `{self.log_path}` (JSON) |",
             f"| merged model | `{self.merged_dir or '(not written)'}` |",
         ]
         if self.memory:
