@@ -32,18 +32,27 @@ def _one_thread(single_thread_torch):
     """Every test here runs tiny models: one torch thread (conftest)."""
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
+def _learnable_base(directory: Path, hidden_size: int = 32) -> Path:
     """A random 2-layer Qwen3 whose (tied) embeddings are scaled up: at the default init (std 0.02)
     no logit can exceed ~0.6, so no adapter could bring the loss much below ln(vocab)."""
     import torch
 
-    directory = tmp_path_factory.mktemp("tiny-base") / "base"
-    model, _ = build_tiny_causal_lm(directory, seed=1)
+    model, _ = build_tiny_causal_lm(directory, seed=1, hidden_size=hidden_size)
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(10.0)
     model.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return _learnable_base(tmp_path_factory.mktemp("tiny-base") / "base")
+
+
+@pytest.fixture(scope="module")
+def tiny_base_64(tmp_path_factory):
+    """The same at hidden size 64: bitsandbytes' CPU NF4 kernels need layers of >= 64 features."""
+    return _learnable_base(tmp_path_factory.mktemp("tiny-base-64") / "base", hidden_size=64)
 
 
 def _row(i: int, long_user: bool = False) -> dict:
@@ -299,7 +308,7 @@ print("RESULT " + json.dumps({
 """
 
 
-def test_unsloth_backend_trains_and_writes_an_adapter_plain_peft_loads(short_store, tmp_path):
+def test_unsloth_backend_trains_and_writes_an_adapter_plain_peft_loads(short_store, tiny_base_64):
     """``finetune.backend=unsloth`` through our loader and trainer, on Unsloth's CPU fallback (its
     CUDA kernels need a GPU). In a subprocess: importing unsloth patches TRL for the whole process."""
     import dataclasses
@@ -310,11 +319,7 @@ def test_unsloth_backend_trains_and_writes_an_adapter_plain_peft_loads(short_sto
 
     from floorplan_ft.training.sft import merge_adapter
 
-    base = tmp_path / "base64"
-    model, _ = build_tiny_causal_lm(base, seed=1, hidden_size=64)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10.0)
-    model.save_pretrained(base)
+    base = tiny_base_64
     config = _config(short_store, base, student_name="student-unsloth", backend="unsloth", load_in_4bit=True,
                      gradient_checkpointing=True, max_steps=12, eval_steps=4, save_steps=4)
     proc = subprocess.run([sys.executable, "-c", UNSLOTH_RUN, json.dumps(dataclasses.asdict(config))],
@@ -339,7 +344,7 @@ def test_unsloth_backend_trains_and_writes_an_adapter_plain_peft_loads(short_sto
     assert torch.allclose(_logits(merged_model, tokenizer), _logits(adapter_model, tokenizer), atol=1e-4)
 
 
-def test_production_profile_qlora_path_runs_on_the_cpu(short_store, tmp_path, no_dotenv):
+def test_production_profile_qlora_path_runs_on_the_cpu(short_store, tiny_base_64, no_dotenv):
     """The production profile as the A100 runs it (NF4 4-bit base, LoRA r 64 / alpha 128 on every
     projection, 8-bit AdamW, cosine with warmup, gradient checkpointing, merge), with bitsandbytes'
     CPU kernels, a tiny model, short rows and a few steps at a higher learning rate."""
@@ -349,11 +354,7 @@ def test_production_profile_qlora_path_runs_on_the_cpu(short_store, tmp_path, no
     from floorplan_ft.settings import load_settings
     from floorplan_ft.training.sft import prepare, run_finetune, train
 
-    base = tmp_path / "base64"
-    model, _ = build_tiny_causal_lm(base, seed=1, hidden_size=64)  # CPU NF4 kernels need >= 64 features
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10.0)
-    model.save_pretrained(base)
+    base = tiny_base_64
     production = load_settings(profile="production")
     settings = load_settings(profile="production", paths={"data_root": short_store.root}, finetune={
         "base_model": str(base), "student_name": "student-qlora", "device": "cpu", "max_length": 512,
