@@ -62,6 +62,10 @@ class PathSettings(_Group):
         None,
         description="Criteria corpus JSON ({id, content, source, keywords} chunks). Default: the shipped one.",
     )
+    team_code: str | None = Field(
+        None,
+        description="The team's repository `python/` folder, put on the import path for cv.source=team-pipeline and prompts.style=team.",
+    )
 
 
 class SamplingSettings(_Group):
@@ -83,9 +87,9 @@ class SamplingSettings(_Group):
 
 
 class CVSettings(_Group):
-    source: Literal["annotations", "plugin"] = Field(
+    source: Literal["annotations", "plugin", "runpod", "team-pipeline"] = Field(
         "annotations",
-        description="Where detections come from: COCO annotation files (also what synth writes) or the team's CV plugin.",
+        description="Where phase 1 gets its graphs: COCO annotation files (also what synth writes), a detector plugin, the team's RunPod Serverless CV endpoint, or the team's InferencePipeline in process.",
     )
     plugin: str | None = Field(
         None, description="'package.module:factory' returning an object with predict(image) -> detections."
@@ -98,10 +102,29 @@ class CVSettings(_Group):
     )
     clear_cache_every: int = Field(50, gt=0, description="Clear the CUDA cache every N images.")
     overlay: bool = Field(False, description="Also render the graph over the plan (costs 2-3x).")
+    strict_categories: bool = Field(
+        False,
+        description="Reject a whole plan whose detections name an unknown category (default: skip that annotation, counted in the sidecar).",
+    )
+    runpod_endpoint_id: str | None = Field(
+        None,
+        validation_alias=AliasChoices("runpod_endpoint_id", "RUNPOD_ENDPOINT_ID"),
+        description="RunPod Serverless endpoint id of the team's CV worker (cv.source=runpod; also EMBEDDING_PROVIDER=runpod).",
+    )
+    runpod_base_url: str = Field(
+        "https://api.runpod.ai/v2", description="Base URL of RunPod Serverless endpoints."
+    )
+    runpod_timeout_s: float = Field(
+        300.0, gt=0, description="Longest wait for one RunPod job, polling included (cold starts take minutes)."
+    )
+    runpod_poll_interval_s: float = Field(2.0, gt=0, description="Seconds between status polls of an IN_PROGRESS job.")
+    runpod_max_attempts: int = Field(
+        3, gt=0, description="Attempts per image when the job FAILED or its output holds an error."
+    )
 
 
 class RetrievalSettings(_Group):
-    provider: Literal["local", "openai", "openai-compatible"] = Field(
+    provider: Literal["local", "openai", "openai-compatible", "runpod"] = Field(
         "local",
         validation_alias=AliasChoices("provider", "EMBEDDING_PROVIDER"),
         description="Embedding backend.",
@@ -109,11 +132,29 @@ class RetrievalSettings(_Group):
     model: str = Field(
         "Qwen/Qwen3-Embedding-0.6B", description="Embedding model id or local directory."
     )
-    dimensions: int = Field(768, gt=0, description="Embedding width (Matryoshka truncation).")
+    dimensions: int = Field(
+        768, gt=0,
+        description="Embedding width (Matryoshka truncation); 1024 by default with the team's table (retrieval.corpus=pgvector:...) or EMBEDDING_PROVIDER=runpod.",
+    )
+    corpus: str = Field(
+        "shipped",
+        description="Where the criteria come from: 'shipped' (paths.corpus_path or the packaged corpus) or 'pgvector:TABLE' (the team's table with document, metadata, embedding; DSN serving.pg_dsn).",
+    )
     top_k: int = Field(5, gt=0, description="Criteria chunks retrieved per plan.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for local embeddings.")
     base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible embeddings server.")
     batch_size: int = Field(32, gt=0, description="Texts per embedding call.")
+
+
+class PromptSettings(_Group):
+    style: Literal["project", "team"] = Field(
+        "project",
+        description="Whose prompt every phase sends: ft-pipeline's own, or the team's SYSTEM_PROMPT + build_analysis_prompt (what production serves).",
+    )
+    module: str = Field(
+        "CV.rag_system.prompts",
+        description="With style=team: module providing SYSTEM_PROMPT and build_analysis_prompt(topology_data, rag_context) (found through paths.team_code or the import path).",
+    )
 
 
 class ModelPrice(_Group):
@@ -248,7 +289,14 @@ class FinetuneSettings(_Group):
         None,
         description="Evaluate through an OpenAI-compatible server (e.g. vLLM serving merged_model/) at this URL instead of in-process transformers.",
     )
-    eval_model: str | None = Field(None, description="Model name on that server (default: the first it lists).")
+    eval_model: str | None = Field(
+        None, description="Model name on that server, e.g. the LoRA module name 'cv_agent' (default: the first it lists)."
+    )
+    eval_max_tokens: int = Field(8000, gt=0, description="max_tokens of one evaluation request through that server (the team client sends 8000).")
+    vllm_max_lora_rank: int = Field(
+        64,
+        description="The serving vLLM's --max-lora-rank (vLLM's default is 16): the adapter's rank is checked against it before training.",
+    )
     trust_remote_code: bool = Field(False, description="Allow the base model's own code (EXAONE needs it).")
     gradient_checkpointing: bool | None = Field(None, description="Trade compute for memory (None: on for CUDA only).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk.")
@@ -310,6 +358,7 @@ class Settings(BaseSettings):
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     cv: CVSettings = Field(default_factory=CVSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    prompts: PromptSettings = Field(default_factory=PromptSettings)
     teachers: TeacherSettings = Field(default_factory=TeacherSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
@@ -332,6 +381,11 @@ class Settings(BaseSettings):
             "gemini_api_key", "FTP_GEMINI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"
         ),
         description="Google Gemini key.",
+    )
+    runpod_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("runpod_api_key", "FTP_RUNPOD_API_KEY", "RUNPOD_API_KEY"),
+        description="RunPod key for the team's Serverless CV/embedding endpoint (or a Prefect block). Never logged or written.",
     )
     gemini_base_url: str | None = Field(
         None,
@@ -494,7 +548,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def _check_env_keys() -> None:
     """Reject FTP_* variables that name no setting (a typo would otherwise be silently ignored)."""
     known_top = {name.upper() for name in Settings.model_fields}
-    aliases = {"OPENAI_API_KEY", "OPENAI_BASE_URL", "GEMINI_API_KEY", "GEMINI_BASE_URL"}
+    aliases = {"OPENAI_API_KEY", "OPENAI_BASE_URL", "GEMINI_API_KEY", "GEMINI_BASE_URL", "RUNPOD_API_KEY"}
     for key in os.environ:
         if not key.startswith(ENV_PREFIX):
             continue
