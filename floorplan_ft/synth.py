@@ -1405,23 +1405,27 @@ def generate_plan(rng: np.random.Generator, stem: str) -> SynthPlan:
 
 
 def _structure_type(living: dict | None, kitchen: dict | None) -> tuple[str, set[str]]:
-    """Structure type by the DOMAIN rules; also the set of types any rule ordering could give."""
-    if living is None or kitchen is None or living["main"] is None:
+    """Structure type by the team aggregator's order (a living room open on two perpendicular
+    sides is 타워형 before the kitchen is looked at); also the set of types any rule ordering
+    could give."""
+    if living is None or living["main"] is None:
         return "혼합형", {"혼합형"}
-    L, K = living["main"], kitchen["main"]
+    L = living["main"]
+    K = None if kitchen is None else kitchen["main"]
     dirs = set(living["dirs"])
     two_sides = bool(dirs & {"N", "S"}) and bool(dirs & {"E", "W"})
     hits = set()
-    if K is not None and _OPPOSITE[L] == K:
+    if kitchen is not None and K is not None and _OPPOSITE[L] == K:
         hits.add("판상형")
-    if two_sides or K is None or K == L:
+    if two_sides or (kitchen is not None and (K is None or K == L)):
         hits.add("타워형")
-    if K is not None and K != L and _OPPOSITE[L] != K:
+    if kitchen is not None and K is not None and K != L and _OPPOSITE[L] != K:
         hits.add("혼합형")
-    for st in STRUCTURE_TYPES:
-        if st in hits:
-            return st, hits
-    return "혼합형", {"혼합형"}  # pragma: no cover
+    if two_sides:
+        return "타워형", hits
+    if kitchen is None:
+        return "혼합형", {"혼합형"}
+    return next(iter(hits)), hits  # without two open sides exactly one rule applies
 
 
 def truth_statistics(plan: SynthPlan) -> dict[str, Any]:

@@ -288,11 +288,31 @@ def test_mixed_plan_perpendicular_and_undecidable():
     u.space("주방", 300, 0, 500, 200)
     assert u.build().statistics.structure_type == "혼합형"
 
-    v = Plan()  # corner living room but no kitchen: undecidable
+    v = Plan()  # corner living room, no kitchen: 타워형 all the same (the team's order)
     v.space("거실", 0, 0, 300, 200)
     v.window(50, 200, 250, 200)
     v.window(0, 50, 0, 150)
-    assert v.build().statistics.structure_type == "혼합형"
+    assert v.build().statistics.structure_type == "타워형"
+
+
+def test_tower_before_flat_when_living_room_is_open_on_two_sides():
+    """Living room open S and W, kitchen facing N (opposite the living room's main window):
+    판상형 by the old order, 타워형 by the team aggregator's, which tests two open sides first."""
+    p = Plan()
+    p.space("거실", 0, 0, 300, 200)
+    p.space("주방", 300, 0, 500, 200)
+    p.wall(300, 0, 300, 200)
+    p.window(30, 200, 270, 200)  # living, S (the main window: longest)
+    p.window(0, 60, 0, 140)  # living, W
+    p.window(350, 0, 450, 0)  # kitchen, N
+    assert p.build().statistics.structure_type == "타워형"
+    q = Plan()  # the same plan without the side window is 판상형
+    q.space("거실", 0, 0, 300, 200)
+    q.space("주방", 300, 0, 500, 200)
+    q.wall(300, 0, 300, 200)
+    q.window(30, 200, 270, 200)
+    q.window(350, 0, 450, 0)
+    assert q.build().statistics.structure_type == "판상형"
 
 
 def test_window_edge_room_balcony_and_bays():
@@ -479,8 +499,8 @@ def test_error_unknown_category_named():
     coco = flat_plan().coco()
     coco["categories"].append({"id": 99, "name": "공간_펜트하우스"})
     coco["annotations"][0]["category_id"] = 99
-    with pytest.raises(ValueError, match="공간_펜트하우스"):
-        detections_from_coco(coco, "T01_0001.png")
+    with pytest.raises(ValueError, match="공간_펜트하우스.*strict_categories"):
+        detections_from_coco(coco, "T01_0001.png", strict_categories=True)
 
 
 def test_error_degenerate_polygon_names_annotation():
@@ -522,7 +542,7 @@ def test_error_missing_keys_and_image():
     bad = copy.deepcopy(coco)
     bad["annotations"][1]["category_id"] = 777
     with pytest.raises(ValueError, match="777"):
-        detections_from_coco(bad, "T01_0001.png")
+        detections_from_coco(bad, "T01_0001.png", strict_categories=True)
     with pytest.raises(ValueError, match="other.png"):
         detections_from_coco(coco, "other.png")
 

@@ -7,6 +7,7 @@ degenerate polygon, image not in the file).
 
 from __future__ import annotations
 
+import logging
 import math
 import unicodedata
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from floorplan_ft import vocab
 
 Point = tuple[float, float]
+logger = logging.getLogger(__name__)
 
 
 class AnnotationError(ValueError):
@@ -67,12 +69,18 @@ class Detection(BaseModel):
 
     @property
     def text(self) -> str:
-        """The OCR text ('' when none), NFC-normalised with whitespace collapsed."""
-        return normalise_text(self.attributes.get("text"))
+        """The OCR text ('' when none), NFC-normalised with whitespace collapsed; the team's
+        detections keep it in attributes["OCR"]."""
+        value = self.attributes.get("text")
+        if value is None:
+            value = self.attributes.get(vocab.TEAM_OCR_CATEGORY)
+        return normalise_text(value)
 
     @property
     def subtype(self) -> str | None:
         value = self.attributes.get("subtype")
+        if value is None:
+            value = self.attributes.get(vocab.TEAM_SUBTYPE_KEY)  # the team's name for it
         return None if value is None else str(value)
 
     @property
@@ -81,11 +89,31 @@ class Detection(BaseModel):
         return (x + w / 2.0, y + h / 2.0)
 
 
+class SkippedAnnotation(BaseModel):
+    """An annotation left out of the plan, and why (for the topology sidecar)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int | str
+    category: str
+    reason: str
+
+
 class Detections(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     image: DetImage
     detections: tuple[Detection, ...] = ()
+    # Annotations with an unknown category, skipped (cv.strict_categories = false); the team's
+    # `background` class is ignored and not listed.
+    skipped: tuple[SkippedAnnotation, ...] = ()
+
+    def skipped_summary(self) -> dict:
+        """{"count": n, "by_category": {name: n}} for the sidecar."""
+        by: dict[str, int] = {}
+        for s in self.skipped:
+            by[s.category] = by.get(s.category, 0) + 1
+        return {"count": len(self.skipped), "by_category": dict(sorted(by.items()))}
 
     @property
     def spaces(self) -> list[Detection]:
@@ -243,11 +271,20 @@ def _category_names(coco: dict) -> dict[Any, str]:
     return out
 
 
-def detections_from_coco(coco: dict, image_file_name: str | None = None) -> Detections:
+def detections_from_coco(
+    coco: dict, image_file_name: str | None = None, *, strict_categories: bool = False
+) -> Detections:
     """Read the detections of one image from a per-image or whole-set COCO dict.
 
     `image_file_name` selects the image in a whole-set file (by exact file_name, base name or
     stem, case-insensitive); it may be omitted for a file holding a single image.
+
+    The team's dialect is read too: the category `OCR` (text in attributes.OCR), door/window
+    subtypes in attributes.subcat, `공간_엘리베이터`, the `background` class (ignored), and ids
+    that repeat because each of their four models numbers from 0 (a repeat becomes
+    ``"{id}~{k}"``, k counting its earlier occurrences in file order). An annotation of an
+    unknown category is skipped with a warning and listed in `Detections.skipped`, unless
+    `strict_categories` (then the whole plan is rejected).
     """
     if not isinstance(coco, dict):
         raise AnnotationError("COCO input must be a JSON object")
@@ -271,7 +308,8 @@ def detections_from_coco(coco: dict, image_file_name: str | None = None) -> Dete
         raise AnnotationError("COCO 'annotations' must be a list")
     multi = len(coco["images"]) > 1
     out: list[Detection] = []
-    seen: set[Any] = set()
+    seen: dict[Any, int] = {}
+    skipped: list[SkippedAnnotation] = []
     for i, ann in enumerate(anns):
         if not isinstance(ann, dict):
             raise AnnotationError(f"annotation entry {i} is not an object")
@@ -285,9 +323,11 @@ def detections_from_coco(coco: dict, image_file_name: str | None = None) -> Dete
                 continue
         elif "image_id" in ann and "id" in img and ann["image_id"] != img["id"]:
             continue
-        if ann_id in seen:
-            raise AnnotationError(f"duplicate annotation id {ann_id}")
-        seen.add(ann_id)
+        if ann_id in seen:  # the team's models each number from 0
+            seen[ann_id] += 1
+            ann_id = f"{ann_id}~{seen[ann_id] - 1}"
+        else:
+            seen[ann_id] = 1
         # Category: by id through `categories`, or a name on the annotation itself.
         if "category_id" in ann and ann["category_id"] in cat_names:
             name = cat_names[ann["category_id"]]
@@ -296,15 +336,23 @@ def detections_from_coco(coco: dict, image_file_name: str | None = None) -> Dete
         elif "category_id" in ann:
             if not cat_names:
                 raise AnnotationError("COCO file is missing key 'categories'")
-            raise AnnotationError(
-                f"annotation {ann_id}: category_id {ann['category_id']!r} is not in 'categories'"
-            )
+            problem = f"category_id {ann['category_id']!r} is not in 'categories'"
+            if strict_categories:
+                raise AnnotationError(f"annotation {ann_id}: {problem}")
+            _skip(skipped, ann_id, f"id {ann['category_id']!r}", problem)
+            continue
         else:
             raise AnnotationError(f"annotation {ann_id} is missing key 'category_id'")
+        if name == vocab.TEAM_OCR_CATEGORY:
+            name = vocab.OCR_CATEGORY
+        if name == vocab.TEAM_BACKGROUND:
+            continue
         if name not in vocab.ALL_CATEGORIES:
-            raise AnnotationError(
-                f"annotation {ann_id}: unknown category {name!r} (not in vocab.ALL_CATEGORIES)"
-            )
+            problem = f"unknown category {name!r} (not in vocab.ALL_CATEGORIES)"
+            if strict_categories:
+                raise AnnotationError(f"annotation {ann_id}: {problem} (cv.strict_categories)")
+            _skip(skipped, ann_id, name, problem)
+            continue
         attributes = ann.get("attributes") or {}
         if not isinstance(attributes, dict):
             raise AnnotationError(f"annotation {ann_id}: attributes must be an object")
@@ -337,4 +385,9 @@ def detections_from_coco(coco: dict, image_file_name: str | None = None) -> Dete
                 attributes=attributes,
             )
         )
-    return Detections(image=image, detections=tuple(out))
+    return Detections(image=image, detections=tuple(out), skipped=tuple(skipped))
+
+
+def _skip(skipped: list[SkippedAnnotation], ann_id: Any, category: str, reason: str) -> None:
+    logger.warning("annotation %s skipped: %s", ann_id, reason)
+    skipped.append(SkippedAnnotation(id=ann_id, category=category, reason=reason))

@@ -27,10 +27,10 @@ Rules DOMAIN.md leaves open, fixed here (bump `BUILDER_VERSION` when any of them
 * The living room / kitchen / master bedroom are the largest inside space of that canonical
   name (ties: node order). bay_count counts every living room plus the bedrooms whose main window
   faces the reference living room's main direction.
-* structure_type: 혼합형 first when it cannot be decided (no living room, no kitchen or no
-  living-room window); then in DOMAIN.md's order: 판상형 if the living room's and the kitchen's
-  main windows face opposite ways; else 타워형 if the living room has windows on two
-  perpendicular sides, or the kitchen has no window, or both face the same way; else 혼합형
+* structure_type, in the team aggregator's order: 혼합형 without a living room; 타워형 if the
+  living room has windows on two perpendicular sides (whatever the kitchen); 혼합형 when it
+  cannot be decided (no living-room window, no kitchen); 타워형 if the kitchen has no window or
+  faces the living room's way; 판상형 if the main windows face opposite ways; else 혼합형
   (perpendicular).
 * Ratios are % of the inside area (outside spaces excluded), rounded to 2 decimals; windowless
   ratio over inside spaces whose canonical name is not 기타; 0 when nothing to count.
@@ -58,7 +58,7 @@ from floorplan_ft.schemas import (
     TopologyStatistics,
 )
 
-BUILDER_VERSION = "cv-topology/1.1"
+BUILDER_VERSION = "cv-topology/1.2"  # 1.2: 타워형 before 판상형, the team's order
 
 SHARED_EDGE_TOL = 2.0  # px: two boundary edges closer than this are one shared boundary
 COVER_TOL = 1.0  # px: structure rectangles are grown by this much when covering a boundary
@@ -423,15 +423,21 @@ def _largest(spaces: list[_Space], name: str) -> _Space | None:
 
 
 def structure_type(living: _Space | None, kitchen: _Space | None) -> str:
+    """The team aggregator's order: a living room open on two perpendicular sides is 타워형
+    before anything about the kitchen is looked at."""
+    if living is None:
+        return "혼합형"  # cannot be decided
+    living_axes = {AXIS[window_direction(w, living.centroid)] for w in living.windows}
+    if len(living_axes) == 2:
+        return "타워형"
     ld = _main_direction(living)
-    if living is None or kitchen is None or ld is None:
+    if ld is None or kitchen is None:
         return "혼합형"  # cannot be decided
     kd = _main_direction(kitchen)
-    if kd is not None and OPPOSITE[ld] == kd:
-        return "판상형"
-    living_axes = {AXIS[window_direction(w, living.centroid)] for w in living.windows}
-    if len(living_axes) == 2 or kd is None or kd == ld:
+    if kd is None or kd == ld:
         return "타워형"
+    if OPPOSITE[ld] == kd:
+        return "판상형"
     return "혼합형"  # perpendicular
 
 
