@@ -243,6 +243,10 @@ class QualitySettings(_Group):
     force_teacher: str | None = Field(None, description="Skip the comparison's decision and use this teacher.")
     bootstrap_samples: int = Field(1000, gt=0, description="Bootstrap resamples for 95% intervals.")
     review_plans: int = Field(20, ge=0, description="Plans on the side-by-side manual review page.")
+    extra_teachers: list[str] = Field(
+        default_factory=list,
+        description="Answer sets compared beside teachers.teachers without being labeled in phase 3 (e.g. 'production', imported by `ft-pipeline import analyses`).",
+    )
 
 
 class DatasetSettings(_Group):
@@ -335,6 +339,11 @@ class ServingSettings(_Group):
     )
     vector_table: str | None = Field(
         None, description="Pin the service to this vector table (a canary); default: the live table in vector_store_active."
+    )
+    max_upload_mb: float = Field(20.0, gt=0, description="Largest plan image POST /analyze accepts as an upload (larger: 413).")
+    cv_timeout_s: float | None = Field(
+        None, gt=0,
+        description="Longest wait for the CV step of an uploaded plan (None: cv.runpod_timeout_s plus 10 s, cold starts included).",
     )
     host: str = Field("127.0.0.1", description="HTTP API bind address.")
     port: int = Field(8000, gt=0, lt=65536, description="HTTP API port.")
