@@ -7,16 +7,25 @@ Environment variables use the prefix ``FTP_`` and ``__`` between group and field
 (``OPENAI_API_KEY``, ``GEMINI_API_KEY``/``GOOGLE_API_KEY``) and the provider switch also accepts
 ``LLM_PROVIDER`` / ``EMBEDDING_PROVIDER``.
 
-Unknown keys anywhere (file, ``.env``, ``FTP_*`` variables) are rejected with the key named.
+Unknown keys anywhere (file, ``FTP_*`` in ``.env``, ``FTP_*`` variables) are rejected with the key named.
+
+The team's own ``python/.env`` keys (their ``RAGConfig``) may sit in the same ``.env`` or in the
+environment: those that mean what one of ours means are read (``LLM_BACKEND``, ``VLLM_BASE_URL``,
+``VLLM_MODEL_NAME``, ``OPENAI_MODEL``, ``EMBEDDING_DIM``, ``TOP_K``, ``POSTGRES_*``,
+``RUNPOD_ENDPOINT_ID``; see ``TEAM_KEYS``) at the lowest priority, just above the defaults, so
+every setting of ours (``FTP_*``, config file, profile) wins; the others are ignored with one log
+line naming them (never their values).
 """
 
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import yaml
 from pydantic import (
@@ -29,9 +38,15 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 ENV_PREFIX = "FTP_"
+log = logging.getLogger(__name__)
 ProfileName = Literal["production", "local-8gb", "demo"]
 
 
@@ -144,6 +159,19 @@ class RetrievalSettings(_Group):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for local embeddings.")
     base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible embeddings server.")
     batch_size: int = Field(32, gt=0, description="Texts per embedding call.")
+
+    @model_validator(mode="after")
+    def _team_table_width(self) -> RetrievalSettings:
+        # The team's pgvector table and their RunPod embedder are 1024 wide: follow them unless
+        # dimensions was set (EMBEDDING_DIM, FTP_RETRIEVAL__DIMENSIONS, a file or a profile).
+        if "dimensions" not in self.model_fields_set:
+            team = self.corpus.startswith("pgvector:") or self.provider == "runpod"
+            self.__dict__["dimensions"] = TEAM_EMBEDDING_DIM if team else DEFAULT_EMBEDDING_DIM
+        return self
+
+
+DEFAULT_EMBEDDING_DIM = 768
+TEAM_EMBEDDING_DIM = 1024
 
 
 class PromptSettings(_Group):
@@ -421,9 +449,10 @@ class Settings(BaseSettings):
             init_settings,
             env_settings,
             _ShortcutEnvSource(settings_cls),
-            dotenv_settings,
+            _OwnDotEnvSource(settings_cls),
             _DictSource(settings_cls, layered.get("file", {})),
             _DictSource(settings_cls, layered.get("profile", {})),
+            _TeamKeysSource(settings_cls),
         )
 
     # Derived paths: the only place that knows the default layout under the data root.
@@ -468,6 +497,119 @@ class _ShortcutEnvSource(PydanticBaseSettingsSource):
         if os.environ.get("EMBEDDING_PROVIDER"):
             out["retrieval"] = {"provider": os.environ["EMBEDDING_PROVIDER"]}
         return out
+
+
+# Top-level aliases of ours that .env may hold without the FTP_ prefix (read by pydantic itself).
+_DOTENV_ALIASES = frozenset({"openai_api_key", "gemini_api_key", "google_api_key", "runpod_api_key"})
+# The team's RAGConfig keys (and our two switches) that map onto settings here, read from the
+# environment and from .env by `_TeamKeysSource`.
+TEAM_KEYS = (
+    "LLM_BACKEND", "VLLM_BASE_URL", "VLLM_MODEL_NAME", "OPENAI_MODEL", "EMBEDDING_DIM", "TOP_K",
+    "POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_DB", "POSTGRES_USER", "POSTGRES_PASSWORD",
+    "RUNPOD_ENDPOINT_ID", "LLM_PROVIDER", "EMBEDDING_PROVIDER",
+)
+_ANNOUNCED: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def _is_ours(key: str) -> bool:
+    low = key.lower()
+    return low.startswith(ENV_PREFIX.lower()) or low in _DOTENV_ALIASES
+
+
+class _OwnDotEnvSource(DotEnvSettingsSource):
+    """``.env`` as pydantic-settings reads it, limited to our keys (``FTP_*`` and the provider key
+    aliases): an ``FTP_*`` typo still fails naming the key; anything else is `_TeamKeysSource`'s."""
+
+    def _load_env_vars(self):  # type: ignore[override]
+        return {k: v for k, v in super()._load_env_vars().items() if _is_ours(k)}
+
+
+def _dotenv_path() -> Path | None:
+    name = Settings.model_config.get("env_file")
+    path = Path(str(name)) if name else None
+    return path if path is not None and path.is_file() else None
+
+
+def _read_dotenv(path: Path) -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path, encoding="utf-8").items() if v is not None}
+
+
+def _postgres_dsn(keys: dict[str, str]) -> str:
+    """A libpq URL from POSTGRES_* (their RAGConfig defaults for the parts not given, password only
+    when given); user and password URL-quoted."""
+    user = quote(keys.get("POSTGRES_USER") or "postgres", safe="")
+    password = keys.get("POSTGRES_PASSWORD")
+    auth = f"{user}:{quote(password, safe='')}" if password else user
+    host = keys.get("POSTGRES_HOST") or "localhost"
+    port = keys.get("POSTGRES_PORT") or "5432"
+    db = quote(keys.get("POSTGRES_DB") or "arae", safe="")
+    return f"postgresql://{auth}@{host}:{port}/{db}"
+
+
+def team_keys_to_settings(keys: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """Map the team's ``.env`` keys onto our nested settings: (values, keys not understood)."""
+    out: dict[str, dict[str, Any]] = {}
+    unused: list[str] = []
+
+    def put(group: str, field: str, value: Any) -> None:
+        out.setdefault(group, {})[field] = value
+
+    backend = (keys.get("LLM_BACKEND") or "").strip().lower()
+    if backend == "vllm":
+        put("serving", "llm_provider", "openai-compatible")
+        # Their client sends enable_thinking=false to whatever name it serves (cv_agent is Qwen3).
+        put("serving", "enable_thinking", False)
+        if keys.get("VLLM_BASE_URL"):
+            put("serving", "base_url", keys["VLLM_BASE_URL"])
+        if keys.get("VLLM_MODEL_NAME"):
+            put("serving", "llm_model", keys["VLLM_MODEL_NAME"])
+    elif backend == "openai":
+        put("serving", "llm_provider", "openai")
+        if keys.get("OPENAI_MODEL"):
+            put("serving", "llm_model", keys["OPENAI_MODEL"])
+    elif backend:
+        unused.append("LLM_BACKEND")
+    if keys.get("LLM_PROVIDER"):  # ours wins over their LLM_BACKEND
+        put("serving", "llm_provider", keys["LLM_PROVIDER"])
+    if keys.get("EMBEDDING_PROVIDER"):
+        put("retrieval", "provider", keys["EMBEDDING_PROVIDER"])
+    for key, group, field in (("EMBEDDING_DIM", "retrieval", "dimensions"), ("TOP_K", "retrieval", "top_k")):
+        if keys.get(key):
+            if keys[key].strip().isdigit() and int(keys[key]) > 0:
+                put(group, field, int(keys[key]))
+            else:
+                unused.append(key)  # not a positive whole number: theirs would fail too; ours ignores it
+    if any(keys.get(k) for k in TEAM_KEYS if k.startswith("POSTGRES_")):
+        put("serving", "pg_dsn", _postgres_dsn(keys))
+    if keys.get("RUNPOD_ENDPOINT_ID"):
+        put("cv", "runpod_endpoint_id", keys["RUNPOD_ENDPOINT_ID"])
+    return out, unused
+
+
+class _TeamKeysSource(PydanticBaseSettingsSource):
+    """The team's keys from ``.env`` and the environment (the environment wins), mapped by
+    `team_keys_to_settings`. Keys of a ``.env`` that are neither ours nor mapped are ignored, named
+    once per process in one warning (values never shown)."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _dotenv_path()
+        dotenv = _read_dotenv(path) if path else {}
+        keys = {k.upper(): v for k, v in dotenv.items() if k.upper() in TEAM_KEYS}
+        keys.update({k: os.environ[k] for k in TEAM_KEYS if os.environ.get(k)})
+        values, unused = team_keys_to_settings(keys)
+        ignored = sorted({k for k in dotenv if not _is_ours(k) and k.upper() not in TEAM_KEYS}
+                         | {k for k in unused if k in dotenv})
+        if ignored and path is not None:
+            marker = (str(path.resolve()), tuple(ignored))
+            if marker not in _ANNOUNCED:
+                _ANNOUNCED.add(marker)
+                log.warning("%s: ignored keys ft-pipeline does not use: %s", path, ", ".join(ignored))
+        return values
 
 
 # ----------------------------------------------------------------------------------- profiles

@@ -246,7 +246,9 @@ def config_show(
         settings = load_settings(config, profile, **nest_overrides(_parse_sets(set_)))
     except SettingsError as exc:
         _fail(exc)
-    data = settings.model_dump(mode="json")
+    from floorplan_ft.redact import masked_dump
+
+    data = masked_dump(settings)  # SecretStr values and passwords inside URLs/DSNs as ****
     if as_json:
         typer.echo(json.dumps(data, ensure_ascii=False, indent=2))
     else:

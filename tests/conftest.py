@@ -14,10 +14,13 @@ os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", os.path.join(_PREFEC
 # No test may reach a model hub: tiny models are built locally, real ones come from packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The team's python/.env keys (settings.TEAM_KEYS and the ones it ignores) as well.
+_TEAM_VARS = {"LLM_BACKEND", "OPENAI_MODEL", "EMBEDDING_MODEL", "EMBEDDING_DIM", "TOP_K"}
 for _key in list(os.environ):
     # A developer's shell must not leak settings or keys into the tests.
-    if _key.startswith("FTP_") or _key in {"LLM_PROVIDER", "EMBEDDING_PROVIDER", "OPENAI_API_KEY",
-                                            "GEMINI_API_KEY", "GOOGLE_API_KEY", "PREFECT_API_URL"}:
+    if (_key.startswith(("FTP_", "VLLM_", "RUNPOD_", "POSTGRES_")) or _key in _TEAM_VARS
+            or _key in {"LLM_PROVIDER", "EMBEDDING_PROVIDER", "OPENAI_API_KEY", "GEMINI_API_KEY",
+                        "GOOGLE_API_KEY", "PREFECT_API_URL"}):
         del os.environ[_key]
 
 import pytest
