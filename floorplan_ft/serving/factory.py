@@ -19,6 +19,9 @@ CHAT_PROVIDERS = ("openai", "gemini", "openai-compatible", "compatible", "local"
 PROBE_TIMEOUT_S = 3.0
 
 
+LENGTH_RETRY_TEMPERATURE = 0.2
+
+
 def make_chat_client(
     settings: Any,
     provider: str | None = None,
@@ -107,6 +110,8 @@ def make_chat_client(
         return OpenAICompatibleChatClient(
             base_url, model, timeout_s=timeout, max_tokens=max_tokens, base_url_setting=setting,
             enable_thinking=enable_thinking,
+            # The team's vLLM client asks once more at 0.2 after a length cut; teachers own their retries.
+            length_retry_temperature=LENGTH_RETRY_TEMPERATURE if provider == "openai-compatible" else None,
         )
     # local
     from floorplan_ft.serving.local_client import LocalChatClient

@@ -302,6 +302,11 @@ class OpenAICompatibleChatClient(OpenAIChatClient):
     (`enable_thinking=None`) a model whose name contains "qwen" gets
     ``chat_template_kwargs={"enable_thinking": False}``; pass True/False to force either way. Any
     leading ``<think>...</think>`` block is stripped before parsing.
+
+    ``length_retry_temperature``: on an answer cut at ``max_tokens`` (``finish_reason=length``), ask
+    once more at this temperature, as the team's vLLM client does (0.2); None: no retry. The request
+    is otherwise the team client's: ``response_format`` json_schema of the schema,
+    ``chat_template_kwargs.enable_thinking``, ``max_tokens``.
     """
 
     provider = "openai-compatible"
@@ -317,6 +322,7 @@ class OpenAICompatibleChatClient(OpenAIChatClient):
         max_tokens: int | None = None,
         enable_thinking: bool | None = None,
         base_url_setting: str = "serving.base_url",
+        length_retry_temperature: float | None = None,
     ):
         if not base_url:
             raise ConfigError(f"no server URL: set {base_url_setting}", provider=self.provider)
@@ -328,6 +334,17 @@ class OpenAICompatibleChatClient(OpenAIChatClient):
         self._base_url_setting = base_url_setting
         self._key_setting = "the server's API key"
         self._api_key = _secret(api_key)
+        self.length_retry_temperature = length_retry_temperature
+        self.length_retries = 0  # answers asked again after a length cut (tests, reports)
+
+    async def _request(self, sdk, messages, schema, max_tokens, temperature) -> ChatResult:
+        try:
+            return await super()._request(sdk, messages, schema, max_tokens, temperature)
+        except OutputTruncated:
+            if self.length_retry_temperature is None:
+                raise
+            self.length_retries += 1
+            return await super()._request(sdk, messages, schema, max_tokens, self.length_retry_temperature)
 
     def _response_format(self, schema: type[BaseModel]) -> dict[str, Any]:
         return {

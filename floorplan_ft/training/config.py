@@ -136,6 +136,9 @@ class TrainConfig:
     cpu_threads: int | None = None
     eval_limit: int | None = None  # evaluate only the first N val rows (None: all)
     trust_remote_code: bool = False  # models whose code is not in transformers (EXAONE 3.5)
+    vllm_max_lora_rank: int = 64  # the serving vLLM's --max-lora-rank (the adapter's r must fit)
+    eval_max_tokens: int = 8000  # max_tokens of one request to that server
+    lora_module_name: str = "cv_agent"  # the name the adapter is served under (--lora-modules NAME=...)
 
     # ------------------------------------------------------------------ construction
 
@@ -178,9 +181,12 @@ class TrainConfig:
             "seed": getattr(ft, "seed", getattr(settings.dataset, "seed", 42)),
         }
         # Settings this module reads when they exist (asked for; absent in older settings files).
-        for name in ("gradient_checkpointing", "cpu_threads", "eval_limit", "save_total_limit", "trust_remote_code"):
+        for name in ("gradient_checkpointing", "cpu_threads", "eval_limit", "save_total_limit", "trust_remote_code",
+                     "vllm_max_lora_rank", "eval_max_tokens"):
             if hasattr(ft, name):
                 values[name] = getattr(ft, name)
+        if getattr(ft, "eval_model", None):
+            values["lora_module_name"] = ft.eval_model
         values.update(overrides)
         return cls(**values)
 
@@ -337,6 +343,9 @@ class TrainConfig:
                 f"paths.data_root={self.data_root!r} is remote: training writes checkpoints with the local "
                 "filesystem. Mount the bucket (or a network volume) and set paths.data_root to the local path"
             )
+        from floorplan_ft.training.preflight import vllm_lora_errors
+
+        errors += vllm_lora_errors(self)  # the adapter must be servable by the team's vLLM
         if errors:
             raise TrainConfigError("invalid fine-tune configuration: " + "; ".join(errors))
 

@@ -474,7 +474,7 @@ def run_evaluation(settings: Any, store: ArtifactStore | None = None) -> dict[st
 
         client = make_chat_client(settings, "openai-compatible", settings.finetune.eval_model,
                                   base_url=settings.finetune.eval_base_url,
-                                  max_tokens=settings.serving.max_new_tokens,
+                                  max_tokens=settings.finetune.eval_max_tokens,  # the team client's 8000
                                   enable_thinking=config.enable_thinking)  # as trained, whatever its name
     try:
         try:
@@ -483,7 +483,8 @@ def run_evaluation(settings: Any, store: ArtifactStore | None = None) -> dict[st
             if client is None:
                 raise
             model_dir = Path(config.student_dir)  # served from elsewhere: the report names the base model
-        report = evaluate_student(store, model_dir, settings=settings, client=client)
+        report = evaluate_student(store, model_dir, settings=settings, client=client,
+                                  max_new_tokens=settings.finetune.eval_max_tokens if client is not None else None)
     finally:
         if client is not None:
             client.close()

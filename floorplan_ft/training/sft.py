@@ -196,6 +196,7 @@ class TrainResult:
     peak_memory: dict[str, Any] | None = None  # measured: CUDA allocator peaks, or the process's max RSS
     reused: bool = False
     created_at: str = ""
+    vllm_serve: str | None = None  # the `vllm serve ... --lora-modules NAME=adapter_model` line
     model: Any = field(default=None, repr=False, compare=False)  # the trained model (keep_model=True)
 
     def to_dict(self) -> dict[str, Any]:
@@ -395,6 +396,12 @@ Render prompts with `enable_thinking=False` (Qwen3), exactly as in training, and
 `FloorPlanAnalysis` JSON schema. In-process: `LocalChatClient("{config.adapter_dir}")`. vLLM: serve
 `merged_model/` (or the base with `--enable-lora --lora-modules {config.student_name}=adapter_model/`) and send
 `chat_template_kwargs={{"enable_thinking": false}}` with a `json_schema` response format.
+
+The team's vLLM, serving this adapter by name beside the base (rank fits `--max-lora-rank`):
+
+```
+{result.vllm_serve or '(see train_result.json)'}
+```
 """
 
 
@@ -663,6 +670,9 @@ def prepare(
     if check_memory_first:
         memory = check_memory(config, device_info(device))
     base_path, hub_id = resolve_base_model(config.base_model)
+    from floorplan_ft.training.preflight import check_target_modules
+
+    check_target_modules(config, base_path)  # from config.json on the meta device: before any weight
     if device == "cpu" and config.cpu_threads:
         import torch
 
@@ -869,6 +879,10 @@ def train(
         peft_cfg.base_model_name_or_path = base_ref
     model.save_pretrained(str(staging))
     prep.tokenizer.save_pretrained(str(staging))
+    from floorplan_ft.training.preflight import finish_adapter, vllm_serve_command
+
+    finish_adapter(staging, prep.tokenizer)  # config, weights, tokenizer, chat template: what vLLM loads
+    serve_line = vllm_serve_command(config, base_ref, adapter_dir)
 
     train_loss = output.metrics.get("train_loss") if output and output.metrics else None
     result = TrainResult(
@@ -900,6 +914,7 @@ def train(
         peak_memory=peak,
         warnings=list(prep.warnings),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        vllm_serve=serve_line,
     )
     (staging / "README.md").write_text(model_card(config, result, prep.data), encoding="utf-8")
     if adapter_dir.exists():
