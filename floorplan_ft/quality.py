@@ -801,6 +801,14 @@ def _cost_stats(store: ArtifactStore, stems: Sequence[str], teacher: str, failur
     }
 
 
+def compared_teachers(settings: Any) -> list[str]:
+    """The teachers phase 4 compares: teachers.teachers (labeled in phase 3), then
+    quality.extra_teachers (answer sets imported into the data root, compared, never selected)."""
+    labeled = list(dict.fromkeys(settings.teachers.teachers))
+    extra = getattr(settings.quality, "extra_teachers", None) or ()
+    return labeled + [t for t in dict.fromkeys(extra) if t not in labeled]
+
+
 def compare_teachers(
     store: ArtifactStore, stems: Sequence[str], teachers: Sequence[str], settings: Any
 ) -> QualityReport:
@@ -834,8 +842,9 @@ def compare_teachers(
         else:
             raise QualityError(
                 f"teacher(s) {absent} have no answers for the {len(stems)} sampled plans "
-                f"(output/<stem>/llm_analysis_<teacher>.json): run their labeling step (3a/3b) first, "
-                f"or remove them from teachers.teachers"
+                f"(output/<stem>/llm_analysis_<teacher>.json): run their labeling step (3a/3b) first "
+                f"(an extra teacher: `ft-pipeline import analyses`), or remove them from "
+                f"teachers.teachers / quality.extra_teachers"
             )
 
     excluded: Counter[str] = Counter()
@@ -921,10 +930,15 @@ def compare_teachers(
             gap = _ci(weighted[a] - weighted[b], idx)
             pairwise.append({"a": a, "b": b, "gap_a_minus_b": gap})
 
+    # Extra teachers (imported answer sets such as 'production') are scored beside the others
+    # but never selected: nothing of theirs was labeled with this pipeline's prompt.
+    extras = [t for t in teachers if t in set(getattr(q, "extra_teachers", None) or ())
+              and t not in set(settings.teachers.teachers)]
+    candidates = [t for t in teachers if t not in extras] or teachers
     decision = decide(
-        {t: stats[t]["weighted_total"]["mean"] for t in teachers},
-        {t: stats[t]["metrics"]["schema_compliance"]["mean"] for t in teachers},
-        {t: stats[t]["cost"]["per_valid_item_usd"] for t in teachers},
+        {t: stats[t]["weighted_total"]["mean"] for t in candidates},
+        {t: stats[t]["metrics"]["schema_compliance"]["mean"] for t in candidates},
+        {t: stats[t]["cost"]["per_valid_item_usd"] for t in candidates},
         tie_margin=q.tie_margin,
         min_schema_compliance=q.min_schema_compliance,
         force_teacher=q.force_teacher,
@@ -945,7 +959,7 @@ def compare_teachers(
         settings={
             "sample_size": q.sample_size, "seed": q.seed, "bootstrap_samples": q.bootstrap_samples,
             "tie_margin": q.tie_margin, "min_schema_compliance": q.min_schema_compliance,
-            "force_teacher": q.force_teacher, "weights": weights,
+            "force_teacher": q.force_teacher, "weights": weights, "extra_teachers": extras,
             "group_pattern": pattern, "group_prefix_len": prefix_len if pattern is None else None,
             "ratio_tolerance_pp": RATIO_TOLERANCE,
         },
