@@ -15,6 +15,7 @@ from floorplan_ft.dataset import (
 from floorplan_ft.quality import (
     NoQualifiedTeacher,
     compare_teachers,
+    compared_teachers,
     export_review_page,
     quality_markdown,
     write_outputs,
@@ -31,7 +32,7 @@ def compare_teachers_task(settings: Settings) -> dict:
     logger = get_run_logger()
     store = store_for(settings)
     stems = read_sample(store.run_file("sample"))
-    teachers = list(dict.fromkeys(settings.teachers.teachers))
+    teachers = compared_teachers(settings)
     try:
         report = compare_teachers(store, stems, teachers, settings)
     except NoQualifiedTeacher as exc:

@@ -48,6 +48,11 @@ def make_teacher(settings: Settings, name: str) -> Teacher:
             raise ConfigError("teacher 'local' needs teachers.local_model_path (a model directory)")
         client = make_chat_client(settings, provider="local", model=t.local_model_path,
                                   max_tokens=t.max_output_tokens)
+    elif name == "production":
+        raise ValueError(
+            "setting teachers.teachers: 'production' is the team's imported answer set (ft-pipeline import "
+            "analyses), never labeled in phase 3: list it in quality.extra_teachers instead"
+        )
     else:
         raise ValueError(f"setting teachers.teachers: unknown teacher {name!r} (choose from {', '.join(TEACHER_NAMES)})")
     return LLMTeacher(name, client, t.temperature)
