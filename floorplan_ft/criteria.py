@@ -114,13 +114,17 @@ def assess(graph: TopologyGraph) -> Assessment:
     findings.append(Finding("환기", "화장실 창", bath_window,
                             f"창이 있는 화장실 {sum(1 for b in baths if b['window_count'])}/{len(baths)}곳",
                             "화장실 한 곳 이상에 창을 두거나 환기팬 용량을 검토하세요."))
-    ldk_ok = 30.0 <= st.ldk_ratio <= 40.0
-    findings.append(Finding("가족융화", "LDK 비율", ldk_ok, f"LDK 비율 {st.ldk_ratio:.1f}% (적정 30~40%)",
-                            "거실·주방 면적 비율을 30~40% 범위로 조정하세요."))
-    storage_level = "우수" if st.storage_ratio >= 10 else "보통" if st.storage_ratio >= 5 else "부족"
-    findings.append(Finding("수납", "수납 비율", st.storage_ratio >= 5.0,
-                            f"수납 공간 비율 {st.storage_ratio:.1f}% ({storage_level})",
-                            "드레스룸·팬트리를 추가하거나 알파룸을 수납 공간으로 활용하세요."))
+    # A ratio the graph could not give (None) is no finding at all, never a 0% one.
+    storage_level = "미상"
+    if st.ldk_ratio is not None:
+        ldk_ok = 30.0 <= st.ldk_ratio <= 40.0
+        findings.append(Finding("가족융화", "LDK 비율", ldk_ok, f"LDK 비율 {st.ldk_ratio:.1f}% (적정 30~40%)",
+                                "거실·주방 면적 비율을 30~40% 범위로 조정하세요."))
+    if st.storage_ratio is not None:
+        storage_level = "우수" if st.storage_ratio >= 10 else "보통" if st.storage_ratio >= 5 else "부족"
+        findings.append(Finding("수납", "수납 비율", st.storage_ratio >= 5.0,
+                                f"수납 공간 비율 {st.storage_ratio:.1f}% ({storage_level})",
+                                "드레스룸·팬트리를 추가하거나 알파룸을 수납 공간으로 활용하세요."))
 
     met = {c: all(f.met for f in findings if f.category == c and not f.mandatory) for c in CRITERIA}
     mandatory_failed = any(f.mandatory and not f.met for f in findings)

@@ -192,6 +192,10 @@ class AnswerScores:
         return out
 
 
+def _pct_or_unknown(value: float | None) -> str:
+    return "미상" if value is None else f"{value:.1f}%"
+
+
 def _weights_dict(weights: Mapping[str, float] | Any) -> dict[str, float]:
     w = dict(weights) if isinstance(weights, Mapping) else weights.model_dump()
     missing = [m for m in METRICS if m not in w]
@@ -1340,7 +1344,7 @@ def export_review_page(
             f"<p class='topo'><b>위상 그래프</b>: {html.escape(st.structure_type)}, {st.bay_count}베이, "
             f"내부 공간 {st.inside_space_count}, 침실 {st.room_count}, 화장실 {st.bathroom_count}, "
             f"발코니 {st.balcony_count} · 무창실 {st.windowless_ratio:.1f}%, 발코니 비율 {st.balcony_ratio:.1f}%, "
-            f"LDK {st.ldk_ratio:.1f}%, 수납 {st.storage_ratio:.1f}% · 연결 {len(graph.edges)}개 · "
+            f"LDK {_pct_or_unknown(st.ldk_ratio)}, 수납 {_pct_or_unknown(st.storage_ratio)} · 연결 {len(graph.edges)}개 · "
             f"규칙 기반 등급 <b>{html.escape(str(truth['overall_grade']))}</b><br>공간: {labels}</p>"
         )
         head = "<tr><th>항목</th><th>위상 그래프</th>" + "".join(

@@ -74,7 +74,10 @@ class SpaceNode(_Strict):
     bbox: list[float]
     segmentation: list[list[float]]
     area: float = Field(ge=0)
-    area_ratio: float = Field(ge=0, description="% of the unit's inside area; 0 for outside spaces")
+    area_ratio: float = Field(
+        ge=0,
+        description="% of the unit's inside area; 0 for outside spaces (the team's null reads as 0)",
+    )
     centroid: list[float]
     contains: Contains = Field(default_factory=Contains)
 
@@ -98,7 +101,9 @@ class SpaceTypeCount(_Strict):
 
 
 class TopologyStatistics(_Strict):
-    total_image_area: float
+    total_image_area: float | None = Field(
+        default=None, description="px²; None when the graph does not say (the frontend dialect)"
+    )
     total_space_area: float
     total_inside_area: float
     space_count: int = Field(ge=0)
@@ -112,8 +117,9 @@ class TopologyStatistics(_Strict):
     balcony_ratio: float = Field(ge=0)
     windowless_ratio: float = Field(ge=0, le=100)
     # Beyond DOMAIN.md's list: used by retrieval queries, the reference teacher and the metrics.
-    ldk_ratio: float = Field(default=0.0, ge=0)
-    storage_ratio: float = Field(default=0.0, ge=0)
+    # None means unknown (a graph that did not carry them and whose nodes cannot give them), never 0.
+    ldk_ratio: float | None = Field(default=None, ge=0)
+    storage_ratio: float | None = Field(default=None, ge=0)
     master_bedroom_has_window: bool | None = None
 
 

@@ -131,16 +131,38 @@ class ArtifactStore:
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(path, detail=False))
 
     def read_topology(self, stem: str):
-        """The plan's topology graph, or None when it is missing or does not validate."""
-        from floorplan_ft.schemas import TopologyGraph
+        """The plan's topology graph, normalised to our schema whatever dialect the file is in
+        (`floorplan_ft.topology_io`), or None when it is missing or cannot be read."""
+        from floorplan_ft.topology_io import read_topology_bytes
 
         path = self.topology_path(stem)
         if not self.exists(path):
             return None
         try:
-            return TopologyGraph.model_validate_json(self.read_text(path))
+            return read_topology_bytes(self.read_bytes(path), origin=path)
         except ValueError:
             return None
+
+    def load_topology(self, stem: str):
+        """Like `read_topology`, but a missing file raises FileNotFoundError and a bad one a
+        `TopologyFormatError` naming the file and the field."""
+        from floorplan_ft.topology_io import read_topology_bytes
+
+        path = self.topology_path(stem)
+        if not self.exists(path):
+            raise FileNotFoundError(f"{path}: no topology graph")
+        return read_topology_bytes(self.read_bytes(path), origin=path)
+
+    def read_topology_raw(self, stem: str) -> dict:
+        """The topology file exactly as stored (the team's prompt builder must see the graph as
+        production sends it); FileNotFoundError / ValueError naming the file."""
+        path = self.topology_path(stem)
+        if not self.exists(path):
+            raise FileNotFoundError(f"{path}: no topology graph")
+        data = self.read_json(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a topology graph must be a JSON object")  # noqa: TRY004 (bad input)
+        return data
 
     def file_hash(self, path: str) -> str:
         """SHA-256 of a file's content (cache keys are built on content, not on names)."""

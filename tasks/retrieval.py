@@ -21,9 +21,9 @@ from floorplan_ft.retrieval.retrieve import (
     write_context,
 )
 from floorplan_ft.sampling import read_sample
-from floorplan_ft.schemas import TopologyGraph
 from floorplan_ft.serving.factory import make_embedding_manager
 from floorplan_ft.settings import Settings
+from floorplan_ft.topology_io import read_topology_bytes
 from tasks.common import artifact_key, store_for
 
 
@@ -59,7 +59,7 @@ def retrieve_for_plans(settings: Settings) -> dict:
         if not store.exists(path):
             missing.append(stem)
             continue
-        graph = TopologyGraph.model_validate_json(store.read_text(path))
+        graph = read_topology_bytes(store.read_bytes(path), origin=path)
         queries[stem] = build_plan_query(graph.statistics)
 
     manager = make_embedding_manager(settings)

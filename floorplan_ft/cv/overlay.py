@@ -7,6 +7,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from floorplan_ft.schemas import TopologyGraph
+from floorplan_ft.topology_io import read_topology_dict
 
 EDGE_COLOURS = {"door": (220, 40, 40), "window": (40, 110, 230), "open": (30, 170, 60)}
 NODE_COLOUR = (250, 140, 0)
@@ -40,7 +41,7 @@ def render_overlay(
     With no image (``image_path`` None or missing) a white canvas of the plan's size is used.
     """
     if isinstance(graph, dict):
-        graph = TopologyGraph.model_validate(graph)
+        graph = read_topology_dict(graph, origin="topology")
     size = (graph.image_info.width, graph.image_info.height)
     if image_path is not None and Path(image_path).exists():
         with Image.open(image_path) as im:

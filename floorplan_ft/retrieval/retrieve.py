@@ -199,8 +199,8 @@ def build_query(
     bays = int(_stat(s, "bay_count", 0))
     windowless = float(_stat(s, "windowless_ratio", 0.0))
     balcony = float(_stat(s, "balcony_ratio", 0.0))
-    ldk = float(_stat(s, "ldk_ratio", 0.0))
-    storage = float(_stat(s, "storage_ratio", 0.0))
+    ldk = _stat(s, "ldk_ratio", None)  # None: unknown, left out of the query (never read as 0)
+    storage = _stat(s, "storage_ratio", None)
     master_window = _stat(s, "master_bedroom_has_window", None)
 
     bay_text = "4베이 이상" if bays >= 4 else f"{bays}베이"
@@ -238,9 +238,11 @@ def build_query(
         fine.append("판상형 맞통풍 환기")
 
     # 가족융화: LDK share.
-    if ldk < 30:
+    if ldk is None:
+        pass
+    elif float(ldk) < 30:
         problems.append("가족융화 부족: LDK(거실·주방·식당) 비율 30% 미만으로 공용 공간이 작음.")
-    elif ldk > 40:
+    elif float(ldk) > 40:
         problems.append(
             "가족융화: LDK(거실·주방·식당) 비율 40% 초과로 과다, 개인 공간과 수납 감소."
         )
@@ -248,11 +250,13 @@ def build_query(
         fine.append("LDK 비율 30~40% 적정")
 
     # 수납: storage share.
-    if storage < 5:
+    if storage is None:
+        pass
+    elif float(storage) < 5:
         problems.append(
             "수납 부족: 드레스룸·팬트리·다용도실 수납 공간 비율 5% 미만, 알파룸 전환이나 붙박이장 등 수납 보완."
         )
-    elif storage < 10:
+    elif float(storage) < 10:
         problems.append("수납 보통: 드레스룸·팬트리 수납 공간 비율 5~10%.")
     else:
         fine.append("수납 비율 10% 이상 우수")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from floorplan_ft.prompts import build_messages
-from floorplan_ft.schemas import TopologyGraph
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.labeling import LabelItem
+from floorplan_ft.topology_io import read_topology_bytes
 
 
 @dataclass
@@ -29,7 +29,7 @@ def build_items(store: ArtifactStore, stems: list[str]) -> tuple[list[LabelItem]
             missing.append(MissingInput(stem, "missing_context"))
             continue
         try:
-            graph = TopologyGraph.model_validate_json(store.read_text(topo_path))
+            graph = read_topology_bytes(store.read_bytes(topo_path), origin=topo_path)
         except ValueError:
             missing.append(MissingInput(stem, "bad_topology"))
             continue
