@@ -353,7 +353,10 @@ def _frontend_to_team(data: dict, origin: str, problems: list) -> dict:
     bay = (data.get("bay_analysis") or {}).get("bay_count")
     extent_w = max((float(n["bbox"][0]) + float(n["bbox"][2]) for n in nodes), default=1.0)
     extent_h = max((float(n["bbox"][1]) + float(n["bbox"][3]) for n in nodes), default=1.0)
-    stem = origin.replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".json").removesuffix("_topology")
+    parts = origin.replace("\\", "/").rsplit("/", 2)
+    name = parts[-1]
+    stem = parts[-2] if name == "topology_graph.json" and len(parts) > 1 else (
+        name.removesuffix(".json").removesuffix("_topology"))
     balcony_area = sum(float(n["area"]) for n in nodes if n["category_name"] == "공간_발코니")
     statistics = {
         "total_image_area": None,

@@ -24,6 +24,9 @@ from ft_pipeline.ops_cli import blocks_app, pools_app
 
 app.add_typer(pools_app, name="pools")
 app.add_typer(blocks_app, name="blocks")
+from ft_pipeline.import_cli import import_app
+
+app.add_typer(import_app, name="import")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML or YAML settings file.", exists=True, dir_okay=False)
@@ -166,7 +169,7 @@ def estimate(
     except SamplingError:
         pass
     count = items or len(stems) or settings.sampling.sample_size
-    built, _ = build_items(store, stems[:200]) if stems else ([], [])
+    built, _ = build_items(store, stems[:200], settings) if stems else ([], [])
     measured = mean_prompt_tokens([i.messages for i in built])
     typer.echo(f"Labeling {count} plans ({'sampled' if stems and not items else 'planned'}); "
                f"input tokens per item: {'measured on ' + str(len(built)) + ' prompts' if measured else 'the plan figure'}\n")

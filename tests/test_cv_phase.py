@@ -76,7 +76,6 @@ def test_bad_images_are_listed_with_reasons_and_the_run_goes_on(prefect_api, pla
         stems[0]: "corrupt",
         stems[1]: "missing annotation",
         stems[2]: "malformed json",
-        stems[3]: "unknown category",
         stems[4]: "degenerate polygon",
     }
     (root / "images" / f"{stems[0]}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
@@ -92,13 +91,15 @@ def test_bad_images_are_listed_with_reasons_and_the_run_goes_on(prefect_api, pla
     (root / "annotations" / f"{stems[4]}.json").write_text(json.dumps(coco, ensure_ascii=False))
 
     report = cv_batch(scope="all", overrides=_overrides(root))
-    assert report["failed"] == 5 and report["built"] == len(stems) - 5
+    assert report["failed"] == 4 and report["built"] == len(stems) - 4
     ledger = json.loads((root / "cv_failures.json").read_text())["failures"]
     assert set(ledger) == set(bad)
     assert "PNG" in ledger[stems[0]]["reason"] and f"{stems[0]}.png" in ledger[stems[0]]["reason"]
     assert "annotation file not found" in ledger[stems[1]]["reason"]
     assert "not valid JSON" in ledger[stems[2]]["reason"] and f"{stems[2]}.json" in ledger[stems[2]]["reason"]
-    assert "공간_펜트하우스" in ledger[stems[3]]["reason"]
+    # An unknown category is skipped and counted in the sidecar (cv.strict_categories = false).
+    meta = json.loads((root / "output" / stems[3] / "topology_graph.meta.json").read_text())
+    assert meta["skipped_annotations"] == {"count": 1, "by_category": {"공간_펜트하우스": 1}}
     assert "degenerate polygon" in ledger[stems[4]]["reason"]
     for stem in bad:
         assert not (root / "output" / stem / "topology_graph.json").exists()
@@ -107,7 +108,7 @@ def test_bad_images_are_listed_with_reasons_and_the_run_goes_on(prefect_api, pla
     write_dataset(root / "fresh", count=12, complexes=3, seed=7)
     (root / "annotations" / f"{stems[1]}.json").write_bytes((root / "fresh" / "annotations" / f"{stems[1]}.json").read_bytes())
     report = cv_batch(scope="all", overrides=_overrides(root))
-    assert (report["built"], report["failed"], report["cached"]) == (1, 4, len(stems) - 5)
+    assert (report["built"], report["failed"], report["cached"]) == (1, 3, len(stems) - 4)
     assert stems[1] not in json.loads((root / "cv_failures.json").read_text())["failures"]
 
 

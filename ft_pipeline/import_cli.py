@@ -1,0 +1,65 @@
+"""`ft-pipeline import`: bring the team's existing outputs into the data root.
+
+`import topologies PATH...` takes files or folders of topology graphs (``{stem}/topology_graph.json``,
+``{stem}_topology.json``, ``{stem}.json``; ours, the team aggregator's or their frontend's) and
+makes each valid one the phase-1 output of its stem, so `ft-pipeline run --steps 2-6` runs on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from floorplan_ft.settings import SettingsError, load_settings
+
+import_app = typer.Typer(no_args_is_help=True, help="Import the team's existing outputs into the data root.")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML or YAML settings file.", exists=True, dir_okay=False),
+]
+ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="Named profile.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override one setting: dotted.name=value (repeatable).")
+]
+
+
+def settings_for(config: Path | None, profile: str | None, set_: list[str] | None):
+    """The effective settings of an import command; a bad setting exits 2 with its message."""
+    from ft_pipeline.cli import _parse_sets
+    from tasks.common import nest_overrides
+
+    try:
+        return load_settings(config, profile, **nest_overrides(_parse_sets(set_)))
+    except SettingsError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+@import_app.command("topologies")
+def topologies(
+    paths: Annotated[list[Path], typer.Argument(help="Topology files or folders of them.", exists=True)],
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Import topology graphs as phase-1 outputs (bytes kept, provenance sidecar, sample list
+    extended). Exits 1 only when none imported."""
+    from floorplan_ft.store import ArtifactStore
+    from floorplan_ft.topology_import import import_topologies
+
+    settings = settings_for(config, profile, set_)
+    store = ArtifactStore(settings.paths.data_root)
+    outcomes = import_topologies(store, list(paths))
+    width = max([len(o.stem or "-") for o in outcomes] + [4])
+    typer.echo(f"{'stem':<{width}}  {'status':<8}  {'format':<13}  detail")
+    for o in outcomes:
+        detail = o.reason or o.path
+        typer.echo(f"{(o.stem or '-'):<{width}}  {o.status:<8}  {(o.format or '-'):<13}  {detail}")
+    imported = sum(o.status == "imported" for o in outcomes)
+    failed = len(outcomes) - imported
+    typer.echo(f"{imported} imported, {failed} failed, into {store.root}")
+    if imported == 0:
+        raise typer.Exit(1)
