@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +25,11 @@ from floorplan_ft.cv.detections import AnnotationError, Detections, detections_f
 
 class ImageError(ValueError):
     """The plan image is missing or not a readable PNG; the message names the file."""
+
+
+class CVConfigError(RuntimeError):
+    """A source cannot work at all (no key, a refused key, the team's code missing): phase 1 stops
+    with this message instead of failing every image."""
 
 
 class SourceConfig(BaseModel):
@@ -38,6 +44,18 @@ class SourceConfig(BaseModel):
     plugin: str | None = None
     device: str = "auto"
     clear_cache_every: int = 50
+    strict_categories: bool = False
+    concurrency: int = 1
+    # cv.source = "runpod": the endpoint, and a reference to the key kept in this process (the key
+    # itself never travels in task parameters: they show in the Prefect UI).
+    runpod_endpoint_id: str | None = None
+    runpod_base_url: str = "https://api.runpod.ai/v2"
+    runpod_timeout_s: float = 300.0
+    runpod_poll_interval_s: float = 2.0
+    runpod_max_attempts: int = 3
+    runpod_key_ref: str | None = None
+    # cv.source = "team-pipeline": the team's repository python/ folder.
+    team_code: str | None = None
 
 
 class DetectionSource(Protocol):
@@ -46,6 +64,28 @@ class DetectionSource(Protocol):
     def input_hash(self, stem: str) -> str: ...
 
     def detections(self, stem: str) -> Detections: ...
+
+
+@dataclass(frozen=True)
+class FinishedTopology:
+    """What a source that builds the graph itself returns (the team's endpoint or pipeline):
+    `text` is stored as the stem's topology_graph.json exactly, `low_result` beside it."""
+
+    text: str
+    graph: dict
+    low_result: Any = None
+    overlay_png: bytes | None = None
+
+
+class TopologySource(Protocol):
+    """A source whose output is a finished topology graph (no Detections, no builder)."""
+
+    identity: str
+    finished_topology: bool
+
+    def input_hash(self, stem: str) -> str: ...
+
+    def topology(self, stem: str) -> FinishedTopology: ...
 
 
 def find_image(image_dir: str, stem: str) -> Path:
@@ -78,7 +118,7 @@ def check_png(path: Path) -> tuple[int, int]:
     return size
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -106,7 +146,7 @@ class AnnotationSource:
         ann = self.annotation_path(stem)
         if not ann.is_file():
             raise AnnotationError(f"{ann}: annotation file not found (setting paths.annotation_dir)")
-        return hashlib.sha256(f"{_sha256_file(image)}:{_sha256_file(ann)}".encode()).hexdigest()
+        return hashlib.sha256(f"{sha256_file(image)}:{sha256_file(ann)}".encode()).hexdigest()
 
     def detections(self, stem: str) -> Detections:
         image = find_image(self.config.image_dir, stem)
@@ -116,7 +156,8 @@ class AnnotationSource:
         if coco is None:
             raise AnnotationError(f"{ann}: annotation file not found (setting paths.annotation_dir)")
         try:
-            det = detections_from_coco(coco, image.name if self.config.annotation_file else None)
+            det = detections_from_coco(coco, image.name if self.config.annotation_file else None,
+                                       strict_categories=self.config.strict_categories)
         except AnnotationError as exc:
             raise AnnotationError(f"{ann}: {exc}") from None
         if (det.image.width, det.image.height) != (width, height):
@@ -179,7 +220,7 @@ class PluginSource:
         self._lock = threading.Lock()
 
     def input_hash(self, stem: str) -> str:
-        return _sha256_file(find_image(self.config.image_dir, stem))
+        return sha256_file(find_image(self.config.image_dir, stem))
 
     def detections(self, stem: str) -> Detections:
         import numpy as np
@@ -197,7 +238,7 @@ class PluginSource:
             if "images" not in result:
                 result = {**result, "images": [{"id": 1, "file_name": path.name,
                                                 "width": array.shape[1], "height": array.shape[0]}]}
-            return detections_from_coco(result, None)
+            return detections_from_coco(result, None, strict_categories=self.config.strict_categories)
         raise AnnotationError(
             f"{path}: plugin {self.config.plugin} returned {type(result).__name__}, "
             "expected Detections or a COCO dict"
@@ -218,16 +259,27 @@ class PluginSource:
                 torch.cuda.empty_cache()
 
 
-_SOURCES: dict[SourceConfig, DetectionSource] = {}
+_SOURCES: dict[SourceConfig, DetectionSource | TopologySource] = {}
+_SOURCES_LOCK = threading.Lock()
 
 
-def get_source(config: SourceConfig) -> DetectionSource:
-    """One source object per configuration per process (plugins load their model once)."""
-    if config not in _SOURCES:
-        if config.kind == "annotations":
-            _SOURCES[config] = AnnotationSource(config)
-        elif config.kind == "plugin":
-            _SOURCES[config] = PluginSource(config)
-        else:
-            raise ValueError(f"setting cv.source: unknown detection source {config.kind!r}")
-    return _SOURCES[config]
+def get_source(config: SourceConfig) -> DetectionSource | TopologySource:
+    """One source object per configuration per process (plugins and the team's pipeline load their
+    models once)."""
+    with _SOURCES_LOCK:
+        if config not in _SOURCES:
+            if config.kind == "annotations":
+                _SOURCES[config] = AnnotationSource(config)
+            elif config.kind == "plugin":
+                _SOURCES[config] = PluginSource(config)
+            elif config.kind == "runpod":
+                from floorplan_ft.cv.runpod import RunPodSource
+
+                _SOURCES[config] = RunPodSource(config)
+            elif config.kind == "team-pipeline":
+                from floorplan_ft.cv.team_pipeline import TeamPipelineSource
+
+                _SOURCES[config] = TeamPipelineSource(config)
+            else:
+                raise ValueError(f"setting cv.source: unknown detection source {config.kind!r}")
+        return _SOURCES[config]
