@@ -22,6 +22,7 @@ from floorplan_ft.cv.topology import BUILDER_VERSION, build_topology
 from floorplan_ft.store import ArtifactStore
 
 SIDECAR = "topology_graph.meta.json"
+IMPORT_SOURCE = "import"  # sidecar `source` of a graph from `ft-pipeline import topologies`
 OVERLAY = "topology_overlay.png"
 
 
@@ -54,6 +55,15 @@ def is_fresh(store: ArtifactStore, stem: str, key: str) -> bool:
         return False
 
 
+def is_imported(store: ArtifactStore, stem: str) -> bool:
+    """An imported graph (sidecar source "import") is done: never rebuilt, never a missing image."""
+    try:
+        return store.exists(store.topology_path(stem)) and (
+            store.read_json(sidecar_path(store, stem)).get("source") == IMPORT_SOURCE)
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
 def process_image(
     store: ArtifactStore, config: SourceConfig, stem: str, *, overlay: bool = False, force: bool = False
 ) -> ImageOutcome:
@@ -61,11 +71,14 @@ def process_image(
     file and the problem; unexpected errors propagate so the orchestrator can retry them."""
     start = time.perf_counter()
     source = get_source(config)
+    if not force and is_imported(store, stem):
+        return ImageOutcome(stem=stem, status="fresh", seconds=time.perf_counter() - start)
     try:
         key, input_hash = topology_key(source, stem)
         if not force and is_fresh(store, stem, key):
             return ImageOutcome(stem=stem, status="fresh", seconds=time.perf_counter() - start)
-        graph = build_topology(source.detections(stem))
+        detections = source.detections(stem)
+        graph = build_topology(detections)
     except ValueError as exc:  # AnnotationError, ImageError, bad plugin output
         return ImageOutcome(
             stem=stem, status="failed", reason=str(exc), error_type=type(exc).__name__,
@@ -84,6 +97,7 @@ def process_image(
             "source": source.identity,
             "builder_version": BUILDER_VERSION,
             "input_hash": input_hash,
+            "skipped_annotations": detections.skipped_summary(),
             "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
@@ -96,6 +110,9 @@ def stale_stems(store: ArtifactStore, config: SourceConfig, stems: list[str]) ->
     source = get_source(config)
     fresh, todo = [], []
     for stem in stems:
+        if is_imported(store, stem):
+            fresh.append(stem)
+            continue
         try:
             key, _ = topology_key(source, stem)
         except (ValueError, OSError):
