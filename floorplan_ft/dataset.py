@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from floorplan_ft.prompts import PROMPT_VERSION
+from floorplan_ft.prompts import prompt_version_for
 from floorplan_ft.sampling import SamplingError, group_key, stable_hash
 from floorplan_ft.schemas import FloorPlanAnalysis, schema_hash
 from floorplan_ft.store import ArtifactStore
@@ -178,7 +178,7 @@ def _prompt_check(meta: dict | None, messages: list[dict[str, str]], settings: A
     """fresh | stale | unverified: does the sidecar say the answer came from this very prompt?"""
     if not isinstance(meta, dict):
         return "unverified"
-    if meta.get("prompt_version") not in (None, PROMPT_VERSION):
+    if meta.get("prompt_version") not in (None, prompt_version_for(settings)):
         return "stale"
     key = meta.get("key")
     if not key:
@@ -247,7 +247,8 @@ def build_training_data(
 
     excluded: list[Exclusion] = []
     warnings: list[str] = []
-    items, missing = build_items(store, stems)
+    prompt_version = prompt_version_for(settings)  # the team's module fails here, before any row
+    items, missing = build_items(store, stems, settings)
     excluded += [Exclusion(m.stem, m.reason) for m in missing]
     rows: list[Row] = []
     unverified: list[str] = []
@@ -271,7 +272,7 @@ def build_training_data(
         check = _prompt_check(meta, item.messages, settings, teacher)
         if check == "stale":
             excluded.append(Exclusion(item.stem, "stale_prompt",
-                                      f"labeled with prompt {meta.get('prompt_version')}, current {PROMPT_VERSION}"))
+                                      f"labeled with prompt {meta.get('prompt_version')}, current {prompt_version}"))
             continue
         if check == "unverified":
             unverified.append(item.stem)
@@ -350,7 +351,7 @@ def build_training_data(
         "format_version": STATS_FORMAT_VERSION,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "teacher": teacher,
-        "prompt_version": PROMPT_VERSION,
+        "prompt_version": prompt_version,
         "schema_hash": schema_hash(),
         "counts": {"plans": len(stems), "kept": len(rows), "excluded": len(excluded),
                    "train": len(train), "val": len(val)},

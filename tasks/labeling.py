@@ -70,7 +70,7 @@ def label_with_teacher(settings: Settings, teacher_name: str) -> dict:
     # The teacher first: a missing key or an unreachable server stops here, before any work.
     teacher = make_teacher(settings, teacher_name)
     stems = read_sample(store.run_file("sample"))
-    items, missing = build_items(store, stems)
+    items, missing = build_items(store, stems, settings)
     for m in missing[:20]:
         logger.warning("%s: not labeled (%s)", m.stem, m.reason)
     if teacher_name == "reference":

@@ -8,18 +8,22 @@ from prefect.artifacts import create_table_artifact
 
 from floorplan_ft.retrieval.corpus import corpus_hash, load_corpus
 from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager
-from floorplan_ft.retrieval.retrieve import build_query as build_plan_query
+from floorplan_ft.prompts import check_prompts, prompt_style
 from floorplan_ft.retrieval.retrieve import (
     corpus_cache_key,
     distinct_queries,
     embed_corpus,
     embed_query_batch,
+    plain_queries,
     query_cache_key,
+    query_for,
     read_context,
     retrieval_health,
     retrieve_contexts,
+    retrieve_contexts_from_store,
     write_context,
 )
+from floorplan_ft.retrieval.team_table import TeamTableStore, corpus_table
 from floorplan_ft.sampling import read_sample
 from floorplan_ft.serving.factory import make_embedding_manager
 from floorplan_ft.settings import Settings
@@ -40,11 +44,11 @@ def embed_corpus_task(manager: BaseEmbeddingManager, chunks: list, cache_dir: st
 
 @task(
     name="embed-queries",
-    cache_key_fn=lambda _ctx, p: "queries-" + query_cache_key(p["manager"], p["distinct"]),
+    cache_key_fn=lambda _ctx, p: "queries-" + query_cache_key(p["manager"], p["distinct"], p.get("plain", False)),
     persist_result=True,
 )
-def embed_queries_task(manager: BaseEmbeddingManager, distinct: list[str]) -> np.ndarray:
-    return embed_query_batch(manager, distinct)
+def embed_queries_task(manager: BaseEmbeddingManager, distinct: list[str], plain: bool = False) -> np.ndarray:
+    return embed_query_batch(manager, distinct, plain)
 
 
 def retrieve_for_plans(settings: Settings) -> dict:
@@ -52,6 +56,8 @@ def retrieve_for_plans(settings: Settings) -> dict:
     embeds nothing; plans without a topology are counted, not fatal."""
     logger = get_run_logger()
     store = store_for(settings)
+    check_prompts(settings)  # a team prompt module that does not load stops here, before any work
+    style, plain = prompt_style(settings), plain_queries(settings)
     stems = read_sample(store.run_file("sample"))
     queries, missing = {}, []
     for stem in stems:
@@ -60,15 +66,36 @@ def retrieve_for_plans(settings: Settings) -> dict:
             missing.append(stem)
             continue
         graph = read_topology_bytes(store.read_bytes(path), origin=path)
-        queries[stem] = build_plan_query(graph.statistics)
+        queries[stem] = query_for(settings, graph.statistics)
 
     manager = make_embedding_manager(settings)
-    chunks = load_corpus(settings.paths.corpus_path)
     top_k = settings.retrieval.top_k
-    vectors = embed_corpus_task(manager, chunks, store.path("cache", "embeddings"))
+    table = corpus_table(settings.retrieval.corpus)
+    team_table = TeamTableStore.from_settings(settings) if table else None
+    try:
+        return _retrieve(settings, store, manager, team_table, queries, missing, top_k, style, plain)
+    finally:
+        if team_table is not None:
+            team_table.close()
+
+
+def _retrieve(settings, store, manager, team_table, queries, missing, top_k, style, plain) -> dict:
+    logger = get_run_logger()
+    if team_table is not None:
+        # The team's table: their rows and their vectors; only the queries are embedded here.
+        if team_table.dimensions != int(manager.dimensions):
+            raise ValueError(
+                f"the team table {team_table.table} holds {team_table.dimensions}-dim vectors but "
+                f"retrieval.dimensions is {manager.dimensions}: set retrieval.dimensions (EMBEDDING_DIM)"
+            )
+        chunks, vectors, c_hash = [], None, team_table.corpus_hash
+    else:
+        chunks = load_corpus(settings.paths.corpus_path)
+        vectors = embed_corpus_task(manager, chunks, store.path("cache", "embeddings"))
+        c_hash = corpus_hash(chunks)
 
     contexts, todo = {}, {}
-    identity, c_hash = manager.identity(), corpus_hash(chunks)
+    identity = manager.identity()
     for stem, query in queries.items():
         try:
             ctx = read_context(store, stem)
@@ -76,14 +103,19 @@ def retrieve_for_plans(settings: Settings) -> dict:
             todo[stem] = query
             continue
         if ctx.is_current(embedding_identity=identity, dimensions=manager.dimensions,
-                          corpus_hash=c_hash, top_k=top_k, query=query):
+                          corpus_hash=c_hash, top_k=top_k, query=query, style=style):
             contexts[stem] = ctx
         else:
             todo[stem] = query
     if todo:
         distinct = distinct_queries(todo)
-        query_vectors = embed_queries_task(manager, distinct)
-        fresh = retrieve_contexts(manager, chunks, vectors, todo, top_k, query_vectors=query_vectors)
+        query_vectors = embed_queries_task(manager, distinct, plain)
+        if team_table is not None:
+            fresh = retrieve_contexts_from_store(manager, team_table, todo, top_k, query_vectors=query_vectors,
+                                                 style=style, plain=plain)
+        else:
+            fresh = retrieve_contexts(manager, chunks, vectors, todo, top_k, query_vectors=query_vectors,
+                                      style=style, plain=plain)
         for stem, ctx in fresh.items():
             write_context(store, stem, ctx)
         contexts.update(fresh)

@@ -13,8 +13,9 @@ No orchestration imports: the Prefect tasks call these functions.
   batches internally), ranked against the chunks with one matrix product; ties go to the earlier
   chunk in corpus order.
 * `RagContext`: what ``output/{stem}/rag_context.json`` holds — the query, the ranked chunks,
-  ``context_text`` (exactly `prompts.format_criteria` of the ranked chunks, i.e. exactly what the
-  prompt includes) and provenance (embedding identity, dimensions, corpus hash, top_k).
+  ``context_text`` (exactly `prompts.format_context` of the ranked chunks in the prompt style:
+  our numbered criteria, or the team's ``[참고 i]`` blocks; i.e. exactly what the prompt
+  includes) and provenance (embedding identity, dimensions, corpus hash, top_k).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import io
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from floorplan_ft.prompts import format_criteria
+from floorplan_ft.prompts import PROJECT_STYLE, TEAM_STYLE, format_context, prompt_style, team_query
 from floorplan_ft.retrieval.corpus import CriteriaChunk, corpus_hash
 from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
 from floorplan_ft.schemas import TopologyGraph, TopologyStatistics
@@ -270,6 +271,19 @@ def build_query(
     return " ".join(parts)
 
 
+def query_for(settings: Any, stats: TopologyStatistics | TopologyGraph | Mapping[str, Any]) -> str:
+    """The plan's retrieval query in the configured prompt style: `build_query` (project) or the
+    team service's "{structure_type} 건축물 {bay_count}Bay 침실 {room_count}개" (team)."""
+    if prompt_style(settings) == TEAM_STYLE:
+        return team_query(_as_statistics(stats))
+    return build_query(stats)
+
+
+def plain_queries(settings: Any) -> bool:
+    """Team style embeds the query as plain text, as their service does (no query instruction)."""
+    return prompt_style(settings) == TEAM_STYLE
+
+
 def distinct_queries(queries: Mapping[str, str] | Iterable[str]) -> list[str]:
     """The distinct query texts, sorted (a stable order for batching and cache keys)."""
     values = queries.values() if isinstance(queries, Mapping) else queries
@@ -277,25 +291,27 @@ def distinct_queries(queries: Mapping[str, str] | Iterable[str]) -> list[str]:
 
 
 def query_cache_key(
-    manager: BaseEmbeddingManager | str, queries: Mapping[str, str] | Iterable[str]
+    manager: BaseEmbeddingManager | str, queries: Mapping[str, str] | Iterable[str], plain: bool = False
 ) -> str:
     """Content key of a batch of query embeddings: manager identity + the sorted distinct queries.
 
     Same key ⇔ `embed_query_batch(manager, distinct_queries(queries))` gives the same matrix.
     """
     identity = manager if isinstance(manager, str) else manager.identity()
-    h = hashlib.sha256(f"{RETRIEVAL_VERSION}\n{identity}\n".encode())
+    h = hashlib.sha256(f"{RETRIEVAL_VERSION}\n{identity}\n{'plain' if plain else ''}".encode())
     for q in distinct_queries(queries):
         h.update(hashlib.sha256(q.encode()).digest())
     return h.hexdigest()[:24]
 
 
-def embed_query_batch(manager: BaseEmbeddingManager, distinct: Sequence[str]) -> np.ndarray:
-    """One `embed_queries` call over the distinct queries → unit rows, in the given order."""
+def embed_query_batch(manager: BaseEmbeddingManager, distinct: Sequence[str], plain: bool = False) -> np.ndarray:
+    """One `embed_queries` call over the distinct queries → unit rows, in the given order.
+    ``plain``: embed them as documents (no query instruction), as the team's service does."""
     distinct = list(distinct)
     if not distinct:
         return np.zeros((0, int(manager.dimensions)), dtype=np.float32)
-    vectors = normalise_rows(np.asarray(manager.embed_queries(distinct), dtype=np.float32))
+    embed = manager.embed_documents if plain else manager.embed_queries
+    vectors = normalise_rows(np.asarray(embed(distinct), dtype=np.float32))
     if vectors.shape != (len(distinct), int(manager.dimensions)):
         raise EmbeddingError(
             f"{manager.identity()}: expected query vectors of shape "
@@ -353,13 +369,20 @@ class RagContext(BaseModel):
     query: str
     chunks: list[RetrievedChunk]
     context_text: str = Field(
-        description="prompts.format_criteria(chunks): exactly what the prompt includes"
+        description="prompts.format_context(chunks, context_format): exactly what the prompt includes"
     )
     embedding_identity: str
     dimensions: int
     corpus_hash: str
     top_k: int
     retrieval_version: str = RETRIEVAL_VERSION
+    context_format: Literal["team"] | None = Field(
+        None, description="None: ft-pipeline's numbered criteria; 'team': the team's [참고 i] blocks"
+    )
+
+    @property
+    def style(self) -> str:
+        return self.context_format or PROJECT_STYLE
 
     def prompt_criteria(self) -> list[dict[str, Any]]:
         """The ranked chunks as `prompts.build_user_prompt` / `build_messages` take them."""
@@ -373,6 +396,7 @@ class RagContext(BaseModel):
         corpus_hash: str,
         top_k: int,
         query: str | None = None,
+        style: str = PROJECT_STYLE,
     ) -> bool:
         """Whether this context still matches the settings, corpus, query and prompt formatting."""
         return (
@@ -382,7 +406,8 @@ class RagContext(BaseModel):
             and self.corpus_hash == corpus_hash
             and self.top_k == int(top_k)
             and (query is None or self.query == query)
-            and self.context_text == format_criteria(self.chunks)
+            and self.style == style
+            and self.context_text == format_context(self.chunks, self.style)
         )
 
 
@@ -396,6 +421,7 @@ def make_context(
     dimensions: int,
     corpus_hash_: str,
     top_k: int,
+    style: str = PROJECT_STYLE,
 ) -> RagContext:
     hits = [
         RetrievedChunk(
@@ -407,14 +433,31 @@ def make_context(
         )
         for r, (i, s) in enumerate(zip(indices, similarities, strict=True), start=1)
     ]
+    return context_from_hits(query, hits, embedding_identity=embedding_identity, dimensions=dimensions,
+                             corpus_hash_=corpus_hash_, top_k=top_k, style=style)
+
+
+def context_from_hits(
+    query: str,
+    hits: Sequence[RetrievedChunk],
+    *,
+    embedding_identity: str,
+    dimensions: int,
+    corpus_hash_: str,
+    top_k: int,
+    style: str = PROJECT_STYLE,
+) -> RagContext:
+    """A `RagContext` of ranked hits, its context text in the prompt style's format."""
+    hits = list(hits)
     return RagContext(
         query=query,
         chunks=hits,
-        context_text=format_criteria(hits),
+        context_text=format_context(hits, style),
         embedding_identity=embedding_identity,
         dimensions=int(dimensions),
         corpus_hash=corpus_hash_,
         top_k=int(top_k),
+        context_format=TEAM_STYLE if style == TEAM_STYLE else None,
     )
 
 
@@ -426,6 +469,8 @@ def retrieve_contexts(
     top_k: int,
     *,
     query_vectors: np.ndarray | None = None,
+    style: str = PROJECT_STYLE,
+    plain: bool = False,
 ) -> dict[str, RagContext]:
     """Top-k criteria for every plan: ``{stem: query}`` → ``{stem: RagContext}``.
 
@@ -442,7 +487,7 @@ def retrieve_contexts(
         return {}
     distinct = distinct_queries(queries)
     if query_vectors is None:
-        query_vectors = embed_query_batch(manager, distinct)
+        query_vectors = embed_query_batch(manager, distinct, plain)
     elif np.asarray(query_vectors).shape[0] != len(distinct):
         raise ValueError(
             f"{len(distinct)} distinct queries but {np.asarray(query_vectors).shape[0]} vectors"
@@ -465,14 +510,44 @@ def retrieve_contexts(
                 dimensions=dims,
                 corpus_hash_=c_hash,
                 top_k=top_k,
+                style=style,
             )
         out[stem] = by_query[q].model_copy(deep=True)
     return out
 
 
+def retrieve_contexts_from_store(
+    manager: BaseEmbeddingManager,
+    store: Any,
+    queries: Mapping[str, str],
+    top_k: int,
+    *,
+    query_vectors: np.ndarray | None = None,
+    style: str = PROJECT_STYLE,
+    plain: bool = False,
+) -> dict[str, RagContext]:
+    """Like `retrieve_contexts`, against a vector store (e.g. the team's table) instead of corpus
+    vectors in memory: ``store.search(query_vectors, top_k)`` per distinct query."""
+    if not queries:
+        return {}
+    distinct = distinct_queries(queries)
+    if query_vectors is None:
+        query_vectors = embed_query_batch(manager, distinct, plain)
+    hits = store.search(np.asarray(query_vectors, dtype=np.float32), top_k)
+    identity, dims = manager.identity(), int(manager.dimensions)
+    by_query = {
+        q: context_from_hits(q, hits[r], embedding_identity=identity, dimensions=dims,
+                             corpus_hash_=store.corpus_hash or "", top_k=top_k, style=style)
+        for r, q in enumerate(distinct)
+    }
+    return {stem: by_query[queries[stem]].model_copy(deep=True) for stem in sorted(queries)}
+
+
 def write_context(store: ArtifactStore, stem: str, ctx: RagContext) -> str:
     """Write ``output/{stem}/rag_context.json`` atomically; returns the path."""
-    return store.write_json(store.rag_context_path(stem), ctx.model_dump(mode="json"))
+    # A project-style context keeps the file layout it always had (no context_format key).
+    exclude = {"context_format"} if ctx.context_format is None else None
+    return store.write_json(store.rag_context_path(stem), ctx.model_dump(mode="json", exclude=exclude))
 
 
 def read_context(store: ArtifactStore, stem: str) -> RagContext:

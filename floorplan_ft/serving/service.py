@@ -1,9 +1,9 @@
 """The analysis service: topology → retrieval → chat client → validated `FloorPlanAnalysis`, and a
 Korean chat grounded in a stored analysis. The HTTP API (`serving.api`) is a thin layer over it.
 
-What the model sees is built exactly as in the pipeline: the query is `retrieve.build_query` of the
-plan's statistics, the top-k chunks are ranked like phase 2 (`retrieve.rank`, or pgvector with the
-same order), and the messages are `prompts.build_messages(image_name, topology, chunks)` — the
+What the model sees is built exactly as in the pipeline: the query is `retrieve.query_for` of the
+plan's statistics (in the configured prompt style), the top-k chunks are ranked like phase 2 (`retrieve.rank`, or pgvector with the
+same order), and the messages are `prompts.build_messages_for(settings, topology, context)` — the
 prompt the teachers answered and the student was trained on.
 
 The provider comes from the settings (``LLM_PROVIDER`` / ``serving.llm_provider``): ``local`` (the
@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from floorplan_ft.prompts import PROMPT_VERSION, build_messages, format_criteria
+from floorplan_ft.prompts import PROMPT_VERSION, build_messages_for, format_criteria, prompt_style, prompt_version_for
 from floorplan_ft.retrieval.corpus import CriteriaChunk, load_corpus
 from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager, EmbeddingError
 from floorplan_ft.retrieval.retrieve import (
@@ -44,7 +44,10 @@ from floorplan_ft.retrieval.retrieve import (
     RagContext,
     RetrievedChunk,
     build_query,
+    context_from_hits,
     embed_query_batch,
+    plain_queries,
+    query_for,
 )
 from floorplan_ft.schemas import FloorPlanAnalysis, TopologyGraph, schema_hash
 from floorplan_ft.serving.base import (
@@ -139,6 +142,7 @@ class AnalysisOutcome:
     model: str
     is_llm: bool
     usage: Usage | None = None
+    prompt_version: str = PROMPT_VERSION
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -149,7 +153,7 @@ class AnalysisOutcome:
             "criteria": [c.id for c in self.context.chunks],
             "query": self.context.query,
             "usage": self.usage.model_dump() if self.usage else None,
-            "prompt_version": PROMPT_VERSION,
+            "prompt_version": self.prompt_version,
         }
 
 
@@ -215,6 +219,10 @@ def open_vector_store(
     under ``{data_root}/cache/embeddings``) or ``pgvector`` (``serving.pg_dsn``, table
     ``serving.vector_table`` or the live one)."""
     kind = _serving(settings, "vector_store", "memory")
+    if str(getattr(settings.retrieval, "corpus", "shipped") or "shipped").startswith("pgvector:"):
+        from floorplan_ft.retrieval.team_table import TeamTableStore
+
+        return TeamTableStore.from_settings(settings)  # the team's criteria table, as phase 2 reads it
     if kind == "pgvector":
         dsn = _serving(settings, "pg_dsn", None)
         if dsn is None or not (dsn.get_secret_value() if hasattr(dsn, "get_secret_value") else str(dsn)):
@@ -381,6 +389,9 @@ class AnalysisService:
         # The teachers labelled at teachers.temperature (0.2); the local student decodes greedily.
         self.temperature = _serving(settings, "temperature", 0.2)
         self.top_k = int(settings.retrieval.top_k)
+        # The prompt the pipeline trained on (a team prompt module that does not load stops here).
+        self.prompt_style = prompt_style(settings)
+        self.prompt_version = prompt_version_for(settings)
         self.warnings: list[str] = []
         self._owned: list[Any] = []
 
@@ -393,7 +404,7 @@ class AnalysisService:
         check = check_identity(self.vector_store, self.embeddings)
         if check.warning:
             self.warnings.append(check.warning)
-        if self.vector_store.corpus_hash and self.vector_store.backend != "memory":
+        if self.vector_store.corpus_hash and self.vector_store.backend not in ("memory", "pgvector-team"):
             from floorplan_ft.retrieval.corpus import corpus_hash
 
             if self.vector_store.corpus_hash != corpus_hash(self.corpus):
@@ -462,7 +473,8 @@ class AnalysisService:
             "embeddings": embeddings,
             "vector_store": self.vector_store.describe(),
             "retrieval": {"top_k": self.top_k, "retrieval_version": RETRIEVAL_VERSION},
-            "prompt_version": PROMPT_VERSION,
+            "prompt_style": self.prompt_style,
+            "prompt_version": self.prompt_version,
             "schema_hash": schema_hash(),
             "timeout_s": self.timeout_s,
             "warnings": list(self.warnings),
@@ -490,7 +502,7 @@ class AnalysisService:
             if cached is not None:
                 self._query_cache.move_to_end(query)
                 return cached
-        vector = embed_query_batch(self.embeddings, [query])
+        vector = embed_query_batch(self.embeddings, [query], plain_queries(self.settings))
         if self._query_cache_size > 0:
             with self._cache_lock:
                 self._query_cache[query] = vector
@@ -501,14 +513,13 @@ class AnalysisService:
     def retrieve(self, query: str) -> RagContext:
         """Top-k criteria for one query (blocking), as a phase-2 `RagContext`."""
         hits = self.vector_store.search(self._query_vectors(query), self.top_k)[0]
-        return RagContext(
-            query=query,
-            chunks=hits,
-            context_text=format_criteria(hits),
+        return context_from_hits(
+            query, hits,
             embedding_identity=self.embeddings.identity(),
             dimensions=int(self.embeddings.dimensions),
-            corpus_hash=self.vector_store.corpus_hash or "",
+            corpus_hash_=self.vector_store.corpus_hash or "",
             top_k=self.top_k,
+            style=self.prompt_style,
         )
 
     async def aretrieve(self, query: str) -> RagContext:
@@ -544,8 +555,11 @@ class AnalysisService:
     # ------------------------------------------------------------------ analyze
 
     async def aanalyze_detailed(
-        self, topology: TopologyGraph | Mapping[str, Any], image_name: str | None = None
+        self, topology: TopologyGraph | Mapping[str, Any], image_name: str | None = None,
+        *, raw_topology: Mapping[str, Any] | None = None,
     ) -> AnalysisOutcome:
+        """``raw_topology``: the graph as the client or the CV source gave it, when ``topology`` is
+        its normalised form (the team prompt style sends the graph as production does)."""
         started = time.perf_counter()
         graph = validate_topology(topology)
         image_name = image_name or graph.image_info.file_name
@@ -553,9 +567,11 @@ class AnalysisService:
             raise InvalidInput([{"loc": ["image_name"], "msg": "at most 200 characters",
                                  "type": "string_too_long"}])
         t0 = time.perf_counter()
-        context = await self.aretrieve(build_query(graph.statistics))
+        context = await self.aretrieve(query_for(self.settings, graph.statistics))
         retrieval_s = time.perf_counter() - t0
-        messages = build_messages(image_name, graph, context.prompt_criteria())
+        if raw_topology is None:
+            raw_topology = topology if isinstance(topology, Mapping) else graph.model_dump(mode="json")
+        messages = build_messages_for(self.settings, raw_topology, context, image_name=image_name, graph=graph)
         t1 = time.perf_counter()
         usage = None
         if self.client is None:
@@ -576,7 +592,7 @@ class AnalysisService:
         }
         log.info("analyze %s: %s/%s %s", image_name, self.provider, self.model, timings)
         return AnalysisOutcome(analysis, timings, context, messages, self.provider, self.model,
-                               self.is_llm, usage)
+                               self.is_llm, usage, self.prompt_version)
 
     async def aanalyze(
         self, topology: TopologyGraph | Mapping[str, Any], image_name: str | None = None

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from floorplan_ft.prompts import PROMPT_VERSION
 from floorplan_ft.schemas import FloorPlanAnalysis
 from floorplan_ft.serving.base import (
     AuthError,
@@ -732,7 +733,7 @@ class BatchLabeling:
             write_answer(self.store, self.teacher, stem, job_key, line.result,
                          ItemOutcome(stem, "labeled", attempts=1, cost_usd=line_cost,
                                      input_tokens=usage.input_tokens, output_tokens=usage.output_tokens),
-                         elapsed)
+                         elapsed, getattr(self.items.get(stem), "prompt_version", PROMPT_VERSION))
             labeled.append(stem)
         status = job.get("status")
         gone = {"expired": "expired", "cancelled": "cancelled", "failed": "job_failed",

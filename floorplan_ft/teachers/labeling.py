@@ -67,6 +67,7 @@ class LabelItem:
     image_name: str
     messages: list[dict[str, str]]
     topology: TopologyGraph | None = None
+    prompt_version: str = PROMPT_VERSION  # prompts.prompt_version_for(settings): the sidecars record it
 
 
 class Teacher(ABC):
@@ -222,6 +223,7 @@ def write_answer(
     result: ChatResult,
     outcome: ItemOutcome,
     seconds: float,
+    prompt_version: str = PROMPT_VERSION,
 ) -> None:
     """Write one validated answer and its provenance sidecar (the online engine and the batch
     runner both write through here, so caching and phase 4 see one format)."""
@@ -236,7 +238,7 @@ def write_answer(
             "teacher": teacher.name,
             "provider": teacher.provider,
             "model": result.model or teacher.model,
-            "prompt_version": PROMPT_VERSION,
+            "prompt_version": prompt_version,
             "schema_version": SCHEMA_VERSION,
             "schema_hash": schema_hash(),
             "input_tokens": outcome.input_tokens,
@@ -357,7 +359,8 @@ class LabelingRun:
         )
 
     def _record_answer(self, item: LabelItem, key: str, result: ChatResult, outcome: ItemOutcome, started: float) -> None:
-        write_answer(self.store, self.teacher, item.stem, key, result, outcome, time.perf_counter() - started)
+        write_answer(self.store, self.teacher, item.stem, key, result, outcome, time.perf_counter() - started,
+                     item.prompt_version)
 
     def _settle(self, outcome: ItemOutcome, reserved: float, estimated_tokens: int, usage: Usage | None) -> None:
         """Book one finished attempt: budget, limiter, ledger and the item's own totals."""
