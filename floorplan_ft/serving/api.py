@@ -6,6 +6,13 @@
 * ``POST /chat`` ``{"analysis": FloorPlanAnalysis, "question": "…", "history": [{role, content}]}``
   → ``{"answer": "…", "meta": {…, "truncated": bool}}`` (Korean, grounded in the analysis).
 * ``GET /health`` → which provider/model is live (no secrets), embeddings, vector store.
+* ``POST /analyze`` with ``multipart/form-data`` (the team's Spring backend: the plan PNG in the
+  field ``file``) is served by ``POST /analyze/upload``: the configured CV source (``cv.source``)
+  → the graph → the model → ``{"topology_json": str, "topology_image_url": "data:image/png;base64,…",
+  "llm_analysis_json": str}``. 400 for an image that does not decode, 413 over
+  ``serving.max_upload_mb``, 502/503 with ``stage: "cv"`` when the CV source fails or is slow
+  (bounded by ``serving.cv_timeout_s``). Requests are told apart by their Content-Type only: a
+  JSON body keeps the contract above unchanged.
 
 Errors: a body that is not JSON, or a topology / analysis that does not validate → 422 with
 ``detail`` (FastAPI's list of ``{loc, msg, type}``) and ``message`` (one readable line naming the
@@ -28,7 +35,7 @@ from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,8 +58,11 @@ from floorplan_ft.serving.service import (
     CHAT_QUESTION_MAX,
     CHAT_TURN_MAX,
     AnalysisService,
+    CVFailed,
+    InvalidImage,
     InvalidInput,
     RetrievalUnavailable,
+    UploadTooLarge,
 )
 
 log = logging.getLogger(__name__)
@@ -74,6 +84,47 @@ class AnalyzeRequest(BaseModel):
 class AnalyzeResponse(BaseModel):
     analysis: FloorPlanAnalysis
     meta: dict[str, Any]
+
+
+class BackendAnalyzeResponse(BaseModel):
+    """What the team's Spring backend maps: three strings."""
+
+    topology_json: str = Field(description="The topology graph the CV source returned, as a JSON string.")
+    topology_image_url: str = Field(description="The overlay picture as a data:image/png;base64 URI.")
+    llm_analysis_json: str = Field(description="The FloorPlanAnalysis as a JSON string.")
+
+
+UPLOAD_PATH = "/analyze/upload"
+
+
+class _MultipartAnalyzeDispatch:
+    """ASGI middleware: a multipart ``POST /analyze`` (the backend's upload) goes to
+    `UPLOAD_PATH`, and an upload whose Content-Length is over the limit is answered 413 before
+    its body is read. Everything else passes untouched."""
+
+    def __init__(self, app: Any, max_bytes: Any):
+        self.app = app
+        self.max_bytes = max_bytes  # a callable, so a test can change the settings' limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") == "http" and scope.get("method") == "POST" and scope.get("path") in (
+            "/analyze", UPLOAD_PATH
+        ):
+            headers = {k.lower(): v for k, v in scope.get("headers", [])}
+            kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if kind == b"multipart/form-data":
+                limit = self.max_bytes()
+                length = headers.get(b"content-length")
+                if length and length.isdigit() and int(length) > limit + 64 * 1024:
+                    response = _error_response(
+                        413, "UploadTooLarge",
+                        f"the upload is {int(length) / 1048576:.1f} MiB; serving.max_upload_mb is {limit / 1048576:g}",
+                        "upload", retryable=False,
+                    )
+                    await response(scope, receive, send)
+                    return
+                scope = {**scope, "path": UPLOAD_PATH, "raw_path": UPLOAD_PATH.encode()}
+        await self.app(scope, receive, send)
 
 
 class ChatTurn(BaseModel):
@@ -194,6 +245,7 @@ def create_app(source: Any = None, *, warm_up: bool = False) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
+    app.add_middleware(_MultipartAnalyzeDispatch, max_bytes=lambda: service.max_upload_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -228,6 +280,37 @@ def create_app(source: Any = None, *, warm_up: bool = False) -> FastAPI:
         content = {"analysis": outcome.analysis.model_dump(mode="json"), "meta": outcome.meta()}
         return JSONResponse(
             content, headers=_timing_headers(outcome.timings, outcome.provider, outcome.model)
+        )
+
+    @app.exception_handler(InvalidImage)
+    async def _invalid_image(_request: Request, exc: InvalidImage) -> JSONResponse:
+        return _error_response(400, "InvalidImage", str(exc), "upload", retryable=False)
+
+    @app.exception_handler(UploadTooLarge)
+    async def _too_large(_request: Request, exc: UploadTooLarge) -> JSONResponse:
+        return _error_response(413, "UploadTooLarge", str(exc), "upload", retryable=False)
+
+    @app.exception_handler(CVFailed)
+    async def _cv_failed(_request: Request, exc: CVFailed) -> JSONResponse:
+        log.warning("CV failure -> %d: %s", exc.status, exc)
+        return _error_response(exc.status, "CVFailed", str(exc), "cv",
+                               source=service.settings.cv.source, retryable=exc.retryable)
+
+    @app.post(UPLOAD_PATH, response_model=BackendAnalyzeResponse)
+    async def analyze_upload(file: Annotated[UploadFile, File(description="The plan image (PNG).")]) -> JSONResponse:
+        """The team backend's request: a plan image in, three JSON strings out (also what a
+        multipart ``POST /analyze`` reaches)."""
+        limit = service.max_upload_bytes
+        data = await file.read(limit + 1)
+        if len(data) > limit:
+            raise UploadTooLarge(
+                f"the upload is over serving.max_upload_mb ({limit / 1048576:g} MiB)"
+            )
+        upload = await service.aanalyze_upload(data, file.filename)
+        outcome = upload.outcome
+        return JSONResponse(
+            upload.backend_body(),
+            headers=_timing_headers(outcome.timings, outcome.provider, outcome.model),
         )
 
     @app.post("/chat", response_model=ChatResponse)

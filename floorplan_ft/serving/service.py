@@ -20,9 +20,12 @@ retryable errors to 503 (with Retry-After when the provider gave one) and the ca
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import logging
 import re
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -125,6 +128,25 @@ class RetrievalUnavailable(ServiceError):
     retryable = True
 
 
+class InvalidImage(ServiceError):
+    """An uploaded plan that is not a decodable image (HTTP 400)."""
+
+
+class UploadTooLarge(ServiceError):
+    """An upload over ``serving.max_upload_mb`` (HTTP 413)."""
+
+
+class CVFailed(ServiceError):
+    """The CV source failed on an uploaded plan. `status`: 503 when trying again may help (a
+    timeout, an unreachable endpoint), 502 when it answered badly (a failed job, a graph that does
+    not read)."""
+
+    def __init__(self, message: str, *, status: int = 502, retryable: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
 def _validation_errors(exc: ValidationError, prefix: str) -> list[dict[str, Any]]:
     return [
         {"loc": [prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]}
@@ -154,6 +176,24 @@ class AnalysisOutcome:
             "query": self.context.query,
             "usage": self.usage.model_dump() if self.usage else None,
             "prompt_version": self.prompt_version,
+        }
+
+
+@dataclass
+class UploadOutcome:
+    """An uploaded plan analysed: the graph exactly as the CV source returned it (what
+    ``topology_json`` carries), the overlay PNG, and the analysis outcome of the normalised graph."""
+
+    raw_topology: dict[str, Any]
+    overlay_png: bytes
+    outcome: AnalysisOutcome
+
+    def backend_body(self) -> dict[str, str]:
+        """The team backend's response: three strings (the Spring side maps exactly these)."""
+        return {
+            "topology_json": json.dumps(self.raw_topology, ensure_ascii=False),
+            "topology_image_url": "data:image/png;base64," + base64.b64encode(self.overlay_png).decode("ascii"),
+            "llm_analysis_json": self.outcome.analysis.model_dump_json(),
         }
 
 
@@ -645,6 +685,56 @@ class AnalysisService:
                            "total_ms": _ms(time.perf_counter() - t0)}
         return outcome
 
+    # ------------------------------------------------------------------ uploads (the backend's /analyze)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(float(_serving(self.settings, "max_upload_mb", 20.0)) * 1024 * 1024)
+
+    @property
+    def cv_timeout_s(self) -> float:
+        explicit = _serving(self.settings, "cv_timeout_s", None)
+        if explicit is not None:
+            return float(explicit)
+        return float(getattr(self.settings.cv, "runpod_timeout_s", 300.0)) + CV_DEADLINE_GRACE_S
+
+    async def aanalyze_upload(self, image_bytes: bytes, filename: str | None) -> UploadOutcome:
+        """An uploaded PNG → the configured CV source (``cv.source``, in a thread, bounded by
+        `cv_timeout_s`) → the graph normalised by `topology_io` → `aanalyze_detailed` → the overlay.
+        Raises `UploadTooLarge`, `InvalidImage`, `CVFailed`, then what `aanalyze_detailed` raises."""
+        started = time.perf_counter()
+        if len(image_bytes) > self.max_upload_bytes:
+            raise UploadTooLarge(
+                f"the upload is {len(image_bytes) / 1048576:.1f} MiB; serving.max_upload_mb is "
+                f"{self.max_upload_bytes / 1048576:g}"
+            )
+        filename = _upload_name(filename)
+        size = decode_image_size(image_bytes)
+        t0 = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(
+                asyncio.to_thread(run_cv_on_upload, self.settings, image_bytes, filename),
+                self.cv_timeout_s,
+            )
+        except TimeoutError:
+            raise CVFailed(f"the CV source ({self.settings.cv.source}) gave no topology within "
+                           f"{self.cv_timeout_s:g} s (serving.cv_timeout_s)",
+                           status=503, retryable=True) from None
+        cv_s = time.perf_counter() - t0
+        raw, overlay = cv_result_parts(result)
+        from floorplan_ft.topology_io import TopologyFormatError, read_topology_dict
+
+        try:
+            graph = read_topology_dict(raw, origin=f"CV result for {filename}")
+        except TopologyFormatError as exc:
+            raise CVFailed(f"the CV source returned a graph that does not read: {exc}") from None
+        outcome = await self.aanalyze_detailed(graph, filename, raw_topology=raw)
+        if overlay is None:
+            overlay = await asyncio.to_thread(render_upload_overlay, graph, image_bytes, size)
+        outcome.timings = {"cv_ms": _ms(cv_s), **outcome.timings,
+                           "total_ms": _ms(time.perf_counter() - started)}
+        return UploadOutcome(raw, overlay, outcome)
+
     def analyze_image(self, path: str | Path) -> tuple[FloorPlanAnalysis, dict[str, float]]:
         """Image → CV source → topology → `analyze`; timings add ``cv_ms``."""
         outcome = _run_sync(self.aanalyze_image(path))
@@ -709,6 +799,120 @@ class AnalysisService:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+CV_DEADLINE_GRACE_S = 10.0
+# CV failures worth retrying later (503): the endpoint was slow, unreachable, overloaded or cold.
+# The others (a FAILED job, an error in its output, a refused key, no source configured) are 502.
+_RETRY_LATER = re.compile(r"timed out|no answer within|cannot reach|HTTP (?:429|5\d\d)|still IN_(?:QUEUE|PROGRESS)")
+_UPLOAD_NAME = re.compile(r"[^\w.\-]+")
+
+
+def _upload_name(filename: str | None) -> str:
+    """The upload's base name, safe as a file name and in a prompt (no folders, at most 200)."""
+    name = Path((filename or "").replace("\\", "/")).name.strip()
+    name = _UPLOAD_NAME.sub("_", name)[:200].strip("._")
+    return name or "upload.png"
+
+
+def decode_image_size(image_bytes: bytes) -> tuple[int, int]:
+    """(width, height) of a decodable image; `InvalidImage` with the decoder's reason otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not image_bytes:
+        raise InvalidImage("the upload is empty: send the plan image in the multipart field 'file'")
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as im:
+            im.load()
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InvalidImage(f"the upload is not a decodable image ({len(image_bytes)} bytes): {exc}") from None
+
+
+def run_cv_on_upload(settings: Any, image_bytes: bytes, filename: str) -> Any:
+    """The configured CV source on one uploaded image (blocking; the caller runs it in a thread).
+    The source's own errors become `CVFailed`: 503 for timeouts and unreachable endpoints."""
+    from floorplan_ft.cv.online import CVUnavailable, topology_from_image
+    from floorplan_ft.cv.sources import ImageError
+
+    try:
+        return topology_from_image(settings, image_bytes, filename)
+    except ServiceError:
+        raise
+    except ImageError as exc:
+        raise InvalidImage(str(exc)) from None
+    except CVUnavailable as exc:
+        later = _RETRY_LATER.search(str(exc)) is not None
+        raise CVFailed(f"the CV source ({settings.cv.source}) failed: {exc}",
+                       status=503 if later else 502, retryable=later) from None
+    except (TimeoutError, ConnectionError) as exc:
+        raise CVFailed(f"the CV source ({settings.cv.source}) is unreachable or slow: {exc}",
+                       status=503, retryable=True) from None
+    except Exception as exc:  # noqa: BLE001 - any source failure is a 5xx with its reason
+        status = 503 if getattr(exc, "retryable", False) else 502
+        raise CVFailed(f"the CV source ({settings.cv.source}) failed: {exc}", status=status,
+                       retryable=status == 503) from None
+
+
+def cv_result_parts(result: Any) -> tuple[dict[str, Any], bytes | None]:
+    """(graph dict, overlay PNG or None) from what the CV source returned: a graph (dict or
+    `TopologyGraph`), or an object/dict that holds one (``topology``/``topology_json``/``graph``)
+    and maybe the overlay (``overlay_png`` bytes or ``topology_image_base64``)."""
+    def pick(*names: str) -> Any:
+        for name in names:
+            value = result.get(name) if isinstance(result, Mapping) else getattr(result, name, None)
+            if value is not None:
+                return value
+        return None
+
+    if isinstance(result, TopologyGraph):
+        return result.model_dump(mode="json"), None
+    if isinstance(result, Mapping) and "nodes" in result:
+        return dict(result), None
+    graph = pick("topology", "topology_json", "topology_graph", "graph")
+    if isinstance(graph, TopologyGraph):
+        graph = graph.model_dump(mode="json")
+    if isinstance(graph, str):
+        try:
+            graph = json.loads(graph)
+        except ValueError as exc:
+            raise CVFailed(f"the CV source returned a topology that is not JSON: {exc}") from None
+    if not isinstance(graph, Mapping):
+        raise CVFailed(f"the CV source returned no topology graph (got {type(result).__name__})")
+    overlay = pick("overlay_png", "topology_image_png")
+    if overlay is None:
+        encoded = pick("topology_image_base64", "overlay_base64")
+        if isinstance(encoded, str) and encoded:
+            try:
+                overlay = base64.b64decode(encoded.split(",", 1)[-1], validate=False)
+            except ValueError:
+                overlay = None
+    if overlay is not None and not bytes(overlay).startswith(b"\x89PNG"):
+        overlay = _as_png(bytes(overlay))
+    return dict(graph), (bytes(overlay) if overlay is not None else None)
+
+
+def _as_png(image_bytes: bytes) -> bytes | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as im:
+            out = io.BytesIO()
+            im.convert("RGB").save(out, format="PNG")
+            return out.getvalue()
+    except (OSError, ValueError):
+        return None
+
+
+def render_upload_overlay(graph: TopologyGraph, image_bytes: bytes, size: tuple[int, int]) -> bytes:
+    """Our overlay (nodes, labels, edges) over the uploaded plan, as PNG bytes."""
+    from floorplan_ft.cv.overlay import render_overlay
+
+    with tempfile.TemporaryDirectory(prefix="ftp-upload-") as tmp:
+        plan, out = Path(tmp) / "plan.png", Path(tmp) / "overlay.png"
+        plan.write_bytes(image_bytes)
+        render_overlay(graph, plan, out)
+        return out.read_bytes()
 
 
 def _validate_analysis(analysis: FloorPlanAnalysis | Mapping[str, Any]) -> FloorPlanAnalysis:
