@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr
 # Block document names the flows look for (one set per Prefect server / workspace).
 OPENAI_BLOCK = "openai"
 GEMINI_BLOCK = "gemini"
+RUNPOD_BLOCK = "runpod"
 
 
 class OpenAICredentials(Block):
@@ -44,3 +45,16 @@ class GeminiCredentials(Block):
 
     api_key: SecretStr = Field(..., description="Gemini API key (Google AI Studio).")
     base_url: str | None = Field(None, description="Override of the Gemini API base URL.")
+
+
+class RunPodCredentials(Block):
+    """RunPod key for the team's Serverless CV/embedding endpoint (cv.source=runpod)."""
+
+    _block_type_name: ClassVar[str] = "ft-pipeline RunPod Credentials"
+    _block_type_slug: ClassVar[str] = "ft-runpod-credentials"
+    _description: ClassVar[str] = (
+        "RunPod API key for the team's Serverless CV and embedding endpoint; read by the flows at run time."
+    )
+
+    api_key: SecretStr = Field(..., description="RunPod API key.")
+    base_url: str | None = Field(None, description="Unused; kept for symmetry with the other credentials.")

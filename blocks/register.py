@@ -4,6 +4,7 @@ Environment read (the same names the settings and the AWS tools use):
 
 - ``OPENAI_API_KEY`` (+ ``FTP_OPENAI_BASE_URL``)                 → ft-openai-credentials/openai
 - ``GEMINI_API_KEY`` or ``GOOGLE_API_KEY`` (+ ``FTP_GEMINI_BASE_URL``) → ft-gemini-credentials/gemini
+- ``RUNPOD_API_KEY``                                             → ft-runpod-credentials/runpod
 - ``FTP_PATHS__DATA_ROOT`` (a path or ``s3://bucket/prefix``) with, for S3,
   ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
   ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION`` or ``AWS_DEFAULT_REGION`` → ft-data-root-storage/data-root
@@ -21,11 +22,18 @@ from dataclasses import dataclass
 from prefect.blocks.core import Block
 from pydantic import SecretStr
 
-from blocks.credentials import GEMINI_BLOCK, OPENAI_BLOCK, GeminiCredentials, OpenAICredentials
+from blocks.credentials import (
+    GEMINI_BLOCK,
+    OPENAI_BLOCK,
+    RUNPOD_BLOCK,
+    GeminiCredentials,
+    OpenAICredentials,
+    RunPodCredentials,
+)
 from blocks.secrets import load_block
 from blocks.storage import DATA_ROOT_BLOCK, DataRootStorage
 
-BLOCK_TYPES: tuple[type[Block], ...] = (OpenAICredentials, GeminiCredentials, DataRootStorage)
+BLOCK_TYPES: tuple[type[Block], ...] = (OpenAICredentials, GeminiCredentials, RunPodCredentials, DataRootStorage)
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,13 @@ def blocks_from_env(env: Mapping[str, str] | None = None) -> list[tuple[str, Blo
         f"api_key set, base_url {base or '-'}" if key else "GEMINI_API_KEY / GOOGLE_API_KEY is not set",
     ))
 
+    key = _first(env, "RUNPOD_API_KEY", "FTP_RUNPOD_API_KEY")
+    planned.append((
+        RUNPOD_BLOCK,
+        RunPodCredentials(api_key=key) if key else None,
+        "api_key set" if key else "RUNPOD_API_KEY is not set",
+    ))
+
     root = _first(env, "FTP_PATHS__DATA_ROOT")
     if root:
         key_id = _first(env, "AWS_ACCESS_KEY_ID")
@@ -111,7 +126,7 @@ def register_all(env: Mapping[str, str] | None = None) -> list[BlockOutcome]:
     register_block_types()
     outcomes = []
     by_name = {OPENAI_BLOCK: OpenAICredentials, GEMINI_BLOCK: GeminiCredentials,
-               DATA_ROOT_BLOCK: DataRootStorage}
+               RUNPOD_BLOCK: RunPodCredentials, DATA_ROOT_BLOCK: DataRootStorage}
     for name, block, detail in blocks_from_env(env):
         ref = f"{by_name[name].get_block_type_slug()}/{name}"
         if block is None:

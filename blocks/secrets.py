@@ -4,6 +4,7 @@ Call `apply_block_secrets(settings)` at the start of a flow. It returns a copy o
 
 - `openai_api_key` / `openai_base_url` from the `ft-openai-credentials/openai` block,
 - `gemini_api_key` / `gemini_base_url` from the `ft-gemini-credentials/gemini` block,
+- `runpod_api_key` from the `ft-runpod-credentials/runpod` block,
 - `paths.data_root` from the `ft-data-root-storage/data-root` block when no source (profile, file,
   environment, override) set a data root, and, for an s3:// data root, the block's S3 credentials
   installed as fsspec's defaults for this process.
@@ -77,7 +78,14 @@ def apply_block_secrets(
     exist; the input object is never modified. Without a configured server: `settings` as is."""
     if not prefect_server_configured():
         return settings
-    from blocks.credentials import GEMINI_BLOCK, OPENAI_BLOCK, GeminiCredentials, OpenAICredentials
+    from blocks.credentials import (
+        GEMINI_BLOCK,
+        OPENAI_BLOCK,
+        RUNPOD_BLOCK,
+        GeminiCredentials,
+        OpenAICredentials,
+        RunPodCredentials,
+    )
     from blocks.storage import DATA_ROOT_BLOCK, DataRootStorage
 
     update: dict[str, Any] = {}
@@ -86,13 +94,14 @@ def apply_block_secrets(
         for cls, name, prefix in (
             (OpenAICredentials, openai_block or OPENAI_BLOCK, "openai"),
             (GeminiCredentials, gemini_block or GEMINI_BLOCK, "gemini"),
+            (RunPodCredentials, RUNPOD_BLOCK, "runpod"),
         ):
             block = _load(cls, name)
             if block is None:
                 continue
             fields = ["api_key"]
             update[f"{prefix}_api_key"] = block.api_key
-            if block.base_url:
+            if block.base_url and prefix != "runpod":
                 update[f"{prefix}_base_url"] = block.base_url
                 fields.append("base_url")
             used.append(f"{cls.get_block_type_slug()}/{name} ({', '.join(fields)})")

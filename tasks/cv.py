@@ -15,22 +15,46 @@ from prefect.futures import as_completed
 from prefect.utilities.annotations import unmapped
 
 from floorplan_ft.cv.runner import ImageOutcome, process_image, stale_stems, update_failure_ledger
-from floorplan_ft.cv.sources import SourceConfig
+from floorplan_ft.cv.runpod import register_key
+from floorplan_ft.cv.sources import CVConfigError, SourceConfig
 from floorplan_ft.settings import Settings
 from floorplan_ft.store import ArtifactStore
 from tasks.common import artifact_key, store_for
 
 
 def source_config(settings: Settings) -> SourceConfig:
+    cv = settings.cv
+    remote = cv.source == "runpod"
     return SourceConfig(
-        kind=settings.cv.source,
+        kind=cv.source,
         image_dir=settings.image_dir(),
         annotation_dir=None if settings.paths.annotation_file else settings.annotation_dir(),
         annotation_file=settings.paths.annotation_file,
-        plugin=settings.cv.plugin,
-        device=settings.cv.device,
-        clear_cache_every=settings.cv.clear_cache_every,
+        plugin=cv.plugin,
+        device=cv.device,
+        clear_cache_every=cv.clear_cache_every,
+        strict_categories=cv.strict_categories,
+        concurrency=cv.concurrency,
+        runpod_endpoint_id=cv.runpod_endpoint_id if remote else None,
+        runpod_base_url=cv.runpod_base_url,
+        runpod_timeout_s=cv.runpod_timeout_s,
+        runpod_poll_interval_s=cv.runpod_poll_interval_s,
+        runpod_max_attempts=cv.runpod_max_attempts,
+        # The key stays in this process; the task parameters (shown in the UI) carry a reference.
+        runpod_key_ref=register_key(settings.runpod_api_key) if remote else None,
+        team_code=settings.paths.team_code if cv.source == "team-pipeline" else None,
     )
+
+
+def _not_config_error(task, task_run, state) -> bool:
+    """No retry for a source that cannot work at all (a refused key, missing team code)."""
+    try:
+        state.result(raise_on_failure=True)
+    except CVConfigError:
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+    return True
 
 
 # Not Prefect-cached on purpose: the output is a file in the shared data root, and Prefect's result
@@ -47,17 +71,18 @@ def source_config(settings: Settings) -> SourceConfig:
     persist_result=True,
     retries=2,
     retry_delay_seconds=[2, 8],
+    retry_condition_fn=_not_config_error,
     task_run_name="topologies-{stems[0]}+{chunk_len}",
 )
 def build_topology_task(stems: list[str], config: SourceConfig, data_root: str, overlay: bool = False,
                         chunk_len: int = 0) -> list[dict]:
     store = ArtifactStore(data_root)
     outcomes, errors = [], []
-    for stem in stems:
-        try:
-            outcome = process_image(store, config, stem, overlay=overlay)
-        except Exception as exc:  # noqa: BLE001  (transient or unexpected: retried with the chunk)
-            errors.append(f"{stem}: {type(exc).__name__}: {exc}")
+    for stem, outcome in _process_chunk(store, config, stems, overlay):
+        if isinstance(outcome, CVConfigError):
+            raise outcome
+        if isinstance(outcome, Exception):  # transient or unexpected: retried with the chunk
+            errors.append(f"{stem}: {type(outcome).__name__}: {outcome}")
             continue
         if outcome.status == "failed":
             get_run_logger().warning("%s: %s", stem, outcome.reason)
@@ -67,6 +92,29 @@ def build_topology_task(stems: list[str], config: SourceConfig, data_root: str, 
     if errors:
         raise RuntimeError("; ".join(errors[:5]))
     return outcomes
+
+
+def _process_chunk(store: ArtifactStore, config: SourceConfig, stems: list[str], overlay: bool):
+    """(stem, outcome or exception) per image. A remote source (the RunPod endpoint) works on up
+    to cv.concurrency images of the chunk at once (its client bounds requests in flight per
+    process); local detectors go one by one. A configuration error stops the chunk."""
+    def one(stem: str):
+        try:
+            return stem, process_image(store, config, stem, overlay=overlay)
+        except Exception as exc:  # noqa: BLE001
+            return stem, exc
+
+    if config.kind != "runpod" or config.concurrency == 1:
+        for stem in stems:
+            result = one(stem)
+            yield result
+            if isinstance(result[1], CVConfigError):
+                return
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=config.concurrency) as pool:
+        yield from pool.map(one, stems)
 
 
 @task(name="plan-cv-work", cache_policy=NO_CACHE)
@@ -102,6 +150,10 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
         for future in as_completed(futures):
             chunk = chunk_of[id(future)]
             result = future.result(raise_on_failure=False)
+            if isinstance(result, CVConfigError):
+                # The source cannot work at all (e.g. the endpoint refused the key): stop the phase.
+                logger.error("phase 1 stopped: %s", result)
+                raise CVConfigError(str(result))
             if isinstance(result, BaseException):
                 # Retries exhausted: every image of the chunk without a fresh graph is a failure.
                 fresh, stale = stale_stems(store, config, chunk)

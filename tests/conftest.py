@@ -76,3 +76,18 @@ def copy_prepared(root, tmp_path):
 
     shutil.copytree(root, tmp_path / "data")
     return ArtifactStore(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def runpod_server_session():
+    """A real HTTP server on 127.0.0.1 speaking RunPod Serverless (CV inference, embeddings)."""
+    from fakes.runpod_server import FakeRunPodServer
+
+    with FakeRunPodServer() as server:
+        yield server
+
+
+@pytest.fixture
+def runpod_server(runpod_server_session):
+    runpod_server_session.reset()
+    return runpod_server_session

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from blocks.credentials import GeminiCredentials, OpenAICredentials
+from blocks.credentials import GeminiCredentials, OpenAICredentials, RunPodCredentials
 from blocks.register import BLOCK_TYPES, blocks_from_env, register_all, save_block
 from blocks.secrets import apply_block_secrets, load_block
 from blocks.storage import DataRootStorage
@@ -27,13 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 S3_ENV = {
     "OPENAI_API_KEY": "sk-test-openai-123",
     "GEMINI_API_KEY": "gm-test-gemini-456",
+    "RUNPOD_API_KEY": "rp-test-runpod-321",
     "FTP_PATHS__DATA_ROOT": "s3://vol-abc123/ft-data",
     "AWS_ENDPOINT_URL": "https://s3api-eur-is-1.runpod.io",
     "AWS_ACCESS_KEY_ID": "AKID-test-789",
     "AWS_SECRET_ACCESS_KEY": "s3-secret-000",
     "AWS_REGION": "EUR-IS-1",
 }
-SECRETS = ("sk-test-openai-123", "gm-test-gemini-456", "AKID-test-789", "s3-secret-000")
+SECRETS = ("sk-test-openai-123", "gm-test-gemini-456", "rp-test-runpod-321", "AKID-test-789", "s3-secret-000")
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def clean_blocks(prefect_api):
     pick up these keys."""
     yield
     for cls, name in ((OpenAICredentials, "openai"), (GeminiCredentials, "gemini"),
-                      (DataRootStorage, "data-root")):
+                      (RunPodCredentials, "runpod"), (DataRootStorage, "data-root")):
         if load_block(cls, name) is not None:
             cls.delete(name, _sync=True)
 
@@ -134,7 +135,8 @@ def test_blocks_from_env_describes_without_secrets():
     assert storage.endpoint_url == "https://s3api-eur-is-1.runpod.io" and storage.region == "EUR-IS-1"
     assert not any(s in detail for _, detail in planned.values() for s in SECRETS)
     empty = {name: block for name, block, _ in blocks_from_env({})}
-    assert empty == {"openai": None, "gemini": None, "data-root": None}
+    assert empty == {"openai": None, "gemini": None, "runpod": None, "data-root": None}
+    assert planned["runpod"][0].api_key.get_secret_value() == "rp-test-runpod-321"
     assert {n: b.data_root() for n, b, _ in blocks_from_env({"FTP_PATHS__DATA_ROOT": "/srv/d"}) if b} == {
         "data-root": "/srv/d"}
 
@@ -174,6 +176,7 @@ def test_blocks_override_keys_and_fill_the_default_data_root(clean_blocks, no_do
     assert settings.openai_api_key.get_secret_value() == "from-settings"  # input untouched
     assert applied.openai_api_key.get_secret_value() == "sk-test-openai-123"
     assert applied.gemini_api_key.get_secret_value() == "gm-test-gemini-456"
+    assert applied.runpod_api_key.get_secret_value() == "rp-test-runpod-321"
     assert applied.paths.data_root == "s3://vol-abc123/ft-data"
     assert fsspec_conf["s3"]["endpoint_url"] == "https://s3api-eur-is-1.runpod.io"
     assert "ft-openai-credentials/openai (api_key)" in block_log.text
@@ -189,7 +192,7 @@ def test_blocks_override_keys_and_fill_the_default_data_root(clean_blocks, no_do
 def test_register_is_idempotent_and_updates_changed_blocks(clean_blocks):
     first = {o.ref: o.status for o in register_all(S3_ENV)}
     assert first == {"ft-openai-credentials/openai": "created", "ft-gemini-credentials/gemini": "created",
-                     "ft-data-root-storage/data-root": "created"}
+                     "ft-runpod-credentials/runpod": "created", "ft-data-root-storage/data-root": "created"}
     assert {o.status for o in register_all(S3_ENV)} == {"unchanged"}
     changed = dict(S3_ENV, OPENAI_API_KEY="sk-test-rotated")
     statuses = {o.ref: o.status for o in register_all(changed)}
@@ -199,7 +202,7 @@ def test_register_is_idempotent_and_updates_changed_blocks(clean_blocks):
     assert {o.status for o in register_all({})} == {"skipped"}
     assert save_block(GeminiCredentials(api_key="gm-test-gemini-456"), "gemini") == "unchanged"
     assert {cls.get_block_type_slug() for cls in BLOCK_TYPES} == {
-        "ft-openai-credentials", "ft-gemini-credentials", "ft-data-root-storage"}
+        "ft-openai-credentials", "ft-gemini-credentials", "ft-runpod-credentials", "ft-data-root-storage"}
 
 
 # --------------------------------------------------------------------------- work pools

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -286,19 +284,72 @@ def test_a_refused_key_stops_phase1_early_naming_the_setting(prefect_api, runpod
 
 
 @pytest.mark.prefect
-def test_cli_runs_step_1_through_the_endpoint(runpod_server, tmp_path):
-    """`ft-pipeline run --steps 0,1` in a fresh process: the key from its environment only."""
-    root = tmp_path / "data"
+def test_cli_runs_steps_0_1_through_the_endpoint(prefect_api, runpod_server, no_dotenv, monkeypatch):
+    """`ft-pipeline run --steps 0,1` with the key and endpoint from the environment only."""
+    from typer.testing import CliRunner
+
+    from ft_pipeline.cli import app
+
+    monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
+    monkeypatch.setenv("RUNPOD_ENDPOINT_ID", runpod_server.endpoint_id)
+    root = no_dotenv / "data"
     _plans(root, runpod_server, count=4)
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PREFECT_API")}
-    env.update({"RUNPOD_API_KEY": API_KEY, "RUNPOD_ENDPOINT_ID": runpod_server.endpoint_id,
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
-    cmd = [sys.executable, "-m", "ft_pipeline.cli", "run", "--steps", "0,1",
-           "--set", f"paths.data_root={root}", "--set", "cv.source=runpod",
-           "--set", f"cv.runpod_base_url={runpod_server.base_url}", "--set", "cv.runpod_poll_interval_s=0.05",
-           "--set", "sampling.sample_size=4", "--set", "sampling.size_low_pct=0", "--set", "sampling.size_high_pct=100"]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["run", "--steps", "0,1", "--set", f"paths.data_root={root}", "--set", "cv.source=runpod",
+            "--set", f"cv.runpod_base_url={runpod_server.base_url}", "--set", "cv.runpod_poll_interval_s=0.05",
+            "--set", "sampling.sample_size=4", "--set", "sampling.size_low_pct=0",
+            "--set", "sampling.size_high_pct=100"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output[-3000:]
     assert len(runpod_server.calls("cv_inference")) == 4
     assert len(list(root.glob("output/*/topology_graph.json"))) == 4
-    assert API_KEY not in proc.stdout + proc.stderr and API_KEY not in _files_text(root)
+    assert len(list(root.glob("output/*/low_result.json"))) == 4
+    assert API_KEY not in result.output and API_KEY not in _files_text(root)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def _embedding_settings(tmp_path, server, key=API_KEY, **extra):
+    settings, _ = _settings(tmp_path, server, key=key, **{"retrieval.provider": "runpod", **extra})
+    return settings
+
+
+def test_runpod_embeddings_batch_through_embed_batch_at_1024_dims(runpod_server, tmp_path):
+    import numpy as np
+
+    from floorplan_ft.retrieval.runpod_embeddings import RunPodEmbeddingManager
+    from floorplan_ft.serving.factory import make_embedding_manager
+
+    manager = make_embedding_manager(_embedding_settings(tmp_path, runpod_server, **{"retrieval.batch_size": 2}))
+    assert isinstance(manager, RunPodEmbeddingManager) and manager.dimensions == 1024
+    texts = ["판상형 건축물 3Bay 침실 3개", "판상형 건축물 3Bay 침실 2개", "타워형 건축물 2Bay 침실 1개",
+             "채광 기준", "환기 기준"]
+    docs = manager.embed_documents(texts)
+    assert docs.shape == (5, 1024) and np.allclose(np.linalg.norm(docs, axis=1), 1.0, atol=1e-5)
+    calls = runpod_server.calls("embed_batch")
+    assert [c.body["input"]["texts"] for c in calls] == [texts[0:2], texts[2:4], texts[4:]]
+    query = manager.embed_queries([texts[0]])
+    assert query.shape == (1, 1024) and np.allclose(query[0], docs[0], atol=1e-6)
+    assert float(docs[0] @ docs[1]) > float(docs[0] @ docs[4])  # similar texts are closer
+    assert "runpod" in manager.identity() and runpod_server.endpoint_id in manager.identity()
+
+
+def test_runpod_embeddings_retry_then_fail_and_refuse_a_bad_key(runpod_server, tmp_path):
+    from floorplan_ft.retrieval.embeddings import EmbeddingError
+    from floorplan_ft.serving.base import ConfigError
+    from floorplan_ft.serving.factory import make_embedding_manager
+
+    manager = make_embedding_manager(_embedding_settings(tmp_path, runpod_server))
+    runpod_server.push(Job.failed("OOM"), Job.http(502))
+    assert manager.embed_documents(["a"]).shape == (1, 1024)
+    assert len(runpod_server.calls("embed_batch")) == 3
+    runpod_server.push(*[Job.error_in_output("model not loaded")] * 3)
+    with pytest.raises(EmbeddingError, match="model not loaded"):
+        manager.embed_documents(["b"])
+    bad = make_embedding_manager(_embedding_settings(tmp_path, runpod_server, key="rp_wrong_embed_key"))
+    with pytest.raises(EmbeddingError) as err:
+        bad.embed_queries(["c"])
+    assert "RUNPOD_API_KEY" in str(err.value) and "rp_wrong_embed_key" not in str(err.value)
+    no_key = load_settings(**nest_overrides({"retrieval.provider": "runpod", "cv.runpod_endpoint_id": "e"}))
+    with pytest.raises(ConfigError, match="RUNPOD_API_KEY"):
+        make_embedding_manager(no_key)

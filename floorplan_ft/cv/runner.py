@@ -17,13 +17,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from floorplan_ft.cv.sources import DetectionSource, SourceConfig, find_image, get_source
+from floorplan_ft.cv.sources import DetectionSource, FinishedTopology, SourceConfig, find_image, get_source
 from floorplan_ft.cv.topology import BUILDER_VERSION, build_topology
 from floorplan_ft.store import ArtifactStore
 
 SIDECAR = "topology_graph.meta.json"
 IMPORT_SOURCE = "import"  # sidecar `source` of a graph from `ft-pipeline import topologies`
 OVERLAY = "topology_overlay.png"
+LOW_RESULT = "low_result.json"  # the team CV's merged detections, kept for provenance
 
 
 class ImageOutcome(BaseModel):
@@ -77,19 +78,30 @@ def process_image(
         key, input_hash = topology_key(source, stem)
         if not force and is_fresh(store, stem, key):
             return ImageOutcome(stem=stem, status="fresh", seconds=time.perf_counter() - start)
-        detections = source.detections(stem)
-        graph = build_topology(detections)
-    except ValueError as exc:  # AnnotationError, ImageError, bad plugin output
+        if getattr(source, "finished_topology", False):
+            finished = source.topology(stem)
+            extra = _write_finished(store, stem, finished)
+            graph_for_overlay = finished.graph
+        else:
+            detections = source.detections(stem)
+            graph = build_topology(detections)
+            graph.builder_version = BUILDER_VERSION
+            store.write_text(store.topology_path(stem), graph.model_dump_json(indent=1) + "\n")
+            extra = {"skipped_annotations": detections.skipped_summary()}
+            graph_for_overlay, finished = graph, None
+    except ValueError as exc:  # AnnotationError, ImageError, bad plugin output, a failed CV job
         return ImageOutcome(
             stem=stem, status="failed", reason=str(exc), error_type=type(exc).__name__,
             seconds=time.perf_counter() - start,
         )
-    graph.builder_version = BUILDER_VERSION
-    store.write_text(store.topology_path(stem), graph.model_dump_json(indent=1) + "\n")
     if overlay:
-        from floorplan_ft.cv.overlay import render_overlay
+        overlay_path = store.path("output", stem, OVERLAY)
+        if finished is not None and finished.overlay_png:
+            store.write_bytes(overlay_path, finished.overlay_png)
+        else:
+            from floorplan_ft.cv.overlay import render_overlay
 
-        render_overlay(graph, find_image(config.image_dir, stem), Path(store.path("output", stem, OVERLAY)))
+            render_overlay(graph_for_overlay, find_image(config.image_dir, stem), Path(overlay_path))
     store.write_json(
         sidecar_path(store, stem),
         {
@@ -97,11 +109,21 @@ def process_image(
             "source": source.identity,
             "builder_version": BUILDER_VERSION,
             "input_hash": input_hash,
-            "skipped_annotations": detections.skipped_summary(),
+            **extra,
             "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
     return ImageOutcome(stem=stem, status="built", seconds=time.perf_counter() - start)
+
+
+def _write_finished(store: ArtifactStore, stem: str, finished: FinishedTopology) -> dict:
+    """A graph the team's CV built: stored exactly as it came, its detections beside it."""
+    store.write_text(store.topology_path(stem), finished.text)
+    extra: dict = {"format": "team"}
+    if finished.low_result is not None:
+        store.write_json(store.path("output", stem, LOW_RESULT), finished.low_result, indent=None)
+        extra["low_result"] = LOW_RESULT
+    return extra
 
 
 def stale_stems(store: ArtifactStore, config: SourceConfig, stems: list[str]) -> tuple[list[str], list[str]]:

@@ -147,6 +147,10 @@ def make_embedding_manager(settings: Any, *, probe: bool = True) -> BaseEmbeddin
             device=retrieval.device,
             batch_size=retrieval.batch_size,
         )
+    if retrieval.provider == "runpod":
+        from floorplan_ft.retrieval.runpod_embeddings import runpod_embedding_manager
+
+        return runpod_embedding_manager(settings)
     from floorplan_ft.serving.openai_embeddings import OpenAIEmbeddingManager
 
     if retrieval.provider == "openai":
