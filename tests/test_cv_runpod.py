@@ -196,7 +196,7 @@ def test_phase1_through_the_endpoint_stores_what_it_sent_and_reruns_free(prefect
     runpod_server.push(Job.in_progress(polls=2), Job.completed())
     runpod_server.default = Job.in_progress(polls=2)
     runpod_server.latency_s = 0.05
-    settings, overrides = _settings(root, runpod_server, **{"cv.concurrency": 3, "cv.chunk_size": 6})
+    _, overrides = _settings(root, runpod_server, **{"cv.concurrency": 3, "cv.chunk_size": 6})
     run = cv_batch_with_concurrency(3)
     report = run(scope="all", overrides=overrides)  # no key in the parameters: from the environment
     assert report["built"] == 6 and report["failed"] == 0, report
@@ -353,3 +353,19 @@ def test_runpod_embeddings_retry_then_fail_and_refuse_a_bad_key(runpod_server, t
     no_key = load_settings(**nest_overrides({"retrieval.provider": "runpod", "cv.runpod_endpoint_id": "e"}))
     with pytest.raises(ConfigError, match="RUNPOD_API_KEY"):
         make_embedding_manager(no_key)
+
+
+def test_no_key_or_no_endpoint_stops_before_any_request(runpod_server, no_dotenv, monkeypatch):
+    from floorplan_ft.cv.sources import get_source
+    from tasks.cv import source_config
+
+    monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
+    root = no_dotenv / "data"
+    _plans(root, runpod_server, count=1)
+    settings, _ = _settings(root, runpod_server)
+    config = source_config(settings.model_copy(update={"runpod_api_key": None}))
+    with pytest.raises(CVConfigError, match="RUNPOD_API_KEY"):
+        get_source(config)
+    with pytest.raises(CVConfigError, match="cv.runpod_endpoint_id"):
+        get_source(config.model_copy(update={"runpod_endpoint_id": None}))
+    assert runpod_server.requests == []

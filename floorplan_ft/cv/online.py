@@ -99,7 +99,11 @@ _TEAM_LOCK = threading.Lock()
 
 
 def _team_pipeline(settings: Any, image_bytes: bytes, name: str) -> OnlineCVResult:
-    from floorplan_ft.cv.team_pipeline import finished_from_result, load_team_pipeline, run_team_pipeline
+    from floorplan_ft.cv.team_pipeline import (
+        finished_from_result,
+        load_team_pipeline,
+        run_team_pipeline,
+    )
 
     pipeline, identity = load_team_pipeline(settings.paths.team_code)
     png = _as_png(image_bytes)

@@ -17,7 +17,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from floorplan_ft.cv.sources import DetectionSource, FinishedTopology, SourceConfig, find_image, get_source
+from floorplan_ft.cv.sources import (
+    DetectionSource,
+    FinishedTopology,
+    SourceConfig,
+    find_image,
+    get_source,
+)
 from floorplan_ft.cv.topology import BUILDER_VERSION, build_topology
 from floorplan_ft.store import ArtifactStore
 

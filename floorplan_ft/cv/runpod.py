@@ -24,7 +24,14 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from floorplan_ft.cv.sources import CVConfigError, FinishedTopology, SourceConfig, check_png, find_image, sha256_file
+from floorplan_ft.cv.sources import (
+    CVConfigError,
+    FinishedTopology,
+    SourceConfig,
+    check_png,
+    find_image,
+    sha256_file,
+)
 
 KEY_SETTING = "RUNPOD_API_KEY"
 _PENDING = {"IN_QUEUE", "IN_PROGRESS"}

@@ -17,7 +17,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from floorplan_ft.cv.sources import CVConfigError, FinishedTopology, SourceConfig, check_png, find_image, sha256_file
+from floorplan_ft.cv.sources import (
+    CVConfigError,
+    FinishedTopology,
+    SourceConfig,
+    check_png,
+    find_image,
+    sha256_file,
+)
 
 PIPELINE_MODULE = "CV.cv_inference.pipeline"
 
@@ -76,7 +83,8 @@ def run_team_pipeline(pipeline: Any, image_path: Path, lock: threading.Lock) -> 
     with lock:
         result = pipeline.run(str(image_path), **kwargs)
     if not isinstance(result, dict):
-        raise ValueError(f"{image_path}: InferencePipeline.run returned {type(result).__name__}, expected a dict")
+        raise ValueError(  # noqa: TRY004 - bad CV output is a per-image failure, ledgered like bad input
+            f"{image_path}: InferencePipeline.run returned {type(result).__name__}, expected a dict")
     return result
 
 
@@ -108,7 +116,7 @@ def finished_from_result(result: dict, where: str) -> FinishedTopology:
 
     graph = result.get("topology_graph")
     if not isinstance(graph, dict):
-        raise ValueError(f"{where}: no topology_graph object in the result")
+        raise ValueError(f"{where}: no topology_graph object in the result")  # noqa: TRY004
     validate_team_topology(graph, where)
     text = json.dumps(graph, ensure_ascii=False, indent=1) + "\n"
     return FinishedTopology(text=text, graph=graph, low_result=result.get("low_result"))

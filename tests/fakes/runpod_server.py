@@ -289,10 +289,10 @@ class FakeRunPodServer:
                     return self._reply(*server._status(route[len("status/"):]))
                 return self._reply(404, {"error": "no such route"})
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 self._handle("POST")
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 self._handle("GET")
 
         return Handler
