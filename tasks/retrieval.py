@@ -6,9 +6,9 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
+from floorplan_ft.prompts import check_prompts, prompt_style
 from floorplan_ft.retrieval.corpus import corpus_hash, load_corpus
 from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager
-from floorplan_ft.prompts import check_prompts, prompt_style
 from floorplan_ft.retrieval.retrieve import (
     corpus_cache_key,
     distinct_queries,
@@ -54,7 +54,6 @@ def embed_queries_task(manager: BaseEmbeddingManager, distinct: list[str], plain
 def retrieve_for_plans(settings: Settings) -> dict:
     """Phase 2 over the sampled plans. Contexts that are still current are left alone, so a rerun
     embeds nothing; plans without a topology are counted, not fatal."""
-    logger = get_run_logger()
     store = store_for(settings)
     check_prompts(settings)  # a team prompt module that does not load stops here, before any work
     style, plain = prompt_style(settings), plain_queries(settings)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes.provider_server import Reply
 from plans import prepare_plans
 from team_format import to_team_graph
 from test_vectorstore import dsn, pg_admin_dsn  # noqa: F401  (the suite's real PostgreSQL)

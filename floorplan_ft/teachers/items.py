@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from floorplan_ft.prompts import TEAM_STYLE, build_messages, build_messages_for, prompt_style, prompt_version_for
+from floorplan_ft.prompts import (
+    TEAM_STYLE,
+    build_messages,
+    build_messages_for,
+    prompt_style,
+    prompt_version_for,
+)
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.labeling import LabelItem
 from floorplan_ft.topology_io import read_topology_bytes
