@@ -216,6 +216,9 @@ def test_phase1_through_the_endpoint_stores_what_it_sent_and_reruns_free(prefect
     again = run(scope="all", overrides=overrides)
     assert (again["built"], again["cached"]) == (0, 6) and len(runpod_server.requests) == before
     assert API_KEY not in _files_text(root)
+    for request in runpod_server.requests:  # the key travels in the Authorization header only
+        assert API_KEY not in request.path and API_KEY.encode() not in request.raw
+        assert [k for k, v in request.headers.items() if API_KEY in v] == ["authorization"]
 
 
 def test_failed_images_are_ledgered_and_the_run_goes_on(runpod_server, tmp_path, runpod_env):
@@ -262,10 +265,13 @@ def test_topology_json_as_an_object_is_accepted(runpod_server, tmp_path, runpod_
     root = tmp_path / "data"
     stems = _plans(root, runpod_server, count=1)
     runpod_server.topology_as_object = True
+    runpod_server.overlay_png = b"\x89PNG\r\n\x1a\nTHEIR-OVERLAY"
     settings, _ = _settings(root, runpod_server)
-    assert _fn(build_topology_task, stems, source_config(settings), str(root))[0]["status"] == "built"
+    assert _fn(build_topology_task, stems, source_config(settings), str(root), True)[0]["status"] == "built"
     stored = json.loads((root / "output" / stems[0] / "topology_graph.json").read_text())
     assert stored == json.loads(next(iter(runpod_server.sent_topologies.values())))
+    # cv.overlay: the endpoint's own picture (topology_image_base64) is kept, not redrawn.
+    assert (root / "output" / stems[0] / "topology_overlay.png").read_bytes() == runpod_server.overlay_png
 
 
 @pytest.mark.prefect
