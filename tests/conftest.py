@@ -91,3 +91,52 @@ def runpod_server_session():
 def runpod_server(runpod_server_session):
     runpod_server_session.reset()
     return runpod_server_session
+
+
+# One real PostgreSQL (pgvector) per session, shared by every test that needs a database.
+@pytest.fixture(scope="session")
+def pg_admin_dsn():
+    """PostgreSQL 16 + pgvector from the pgserver wheel, moved from its Unix socket to a TCP port on
+    127.0.0.1 (as the service would reach a database); stopped at the end of the session."""
+    import re  # noqa: F401
+    import shutil
+    from pathlib import Path
+
+    import pgserver
+    from pgserver._commands import pg_ctl
+    from pgserver.utils import PostmasterInfo
+
+    # Not under pytest's basetemp: that is private to root, and pgserver runs postgres as its own
+    # user when the tests run as root.
+    from service_helpers import free_port
+
+    root = Path(tempfile.mkdtemp(prefix="ftp-pgvector-"))
+    server = pgserver.get_server(root / "data", cleanup_mode="stop")
+    info = server.get_postmaster_info()
+    port = free_port()
+    try:
+        pg_ctl(["-w", "restart", "-m", "fast", "-o",
+                (f"-h 127.0.0.1 -p {port} -k {info.socket_dir} "
+                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")],  # throwaway data
+               pgdata=server.pgdata, user=server.system_user, timeout=20)
+        server._postmaster_info = PostmasterInfo.read_from_pgdata(server.pgdata)  # stop the new one
+        dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    except Exception:  # noqa: BLE001 - keep testing over the socket pgserver gave us
+        dsn = server.get_uri()
+    yield dsn
+    server.cleanup()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def dsn(pg_admin_dsn, request):
+    """A fresh database per test."""
+    import re
+
+    from floorplan_ft.serving.vectorstore import connect
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    with connect(pg_admin_dsn) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return re.sub(r"/postgres(\?|$)", f"/{name}\\1", pg_admin_dsn)

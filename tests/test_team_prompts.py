@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from plans import prepare_plans
 from team_format import to_team_graph
-from test_vectorstore import dsn, pg_admin_dsn  # noqa: F401  (the suite's real PostgreSQL)
 
 from floorplan_ft import prompts
 from floorplan_ft.retrieval.corpus import load_corpus
@@ -85,7 +84,7 @@ def chat_messages(requests) -> list[list[dict]]:
 
 @pytest.mark.prefect
 def test_teachers_rows_evaluation_and_service_send_the_same_team_prompt(
-        prefect_api, fake_provider, dsn, tmp_path, no_dotenv, monkeypatch):  # noqa: F811
+        prefect_api, fake_provider, dsn, tmp_path, no_dotenv, monkeypatch):
     from floorplan_ft.serving.service import AnalysisService
     from floorplan_ft.training.evaluate import run_evaluation
     from flows.ft_pipeline import ft_pipeline
@@ -259,7 +258,7 @@ def test_a_missing_team_module_fails_early_naming_the_setting(case, tmp_path, no
         assert "paths.team_code" in message and "mine.nothing" in message
 
 
-def test_team_table_retrieval_ranks_like_their_service(dsn, fake_provider):  # noqa: F811
+def test_team_table_retrieval_ranks_like_their_service(dsn, fake_provider):
     """retrieval.corpus = pgvector:internal_eval: top-k by <=> over their rows, metadata as source."""
     from floorplan_ft.retrieval.team_table import TeamTableStore, corpus_table
 
