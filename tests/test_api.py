@@ -167,6 +167,27 @@ def test_bad_json_and_invalid_topologies_get_422_naming_the_problem(fake, app):
     assert fake.requests_to("/chat/completions") == []  # nothing reached the provider
 
 
+def test_analyze_accepts_the_team_aggregators_graph_through_the_normalising_reader(fake, app):
+    from team_format import to_team_graph
+
+    graph = sample_graphs()[0]
+    team = to_team_graph(graph)
+    inside = next(n for n in team["nodes"] if n["area_ratio"] is not None)
+    assert 0 < inside["area_ratio"] <= 1  # their fraction, not our percent
+    response = call(app, "POST", "/analyze", json={"topology": team})
+    assert response.status_code == 200, response.text
+    FloorPlanAnalysis.model_validate(response.json()["analysis"])
+    # The project-style prompt carries the normalised graph: percent area ratios, the same counts.
+    user = fake.requests_to("/chat/completions")[-1].body["messages"][1]["content"]
+    assert f'"bay_count": {graph.statistics.bay_count}' in user or f'"bay_count":{graph.statistics.bay_count}' in user
+
+    broken = to_team_graph(graph)
+    del broken["nodes"][0]["bbox"]
+    response = call(app, "POST", "/analyze", json={"topology": broken})
+    assert response.status_code == 422
+    assert "nodes" in response.json()["message"] and "bbox" in response.json()["message"]
+
+
 def test_health_shows_the_live_provider_without_secrets(fake, app):
     response = call(app, "GET", "/health")
     assert response.status_code == 200

@@ -40,7 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from floorplan_ft.schemas import FloorPlanAnalysis, TopologyGraph
+from floorplan_ft.schemas import FloorPlanAnalysis
 from floorplan_ft.serving.base import (
     AuthError,
     BadRequest,
@@ -75,7 +75,12 @@ API_VERSION = "1"
 class AnalyzeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    topology: TopologyGraph = Field(description="The plan's topology graph (topology_graph.json).")
+    # A plain object here: the service reads it through the one normalising reader, which takes
+    # our graphs and the team aggregator's (fraction area_ratio, `type` on doors and windows).
+    topology: dict[str, Any] = Field(
+        description="The plan's topology graph (topology_graph.json, ours or the team aggregator's).",
+        json_schema_extra={"$comment": "validated as floorplan_ft.schemas.TopologyGraph after normalising"},
+    )
     image_name: Annotated[str, Field(max_length=200)] | None = Field(
         None, description="Name written into the analysis; default: topology.image_info.file_name."
     )

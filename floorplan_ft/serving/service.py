@@ -38,7 +38,13 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from floorplan_ft.prompts import PROMPT_VERSION, build_messages_for, format_criteria, prompt_style, prompt_version_for
+from floorplan_ft.prompts import (
+    PROMPT_VERSION,
+    build_messages_for,
+    format_criteria,
+    prompt_style,
+    prompt_version_for,
+)
 from floorplan_ft.retrieval.corpus import CriteriaChunk, load_corpus
 from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager, EmbeddingError
 from floorplan_ft.retrieval.retrieve import (
@@ -69,6 +75,7 @@ from floorplan_ft.serving.vectorstore import (
     VectorStoreError,
     check_identity,
 )
+from floorplan_ft.topology_io import TopologyFormatError, read_topology_dict
 
 log = logging.getLogger(__name__)
 
@@ -317,10 +324,15 @@ def validate_topology(topology: TopologyGraph | Mapping[str, Any]) -> TopologyGr
         if not isinstance(topology, Mapping):
             raise InvalidInput([{"loc": ["topology"], "msg": "expected a JSON object",
                                  "type": "model_type"}])
+        # One normalising reader for every dialect (ours, the team aggregator's, their frontend's).
         try:
-            graph = TopologyGraph.model_validate(dict(topology))
-        except ValidationError as exc:
-            raise InvalidInput(_validation_errors(exc, "topology")) from None
+            graph = read_topology_dict(dict(topology), origin="topology")
+        except TopologyFormatError as exc:
+            raise InvalidInput([
+                {"loc": ["topology", *(int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", loc))],
+                 "msg": msg, "type": "value_error"}
+                for loc, msg in exc.problems
+            ]) from None
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
     for i, node in enumerate(graph.nodes):
