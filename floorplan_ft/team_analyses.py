@@ -472,6 +472,11 @@ def import_analyses(store: ArtifactStore, path: str | Path, *, teacher: str = IM
                     image_dir: str | None = None) -> ImportReport:
     """Read the export, map every record, write the good ones as ``teacher``'s answers
     (``output/{stem}/llm_analysis_{teacher}.json`` + sidecar) and report the rest."""
+    from floorplan_ft.teachers.factory import TEACHER_NAMES
+
+    if teacher in TEACHER_NAMES:
+        raise AnalysesFileError(f"teacher {teacher!r} is labeled in phase 3: import under another name "
+                                f"(default {IMPORTED_TEACHER!r}) so no labeled answer is overwritten")
     path = Path(path)
     raw = path.read_bytes() if path.is_file() else b""
     data = load_export(path)

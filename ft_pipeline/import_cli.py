@@ -63,3 +63,30 @@ def topologies(
     typer.echo(f"{imported} imported, {failed} failed, into {store.root}")
     if imported == 0:
         raise typer.Exit(1)
+
+
+@import_app.command("analyses")
+def analyses(
+    file: Annotated[Path, typer.Argument(help="Their stored analyses: a ChromaDB/JSON export or a list of analyses.")],
+    teacher: Annotated[str, typer.Option(help="Teacher name the answers are written under.")] = "production",
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Import the team's stored analyses as the answers of teacher `production`
+    (output/{stem}/llm_analysis_production.json + sidecar), mapped leniently onto our schema;
+    compare them in phase 4 with quality.extra_teachers=["production"]. Exits 1 when none imported."""
+    from floorplan_ft.store import ArtifactStore
+    from floorplan_ft.team_analyses import AnalysesFileError, import_analyses, report_text
+
+    settings = settings_for(config, profile, set_)
+    store = ArtifactStore(settings.paths.data_root)
+    try:
+        report = import_analyses(store, file, teacher=teacher, image_dir=settings.image_dir())
+    except AnalysesFileError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(report_text(report))
+    typer.echo(f"\nReport: {store.path(f'import_analyses_{teacher}.json')}")
+    if not report.imported:
+        raise typer.Exit(1)
