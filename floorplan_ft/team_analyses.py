@@ -202,7 +202,7 @@ def _clip(value: Any, limit: int, where: str, m: Mapped) -> str:
 
 def _number(value: Any, where: str, m: Mapped, *, integer: bool) -> Any:
     if isinstance(value, bool):
-        raise ValueError(f"{where} is a boolean, expected a number")
+        raise TypeError(f"{where} is a boolean, expected a number")
     if isinstance(value, int | float):
         if integer and isinstance(value, float):
             if not value.is_integer():
@@ -211,7 +211,7 @@ def _number(value: Any, where: str, m: Mapped, *, integer: bool) -> Any:
             return int(value)
         return value
     if isinstance(value, str):
-        match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(%|bay|베이|개)?\s*", value, flags=re.I)
+        match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(%|bay|베이|개)?\s*", value, flags=re.IGNORECASE)
         if match:
             m.note(f"{where}: text → number")
             num = float(match.group(1))
@@ -227,7 +227,7 @@ def _list(value: Any, where: str, m: Mapped, limit: int) -> list:
         m.note(f"{where}: one string → a list")
         value = [value] if value.strip() else []
     if not isinstance(value, list):
-        raise ValueError(f"{where} is {type(value).__name__}, expected a list")
+        raise TypeError(f"{where} is {type(value).__name__}, expected a list")
     if len(value) > limit:
         m.note(f"{where}: cut to {limit} entries")
         value = value[:limit]
@@ -238,7 +238,7 @@ def _design(value: Any, m: Mapped) -> dict[str, str] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ValueError(f"design_evaluation is {type(value).__name__}, expected an object")
+        raise TypeError(f"design_evaluation is {type(value).__name__}, expected an object")
     out: dict[str, str] = {}
     for key, text in value.items():
         target = DESIGN_KEYS.get(str(key).strip().lower()) or DESIGN_KEYS.get(str(key).strip())
@@ -262,7 +262,7 @@ def _design(value: Any, m: Mapped) -> dict[str, str] | None:
 
 def _space(value: Any, i: int, m: Mapped) -> dict[str, Any]:
     if not isinstance(value, Mapping):
-        raise ValueError(f"spaces[{i}] is {type(value).__name__}, expected an object")
+        raise TypeError(f"spaces[{i}] is {type(value).__name__}, expected an object")
     s = dict(value)
     out: dict[str, Any] = {}
     for key, default in (("space_name", "공간"), ("space_type", "공통공간")):
@@ -291,12 +291,12 @@ def _compliance(value: Any, m: Mapped) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ValueError(f"compliance is {type(value).__name__}, expected an object")
+        raise TypeError(f"compliance is {type(value).__name__}, expected an object")
     c = dict(value)
     items = []
     for i, item in enumerate(_list(c.get("non_compliant_items"), "compliance.non_compliant_items", m, 20)):
         if not isinstance(item, Mapping):
-            raise ValueError(f"compliance.non_compliant_items[{i}] is {type(item).__name__}, expected an object")
+            raise TypeError(f"compliance.non_compliant_items[{i}] is {type(item).__name__}, expected an object")
         category = str(item.get("category") or "").strip()
         mapped = DESIGN_KEYS.get(category.lower(), category)
         if mapped != category:
@@ -444,7 +444,7 @@ def read_record(name: str | None, payload: Any, metadata: Mapping[str, Any]) -> 
         else:
             raise ValueError("empty document")
     if not isinstance(payload, Mapping):
-        raise ValueError(f"expected an analysis object, got {type(payload).__name__}")
+        raise TypeError(f"expected an analysis object, got {type(payload).__name__}")
     analysis, notes = lenient_analysis(payload, name, metadata)
     return analysis, m.notes + notes, form
 
@@ -494,7 +494,7 @@ def import_analyses(store: ArtifactStore, path: str | Path, *, teacher: str = IM
                 raise ValueError(f"no plan named {image_name!r} in {store.root} (images/ or output/)")
             if stem in seen:
                 raise ValueError(f"a second analysis of {stem} (record {seen[stem]} was imported)")
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             rejected.append(RejectedRecord(index, name, str(exc)))
             continue
         seen[stem] = index
@@ -530,8 +530,8 @@ def is_imported_teacher(store: ArtifactStore, stems: list[str], teacher: str) ->
 def report_text(report: ImportReport, *, limit: int = 40) -> str:
     """The end-of-import summary: counts, every mapping applied (a table), each reject's reason."""
     lines = [
-        f"{report.source_file}: {report.records} records → {len(report.imported)} imported as "
-        f"teacher '{report.teacher}', {len(report.rejected)} rejected",
+        (f"{report.source_file}: {report.records} records → {len(report.imported)} imported as "
+         f"teacher '{report.teacher}', {len(report.rejected)} rejected"),
     ]
     counts = report.mapping_counts
     if counts:

@@ -67,8 +67,8 @@ def test_an_upload_over_the_limit_is_a_413(no_dotenv):
             # Without a Content-Length (a chunked upload) the handler's own check answers.
             chunked = httpx.post(url + "/analyze/upload", timeout=30,
                                  headers={"content-type": "multipart/form-data; boundary=b"},
-                                 content=iter([b"--b\r\nContent-Disposition: form-data; name=\"file\"; "
-                                               b"filename=\"x.png\"\r\nContent-Type: image/png\r\n\r\n",
+                                 content=iter([(b"--b\r\nContent-Disposition: form-data; name=\"file\"; "
+                                                b"filename=\"x.png\"\r\nContent-Type: image/png\r\n\r\n"),
                                                big, b"\r\n--b--\r\n"]))
     finally:
         service.close()

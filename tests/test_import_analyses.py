@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from floorplan_ft.schemas import FloorPlanAnalysis
 from floorplan_ft.settings import load_settings
 from floorplan_ft.store import ArtifactStore
+from floorplan_ft.teachers.labeling import meta_path
+from floorplan_ft.teachers.reference import reference_analysis
 from floorplan_ft.team_analyses import (
     IMPORTED_TEACHER,
     import_analyses,
@@ -22,8 +24,6 @@ from floorplan_ft.team_analyses import (
     lenient_analysis,
     read_record,
 )
-from floorplan_ft.teachers.labeling import meta_path
-from floorplan_ft.teachers.reference import reference_analysis
 
 ENGLISH = {"채광": "lighting", "환기": "ventilation", "가족융화": "family_harmony", "수납": "storage"}
 runner = CliRunner()
