@@ -85,7 +85,12 @@ def test_failed_and_error_in_output_are_retried_then_reported(runpod_server):
         _client(runpod_server, max_attempts=3).call("embed", {"text": "x"})
     assert "3 attempts" in str(err.value) and "CUDA OOM" in str(err.value) and "bad image" in str(err.value)
     assert "HTTP 503" in str(err.value)
+    assert err.value.retry_later  # the last attempt met an overloaded endpoint: worth a retry later
     assert len(runpod_server.calls()) == 3
+    runpod_server.push(Job.http(503), Job.failed("CUDA OOM"))
+    with pytest.raises(RunPodError) as err:
+        _client(runpod_server, max_attempts=2).call("embed", {"text": "x"})
+    assert not err.value.retry_later  # the job itself failed
     runpod_server.push(Job.failed(), Job.in_progress(polls=1, final="FAILED"))
     assert len(_client(runpod_server, max_attempts=3).call("embed", {"text": "x"})["embedding"]) == 1024
 
@@ -110,6 +115,7 @@ def test_cold_start_within_timeout_and_timeout_beyond_it(runpod_server):
     with pytest.raises(RunPodError) as err:
         _client(runpod_server, timeout_s=0.4, max_attempts=2).call("embed", {"text": "a"})
     assert "cv.runpod_timeout_s" in str(err.value) and len(runpod_server.calls()) == 2
+    assert err.value.retry_later
 
 
 def test_requests_in_flight_are_bounded_per_endpoint(runpod_server):

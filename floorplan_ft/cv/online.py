@@ -22,7 +22,12 @@ from floorplan_ft.cv.sources import CVConfigError, ImageError
 
 class CVUnavailable(RuntimeError):
     """The CV source could not produce a topology for this image (endpoint down, refused key,
-    invalid output, not configured)."""
+    invalid output, not configured). `retry_later`: the same request may work later (timeouts,
+    an unreachable or overloaded endpoint), as opposed to a failed job or a configuration error."""
+
+    def __init__(self, message: str, *, retry_later: bool = False):
+        super().__init__(message)
+        self.retry_later = retry_later
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ def _runpod(settings: Any, image_bytes: bytes, name: str) -> OnlineCVResult:
     try:
         output = client.cv_inference(png, name)
     except RunPodError as exc:  # the auth error included: both are the service's 5xx
-        raise CVUnavailable(str(exc)) from None
+        raise CVUnavailable(str(exc), retry_later=exc.retry_later) from None
     finished = finished_from_output(output, f"{name} from {endpoint.url}")
     overlay = finished.overlay_png or _render(finished.graph, png)
     return OnlineCVResult(topology=finished.graph, overlay_png=overlay, source=endpoint.identity)

@@ -38,7 +38,13 @@ _PENDING = {"IN_QUEUE", "IN_PROGRESS"}
 
 
 class RunPodError(RuntimeError):
-    """A job that did not produce an output after every attempt (the message names the endpoint)."""
+    """A job that did not produce an output after every attempt (the message names the endpoint).
+    `retry_later`: the last attempt failed on the way (timeout, unreachable, 429/5xx, still queued),
+    not in the job itself (FAILED, an error in the output), so the same request may work later."""
+
+    def __init__(self, message: str, *, retry_later: bool = False):
+        super().__init__(message)
+        self.retry_later = retry_later
 
 
 class RunPodAuthError(RunPodError, CVConfigError):
@@ -123,7 +129,12 @@ def _semaphore(endpoint: RunPodEndpoint) -> threading.BoundedSemaphore:
 
 
 class _Retryable(Exception):
-    """One attempt failed in a way the next attempt may not."""
+    """One attempt failed in a way the next attempt may not; `transient` when the job itself did
+    not fail (timeouts, unreachable, 429/5xx, still queued)."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class RunPodClient:
@@ -163,6 +174,7 @@ class RunPodClient:
     def call(self, action: str, payload: dict) -> dict:
         """The output of one job, after up to `max_attempts` attempts."""
         reasons: list[str] = []
+        transient = False
         for attempt in range(1, self.endpoint.max_attempts + 1):
             if self._auth_failure:
                 raise RunPodAuthError(self._auth_failure)
@@ -171,10 +183,12 @@ class RunPodClient:
                     return self._attempt(action, payload)
             except _Retryable as exc:
                 reasons.append(str(exc))
+                transient = exc.transient
                 if attempt < self.endpoint.max_attempts:
                     time.sleep(min(self.endpoint.poll_interval_s * attempt, 30.0))
         raise RunPodError(
-            f"{self.endpoint.url} action {action}: failed after {len(reasons)} attempts: " + "; ".join(reasons)
+            f"{self.endpoint.url} action {action}: failed after {len(reasons)} attempts: " + "; ".join(reasons),
+            retry_later=transient,
         )
 
     # ---------------------------------------------------------------------------------- internals
@@ -189,7 +203,7 @@ class RunPodClient:
                 raise _Retryable(f"status {body.get('status')} without a job id")
             if time.monotonic() + self.endpoint.poll_interval_s > deadline:
                 raise _Retryable(f"job {job} still {body.get('status')} after {self.endpoint.timeout_s:g} s "
-                                 "(cv.runpod_timeout_s)")
+                                 "(cv.runpod_timeout_s)", transient=True)
             time.sleep(self.endpoint.poll_interval_s)
             body = self._request("GET", f"{self.endpoint.url}/status/{job}", deadline)
         status = body.get("status")
@@ -207,13 +221,13 @@ class RunPodClient:
     def _request(self, method: str, url: str, deadline: float, **kwargs: Any) -> dict:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise _Retryable(f"no answer within {self.endpoint.timeout_s:g} s (cv.runpod_timeout_s)")
+            raise _Retryable(f"no answer within {self.endpoint.timeout_s:g} s (cv.runpod_timeout_s)", transient=True)
         try:
             response = self._http.request(method, url, timeout=left, **kwargs)
         except httpx.TimeoutException:
-            raise _Retryable(f"{method} {self._path(url)} timed out") from None
+            raise _Retryable(f"{method} {self._path(url)} timed out", transient=True) from None
         except httpx.HTTPError as exc:
-            raise _Retryable(f"cannot reach {self.endpoint.base_url} ({type(exc).__name__})") from None
+            raise _Retryable(f"cannot reach {self.endpoint.base_url} ({type(exc).__name__})", transient=True) from None
         code = response.status_code
         if code in (401, 403):
             self._auth_failure = (
@@ -222,7 +236,7 @@ class RunPodClient:
             )
             raise RunPodAuthError(self._auth_failure)
         if code == 429 or code >= 500:
-            raise _Retryable(f"{method} {self._path(url)}: HTTP {code}")
+            raise _Retryable(f"{method} {self._path(url)}: HTTP {code}", transient=True)
         if code >= 400:
             raise RunPodError(f"{self.endpoint.url}: {method} {self._path(url)} answered HTTP {code}: "
                               f"{self._clean(response.text)[:200]}")

@@ -854,7 +854,8 @@ def run_cv_on_upload(settings: Any, image_bytes: bytes, filename: str) -> Any:
     except ImageError as exc:
         raise InvalidImage(str(exc)) from None
     except CVUnavailable as exc:
-        later = _RETRY_LATER.search(str(exc)) is not None
+        # The source says whether a retry may help; other sources' errors are read by their words.
+        later = exc.retry_later or _RETRY_LATER.search(str(exc)) is not None
         raise CVFailed(f"the CV source ({settings.cv.source}) failed: {exc}",
                        status=503 if later else 502, retryable=later) from None
     except (TimeoutError, ConnectionError) as exc:
