@@ -12,30 +12,9 @@ from typing import Annotated
 
 import typer
 
-from floorplan_ft.settings import SettingsError, load_settings
+from ft_pipeline.options import ConfigOpt, ProfileOpt, SetOpt, settings_from_options
 
 import_app = typer.Typer(no_args_is_help=True, help="Import the team's existing outputs into the data root.")
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="TOML or YAML settings file.", exists=True, dir_okay=False),
-]
-ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="Named profile.")]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override one setting: dotted.name=value (repeatable).")
-]
-
-
-def settings_for(config: Path | None, profile: str | None, set_: list[str] | None):
-    """The effective settings of an import command; a bad setting exits 2 with its message."""
-    from ft_pipeline.cli import _parse_sets
-    from tasks.common import nest_overrides
-
-    try:
-        return load_settings(config, profile, **nest_overrides(_parse_sets(set_)))
-    except SettingsError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
 
 
 @import_app.command("topologies")
@@ -50,7 +29,7 @@ def topologies(
     from floorplan_ft.store import ArtifactStore
     from floorplan_ft.topology_import import import_topologies
 
-    settings = settings_for(config, profile, set_)
+    settings = settings_from_options(config, profile, set_)
     store = ArtifactStore(settings.paths.data_root)
     outcomes = import_topologies(store, list(paths))
     width = max([len(o.stem or "-") for o in outcomes] + [4])
@@ -79,7 +58,7 @@ def analyses(
     from floorplan_ft.store import ArtifactStore
     from floorplan_ft.team_analyses import AnalysesFileError, import_analyses, report_text
 
-    settings = settings_for(config, profile, set_)
+    settings = settings_from_options(config, profile, set_)
     store = ArtifactStore(settings.paths.data_root)
     try:
         report = import_analyses(store, file, teacher=teacher, image_dir=settings.image_dir())

@@ -5,12 +5,11 @@ the old table, status). The new embedding is the one the settings configure (``r
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from floorplan_ft.settings import SettingsError, load_settings
+from ft_pipeline.options import ConfigOpt, ProfileOpt, SetOpt, settings_from_options
 
 vectors_app = typer.Typer(
     no_args_is_help=True,
@@ -21,24 +20,6 @@ DsnOpt = Annotated[
     str | None,
     typer.Option("--dsn", help="PostgreSQL DSN (default: serving.pg_dsn). Never printed."),
 ]
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="TOML or YAML settings file.", exists=True, dir_okay=False),
-]
-ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="Named profile.")]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override one setting: dotted.name=value (repeatable).")
-]
-
-
-def _settings(config: Path | None, profile: str | None, set_: list[str] | None):
-    from ft_pipeline.cli import _parse_sets
-    from tasks.common import nest_overrides
-
-    try:
-        return load_settings(config, profile, **nest_overrides(_parse_sets(set_)))
-    except SettingsError as exc:
-        _fail(exc)
 
 
 def _dsn(dsn: str | None, settings: Any) -> str:
@@ -104,7 +85,7 @@ def migrate(
         rollback_vectors,
     )
 
-    settings = _settings(config, profile, set_)
+    settings = settings_from_options(config, profile, set_)
     target = _dsn(dsn, settings)
     if rollback and (drop_old or no_switch):
         _fail(ValueError("--rollback cannot be combined with --drop-old or --no-switch"))
@@ -142,7 +123,7 @@ def status(
     """Live and previous table, every registered table, recent switches (JSON)."""
     from floorplan_ft.serving.vectorstore import VectorStoreError, vector_status
 
-    settings = _settings(config, profile, set_)
+    settings = settings_from_options(config, profile, set_)
     try:
         data = vector_status(_dsn(dsn, settings))
     except VectorStoreError as exc:
