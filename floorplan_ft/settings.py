@@ -561,6 +561,7 @@ def team_keys_to_settings(keys: dict[str, str]) -> tuple[dict[str, Any], list[st
         put("serving", "llm_provider", "openai-compatible")
         # Their client sends enable_thinking=false to whatever name it serves (cv_agent is Qwen3).
         put("serving", "enable_thinking", False)
+        put("serving", "max_new_tokens", 8000)  # their client's max_tokens for one analysis
         if keys.get("VLLM_BASE_URL"):
             put("serving", "base_url", keys["VLLM_BASE_URL"])
         if keys.get("VLLM_MODEL_NAME"):

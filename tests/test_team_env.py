@@ -51,6 +51,7 @@ def test_their_env_maps_onto_ours(team_dir, caplog):
     assert s.serving.base_url == "http://vllm-pod:8000/v1"
     assert s.serving.llm_model == "cv_agent"
     assert s.serving.enable_thinking is False  # their client always sends enable_thinking=false
+    assert s.serving.max_new_tokens == 8000  # and max_tokens=8000
     assert s.retrieval.dimensions == 1024 and s.retrieval.top_k == 7
     assert s.serving.pg_dsn.get_secret_value() == "postgresql://app:p%40ss%2Fw%3Ard%231@db.internal:6543/arae"
     assert s.runpod_api_key.get_secret_value() == "rp-team-1111111111111111"
