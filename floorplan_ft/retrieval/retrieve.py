@@ -461,6 +461,20 @@ def context_from_hits(
     )
 
 
+def _distinct_query_vectors(
+    manager: BaseEmbeddingManager, queries: Mapping[str, str], query_vectors: np.ndarray | None, plain: bool
+) -> tuple[list[str], np.ndarray]:
+    """The distinct queries (sorted) and their vectors: embedded in one call unless given."""
+    distinct = distinct_queries(queries)
+    if query_vectors is None:
+        return distinct, embed_query_batch(manager, distinct, plain)
+    if np.asarray(query_vectors).shape[0] != len(distinct):
+        raise ValueError(
+            f"{len(distinct)} distinct queries but {np.asarray(query_vectors).shape[0]} vectors"
+        )
+    return distinct, query_vectors
+
+
 def retrieve_contexts(
     manager: BaseEmbeddingManager,
     chunks: Sequence[CriteriaChunk],
@@ -485,13 +499,7 @@ def retrieve_contexts(
         raise ValueError(f"{len(chunks)} chunks but {chunk_vectors.shape[0]} chunk vectors")
     if not queries:
         return {}
-    distinct = distinct_queries(queries)
-    if query_vectors is None:
-        query_vectors = embed_query_batch(manager, distinct, plain)
-    elif np.asarray(query_vectors).shape[0] != len(distinct):
-        raise ValueError(
-            f"{len(distinct)} distinct queries but {np.asarray(query_vectors).shape[0]} vectors"
-        )
+    distinct, query_vectors = _distinct_query_vectors(manager, queries, query_vectors, plain)
     indices, sims = rank(chunk_vectors, query_vectors, top_k)
     row = {q: i for i, q in enumerate(distinct)}
     identity, dims, c_hash = manager.identity(), int(manager.dimensions), corpus_hash(chunks)
@@ -530,9 +538,7 @@ def retrieve_contexts_from_store(
     vectors in memory: ``store.search(query_vectors, top_k)`` per distinct query."""
     if not queries:
         return {}
-    distinct = distinct_queries(queries)
-    if query_vectors is None:
-        query_vectors = embed_query_batch(manager, distinct, plain)
+    distinct, query_vectors = _distinct_query_vectors(manager, queries, query_vectors, plain)
     hits = store.search(np.asarray(query_vectors, dtype=np.float32), top_k)
     identity, dims = manager.identity(), int(manager.dimensions)
     by_query = {
