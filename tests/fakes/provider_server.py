@@ -279,8 +279,13 @@ class FakeProviderServer:
             self.scripts: dict[str, deque[Reply]] = {}
             self.admitted: deque[float] = deque()
             self.rejected_429: list[float] = []
-        # A provider-side limit: more than `rpm_limit` POSTs in 60 s get a 429 with Retry-After.
+        # A provider-side limit: more than `rpm_limit` POSTs in 60 s get a 429 with Retry-After
+        # (`rpm_retry_after=False`: a bare 429, as a provider that announces nothing sends).
         self.rpm_limit: int | None = None
+        self.rpm_retry_after = True
+        # Consulted after the scripts and the queue, before `default`: a callable that picks a
+        # reply per request (e.g. a seeded random fault mix); None falls through to `default`.
+        self.reply_hook: Callable[[RecordedRequest], Reply | None] | None = None
         self.default = Reply.ok()
         self.latency_s = 0.0
         self.rate_limit_headers: dict[str, str] = dict(DEFAULT_RATE_LIMIT_HEADERS)
@@ -331,14 +336,19 @@ class FakeProviderServer:
                 if len(self.admitted) >= self.rpm_limit:
                     self.rejected_429.append(now)
                     request.rejected = True
-                    return Reply.rate_limited(retry_after=round(self.admitted[0] + 60.0 - now, 3))
+                    wait = round(self.admitted[0] + 60.0 - now, 3) if self.rpm_retry_after else None
+                    return Reply.rate_limited(retry_after=wait)
                 self.admitted.append(now)
             if self.scripts:
                 text = json.dumps(request.body, ensure_ascii=False)
                 for marker, replies in self.scripts.items():
                     if replies and marker in text:
                         return replies.popleft()
-            return self.queue.popleft() if self.queue else self.default
+            if self.queue:
+                return self.queue.popleft()
+            hook = self.reply_hook
+        chosen = hook(request) if hook is not None else None
+        return chosen if chosen is not None else self.default
 
     def _sleep(self, seconds: float) -> None:
         if seconds > 0:
