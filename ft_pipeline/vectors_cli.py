@@ -44,6 +44,11 @@ def _print_report(report: Any, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(data, ensure_ascii=False, indent=2, default=str))
         return
+    if data["action"] == "already-rolled-back":
+        typer.echo(f"already rolled back: {data.get('new_table')} is live (rolled back from "
+                   f"{data.get('old_table')}); nothing changed")
+        typer.echo("  `vectors migrate` (without --rollback) switches to the configured embedding again")
+        return
     typer.echo(f"{data['action']}: {data.get('old_table')} -> {data.get('new_table')}")
     if data.get("new_rows") is not None:
         typer.echo(f"  rows: old {data.get('old_rows')}, new {data.get('new_rows')}; "
@@ -65,7 +70,7 @@ def migrate(
     old_table: Annotated[str | None, typer.Option(help="Table to migrate from (default: the live one).")] = None,
     new_table: Annotated[str | None, typer.Option(help="Name of the new table (default: from model, width, corpus).")] = None,
     drop_old: Annotated[bool, typer.Option("--drop-old", help="Drop the previous table (after a successful switch, or now if already migrated).")] = False,
-    rollback: Annotated[bool, typer.Option("--rollback", help="Point back at the previous table (no re-embedding).")] = False,
+    rollback: Annotated[bool, typer.Option("--rollback", help="Point back at the previous table (no re-embedding); a second --rollback changes nothing.")] = False,
     no_switch: Annotated[bool, typer.Option("--no-switch", help="Build and verify the new table but keep the old one live.")] = False,
     allow_count_change: Annotated[bool, typer.Option("--allow-count-change", help="Accept a corpus whose chunk count or ids differ from the old table's.")] = False,
     config: ConfigOpt = None,

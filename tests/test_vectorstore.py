@@ -165,6 +165,11 @@ def test_migration_512_to_768_checks_switches_rolls_back_and_drops(dsn, fake, co
     assert view_width(dsn) == 512
     assert PgVectorStore(dsn).dimensions == 512  # a restarted 512 service reads the old table
 
+    again = rollback_vectors(dsn)  # idempotent: a second rollback never switches forward again
+    assert again.action == "already-rolled-back" and not again.switched
+    assert (again.new_table, again.old_table) == (old_table, new.new_table)
+    assert live_and_previous(dsn) == (old_table, new.new_table) and view_width(dsn) == 512
+
     forward = migrate_vectors(dsn, None, compatible_768(fake), corpus, drop_old=True)
     assert forward.switched and forward.dropped == [old_table]
     assert tables(dsn) == {new.new_table} and live_and_previous(dsn) == (new.new_table, None)
@@ -252,6 +257,10 @@ def test_vectors_cli_migrate_rollback_drop_status(dsn, fake, corpus, no_dotenv, 
     result = runner.invoke(app, ["vectors", "migrate", "--dsn", dsn, "--rollback"])
     assert result.exit_code == 0 and "rolled-back" in result.output
     assert view_width(dsn) == 512
+    result = runner.invoke(app, ["vectors", "migrate", "--dsn", dsn, "--rollback"])
+    assert result.exit_code == 0, result.output
+    assert f"already rolled back: {old_table} is live" in result.output and "nothing changed" in result.output
+    assert view_width(dsn) == 512  # still the old table: the second rollback did not switch forward
 
     result = runner.invoke(app, ["vectors", "migrate", "--dsn", dsn, "--drop-old", *args, "--json"])
     assert result.exit_code == 0, result.output

@@ -21,7 +21,7 @@ pgvector layout (all in the DSN's current schema):
 checks row counts, ids and sample queries (top-1 against the in-memory ranking of the same
 vectors) and moves the pointer; any failure rolls the whole transaction back, so the old table
 stays live and untouched. The old table is kept until `drop_old_tables` (``--drop-old``);
-`rollback_vectors` moves the pointer back while it exists.
+`rollback_vectors` moves the pointer back while it exists; a second rollback changes nothing.
 """
 
 from __future__ import annotations
@@ -539,7 +539,7 @@ class CheckResult(BaseModel):
 
 
 class MigrationReport(BaseModel):
-    action: str  # migrated | loaded | already-current | rolled-back | dropped
+    action: str  # migrated | loaded | already-current | rolled-back | already-rolled-back | dropped
     old_table: str | None = None
     new_table: str | None = None
     old_rows: int | None = None
@@ -873,10 +873,28 @@ def drop_old_tables(dsn: str | SecretStr, *, name: str = STORE_NAME) -> Migratio
         return MigrationReport(action="dropped", new_table=live, dropped=dropped)
 
 
+def _rolled_back_from(conn, live: str | None, previous: str | None) -> bool:
+    """Whether the live table got there by a rollback from `previous`: the last pointer move onto
+    the live table (in the log, written in the same transaction as every move) was a rollback
+    from the table that is now the previous one."""
+    if not live or not previous or not _table_exists(conn, LOG_TABLE):
+        return False
+    row = conn.execute(
+        f"SELECT action, from_table FROM {LOG_TABLE} WHERE to_table = %s "
+        "AND action IN ('loaded', 'migrated', 'rollback') ORDER BY id DESC LIMIT 1",
+        (live,),
+    ).fetchone()
+    return bool(row) and row[0] == "rollback" and row[1] == previous
+
+
 def rollback_vectors(dsn: str | SecretStr, *, name: str = STORE_NAME) -> MigrationReport:
     """Point the store back at the previous table (which must still exist); the table rolled
-    back from becomes the previous one, so the migration can be re-applied without re-embedding
-    (`switch_to`)."""
+    back from becomes the previous one (kept, so `--drop-old` can remove it; a `migrate` with its
+    embedding rebuilds it and switches forward again).
+
+    Idempotent: when the live table is already the result of a rollback from the previous one,
+    nothing changes and the report's action is ``already-rolled-back``; a second rollback never
+    switches forward again."""
     with connect(dsn) as conn, conn.transaction():
         if not _meta_exists(conn):
             raise MigrationError("no vector store here yet: nothing to roll back")
@@ -885,6 +903,13 @@ def rollback_vectors(dsn: str | SecretStr, *, name: str = STORE_NAME) -> Migrati
         if not previous:
             raise MigrationError(
                 f"no previous table to roll back to (live: {live!r}); it was dropped or never existed"
+            )
+        if _rolled_back_from(conn, live, previous):
+            info = table_info(conn, live)
+            return MigrationReport(
+                action="already-rolled-back", old_table=previous, new_table=live, new_rows=info.rows,
+                new_dimensions=info.dimensions, embedding_identity=info.embedding_identity,
+                switched=False,
             )
         if not _table_exists(conn, previous):
             raise MigrationError(f"the previous table {previous!r} was dropped; cannot roll back")
