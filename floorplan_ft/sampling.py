@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -536,24 +535,14 @@ def write_sample(result: SampleResult, path: Path | str) -> Path:
     """Write ``result`` as JSON (UTF-8, ``ensure_ascii=False``) to ``path`` atomically.
 
     The file is written to a temporary file in the same directory and moved into place with
-    ``os.replace``, so a reader never sees a half-written sample. Returns the path.
+    ``os.replace``, so a reader never sees a half-written sample; the file's mode follows the
+    process umask (``store.atomic_write``). Returns the path.
     """
+    from floorplan_ft.store import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, text.encode("utf-8"))  # mode from the process umask, like any tool
     return path
 
 

@@ -2,7 +2,9 @@
 
 Every write is atomic: the bytes go to a temporary name beside the target, which is then renamed,
 so a file's existence means it is complete (a killed run never leaves half a JSON behind). On
-object stores, where a single PUT is already atomic, the object is written directly.
+object stores, where a single PUT is already atomic, the object is written directly. Local files
+get the process umask like any tool's (0644 under the usual 022), so a data root shared between a
+workstation and a pod stays readable by the group (`atomic_write`, used by every writer).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,37 @@ RUN_FILES = {
     "val": "val.jsonl",
     "stats_report": "stats_report.json",
 }
+
+
+def atomic_write(path: str | Path, data: bytes, *, fsync: bool = True) -> Path:
+    """Write `data` to a local `path` atomically, the file's mode set by the process umask.
+
+    The bytes go to a new hidden file beside the target (created with mode 0666, which the kernel
+    narrows by the umask, as `open()` does; `tempfile.mkstemp` would force 0600), then replace it.
+    With `fsync`, the data reaches the disk before the rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 32 random bits
+        raise FileExistsError(f"{target}: could not create a temporary file beside it")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
 
 
 def _is_url(root: str) -> bool:
@@ -90,18 +123,7 @@ class ArtifactStore:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             self.fs.pipe_file(path, data)
             return path
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, data)
         return path
 
     def write_text(self, path: str, text: str) -> str:

@@ -38,7 +38,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -1820,19 +1819,11 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Atomic, mode from the process umask (`store.atomic_write`); no fsync: a dataset is
+    regenerated, not recovered."""
+    from floorplan_ft.store import atomic_write
+
+    atomic_write(path, data, fsync=False)
 
 
 def complex_sizes(count: int, complexes: int, seed: int) -> list[int]:

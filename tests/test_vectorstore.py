@@ -7,10 +7,6 @@ pgvector sending the same prompt as on the in-memory store."""
 from __future__ import annotations
 
 import json
-import re
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import psycopg  # noqa: F401  (dev extra: psycopg[binary]; the suite fails without it)
@@ -19,7 +15,6 @@ from fakes.provider_server import Reply
 from service_helpers import (
     OPENAI_KEY,
     SHARED_DATA_ROOT,
-    free_port,
     minilm_manager,
     sample_graphs,
     service_settings,
