@@ -32,6 +32,7 @@ from blocks.credentials import (
 )
 from blocks.secrets import load_block
 from blocks.storage import DATA_ROOT_BLOCK, DataRootStorage
+from floorplan_ft.redact import mask_url
 
 BLOCK_TYPES: tuple[type[Block], ...] = (OpenAICredentials, GeminiCredentials, RunPodCredentials, DataRootStorage)
 
@@ -86,7 +87,7 @@ def blocks_from_env(env: Mapping[str, str] | None = None) -> list[tuple[str, Blo
     planned.append((
         OPENAI_BLOCK,
         OpenAICredentials(api_key=key, base_url=base) if key else None,
-        f"api_key set, base_url {base or '-'}" if key else "OPENAI_API_KEY is not set",
+        f"api_key set, base_url {mask_url(base) if base else '-'}" if key else "OPENAI_API_KEY is not set",
     ))
 
     key = _first(env, "GEMINI_API_KEY", "GOOGLE_API_KEY", "FTP_GEMINI_API_KEY")
@@ -94,7 +95,7 @@ def blocks_from_env(env: Mapping[str, str] | None = None) -> list[tuple[str, Blo
     planned.append((
         GEMINI_BLOCK,
         GeminiCredentials(api_key=key, base_url=base) if key else None,
-        f"api_key set, base_url {base or '-'}" if key else "GEMINI_API_KEY / GOOGLE_API_KEY is not set",
+        f"api_key set, base_url {mask_url(base) if base else '-'}" if key else "GEMINI_API_KEY / GOOGLE_API_KEY is not set",
     ))
 
     key = _first(env, "RUNPOD_API_KEY", "FTP_RUNPOD_API_KEY")

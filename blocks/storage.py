@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, model_validator
 
+from floorplan_ft.redact import mask_url
+
 DATA_ROOT_BLOCK = "data-root"
 
 
@@ -94,4 +96,4 @@ class DataRootStorage(Block):
         if self.kind == "local":
             return f"local {self.path}"
         creds = "with key" if self.access_key_id is not None else "no key"
-        return f"s3 {self.data_root()} at {self.endpoint_url or 'AWS'} ({creds})"
+        return f"s3 {self.data_root()} at {mask_url(self.endpoint_url) if self.endpoint_url else 'AWS'} ({creds})"

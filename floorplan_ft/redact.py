@@ -49,6 +49,19 @@ def mask_url(text: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>()]+")
+
+
+def mask_urls_in(text: str) -> str:
+    """Free text (an error message, a log line) with every URL in it passed through `mask_url`
+    and every libpq ``password=`` masked: what goes into exception messages and logs."""
+    if not isinstance(text, str) or not text:
+        return text
+    if "://" in text:
+        text = _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0)), text)
+    return _KEYWORD_DSN.sub(lambda m: f"{m.group(1)}={MASK}", text)
+
+
 def _mask_userinfo_loosely(text: str) -> str:
     # Not parseable as a URL (e.g. a bad port): still never show what sits between ':' and '@'.
     return re.sub(r"(://[^:/@\s]*):[^@\s]*@", rf"\1:{MASK}@", text)

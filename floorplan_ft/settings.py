@@ -23,6 +23,7 @@ import contextvars
 import logging
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -756,6 +757,72 @@ def load_settings(
         raise SettingsError(_format_error(exc, origin)) from None
     finally:
         _LAYERED.reset(token)
+
+
+# Where each secret may come from, for the message that refuses it as an override.
+_SECRET_SOURCES = {
+    "openai_api_key": "OPENAI_API_KEY (environment or .env) or the ft-openai-credentials/openai block",
+    "gemini_api_key": "GEMINI_API_KEY (environment or .env) or the ft-gemini-credentials/gemini block",
+    "runpod_api_key": "RUNPOD_API_KEY (environment or .env) or the ft-runpod-credentials/runpod block",
+    "serving.pg_dsn": "FTP_SERVING__PG_DSN (environment or .env) or [serving] pg_dsn in a config file",
+}
+
+
+def secret_setting_names() -> dict[str, str]:
+    """Every secret setting (a ``SecretStr`` field) by lower-case dotted name and alias, mapped to
+    its dotted name: what ``--set`` and a flow's ``overrides`` may never carry."""
+    names: dict[str, str] = {}
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            if SecretStr not in (getattr(annotation, "__args__", None) or (annotation,)):
+                continue
+            dotted = prefix + name
+            names[dotted.lower()] = dotted
+            alias = info.validation_alias
+            for choice in getattr(alias, "choices", None) or ([alias] if isinstance(alias, str) else []):
+                if isinstance(choice, str):
+                    names[(prefix + choice).lower()] = dotted
+
+    walk(Settings, "")
+    return names
+
+
+def check_no_secret_overrides(overrides: Mapping[str, Any] | None, where: str = "--set") -> None:
+    """Refuse overrides that carry a secret: a secret field by any of its names, or a URL/DSN with a
+    password in it. Overrides become flow parameters, which Prefect stores in its database and shows
+    in the UI; secrets belong in the environment, ``.env``, a config file or a block."""
+    from floorplan_ft.redact import mask_url
+
+    secret = secret_setting_names()
+    problems: list[str] = []
+
+    def visit(dotted: str, value: Any) -> None:
+        if dotted.lower() in secret:
+            name = secret[dotted.lower()]
+            problems.append(
+                f"{where} {dotted}: '{name}' is a secret and cannot be an override (overrides are "
+                f"flow parameters, stored in Prefect's database and shown in the UI); set it with "
+                f"{_SECRET_SOURCES.get(name, 'the environment, .env or a config file')}"
+            )
+        elif isinstance(value, Mapping):
+            for key, inner in value.items():
+                visit(f"{dotted}.{key}", inner)
+        elif isinstance(value, str) and mask_url(value) != value:
+            problems.append(
+                f"{where} {dotted}: the value has a password in it ({mask_url(value)}); overrides are "
+                "flow parameters, stored in Prefect's database and shown in the UI: put this setting in "
+                "the environment, .env or a config file"
+            )
+
+    for key, value in (overrides or {}).items():
+        visit(str(key), value)
+    if problems:
+        raise SettingsError("; ".join(problems))
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

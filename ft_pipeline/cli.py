@@ -10,7 +10,12 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from floorplan_ft.settings import SettingsError, describe_settings, load_settings
+from floorplan_ft.settings import (
+    SettingsError,
+    check_no_secret_overrides,
+    describe_settings,
+    load_settings,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the settings.")
@@ -57,6 +62,11 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
         if not sep or not name.strip():
             raise typer.BadParameter(f"--set {item!r}: expected dotted.name=value")
         overrides[name.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+    try:
+        # Refused before anything runs: a secret here would become a stored flow parameter.
+        check_no_secret_overrides(overrides, "--set")
+    except SettingsError as exc:
+        _fail(exc)
     return overrides
 
 

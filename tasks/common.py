@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from floorplan_ft.settings import Settings, load_settings
+from floorplan_ft.settings import Settings, check_no_secret_overrides, load_settings
 from floorplan_ft.store import ArtifactStore
 
 
@@ -26,6 +26,9 @@ def settings_for_run(
     profile: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Settings:
+    """The settings of one flow run. Its `overrides` are flow parameters (stored by Prefect and
+    shown in the UI), so one naming a secret is refused with where to put it instead."""
+    check_no_secret_overrides(overrides, "overrides")
     return load_settings(config_file, profile, **nest_overrides(overrides))
 
 

@@ -43,7 +43,9 @@ class RunPodError(RuntimeError):
     not in the job itself (FAILED, an error in the output), so the same request may work later."""
 
     def __init__(self, message: str, *, retry_later: bool = False):
-        super().__init__(message)
+        from floorplan_ft.redact import mask_urls_in
+
+        super().__init__(mask_urls_in(message))
         self.retry_later = retry_later
 
 

@@ -145,11 +145,13 @@ _KEY_PATTERNS = re.compile(r"(sk-[A-Za-z0-9_\-*]{6,}|AIza[0-9A-Za-z_\-]{10,})")
 
 
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """Remove the given secrets and anything key-shaped from a message."""
+    """Remove the given secrets, anything key-shaped and the passwords of URLs from a message."""
+    from floorplan_ft.redact import mask_urls_in
+
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[redacted]")
-    return _KEY_PATTERNS.sub("[redacted]", text)
+    return mask_urls_in(_KEY_PATTERNS.sub("[redacted]", text))
 
 
 class LLMError(Exception):
@@ -165,7 +167,8 @@ class LLMError(Exception):
         prefix = (
             f"{provider}/{model}: " if provider and model else (f"{provider}: " if provider else "")
         )
-        super().__init__(prefix + message)
+        # A base URL with a password in it (a proxy, a tunnel) never reaches a log or a result.
+        super().__init__(redact(prefix + message))
 
     @property
     def message(self) -> str:
