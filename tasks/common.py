@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 from floorplan_ft.settings import Settings, check_no_secret_overrides, load_settings
 from floorplan_ft.store import ArtifactStore
+
+# Seconds between progress lines of a long step (FTP_PROGRESS_INTERVAL_S; the tests shorten it).
+PROGRESS_INTERVAL_S = float(os.environ.get("FTP_PROGRESS_INTERVAL_S", "5"))
 
 
 def nest_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:

@@ -3,62 +3,39 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 from prefect import get_run_logger, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from floorplan_ft.progress import Progress, summarize
 from floorplan_ft.sampling import read_sample
 from floorplan_ft.settings import Settings
 from floorplan_ft.teachers.factory import make_teacher
 from floorplan_ft.teachers.items import build_items
 from floorplan_ft.teachers.labeling import LabelingRun, TeacherRunSummary
-from tasks.common import artifact_key, store_for
+from tasks.common import PROGRESS_INTERVAL_S, artifact_key, store_for
 
 
-class _ProgressPublisher:
-    """Pushes the latest counts to a progress artifact every few seconds from a side thread, so
-    the labeling event loop never waits on the Prefect API."""
+def _progress_callback(progress: Progress):
+    """The engine's on_progress hook: hands the latest counts to the throttled reporter."""
 
-    def __init__(self, teacher: str, total: int):
-        self.teacher, self.total = teacher, max(total, 1)
-        self.latest: tuple[TeacherRunSummary, int] | None = None
-        self.artifact = create_progress_artifact(
-            0.0, key=artifact_key("phase3-progress", teacher), description=f"{teacher}: starting"
-        )
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+    def update(s: TeacherRunSummary, done: int) -> None:
+        progress.update(done, failed=s.failed, dollars=s.cost_usd, labeled=s.labeled, cached=s.cached,
+                        **({"429s": s.rate_limited} if s.rate_limited else {}))
 
-    def __call__(self, summary: TeacherRunSummary, done: int) -> None:
-        self.latest = (summary, done)
+    return update
 
-    def _push(self) -> None:
-        if self.latest is None:
-            return
-        s, done = self.latest
-        update_progress_artifact(
-            self.artifact,
-            100.0 * done / self.total,
-            description=(
-                f"{self.teacher}: {done}/{self.total} · labeled {s.labeled} · cached {s.cached} · "
-                f"failed {s.failed} · ${s.cost_usd:.4f} this run"
-            ),
-        )
 
-    def _loop(self) -> None:
-        while not self._stop.wait(3.0):
-            self._push()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._push()
+def _log_missing(logger, missing) -> None:
+    """Plans without inputs, summarised per reason (never thousands of lines)."""
+    if not missing:
+        return
+    by_reason: dict[str, list[str]] = {}
+    for m in missing:
+        by_reason.setdefault(m.reason, []).append(m.stem)
+    for reason, stems in sorted(by_reason.items()):
+        logger.warning("%d plans not labeled (%s): %s", len(stems), reason, summarize(stems))
 
 
 @task(name="label-with-teacher", cache_policy=NO_CACHE, persist_result=True, task_run_name="label-{teacher_name}")
@@ -71,15 +48,17 @@ def label_with_teacher(settings: Settings, teacher_name: str) -> dict:
     teacher = make_teacher(settings, teacher_name)
     stems = read_sample(store.run_file("sample"))
     items, missing = build_items(store, stems, settings)
-    for m in missing[:20]:
-        logger.warning("%s: not labeled (%s)", m.stem, m.reason)
+    _log_missing(logger, missing)
     if teacher_name == "reference":
         logger.info("teacher 'reference' is the rule-based analyst (no LLM, no cost)")
     if settings.teachers.use_batch_api and teacher_name in ("openai", "gemini"):
         return _label_in_batches(settings, teacher_name, items, missing, store, len(stems))
-    progress = _ProgressPublisher(teacher_name, len(items))
+    progress = Progress(f"phase 3 {teacher_name}", len(items), interval_s=PROGRESS_INTERVAL_S,
+                        artifact_key=artifact_key("phase3-progress", teacher_name), logger=logger)
     try:
-        summary = asyncio.run(LabelingRun(teacher, store, settings.teachers, on_progress=progress).run(items))
+        summary = asyncio.run(
+            LabelingRun(teacher, store, settings.teachers, on_progress=_progress_callback(progress)).run(items)
+        )
     finally:
         progress.close()
     create_markdown_artifact(
