@@ -233,6 +233,22 @@ class TeacherSettings(_Group):
         2.0, ge=1, description="Output budget multiplier for the one retry after a cut-off answer."
     )
     max_output_tokens_cap: int = Field(16_384, gt=0, description="Upper bound of that larger budget.")
+    max_invalid_attempts: int = Field(
+        4, ge=0,
+        description="Retries of one item after answers that are not valid JSON / fail the schema: a re-ask quoting the error, the re-ask with a larger output budget, then fresh asks with the original messages (1: the old single re-ask).",
+    )
+    max_truncated_attempts: int = Field(
+        3, ge=0,
+        description="Retries of one item after answers cut at the output-token limit: a larger budget each time (teachers.truncation_budget_factor, up to max_output_tokens_cap), then fresh asks (1: the old single retry).",
+    )
+    max_attempts_per_item: int = Field(
+        12, gt=0,
+        description="Most requests sent for one item, every failure class together except HTTP 429 (not billed; bounded by the rate-limit settings).",
+    )
+    max_item_cost_usd: float = Field(
+        1.0, gt=0,
+        description="Most US$ one item may cost, failed attempts included: an attempt is sent only if the item's spend so far plus its worst case fits.",
+    )
     expected_output_tokens: int = Field(1500, gt=0, description="Output tokens per answer, for estimates.")
     prices: dict[str, ModelPrice] = Field(
         default_factory=_default_prices, description="Price per model (US$ per 1M tokens in/out)."

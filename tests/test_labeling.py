@@ -25,7 +25,7 @@ from floorplan_ft.teachers.labeling import LabelingRun, ledger_path, meta_path
 
 OPENAI_KEY = "sk-test-LABELING-secret-key-0123456789"
 GEMINI_KEY = "AIzaTEST-LABELING-secret-0123456789abcd"
-FAST = {"backoff_s": [0.01, 0.02, 0.04], "retry_after_cap_s": 0.2, "concurrency": 3,
+FAST = {"backoff_s": [0.01, 0.02, 0.04], "retry_after_cap_s": 0.2, "concurrency": 3, "requests_per_minute": 100_000,
         "tokens_per_minute": 10_000_000}
 
 
@@ -84,7 +84,8 @@ def test_labels_every_plan_then_a_rerun_sends_nothing(fake_provider, data):
 
 def test_failures_are_handled_by_class_within_bounds(fake_provider, data):
     store, stems = data
-    settings = settings_for(fake_provider)
+    # The plan's fixed design (one re-ask, one larger budget) is these two settings at 1.
+    settings = settings_for(fake_provider, max_invalid_attempts=1, max_truncated_attempts=1)
     name = {i: f"{stems[i]}.png" for i in range(10)}
     fake_provider.push_for(name[0], Reply.rate_limited(retry_after=0.05), Reply.ok())
     fake_provider.push_for(name[1], *[Reply.server_error(500)] * 4)
@@ -124,7 +125,8 @@ def test_gemini_teacher_faults(fake_provider, data):
     store, stems = data
     settings = settings_for(fake_provider)
     fake_provider.push_for(f"{stems[0]}.png", Reply.rate_limited(retry_after=0.05), Reply.ok())
-    fake_provider.push_for(f"{stems[1]}.png", Reply.malformed_body(), Reply.malformed_body())
+    # A body that is not JSON counts as an invalid answer: 1 + teachers.max_invalid_attempts of them.
+    fake_provider.push_for(f"{stems[1]}.png", *[Reply.malformed_body()] * 5)
     fake_provider.push_for(f"{stems[2]}.png", Reply.prompt_blocked())
     summary = run_teacher(settings, store, "gemini", stems[:4])
     failures = json.loads(Path(store.path("label_failures_gemini.json")).read_text())["failures"]

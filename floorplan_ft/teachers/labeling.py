@@ -4,15 +4,20 @@ Per item: a content-addressed cache check (a rerun pays for nothing already answ
 reservation (the cap is never exceeded: each attempt reserves its worst case before it is sent),
 the rate limiter, one request, and failure handling by class, each bounded:
 
-- 429 → wait what Retry-After says (capped), pause the whole teacher, retry (≤ max_rate_limit_retries)
+- 429 → the teacher slows down and pauses (Retry-After, else until its window has room), and the
+  item is retried for at least the provider's window plus a margin (≤ rate_limit_max_wait_s)
 - 5xx, timeout, connection error → backoff 2 → 4 → 8 s with jitter, then give up
-- answer cut at the token limit → one retry with a larger output budget
-- invalid JSON / schema → one re-ask quoting the validation error
+- answer cut at the token limit → a larger output budget each time, then fresh asks
+  (≤ max_truncated_attempts)
+- invalid JSON / schema → a re-ask quoting the validation error, the same with a larger budget,
+  then fresh asks with the original messages (≤ max_invalid_attempts)
 - refusal, content filter, other 4xx → no retry; bad credentials → stop the teacher
+- every item: at most max_attempts_per_item requests (429s aside) and max_item_cost_usd dollars
 
 Every answer is written atomically with its provenance sidecar the moment it arrives, so a run
-killed with SIGKILL loses only the requests in flight. Failures go to a per-teacher ledger with
-their reason and cost; the phase goes on.
+killed with SIGKILL loses only the requests in flight, and those are not lost from the books: the
+cost ledger is write-ahead (`CostLedger`), each attempt's worst case on disk before it is sent.
+Failures go to a per-teacher ledger with their reason and cost; the phase goes on.
 """
 
 from __future__ import annotations
@@ -20,13 +25,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
+import os
 import random
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -51,6 +60,8 @@ from floorplan_ft.settings import ModelPrice, TeacherSettings
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.limits import RateLimiter
 from floorplan_ft.teachers.reference import REFERENCE_VERSION, reference_analysis
+
+log = logging.getLogger(__name__)
 
 REASK = (
     "직전 응답이 요구한 JSON 스키마 검증을 통과하지 못했습니다. 오류: {detail}\n"
@@ -251,30 +262,236 @@ def write_answer(
     )
 
 
+def journal_path(store: ArtifactStore, teacher: str) -> str:
+    """The write-ahead journal beside ``cost_ledger_<teacher>.json`` (one JSON line per event)."""
+    return store.path(f"cost_ledger_{teacher}.journal.jsonl")
+
+
+class _Journal:
+    """Append-only JSON lines. Local data root: one file opened with O_APPEND per write (a line is
+    one `write()`, which a SIGKILL cannot cut in half), fsync'd when `durable`. Object stores have no
+    append: each line is one small object under ``<journal>.d/``, named in write order."""
+
+    def __init__(self, store: ArtifactStore, path: str):
+        self.store, self.path = store, path
+        self._offset = 0  # local: bytes already read
+        self._seen: set[str] = set()  # object store: objects already read
+        self._prefix = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        self._seq = 0
+
+    def exists(self) -> bool:
+        if self.store.is_local:
+            return os.path.exists(self.path)
+        return bool(self.store.listdir(self.path + ".d"))
+
+    def append(self, record: dict[str, Any], durable: bool) -> dict[str, Any] | None:
+        """Write one line; returns the record when it must be applied by the caller (object store),
+        None when `read_new` will see it (local file)."""
+        data = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        if not self.store.is_local:
+            self._seq += 1
+            name = f"{self._prefix}-{self._seq:08d}.json"
+            self.store.write_bytes(f"{self.path}.d/{name}", data)
+            self._seen.add(name)
+            return record
+        target = Path(self.path)
+        created = not target.exists()
+        if created:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            os.write(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created and durable and hasattr(os, "O_DIRECTORY"):
+            dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)  # the new name survives a crash too
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        return None
+
+    def read_new(self) -> list[dict[str, Any]]:
+        """The records written (by anyone) since the last call, in file order."""
+        if not self.store.is_local:
+            names = [n for n in self.store.listdir(self.path + ".d") if n not in self._seen]
+            records = []
+            for name in names:
+                self._seen.add(name)
+                records += self._parse(self.store.read_bytes(f"{self.path}.d/{name}"), name)
+            return records
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+        self._offset += end
+        return self._parse(chunk[:end], self.path)
+
+    @staticmethod
+    def _parse(chunk: bytes, where: str) -> list[dict[str, Any]]:
+        records = []
+        for number, line in enumerate(chunk.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                log.warning("%s: line %d of new records is not JSON; skipped", where, number)
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+
 class CostLedger:
-    """Cumulative tokens and dollars of one teacher on one data root, failed attempts included.
-    Rewritten atomically after every attempt, so a killed run loses at most what was in flight."""
+    """Cumulative requests, tokens and dollars of one teacher on one data root, failed attempts
+    included, kept write-ahead so that a crash never hides a request the provider may have billed.
+
+    The truth is an append-only journal (``cost_ledger_<teacher>.journal.jsonl``): `begin` records
+    an attempt's worst case (fsync'd) *before* its request leaves, `settle` replaces it with the real
+    usage when the answer (or error) comes back, `add` books already-settled work (batch jobs). Every
+    instance derives its totals by replaying the journal, so an attempt whose process was killed
+    stays counted at its worst case for good (``unsettled_requests``), and an answer later received
+    for the same item counts in ``possibly_paid_twice``. ``cost_ledger_<teacher>.json`` is a view of
+    those totals (``requests``, ``input_tokens``, ``output_tokens``, ``cost_usd`` include unsettled
+    attempts at their worst case), rewritten at most once a second while a run goes and at its end."""
 
     FIELDS = ("requests", "input_tokens", "output_tokens", "cost_usd")
+    VIEW_INTERVAL_S = 1.0
 
     def __init__(self, store: ArtifactStore, teacher: str):
-        self.store, self.path = store, ledger_path(store, teacher)
-        self.totals = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
-        if store.exists(self.path):
-            data = store.read_json(self.path)
-            self.totals.update({k: data.get(k, 0) for k in self.FIELDS})
-        self.teacher = teacher
+        self.store, self.teacher = store, teacher
+        self.path = ledger_path(store, teacher)
+        self.journal = _Journal(store, journal_path(store, teacher))
+        self.run_id = uuid.uuid4().hex[:12]
+        self._seq = 0
+        self._settled = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+        self._open: dict[str, dict[str, Any]] = {}  # attempt id → its start record, until settled
+        self.possibly_paid_twice = 0
+        self._view_at = 0.0
+        if not self.journal.exists() and store.exists(self.path):
+            # A ledger from before the journal: its totals become the journal's starting point.
+            try:
+                data = store.read_json(self.path)
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"{self.path}: the cost ledger cannot be read ({exc}); fix or remove it") from None
+            base = {k: data.get(k, 0) or 0 for k in self.FIELDS}
+            self._append({"op": "base", **base, "possibly_paid_twice": data.get("possibly_paid_twice", 0)}, True)
+        self._refresh()
+        self.recovered_unsettled = self.unsettled_requests  # left by earlier (killed) runs
+        self._write_view()
+
+    # ---------------------------------------------------------------- replay
+    def _append(self, record: dict[str, Any], durable: bool) -> None:
+        direct = self.journal.append(record, durable)
+        if direct is not None:
+            self._apply(direct)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        for record in self.journal.read_new():
+            self._apply(record)
+
+    def _apply(self, r: dict[str, Any]) -> None:
+        op, s = r.get("op"), self._settled
+        if op == "start":
+            self._open[str(r.get("id"))] = r
+            return
+        if op not in ("settle", "add", "base"):
+            return
+        if op == "settle":
+            self._open.pop(str(r.get("id")), None)
+        s["requests"] += int(r.get("requests", 1) if op != "settle" else 1)
+        s["input_tokens"] += int(r.get("input_tokens", 0) or 0)
+        s["output_tokens"] += int(r.get("output_tokens", 0) or 0)
+        s["cost_usd"] = round(s["cost_usd"] + float(r.get("cost_usd", 0.0) or 0.0), 8)
+        self.possibly_paid_twice += int(r.get("possibly_paid_twice", 0) or 0) if op == "base" else 0
+        if op == "settle" and r.get("ok") and r.get("stem") is not None:
+            # Attempts for this item that another run left unsettled may have been billed: this
+            # answer may be the item's second paid one.
+            for entry in self._open.values():
+                if entry.get("stem") == r["stem"] and entry.get("run") != r.get("run") and not entry.get("_repaid"):
+                    entry["_repaid"] = True
+                    self.possibly_paid_twice += 1
+
+    # ---------------------------------------------------------------- writing
+    def begin(self, stem: str, worst_usd: float, input_tokens: int, output_tokens: int) -> str:
+        """Record an attempt's worst case durably; call before its request is sent."""
+        self._seq += 1
+        attempt = f"{self.run_id}-{self._seq}"
+        self._append({"op": "start", "id": attempt, "run": self.run_id, "stem": stem,
+                      "cost_usd": round(worst_usd, 8), "input_tokens": int(input_tokens),
+                      "output_tokens": int(output_tokens), "at": round(time.time(), 3)}, durable=True)
+        return attempt
+
+    def settle(self, attempt: str, stem: str, usage: Usage | None, cost: float, ok: bool = False) -> None:
+        """Replace a begun attempt's worst case by what it really cost (`ok`: an answer was stored).
+        Not fsync'd: a settle line lost to a power cut leaves the worst case counted, never less."""
+        self._append({"op": "settle", "id": attempt, "run": self.run_id, "stem": stem,
+                      "input_tokens": usage.input_tokens if usage else 0,
+                      "output_tokens": usage.output_tokens if usage else 0,
+                      "cost_usd": round(cost, 8), "ok": bool(ok)}, durable=False)
+        if time.monotonic() - self._view_at >= self.VIEW_INTERVAL_S:
+            self._write_view()
 
     def add(self, usage: Usage | None, cost: float, requests: int = 1) -> None:
-        self.totals["requests"] += requests
-        if usage is not None:
-            self.totals["input_tokens"] += usage.input_tokens
-            self.totals["output_tokens"] += usage.output_tokens
-        self.totals["cost_usd"] = round(self.totals["cost_usd"] + cost, 8)
-        self.store.write_json(self.path, {"teacher": self.teacher, **self.totals})
+        """Book settled work at once (the batch runner's finished jobs)."""
+        self._append({"op": "add", "run": self.run_id, "requests": int(requests),
+                      "input_tokens": usage.input_tokens if usage else 0,
+                      "output_tokens": usage.output_tokens if usage else 0,
+                      "cost_usd": round(cost, 8)}, durable=True)
+        self._write_view()
+
+    def flush(self) -> None:
+        """Bring the JSON view up to date (the end of a run)."""
+        self._refresh()
+        self._write_view()
+
+    def _write_view(self) -> None:
+        self._view_at = time.monotonic()
+        self.store.write_json(self.path, self.view())
+
+    # ---------------------------------------------------------------- reading
+    def _unsettled(self) -> list[dict[str, Any]]:
+        return [e for e in self._open.values() if e.get("run") != self.run_id]
+
+    @property
+    def unsettled_requests(self) -> int:
+        """Attempts begun by other (killed, or still running) processes and never settled."""
+        return len(self._unsettled())
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        """Settled usage plus every open attempt (in flight or orphaned) at its worst case."""
+        t = dict(self._settled)
+        for entry in self._open.values():
+            t["requests"] += 1
+            t["input_tokens"] += int(entry.get("input_tokens", 0))
+            t["output_tokens"] += int(entry.get("output_tokens", 0))
+            t["cost_usd"] += float(entry.get("cost_usd", 0.0))
+        t["cost_usd"] = round(t["cost_usd"], 8)
+        return t
+
+    def view(self) -> dict[str, Any]:
+        unsettled = self._unsettled()
+        return {
+            "teacher": self.teacher,
+            **self.totals,
+            "settled_requests": self._settled["requests"],
+            "unsettled_requests": len(unsettled),
+            "unsettled_cost_usd": round(sum(float(e.get("cost_usd", 0.0)) for e in unsettled), 8),
+            "possibly_paid_twice": self.possibly_paid_twice,
+            "journal": journal_path(self.store, self.teacher).rsplit("/", 1)[-1],
+        }
 
     @property
     def spent(self) -> float:
+        self._refresh()
         return float(self.totals["cost_usd"])
 
 
@@ -305,6 +522,12 @@ class TeacherRunSummary:
     skipped_budget: int = 0
     requests: int = 0
     rate_limited: int = 0
+    reasked: int = 0  # re-asks quoting a validation error
+    larger_budget: int = 0  # attempts sent with a larger output budget
+    fresh_asks: int = 0  # attempts sent again with the original messages
+    unsettled_requests: int = 0  # in the ledger: attempts of killed runs, counted at their worst case
+    recovered_unsettled: int = 0  # of those, found when this run started
+    possibly_paid_twice: int = 0  # in the ledger: answers received for items with such an attempt
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
@@ -362,16 +585,24 @@ class LabelingRun:
         write_answer(self.store, self.teacher, item.stem, key, result, outcome, time.perf_counter() - started,
                      item.prompt_version)
 
-    def _settle(self, outcome: ItemOutcome, reserved: float, estimated_tokens: int, usage: Usage | None) -> None:
-        """Book one finished attempt: budget, limiter, ledger and the item's own totals."""
+    def _charge(self, outcome: ItemOutcome, usage: Usage | None, worst: float | None = None) -> float:
+        """An attempt's cost on the item's own totals (before its answer is written with them).
+        `worst`: the request may have been billed though no usage came back (a timeout)."""
         spent = cost_usd(self.price, usage.input_tokens, usage.output_tokens) if usage else 0.0
-        self.budget.settle(reserved, spent)
-        self.limiter.settle(estimated_tokens, usage.input_tokens + usage.output_tokens if usage else 0)
-        self.ledger.add(usage, spent)
+        if worst is not None:
+            spent = max(spent, worst)
         outcome.cost_usd += spent
         if usage is not None:
             outcome.input_tokens += usage.input_tokens
             outcome.output_tokens += usage.output_tokens
+        return spent
+
+    def _settle(self, outcome: ItemOutcome, attempt: str, reserved: float, estimated_tokens: int,
+                usage: Usage | None, spent: float, ok: bool = False) -> None:
+        """Book one finished attempt: budget, limiter and the write-ahead ledger's settle line."""
+        self.budget.settle(reserved, spent)
+        self.limiter.settle(estimated_tokens, usage.input_tokens + usage.output_tokens if usage else 0)
+        self.ledger.settle(attempt, outcome.stem, usage, spent, ok=ok)
 
     # -------------------------------------------------------------- one item
     async def _label(self, item: LabelItem, sem: asyncio.Semaphore) -> ItemOutcome:
@@ -387,7 +618,9 @@ class LabelingRun:
         messages = list(item.messages)
         max_tokens = self.cfg.max_output_tokens
         transient = rate_limited = 0
-        truncated_retry = reasked = False
+        invalid = truncated = 0  # answers of each kind so far (each escalates the next ask)
+        answered = 0  # attempts that drew an answer or an error other than 429: the per-item cap
+        error: LLMError | None = None
         while True:
             if self._stop:
                 outcome.status, outcome.reason = "skipped", self._stop
@@ -395,6 +628,13 @@ class LabelingRun:
             input_est = messages_tokens(messages)
             # Budget: the worst case of this attempt (a generous input estimate, the full output budget).
             worst = cost_usd(self.price, input_est * 3 // 2, max_tokens)
+            if answered >= self.cfg.max_attempts_per_item:
+                return self._fail(outcome, "max_attempts",
+                                  f"{answered} attempts (teachers.max_attempts_per_item); last: {error}")
+            if outcome.cost_usd + worst > self.cfg.max_item_cost_usd + 1e-12:
+                return self._fail(outcome, "item_budget",
+                                  f"${outcome.cost_usd:.4f} spent, the next attempt may cost ${worst:.4f}: over "
+                                  f"teachers.max_item_cost_usd (${self.cfg.max_item_cost_usd:.2f}); last: {error}")
             if not self.budget.reserve(worst):
                 self._stop = self._stop or "budget"
                 outcome.status, outcome.reason = "skipped", "budget"
@@ -403,23 +643,35 @@ class LabelingRun:
             await self.limiter.acquire(tokens)
             outcome.attempts += 1
             self.summary.requests += 1
+            # Write-ahead: the worst case is on disk before the request leaves.
+            attempt = self.ledger.begin(item.stem, worst, input_est * 3 // 2, max_tokens)
             try:
                 result = await self.teacher.answer(item, messages, max_tokens)
             except LLMError as exc:
-                self._settle(outcome, worst, tokens, getattr(exc, "usage", None))
+                usage = getattr(exc, "usage", None)
+                # A timed-out request may still be answered (and billed): count its worst case.
+                spent = self._charge(outcome, usage, worst if isinstance(exc, ProviderTimeout) else None)
+                self._settle(outcome, attempt, worst, tokens, usage, spent)
                 error = exc
+                if not isinstance(exc, RateLimitError):
+                    answered += 1
             except Exception as exc:  # noqa: BLE001  (a bug or a broken local model: this item fails, the run goes on)
-                self._settle(outcome, worst, tokens, None)
+                self._settle(outcome, attempt, worst, tokens, None, self._charge(outcome, None))
                 return self._fail(outcome, "error", f"{type(exc).__name__}: {exc}")
             except BaseException:
-                self._settle(outcome, worst, tokens, None)
+                # Cancelled mid-request: the provider may bill it, so its ledger entry stays open
+                # (counted at the worst case); only this process's reservation is released.
+                self.budget.settle(worst, worst)
                 raise
             else:
-                self._settle(outcome, worst, tokens, result.usage)
+                spent = self._charge(outcome, result.usage)
                 if result.rate_limit is not None:
                     self.limiter.adopt(result.rate_limit.limit_requests, result.rate_limit.limit_tokens)
                 outcome.status = "labeled"
+                # The answer first, then the settle line: a kill in between leaves the attempt
+                # counted at its worst case with its answer kept (never re-asked).
                 self._record_answer(item, key, result, outcome, started)
+                self._settle(outcome, attempt, worst, tokens, result.usage, spent, ok=True)
                 return outcome
 
             if isinstance(error, RateLimitError):
@@ -436,16 +688,15 @@ class LabelingRun:
                 transient += 1
                 await self.sleep(delay)
             elif isinstance(error, OutputTruncated):
-                if truncated_retry or max_tokens >= self.cfg.max_output_tokens_cap:
+                truncated += 1
+                if truncated > self.cfg.max_truncated_attempts:
                     return self._fail(outcome, "truncated", str(error))
-                truncated_retry = True
-                max_tokens = min(self.cfg.max_output_tokens_cap, int(max_tokens * self.cfg.truncation_budget_factor))
+                messages, max_tokens = self._escalate(item, "truncated", truncated, messages, max_tokens, error)
             elif isinstance(error, InvalidOutput):
-                if reasked:
+                invalid += 1
+                if invalid > self.cfg.max_invalid_attempts:
                     return self._fail(outcome, "invalid_output", error.detail)
-                reasked = True
-                messages = [*item.messages, {"role": "assistant", "content": (error.text or "")[:6000]},
-                            {"role": "user", "content": REASK.format(detail=error.detail[:1500])}]
+                messages, max_tokens = self._escalate(item, "invalid", invalid, messages, max_tokens, error)
             elif isinstance(error, Refusal):
                 return self._fail(outcome, "refusal", str(error))
             elif isinstance(error, AuthError):
@@ -453,6 +704,32 @@ class LabelingRun:
                 return self._fail(outcome, "auth", str(error))
             else:
                 return self._fail(outcome, _reason(error), str(error))
+
+    def _escalate(self, item: LabelItem, kind: str, n: int, messages: list[dict[str, str]], max_tokens: int,
+                  error: LLMError) -> tuple[list[dict[str, str]], int]:
+        """The next ask after the `n`-th invalid or cut-off answer of this item.
+
+        invalid: 1st, a re-ask quoting the answer and its validation error; 2nd, the same with a
+        larger output budget (a crowded answer breaks JSON too); then fresh asks, the original
+        messages at that budget (a new sample, not anchored on a broken answer).
+        truncated: a larger output budget each time (up to max_output_tokens_cap), the messages
+        unchanged; at the cap, fresh asks with the original messages."""
+        cap = self.cfg.max_output_tokens_cap
+        larger = min(cap, max(max_tokens + 1, int(max_tokens * self.cfg.truncation_budget_factor)))
+        s = self.summary
+        if kind == "invalid" and n <= 2:
+            reask = [*item.messages, {"role": "assistant", "content": (getattr(error, "text", "") or "")[:6000]},
+                     {"role": "user", "content": REASK.format(detail=getattr(error, "detail", str(error))[:1500])}]
+            s.reasked += 1
+            if n == 2 and max_tokens < cap:
+                s.larger_budget += 1
+                return reask, larger
+            return reask, max_tokens
+        if kind == "truncated" and max_tokens < cap:
+            s.larger_budget += 1
+            return messages, larger
+        s.fresh_asks += 1
+        return list(item.messages), max_tokens
 
     def _fail(self, outcome: ItemOutcome, reason: str, detail: str) -> ItemOutcome:
         outcome.status, outcome.reason, outcome.detail = "failed", reason, detail[:500]
@@ -465,6 +742,11 @@ class LabelingRun:
         if self.store.exists(failures_path(self.store, self.teacher.name)):
             # Earlier failures stay listed until their item is labeled.
             self._failures = dict(self.store.read_json(failures_path(self.store, self.teacher.name))["failures"])
+        if self.ledger.recovered_unsettled:
+            log.warning("%s: %d request(s) of an interrupted run were never settled; counted at their worst case "
+                        "($%.4f) in %s", self.teacher.name, self.ledger.recovered_unsettled,
+                        self.ledger.view()["unsettled_cost_usd"], self.ledger.path)
+        # Spent so far includes those: the cap holds across crashes.
         self.budget = Budget(self.cfg.budget_usd, self.ledger.spent)
         sem = asyncio.Semaphore(self.cfg.concurrency)
         self.summary.items = len(items)
@@ -477,11 +759,15 @@ class LabelingRun:
                 if self.on_progress:
                     self.on_progress(self.summary, done)
         finally:
+            self.ledger.flush()
             self._write_failures()
             await self.teacher.aclose()
         s = self.summary
         s.stopped = self._stop
         s.total_spent_usd = round(self.ledger.spent, 6)
+        s.unsettled_requests = self.ledger.unsettled_requests
+        s.recovered_unsettled = self.ledger.recovered_unsettled
+        s.possibly_paid_twice = self.ledger.possibly_paid_twice
         s.seconds = round(time.perf_counter() - start, 3)
         stems = {i.stem for i in items}
         s.failures = {k: v for k, v in sorted(self._failures.items()) if k in stems}
