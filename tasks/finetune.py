@@ -8,10 +8,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from floorplan_ft.progress import Progress
 from floorplan_ft.settings import Settings
 from floorplan_ft.training.evaluate import run_evaluation
 from floorplan_ft.training.sft import run_finetune
-from tasks.common import artifact_key, store_for
+from tasks.common import PROGRESS_INTERVAL_S, artifact_key, store_for
 
 
 # The training code keeps its own content fingerprint (parameters + data hashes) beside the
@@ -20,12 +21,23 @@ from tasks.common import artifact_key, store_for
 @task(name="fine-tune-student", cache_policy=NO_CACHE, persist_result=True)
 def finetune_task(settings: Settings) -> dict:
     logger = get_run_logger()
+    progress: list[Progress] = []  # made at the first record, when the step count is known
+    latest: dict = {}
 
     def log(record: dict) -> None:
-        logger.info("train %s", {k: record[k] for k in sorted(record) if k in ("step", "loss", "eval_loss", "learning_rate")})
+        if not progress:
+            progress.append(Progress("phase 6 fine-tune", int(record.get("max_steps") or 0), unit="steps",
+                                     interval_s=PROGRESS_INTERVAL_S, artifact_key=artifact_key("phase6-progress"),
+                                     logger=logger))
+        latest.update({k: round(record[k], 4) for k in ("loss", "eval_loss") if isinstance(record.get(k), float)})
+        progress[0].update(int(record.get("step") or 0), **latest)
 
     store = store_for(settings)
-    result = run_finetune(settings, store, on_log=log)
+    try:
+        result = run_finetune(settings, store, on_log=log)
+    finally:
+        if progress:
+            progress[0].close()
     create_markdown_artifact(key=artifact_key("phase6-training"), markdown=result.pop("markdown"),
                              description="Phase 6: fine-tune (loss curves, adapter, model card)")
     history = json.loads(store.read_text(result["log_path"])).get("history", [])

@@ -436,7 +436,7 @@ def _log_relay(fn: LogFn | None):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs:
                 return
-            record = {"step": state.global_step, **logs}
+            record = {"step": state.global_step, "max_steps": state.max_steps, **logs}
             log.info("step %s/%s: %s", state.global_step, state.max_steps,
                      {k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items()})
             if fn is not None:
