@@ -18,9 +18,12 @@ from typing import Any
 
 import fsspec
 
+TOPOLOGY_SIDECAR = "topology_graph.meta.json"  # phase 1's provenance of a graph (cv/runner.py)
+
 RUN_FILES = {
     "sample": "sampled_images.json",
     "cv_failures": "cv_failures.json",
+    "retrieval_failures": "retrieval_failures.json",
     "quality_report": "quality_report.json",
     "selected_model": "selected_model.txt",
     "train": "train.jsonl",
@@ -89,6 +92,9 @@ class ArtifactStore:
 
     def topology_path(self, stem: str) -> str:
         return self.path("output", stem, "topology_graph.json")
+
+    def topology_meta_path(self, stem: str) -> str:
+        return self.path("output", stem, TOPOLOGY_SIDECAR)
 
     def rag_context_path(self, stem: str) -> str:
         return self.path("output", stem, "rag_context.json")
@@ -174,6 +180,32 @@ class ArtifactStore:
         if not self.exists(path):
             raise FileNotFoundError(f"{path}: no topology graph")
         return read_topology_bytes(self.read_bytes(path), origin=path)
+
+    def topology_problem(self, stem: str) -> str | None:
+        """None when the plan's graph reads and validates; otherwise what is wrong, naming the
+        file (missing, not JSON, not a topology graph of any dialect)."""
+        try:
+            self.load_topology(stem)
+        except (FileNotFoundError, ValueError) as exc:  # TopologyFormatError is a ValueError
+            return str(exc)
+        except OSError as exc:
+            return f"{self.topology_path(stem)}: cannot be read ({type(exc).__name__}: {exc})"
+        return None
+
+    def topology_stale(self, stem: str) -> dict | None:
+        """The `stale` mark phase 1 left in the graph's sidecar when the plan's inputs stopped
+        building (``{"reason", "error_type", "at"}``), or None. Such a graph was built from inputs
+        that no longer exist as they were: phases 2 and 3 skip it. An unreadable sidecar is no
+        mark (phase 1 rebuilds that graph anyway)."""
+        path = self.topology_meta_path(stem)
+        try:
+            if not self.exists(path):
+                return None
+            meta = self.read_json(path)
+        except (ValueError, OSError):
+            return None
+        mark = meta.get("stale") if isinstance(meta, dict) else None
+        return mark if isinstance(mark, dict) else None
 
     def read_topology_raw(self, stem: str) -> dict:
         """The topology file exactly as stored (the team's prompt builder must see the graph as

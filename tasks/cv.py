@@ -14,7 +14,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.utilities.annotations import unmapped
 
-from floorplan_ft.cv.runner import ImageOutcome, process_image, stale_stems, update_failure_ledger
+from floorplan_ft.cv.runner import (
+    ImageOutcome,
+    mark_stale,
+    process_image,
+    stale_stems,
+    update_failure_ledger,
+)
 from floorplan_ft.cv.runpod import register_key
 from floorplan_ft.cv.sources import CVConfigError, SourceConfig
 from floorplan_ft.settings import Settings
@@ -158,16 +164,20 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
                 # Retries exhausted: every image of the chunk without a fresh graph is a failure.
                 fresh, stale = stale_stems(store, config, chunk)
                 outcomes += [ImageOutcome(stem=s, status="built") for s in fresh]
-                outcomes += [ImageOutcome(stem=s, status="failed", reason=f"{type(result).__name__}: {result}",
-                                          error_type=type(result).__name__) for s in stale]
+                reason, error_type = f"{type(result).__name__}: {result}", type(result).__name__
+                outcomes += [ImageOutcome(stem=s, status="failed", reason=reason, error_type=error_type,
+                                          stale_graph=mark_stale(store, s, reason, error_type)) for s in stale]
             else:
                 outcomes += [ImageOutcome.model_validate(r) for r in result]
             done += len(chunk)
             update_progress_artifact(progress_id, progress=100.0 * done / len(todo),
                                      description=f"Phase 1: {done}/{len(todo)} images processed")
-    ledger = update_failure_ledger(store, outcomes)
+    ledger = update_failure_ledger(store, outcomes, fresh=plan["fresh"])
     built = sum(o.status == "built" for o in outcomes)
     failed = sorted((o for o in outcomes if o.status == "failed"), key=lambda o: o.stem)
+    stale = sum(o.stale_graph for o in failed)
+    if stale:
+        logger.warning("phase 1: %d failed plans keep an older graph, marked stale: phases 2-3 skip them", stale)
     seconds = round(time.perf_counter() - started, 2)
     create_markdown_artifact(
         key=artifact_key("phase1-summary"),
@@ -180,6 +190,7 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
         "built": built,
         "cached": len(plan["fresh"]),
         "failed": len(failed),
+        "stale": stale,
         "failure_ledger": store.run_file("cv_failures") if ledger else None,
         "seconds": seconds,
     }
@@ -191,6 +202,8 @@ def _summary(total: int, fresh: int, built: int, failed: list[ImageOutcome], sec
         f"{total} images: **{built} built**, {fresh} already fresh (skipped), **{len(failed)} failed**, {seconds} s.",
     ]
     if failed:
-        lines += ["", f"Failure ledger: `{ledger}`", "", "| image | reason |", "|---|---|"]
-        lines += [f"| {o.stem} | {(o.reason or '').replace('|', '/')} |" for o in failed[:200]]
+        note = f"Failure ledger: `{ledger}`. An older graph marked *stale* is kept on disk but skipped by phases 2 and 3."
+        lines += ["", note, "", "| image | reason | older graph |", "|---|---|---|"]
+        lines += [f"| {o.stem} | {(o.reason or '').replace('|', '/')} | {'stale' if o.stale_graph else ''} |"
+                  for o in failed[:200]]
     return "\n".join(lines)

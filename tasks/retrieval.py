@@ -1,4 +1,8 @@
-"""Phase 2 tasks: embed the corpus once, embed the distinct plan queries once, write contexts."""
+"""Phase 2 tasks: embed the corpus once, embed the distinct plan queries once, write contexts.
+
+A plan whose topology is missing, marked stale by phase 1, or does not read is skipped with a
+reason naming the file and the problem; the others go on. `retrieval_failures.json` holds the
+skipped plans of the data root's current state: a plan that gets a context leaves it."""
 
 from __future__ import annotations
 
@@ -21,13 +25,14 @@ from floorplan_ft.retrieval.retrieve import (
     retrieval_health,
     retrieve_contexts,
     retrieve_contexts_from_store,
+    topology_queries,
+    update_retrieval_ledger,
     write_context,
 )
 from floorplan_ft.retrieval.team_table import TeamTableStore, corpus_table
 from floorplan_ft.sampling import read_sample
 from floorplan_ft.serving.factory import make_embedding_manager
 from floorplan_ft.settings import Settings
-from floorplan_ft.topology_io import read_topology_bytes
 from tasks.common import artifact_key, store_for
 
 
@@ -53,33 +58,34 @@ def embed_queries_task(manager: BaseEmbeddingManager, distinct: list[str], plain
 
 def retrieve_for_plans(settings: Settings) -> dict:
     """Phase 2 over the sampled plans. Contexts that are still current are left alone, so a rerun
-    embeds nothing; plans without a topology are counted, not fatal."""
+    embeds nothing; plans without a usable topology are skipped into the ledger, not fatal."""
     store = store_for(settings)
     check_prompts(settings)  # a team prompt module that does not load stops here, before any work
     style, plain = prompt_style(settings), plain_queries(settings)
     stems = read_sample(store.run_file("sample"))
-    queries, missing = {}, []
-    for stem in stems:
-        path = store.topology_path(stem)
-        if not store.exists(path):
-            missing.append(stem)
-            continue
-        graph = read_topology_bytes(store.read_bytes(path), origin=path)
-        queries[stem] = query_for(settings, graph.statistics)
+    queries, skipped = topology_queries(store, stems, lambda stats: query_for(settings, stats))
+    logger = get_run_logger()
+    for stem, entry in list(skipped.items())[:20]:
+        logger.warning("%s: no context (%s): %s", stem, entry["reason"], entry["detail"])
+    if len(skipped) > 20:
+        logger.warning("... and %d more plans skipped: see %s", len(skipped) - 20,
+                       store.run_file("retrieval_failures"))
 
     manager = make_embedding_manager(settings)
     top_k = settings.retrieval.top_k
     table = corpus_table(settings.retrieval.corpus)
     team_table = TeamTableStore.from_settings(settings) if table else None
     try:
-        return _retrieve(settings, store, manager, team_table, queries, missing, top_k, style, plain)
+        return _retrieve(settings, store, manager, team_table, queries, skipped, top_k, style, plain)
     finally:
         if team_table is not None:
             team_table.close()
 
 
-def _retrieve(settings, store, manager, team_table, queries, missing, top_k, style, plain) -> dict:
+def _retrieve(settings, store, manager, team_table, queries, skipped, top_k, style, plain) -> dict:
     logger = get_run_logger()
+    missing = [s for s, e in skipped.items() if e["reason"] == "missing_topology"]
+    unusable = len(skipped) - len(missing)
     if team_table is not None:
         # The team's table: their rows and their vectors; only the queries are embedded here.
         if team_table.dimensions != int(manager.dimensions):
@@ -118,14 +124,17 @@ def _retrieve(settings, store, manager, team_table, queries, missing, top_k, sty
         for stem, ctx in fresh.items():
             write_context(store, stem, ctx)
         contexts.update(fresh)
+    ledger = update_retrieval_ledger(store, skipped, done=list(contexts))
     health = retrieval_health(contexts, chunks, missing)
-    logger.info("phase 2: %d contexts (%d new), %d plans without topology", len(contexts), len(todo), len(missing))
+    logger.info("phase 2: %d contexts (%d new), %d plans without topology, %d with a stale or unreadable one",
+                len(contexts), len(todo), len(missing), unusable)
     create_table_artifact(
         key=artifact_key("phase2-retrieval-health"),
         table=[
             {"measure": "plans with a context", "value": health["plans"]},
             {"measure": "written this run", "value": len(todo)},
             {"measure": "plans without topology", "value": len(missing)},
+            {"measure": "plans skipped: stale or unreadable topology", "value": unusable},
             {"measure": "distinct queries", "value": health["distinct_queries"]},
             {"measure": "mean top-1 similarity", "value": health["mean_top1_similarity"]},
             {"measure": f"mean top-{top_k} similarity", "value": health["mean_topk_similarity"]},
@@ -135,10 +144,12 @@ def _retrieve(settings, store, manager, team_table, queries, missing, top_k, sty
         description="Phase 2: retrieval health (the plan wanted a mean top-5 similarity above 0.7 on Qwen3-Embedding)",
     )
     return {
-        "status": "done",
+        "status": "done" if not unusable else "done with failures",
         "contexts": len(contexts),
         "written": len(todo),
         "missing_topology": len(missing),
+        "skipped": len(skipped),
+        "failure_ledger": store.run_file("retrieval_failures") if ledger else None,
         "distinct_queries": health["distinct_queries"],
         "mean_top1": health["mean_top1_similarity"],
         "mean_topk": health["mean_topk_similarity"],

@@ -5,6 +5,13 @@ was built from: source identity, builder version and the content hash of the inp
 fresh when its sidecar's key matches the key computed now, so a rerun skips it, a deleted graph is
 rebuilt, and a changed image, annotation, detector or builder rebuilds exactly what it touches.
 The check lives in the data root, so it holds across machines and work pools.
+
+A graph is only fresh when it also reads and validates (`ArtifactStore.topology_problem`): a
+hand-edited or truncated file is rebuilt, never "cached". When a plan's inputs stop building (the
+image or annotation became unreadable), its old graph stays on disk but its sidecar gets a
+``stale`` mark (reason, error type, time): phases 2 and 3 skip it (`ArtifactStore.topology_stale`),
+and the mark goes when the plan builds (or is found fresh) again. `cv_failures.json` holds the
+current state: a plan that builds, or is fresh, leaves it.
 """
 
 from __future__ import annotations
@@ -25,9 +32,9 @@ from floorplan_ft.cv.sources import (
     get_source,
 )
 from floorplan_ft.cv.topology import BUILDER_VERSION, build_topology
-from floorplan_ft.store import ArtifactStore
+from floorplan_ft.store import TOPOLOGY_SIDECAR, ArtifactStore
 
-SIDECAR = "topology_graph.meta.json"
+SIDECAR = TOPOLOGY_SIDECAR
 IMPORT_SOURCE = "import"  # sidecar `source` of a graph from `ft-pipeline import topologies`
 OVERLAY = "topology_overlay.png"
 LOW_RESULT = "low_result.json"  # the team CV's merged detections, kept for provenance
@@ -38,6 +45,7 @@ class ImageOutcome(BaseModel):
     status: str  # built | fresh | failed
     reason: str | None = None
     error_type: str | None = None
+    stale_graph: bool = False  # failed, and an older graph of the plan is kept, marked stale
     seconds: float = 0.0
 
 
@@ -49,17 +57,48 @@ def topology_key(source: DetectionSource, stem: str) -> tuple[str, str]:
 
 
 def sidecar_path(store: ArtifactStore, stem: str) -> str:
-    return store.path("output", stem, SIDECAR)
+    return store.topology_meta_path(stem)
+
+
+def _read_meta(store: ArtifactStore, stem: str) -> dict | None:
+    path = sidecar_path(store, stem)
+    try:
+        meta = store.read_json(path) if store.exists(path) else None
+    except (ValueError, OSError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _fresh_meta(store: ArtifactStore, stem: str, key: str) -> dict | None:
+    """The sidecar when the graph is fresh: its key is `key` and the graph reads and validates."""
+    meta = _read_meta(store, stem)
+    if meta is None or meta.get("key") != key:
+        return None
+    return meta if store.topology_problem(stem) is None else None
 
 
 def is_fresh(store: ArtifactStore, stem: str, key: str) -> bool:
-    meta_path = sidecar_path(store, stem)
-    if not (store.exists(meta_path) and store.exists(store.topology_path(stem))):
+    return _fresh_meta(store, stem, key) is not None
+
+
+def mark_stale(store: ArtifactStore, stem: str, reason: str | None, error_type: str | None) -> bool:
+    """Mark the plan's existing graph stale in its sidecar (its inputs no longer build); False
+    when there is no graph to mark."""
+    if not store.exists(store.topology_path(stem)):
         return False
-    try:
-        return store.read_json(meta_path).get("key") == key
-    except (ValueError, OSError):
-        return False
+    meta = _read_meta(store, stem) or {}
+    meta["stale"] = {"reason": reason, "error_type": error_type,
+                     "at": datetime.now(UTC).isoformat(timespec="seconds")}
+    store.write_json(sidecar_path(store, stem), meta)
+    return True
+
+
+def _clear_stale(store: ArtifactStore, stem: str, meta: dict | None = None) -> None:
+    """Drop a stale mark from a graph found fresh again (its inputs were restored)."""
+    meta = _read_meta(store, stem) if meta is None else meta
+    if meta is not None and "stale" in meta:
+        meta = {k: v for k, v in meta.items() if k != "stale"}
+        store.write_json(sidecar_path(store, stem), meta)
 
 
 def is_imported(store: ArtifactStore, stem: str) -> bool:
@@ -78,11 +117,18 @@ def process_image(
     file and the problem; unexpected errors propagate so the orchestrator can retry them."""
     start = time.perf_counter()
     source = get_source(config)
+    imported_problem = None
     if not force and is_imported(store, stem):
-        return ImageOutcome(stem=stem, status="fresh", seconds=time.perf_counter() - start)
+        imported_problem = store.topology_problem(stem)
+        if imported_problem is None:
+            _clear_stale(store, stem)
+            return ImageOutcome(stem=stem, status="fresh", seconds=time.perf_counter() - start)
+        # An imported graph that no longer reads: rebuilt from the plan's image if it has one.
     try:
         key, input_hash = topology_key(source, stem)
-        if not force and is_fresh(store, stem, key):
+        meta = None if force else _fresh_meta(store, stem, key)
+        if meta is not None:
+            _clear_stale(store, stem, meta)
             return ImageOutcome(stem=stem, status="fresh", seconds=time.perf_counter() - start)
         if getattr(source, "finished_topology", False):
             finished = source.topology(stem)
@@ -96,8 +142,10 @@ def process_image(
             extra = {"skipped_annotations": detections.skipped_summary()}
             graph_for_overlay, finished = graph, None
     except ValueError as exc:  # AnnotationError, ImageError, bad plugin output, a failed CV job
+        reason = str(exc) if imported_problem is None else f"{imported_problem}; rebuilding it: {exc}"
         return ImageOutcome(
-            stem=stem, status="failed", reason=str(exc), error_type=type(exc).__name__,
+            stem=stem, status="failed", reason=reason, error_type=type(exc).__name__,
+            stale_graph=mark_stale(store, stem, reason, type(exc).__name__),
             seconds=time.perf_counter() - start,
         )
     if overlay:
@@ -134,24 +182,37 @@ def _write_finished(store: ArtifactStore, stem: str, finished: FinishedTopology)
 
 def stale_stems(store: ArtifactStore, config: SourceConfig, stems: list[str]) -> tuple[list[str], list[str]]:
     """Split stems into (fresh, to_build). A stem whose inputs cannot even be hashed is "to build",
-    so its failure is recorded with a reason by `process_image`."""
+    so its failure is recorded with a reason by `process_image`; so is a graph that does not read
+    or validate, even with a matching key. A fresh graph loses any stale mark."""
     source = get_source(config)
     fresh, todo = [], []
     for stem in stems:
         if is_imported(store, stem):
-            fresh.append(stem)
+            if store.topology_problem(stem) is None:
+                _clear_stale(store, stem)
+                fresh.append(stem)
+            else:
+                todo.append(stem)
             continue
         try:
             key, _ = topology_key(source, stem)
         except (ValueError, OSError):
             todo.append(stem)
             continue
-        (fresh if is_fresh(store, stem, key) else todo).append(stem)
+        meta = _fresh_meta(store, stem, key)
+        if meta is None:
+            todo.append(stem)
+        else:
+            _clear_stale(store, stem, meta)
+            fresh.append(stem)
     return fresh, todo
 
 
-def update_failure_ledger(store: ArtifactStore, outcomes: list[ImageOutcome]) -> dict[str, dict]:
-    """Merge this run's results into cv_failures.json: failures added, successes cleared."""
+def update_failure_ledger(store: ArtifactStore, outcomes: list[ImageOutcome],
+                          fresh: list[str] | tuple[str, ...] = ()) -> dict[str, dict]:
+    """Merge this run's results into cv_failures.json: failures added (with whether an older graph
+    is kept, marked stale), successes cleared, and so are the `fresh` stems (found current without
+    a build, e.g. their inputs were restored): the ledger is the current state."""
     path = store.run_file("cv_failures")
     ledger: dict[str, dict] = {}
     if store.exists(path):
@@ -162,8 +223,11 @@ def update_failure_ledger(store: ArtifactStore, outcomes: list[ImageOutcome]) ->
     now = datetime.now(UTC).isoformat(timespec="seconds")
     for o in outcomes:
         if o.status == "failed":
-            ledger[o.stem] = {"reason": o.reason, "error_type": o.error_type, "at": now}
+            ledger[o.stem] = {"reason": o.reason, "error_type": o.error_type, "at": now,
+                              "stale_graph": o.stale_graph}
         else:
             ledger.pop(o.stem, None)
+    for stem in fresh:
+        ledger.pop(stem, None)
     store.write_text(path, json.dumps({"failures": dict(sorted(ledger.items()))}, ensure_ascii=False, indent=1) + "\n")
     return ledger

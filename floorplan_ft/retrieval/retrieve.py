@@ -570,6 +570,64 @@ def read_context(store: ArtifactStore, stem: str) -> RagContext:
 # ============================================================================ health
 
 
+def topology_queries(
+    store: ArtifactStore, stems: Sequence[str], query: Any
+) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """(query per usable plan, skipped plans). `query` maps a graph's statistics to the query text.
+
+    A plan is skipped, with a reason and a detail naming the file and the problem, when its
+    topology is missing (``missing_topology``), marked stale by phase 1 because its inputs no
+    longer build (``stale_topology``), or does not read or validate (``bad_topology``)."""
+    from floorplan_ft.topology_io import read_topology_bytes
+
+    queries: dict[str, str] = {}
+    skipped: dict[str, dict[str, str]] = {}
+    for stem in stems:
+        path = store.topology_path(stem)
+        if not store.exists(path):
+            skipped[stem] = {"reason": "missing_topology", "detail": f"{path}: no topology graph"}
+            continue
+        mark = store.topology_stale(stem)
+        if mark is not None:
+            skipped[stem] = {"reason": "stale_topology",
+                             "detail": f"{path}: marked stale by phase 1 ({mark.get('reason')})"}
+            continue
+        try:
+            graph = read_topology_bytes(store.read_bytes(path), origin=path)
+        except ValueError as exc:  # TopologyFormatError names the file and the field
+            skipped[stem] = {"reason": "bad_topology", "detail": str(exc)}
+            continue
+        except OSError as exc:
+            skipped[stem] = {"reason": "bad_topology",
+                             "detail": f"{path}: cannot be read ({type(exc).__name__}: {exc})"}
+            continue
+        queries[stem] = query(graph.statistics)
+    return queries, skipped
+
+
+def update_retrieval_ledger(
+    store: ArtifactStore, skipped: Mapping[str, Mapping[str, str]], done: Sequence[str]
+) -> dict[str, dict]:
+    """Merge this run into `retrieval_failures.json`: skipped plans added (reason, detail, time),
+    plans with a context now (`done`) removed, others left as they were. Returns the ledger."""
+    from datetime import UTC, datetime
+
+    path = store.run_file("retrieval_failures")
+    ledger: dict[str, dict] = {}
+    if store.exists(path):
+        try:
+            ledger = dict(store.read_json(path).get("failures", {}))
+        except (ValueError, AttributeError, TypeError):
+            ledger = {}
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    for stem in done:
+        ledger.pop(stem, None)
+    for stem, entry in skipped.items():
+        ledger[stem] = {"reason": entry["reason"], "detail": entry["detail"], "at": now}
+    store.write_json(path, {"failures": dict(sorted(ledger.items()))}, indent=1)
+    return ledger
+
+
 def retrieval_health(
     contexts: Mapping[str, RagContext],
     chunks: Sequence[CriteriaChunk],

@@ -20,7 +20,7 @@ from floorplan_ft.topology_io import read_topology_bytes
 @dataclass
 class MissingInput:
     stem: str
-    reason: str  # missing_topology | missing_context | bad_topology | bad_context
+    reason: str  # missing_topology | stale_topology | missing_context | bad_topology | bad_context
 
 
 def build_items(
@@ -38,6 +38,9 @@ def build_items(
         topo_path, ctx_path = store.topology_path(stem), store.rag_context_path(stem)
         if not store.exists(topo_path):
             missing.append(MissingInput(stem, "missing_topology"))
+            continue
+        if store.topology_stale(stem) is not None:  # phase 1: the plan's inputs no longer build
+            missing.append(MissingInput(stem, "stale_topology"))
             continue
         if not store.exists(ctx_path):
             missing.append(MissingInput(stem, "missing_context"))
