@@ -191,6 +191,26 @@ class ModelPrice(_Group):
     output_per_m: float = Field(ge=0, description="US$ per 1M output tokens.")
 
 
+class ProviderLimits(_Group):
+    requests_per_minute: int | None = Field(
+        None, ge=0, description="Requests per minute (0: no client-side limit; None: the built-in default for this teacher)."
+    )
+    tokens_per_minute: int | None = Field(
+        None, ge=0, description="Tokens per minute, input + output budget (0: no limit; None: the built-in default)."
+    )
+
+
+def _default_limits() -> dict[str, ProviderLimits]:
+    # What we assume of an account that announces nothing. OpenAI: usage tier 1 for gpt-4o
+    # (500 RPM, 30K TPM; OpenAI's responses carry x-ratelimit-* headers, which replace these).
+    # Gemini sends no such headers and no longer publishes a static per-tier table: 60 RPM is below
+    # the last published tier-1 figure for a Pro model (gemini-2.5-pro: 150 RPM, 2M TPM) because
+    # preview models are documented as more restricted; the adaptive rate finds a lower real limit.
+    # An OpenAI-compatible server (vLLM) and the in-process model have no per-minute quota.
+    table = {"openai": (500, 30_000), "gemini": (60, 1_000_000), "compatible": (0, 0), "local": (0, 0)}
+    return {k: ProviderLimits(requests_per_minute=r, tokens_per_minute=t) for k, (r, t) in table.items()}
+
+
 def _default_prices() -> dict[str, ModelPrice]:
     # Public list prices (US$ per 1M tokens); live prices change, override in your config.
     table = {
@@ -220,15 +240,38 @@ class TeacherSettings(_Group):
     temperature: float = Field(0.2, ge=0, le=2, description="Sampling temperature for both teachers.")
     max_output_tokens: int = Field(4096, gt=0, description="Output token budget per answer.")
     concurrency: int = Field(5, gt=0, description="Requests in flight per teacher.")
-    requests_per_minute: int = Field(500, gt=0, description="Client-side request limit per teacher.")
-    tokens_per_minute: int = Field(30_000, gt=0, description="Client-side token limit per teacher.")
-    retry_after_cap_s: float = Field(60.0, gt=0, description="Longest wait honoured on HTTP 429.")
+    requests_per_minute: int | None = Field(
+        None, gt=0,
+        description="Explicit request limit for every remote teacher; when set it wins over teachers.limits and the built-in per-provider default (precedence: this > teachers.limits.<teacher> > built-in); limits a provider announces in x-ratelimit-* headers replace all of them at run time.",
+    )
+    tokens_per_minute: int | None = Field(
+        None, gt=0,
+        description="Explicit token limit for every remote teacher (same precedence as teachers.requests_per_minute).",
+    )
+    limits: dict[str, ProviderLimits] = Field(
+        default_factory=_default_limits,
+        description="Per-teacher limits (openai: tier 1 for gpt-4o, 500 RPM / 30K TPM; gemini: 60 RPM / 1M TPM; compatible, local: 0 = unthrottled); a teacher or field left out keeps its built-in default.",
+    )
+    rate_window_s: float = Field(
+        60.0, gt=0, description="Length of the providers' rate-limit window (seconds): requests are spaced window/rate apart and counted over it."
+    )
+    retry_after_cap_s: float = Field(
+        60.0, gt=0,
+        description="Longest pause of a teacher after one HTTP 429 (the provider's Retry-After, else until the oldest request of the window expires).",
+    )
+    rate_limit_max_wait_s: float = Field(
+        180.0, gt=0,
+        description="Longest time one item keeps retrying after its first HTTP 429 before it is given up as rate_limited.",
+    )
     backoff_s: list[float] = Field(
         default_factory=lambda: [2.0, 4.0, 8.0], description="Backoff for 5xx/timeouts."
     )
     request_timeout_s: float = Field(120.0, gt=0, description="Timeout of one teacher request.")
     budget_usd: float = Field(60.0, ge=0, description="Stop labeling before spending more than this per teacher.")
-    max_rate_limit_retries: int = Field(5, ge=0, description="Retries of one request after HTTP 429.")
+    max_rate_limit_retries: int = Field(
+        5, ge=0,
+        description="Retries of one item after HTTP 429 before it may be given up; it is kept at least rate_window_s + 25% after its first 429 and at most rate_limit_max_wait_s.",
+    )
     truncation_budget_factor: float = Field(
         2.0, ge=1, description="Output budget multiplier for the one retry after a cut-off answer."
     )

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from floorplan_ft.settings import Settings
 from floorplan_ft.teachers.factory import teacher_model
 from floorplan_ft.teachers.labeling import cost_usd, messages_tokens
+from floorplan_ft.teachers.limits import UNLIMITED, teacher_limits
 
 # DOMAIN.md: ~3K input tokens per item from the plan; one answer takes ~20 s.
 PLAN_INPUT_TOKENS = 3000
@@ -44,11 +45,14 @@ def estimate_teacher(settings: Settings, name: str, items: int, input_tokens: in
     if free:
         rate, limit = (float("inf"), "no API") if name == "reference" else (60.0 / SECONDS_PER_ANSWER, "local model")
     else:
+        limits = teacher_limits(t, name)  # explicit > teachers.limits > built-in per provider
         candidates = {
             f"{t.concurrency} in flight at ~{SECONDS_PER_ANSWER:.0f} s per answer": t.concurrency * 60.0 / SECONDS_PER_ANSWER,
-            f"{t.requests_per_minute} requests/min": float(t.requests_per_minute),
-            f"{t.tokens_per_minute} tokens/min": t.tokens_per_minute / max(1, tokens_in + tokens_out),
         }
+        if limits.requests_per_minute < UNLIMITED:
+            candidates[f"{limits.requests_per_minute} requests/min"] = float(limits.requests_per_minute)
+        if limits.tokens_per_minute < UNLIMITED:
+            candidates[f"{limits.tokens_per_minute} tokens/min"] = limits.tokens_per_minute / max(1, tokens_in + tokens_out)
         limit, rate = min(candidates.items(), key=lambda kv: kv[1])
     hours = 0.0 if rate == float("inf") else items / rate / 60.0
     online = None if per_item is None else round(per_item * items, 2)

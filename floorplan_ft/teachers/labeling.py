@@ -58,7 +58,7 @@ from floorplan_ft.serving.base import (
 )
 from floorplan_ft.settings import ModelPrice, TeacherSettings
 from floorplan_ft.store import ArtifactStore
-from floorplan_ft.teachers.limits import RateLimiter
+from floorplan_ft.teachers.limits import limiter_for, load_history, rate_limit_exhausted
 from floorplan_ft.teachers.reference import REFERENCE_VERSION, reference_analysis
 
 log = logging.getLogger(__name__)
@@ -560,12 +560,8 @@ class LabelingRun:
         self.store = store
         self.cfg = settings
         self.price = None if isinstance(teacher, ReferenceTeacher) else settings.prices.get(teacher.model)
-        unlimited = 10**12
-        self.limiter = (
-            RateLimiter(settings.requests_per_minute, settings.tokens_per_minute, sleep=sleep)
-            if teacher.remote
-            else RateLimiter(unlimited, unlimited, sleep=sleep)
-        )
+        # Per-provider limits, spacing, adaptive rate; its history lives in the data root (limits.py).
+        self.limiter = limiter_for(teacher.name, teacher.remote, settings, store=store, sleep=sleep)
         self.sleep = sleep
         self.rng = rng or random.Random()
         self.on_progress = on_progress
@@ -618,6 +614,7 @@ class LabelingRun:
         messages = list(item.messages)
         max_tokens = self.cfg.max_output_tokens
         transient = rate_limited = 0
+        first_429: float | None = None
         invalid = truncated = 0  # answers of each kind so far (each escalates the next ask)
         answered = 0  # attempts that drew an answer or an error other than 429: the per-item cap
         error: LLMError | None = None
@@ -641,6 +638,7 @@ class LabelingRun:
                 return outcome
             tokens = input_est + max_tokens
             await self.limiter.acquire(tokens)
+            sent_at = self.limiter.now()
             outcome.attempts += 1
             self.summary.requests += 1
             # Write-ahead: the worst case is on disk before the request leaves.
@@ -677,9 +675,10 @@ class LabelingRun:
             if isinstance(error, RateLimitError):
                 self.summary.rate_limited += 1
                 rate_limited += 1
-                cap = self.cfg.retry_after_cap_s
-                self.limiter.pause(min(error.retry_after if error.retry_after is not None else cap, cap))
-                if rate_limited > self.cfg.max_rate_limit_retries:
+                first_429 = self.limiter.now() if first_429 is None else first_429
+                # Slows the whole teacher down and pauses it (Retry-After, else from the window).
+                self.limiter.rate_limited(error.retry_after, sent_at=sent_at)
+                if rate_limit_exhausted(self.cfg, rate_limited, self.limiter.now() - first_429):
                     return self._fail(outcome, "rate_limited", str(error))
             elif isinstance(error, ServerError | ProviderTimeout | ConnectionFailed):
                 if transient >= len(self.cfg.backoff_s):
@@ -750,6 +749,7 @@ class LabelingRun:
         self.budget = Budget(self.cfg.budget_usd, self.ledger.spent)
         sem = asyncio.Semaphore(self.cfg.concurrency)
         self.summary.items = len(items)
+        load_history(self.limiter)  # a restarted run goes on from its predecessor's window
         done = 0
         try:
             for coro in asyncio.as_completed([self._label(item, sem) for item in items]):
@@ -761,6 +761,7 @@ class LabelingRun:
         finally:
             self.ledger.flush()
             self._write_failures()
+            self.limiter.maybe_save(force=True)
             await self.teacher.aclose()
         s = self.summary
         s.stopped = self._stop

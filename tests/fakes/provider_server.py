@@ -283,6 +283,7 @@ class FakeProviderServer:
         # (`rpm_retry_after=False`: a bare 429, as a provider that announces nothing sends).
         self.rpm_limit: int | None = None
         self.rpm_retry_after = True
+        self.rpm_window_s = 60.0  # the window's length (a shorter one keeps a real-time test short)
         # Consulted after the scripts and the queue, before `default`: a callable that picks a
         # reply per request (e.g. a seeded random fault mix); None falls through to `default`.
         self.reply_hook: Callable[[RecordedRequest], Reply | None] | None = None
@@ -331,12 +332,12 @@ class FakeProviderServer:
                 return None
             if self.rpm_limit is not None:
                 now = time.monotonic()
-                while self.admitted and now - self.admitted[0] >= 60.0:
+                while self.admitted and now - self.admitted[0] >= self.rpm_window_s:
                     self.admitted.popleft()
                 if len(self.admitted) >= self.rpm_limit:
                     self.rejected_429.append(now)
                     request.rejected = True
-                    wait = round(self.admitted[0] + 60.0 - now, 3) if self.rpm_retry_after else None
+                    wait = round(self.admitted[0] + self.rpm_window_s - now, 3) if self.rpm_retry_after else None
                     return Reply.rate_limited(retry_after=wait)
                 self.admitted.append(now)
             if self.scripts:
