@@ -3,6 +3,7 @@ flow downstream, failure ledgers show the current state."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -192,3 +193,31 @@ def test_an_imported_graph_that_no_longer_reads_is_not_done_and_says_why(tmp_pat
     assert store.topology_stale(stems[0])["reason"] == lost.reason
     ledger = update_failure_ledger(store, [lost, rebuilt])
     assert set(ledger) == {stems[0]} and ledger[stems[0]]["stale_graph"] is True
+
+
+def test_freshness_checks_the_graph_by_its_hash_and_validates_an_edited_one(tmp_path):
+    from floorplan_ft.cv.runner import process_image, stale_stems
+    from floorplan_ft.cv.sources import SourceConfig
+
+    root = tmp_path / "data"
+    stems = write_dataset(root, count=3, complexes=1, seed=9)
+    store = ArtifactStore(root)
+    config = SourceConfig(image_dir=str(root / "images"), annotation_dir=str(root / "annotations"))
+    for stem in stems:
+        assert process_image(store, config, stem).status == "built"
+    meta = json.loads(Path(store.topology_meta_path(stems[0])).read_text())
+    graph_file = Path(store.topology_path(stems[0]))
+    assert meta["graph_sha256"] == hashlib.sha256(graph_file.read_bytes()).hexdigest()
+
+    # Re-indented by hand: a different file that still validates is kept (nothing rebuilt) ...
+    graph_file.write_text(json.dumps(json.loads(graph_file.read_text()), ensure_ascii=False))
+    # ... a sidecar from before the hash is checked by reading the graph ...
+    old = json.loads(Path(store.topology_meta_path(stems[1])).read_text())
+    del old["graph_sha256"]
+    store.write_json(store.topology_meta_path(stems[1]), old)
+    assert stale_stems(store, config, stems) == (stems, [])
+    # ... and a valid-JSON file that is no topology graph is rebuilt, under either sidecar.
+    for stem in stems[:2]:
+        Path(store.topology_path(stem)).write_text('{"nodes": [{"node_id": "x"}]}')
+    assert stale_stems(store, config, stems) == ([stems[2]], stems[:2])
+    assert [process_image(store, config, s).status for s in stems] == ["built", "built", "fresh"]

@@ -69,12 +69,26 @@ def _read_meta(store: ArtifactStore, stem: str) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
+def _graph_ok(store: ArtifactStore, stem: str, meta: dict) -> bool:
+    """Whether the graph file reads and validates. Fast path: the file is byte for byte what was
+    written and checked then (the sidecar's `graph_sha256`, or an import's `sha256`); otherwise
+    (edited by hand, or a sidecar from before the hash) it is read and validated."""
+    expected = meta.get("graph_sha256") or meta.get("sha256")
+    if isinstance(expected, str):
+        try:
+            if hashlib.sha256(store.read_bytes(store.topology_path(stem))).hexdigest() == expected:
+                return True
+        except OSError:
+            return False
+    return store.topology_problem(stem) is None
+
+
 def _fresh_meta(store: ArtifactStore, stem: str, key: str) -> dict | None:
     """The sidecar when the graph is fresh: its key is `key` and the graph reads and validates."""
     meta = _read_meta(store, stem)
     if meta is None or meta.get("key") != key:
         return None
-    return meta if store.topology_problem(stem) is None else None
+    return meta if _graph_ok(store, stem, meta) else None
 
 
 def is_fresh(store: ArtifactStore, stem: str, key: str) -> bool:
@@ -119,9 +133,10 @@ def process_image(
     source = get_source(config)
     imported_problem = None
     if not force and is_imported(store, stem):
-        imported_problem = store.topology_problem(stem)
+        meta = _read_meta(store, stem) or {}
+        imported_problem = None if _graph_ok(store, stem, meta) else store.topology_problem(stem)
         if imported_problem is None:
-            _clear_stale(store, stem)
+            _clear_stale(store, stem, meta)
             return ImageOutcome(stem=stem, status="fresh", seconds=time.perf_counter() - start)
         # An imported graph that no longer reads: rebuilt from the plan's image if it has one.
     try:
@@ -134,11 +149,13 @@ def process_image(
             finished = source.topology(stem)
             extra = _write_finished(store, stem, finished)
             graph_for_overlay = finished.graph
+            written = finished.text.encode("utf-8")
         else:
             detections = source.detections(stem)
             graph = build_topology(detections)
             graph.builder_version = BUILDER_VERSION
-            store.write_text(store.topology_path(stem), graph.model_dump_json(indent=1) + "\n")
+            written = (graph.model_dump_json(indent=1) + "\n").encode("utf-8")
+            store.write_bytes(store.topology_path(stem), written)
             extra = {"skipped_annotations": detections.skipped_summary()}
             graph_for_overlay, finished = graph, None
     except ValueError as exc:  # AnnotationError, ImageError, bad plugin output, a failed CV job
@@ -163,6 +180,7 @@ def process_image(
             "source": source.identity,
             "builder_version": BUILDER_VERSION,
             "input_hash": input_hash,
+            "graph_sha256": hashlib.sha256(written).hexdigest(),  # the validated file, as written
             **extra,
             "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
@@ -188,8 +206,9 @@ def stale_stems(store: ArtifactStore, config: SourceConfig, stems: list[str]) ->
     fresh, todo = [], []
     for stem in stems:
         if is_imported(store, stem):
-            if store.topology_problem(stem) is None:
-                _clear_stale(store, stem)
+            meta = _read_meta(store, stem) or {}
+            if _graph_ok(store, stem, meta):
+                _clear_stale(store, stem, meta)
                 fresh.append(stem)
             else:
                 todo.append(stem)
