@@ -82,7 +82,7 @@ def teacher_limits(settings: Any, teacher: str, remote: bool = True) -> TeacherL
         default = getattr(builtin, field, None) if builtin is not None else None
         if explicit is not None:
             value, source = explicit, f"teachers.{field}"
-        elif entry is not None:
+        elif entry is not None and entry != default:
             value, source = entry, f"teachers.limits.{teacher}"
         elif default is not None:
             value, source = default, "built-in"
