@@ -103,10 +103,12 @@ def test_teachers_rows_evaluation_and_service_send_the_same_team_prompt(
                                       provider="openai-compatible")
     table_rows = fill_internal_eval(dsn, embedder)
 
+    # The DSN is a secret: it comes from the environment, never from a flow parameter.
+    monkeypatch.setenv("FTP_SERVING__PG_DSN", dsn)
     overrides = {
         "paths.data_root": str(root), "paths.team_code": str(TEAM_CODE), "prompts.style": "team",
         "retrieval.provider": "openai-compatible", "retrieval.base_url": fake_provider.openai_base_url,
-        "retrieval.corpus": "pgvector:internal_eval", "serving.pg_dsn": dsn,
+        "retrieval.corpus": "pgvector:internal_eval",
         "openai_base_url": fake_provider.openai_base_url, "teachers.teachers": ["openai", "gemini"],
         **{f"teachers.{k}": v for k, v in FAST.items()},
     }
