@@ -435,6 +435,22 @@ class ServingSettings(_Group):
     )
     host: str = Field("127.0.0.1", description="HTTP API bind address.")
     port: int = Field(8000, gt=0, lt=65536, description="HTTP API port.")
+    max_request_mb: float = Field(
+        2.0, gt=0,
+        description="Largest JSON body (POST /analyze, /chat) the API reads; larger: 413, judged from Content-Length before reading or while a chunked body streams in. Uploads have serving.max_upload_mb.",
+    )
+    max_concurrency: int | None = Field(
+        None, gt=0,
+        description="Model calls run at once per backend (None: 1 for the in-process local model, 8 for remote providers).",
+    )
+    max_queue: int = Field(
+        8, ge=0,
+        description="Requests that may wait for a model slot beyond those running; when full (or a wait passes serving.timeout_s): 503 with Retry-After at once.",
+    )
+    shutdown_grace_s: float = Field(
+        5.0, gt=0,
+        description="On SIGTERM/SIGINT: how long in-flight requests may finish (local generations are cancelled at once) before uvicorn cancels them.",
+    )
 
 
 class Settings(BaseSettings):

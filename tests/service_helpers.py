@@ -111,3 +111,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@functools.cache
+def rambling_student_dir(base: str, context: int = 65536) -> Path:
+    """A random 2-layer Qwen3 *without* the short-JSON bias: under the schema it fills every string
+    to its maxLength, so with a large output budget one analysis decodes for minutes (a long
+    request to time out or interrupt). Its context is widened to `context` positions so that such a
+    budget fits."""
+    import json
+
+    from floorplan_ft.training.tiny import build_tiny_causal_lm
+
+    directory = Path(base) / f"rambling-student-{context}"
+    if not (directory / "config.json").is_file():
+        build_tiny_causal_lm(directory, seed=0)
+        config_file = directory / "config.json"
+        config = json.loads(config_file.read_text())
+        config["max_position_embeddings"] = context
+        config_file.write_text(json.dumps(config, indent=2))
+    return directory

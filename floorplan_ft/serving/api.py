@@ -14,6 +14,15 @@
   (bounded by ``serving.cv_timeout_s``). Requests are told apart by their Content-Type only: a
   JSON body keeps the contract above unchanged.
 
+Limits (docs/runbook.md, "Service limits"): a body over ``serving.max_request_mb`` (uploads:
+``serving.max_upload_mb``) → 413 ``RequestTooLarge`` / ``UploadTooLarge``, judged from
+Content-Length before reading or while a chunked body streams in; a prompt that does not fit the
+local model's context → 413 ``PromptTooLarge``; more calls than ``serving.max_concurrency`` running
+plus ``serving.max_queue`` waiting (or a wait past ``serving.timeout_s``) → 503 ``ServiceBusy`` with
+Retry-After at once. A call past ``serving.timeout_s`` is cancelled (a local generation stops within
+a token), and SIGTERM cancels local generations at once and stops uvicorn within
+``serving.shutdown_grace_s``.
+
 Errors: a body that is not JSON, or a topology / analysis that does not validate → 422 with
 ``detail`` (FastAPI's list of ``{loc, msg, type}``) and ``message`` (one readable line naming the
 fields). Provider failures → 502 (the provider answered badly: 5xx, invalid or cut JSON, refusal,
@@ -26,12 +35,13 @@ Run it with ``ft-pipeline serve`` (uvicorn; host and port from ``serving.host`` 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated, Any, Literal
 
@@ -61,7 +71,9 @@ from floorplan_ft.serving.service import (
     CVFailed,
     InvalidImage,
     InvalidInput,
+    PromptTooLarge,
     RetrievalUnavailable,
+    ServiceBusy,
     UploadTooLarge,
 )
 
@@ -102,34 +114,80 @@ class BackendAnalyzeResponse(BaseModel):
 UPLOAD_PATH = "/analyze/upload"
 
 
-class _MultipartAnalyzeDispatch:
-    """ASGI middleware: a multipart ``POST /analyze`` (the backend's upload) goes to
-    `UPLOAD_PATH`, and an upload whose Content-Length is over the limit is answered 413 before
-    its body is read. Everything else passes untouched."""
+# A multipart body is the file plus its envelope (boundaries, part headers, other fields).
+MULTIPART_ENVELOPE_BYTES = 64 * 1024
+_BODY_METHODS = ("POST", "PUT", "PATCH")
 
-    def __init__(self, app: Any, max_bytes: Any):
+
+class _RequestGuard:
+    """ASGI middleware in front of every route.
+
+    * The request size limit: a body over the limit (``serving.max_request_mb``; a multipart upload:
+      ``serving.max_upload_mb`` plus its envelope) is answered 413 with a JSON error. With a
+      Content-Length it is judged before a byte is read; a chunked body is read up to the limit
+      (counting as it streams in, answered 413 as soon as it passes) and then replayed to the app.
+    * A multipart ``POST /analyze`` (the backend's upload) goes to `UPLOAD_PATH`.
+    """
+
+    def __init__(self, app: Any, limits: Callable[[], tuple[int, int]]):
         self.app = app
-        self.max_bytes = max_bytes  # a callable, so a test can change the settings' limit
+        self.limits = limits  # a callable, so a test can change the settings' limits
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope.get("type") == "http" and scope.get("method") == "POST" and scope.get("path") in (
-            "/analyze", UPLOAD_PATH
-        ):
-            headers = {k.lower(): v for k, v in scope.get("headers", [])}
-            kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-            if kind == b"multipart/form-data":
-                limit = self.max_bytes()
-                length = headers.get(b"content-length")
-                if length and length.isdigit() and int(length) > limit + 64 * 1024:
-                    response = _error_response(
-                        413, "UploadTooLarge",
-                        f"the upload is {int(length) / 1048576:.1f} MiB; serving.max_upload_mb is {limit / 1048576:g}",
-                        "upload", retryable=False,
-                    )
-                    await response(scope, receive, send)
-                    return
+        if scope.get("type") != "http" or scope.get("method") not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        request_limit, upload_limit = self.limits()
+        if kind == b"multipart/form-data":
+            limit, shown, error, setting, what = (upload_limit + MULTIPART_ENVELOPE_BYTES, upload_limit,
+                                                  "UploadTooLarge", "serving.max_upload_mb", "upload")
+            if scope.get("method") == "POST" and scope.get("path") in ("/analyze", UPLOAD_PATH):
                 scope = {**scope, "path": UPLOAD_PATH, "raw_path": UPLOAD_PATH.encode()}
-        await self.app(scope, receive, send)
+        else:
+            limit, shown, error, setting, what = (request_limit, request_limit, "RequestTooLarge",
+                                                  "serving.max_request_mb", "request")
+
+        def too_large(size: str) -> JSONResponse:
+            return _error_response(
+                413, error, f"the {what} body is {size}; {setting} is {shown / 1048576:g} MiB",
+                "upload" if what == "upload" else "request", retryable=False, limit_bytes=shown,
+            )
+
+        length = headers.get(b"content-length")
+        if length is not None:
+            if length.strip().isdigit() and int(length) > limit:
+                log.warning("413: a %s of %s bytes (%s)", what, int(length), setting)
+                await too_large(f"{int(length) / 1048576:.1f} MiB")(scope, receive, send)
+                return
+            await self.app(scope, receive, send)  # the server delivers no more than announced
+            return
+        chunks: list[bytes] = []
+        size = 0
+        tail: dict | None = None
+        while True:
+            message = await receive()
+            if message.get("type") != "http.request":
+                tail = message  # a disconnect: the app sees it after the body read so far
+                break
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                log.warning("413: a chunked %s passed %s bytes (%s)", what, limit, setting)
+                await too_large(f"over {limit / 1048576:g} MiB (chunked)")(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        if tail is not None:
+            pending.append(tail)
+
+        async def replay() -> dict:
+            return pending.pop(0) if pending else await receive()
+
+        await self.app(scope, replay, send)
 
 
 class ChatTurn(BaseModel):
@@ -238,10 +296,12 @@ def create_app(source: Any = None, *, warm_up: bool = False) -> FastAPI:
         log.info("warm-up: %s", service.warm_up())
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(app_: FastAPI):
+        app_.state.loop = asyncio.get_running_loop()
         yield
         if owned:
-            service.close()
+            service.begin_shutdown()
+            await asyncio.to_thread(service.close)  # bounded: a generation cannot hold it
 
     app = FastAPI(
         title="ft-pipeline analysis service",
@@ -250,7 +310,18 @@ def create_app(source: Any = None, *, warm_up: bool = False) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(_MultipartAnalyzeDispatch, max_bytes=lambda: service.max_upload_bytes)
+
+    def begin_shutdown() -> None:
+        """From a signal handler: the service stops taking model calls, on the app's loop."""
+        loop = getattr(app.state, "loop", None)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(service.begin_shutdown)
+        else:
+            service.begin_shutdown()
+
+    app.state.begin_shutdown = begin_shutdown
+    app.add_middleware(_RequestGuard,
+                       limits=lambda: (service.max_request_bytes, service.max_upload_bytes))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -277,6 +348,18 @@ def create_app(source: Any = None, *, warm_up: bool = False) -> FastAPI:
         log.warning("retrieval failure -> 503: %s", exc)
         return _error_response(503, "RetrievalUnavailable", str(exc), "retrieval",
                                provider=service.provider, retryable=True)
+
+    @app.exception_handler(ServiceBusy)
+    async def _busy(_request: Request, exc: ServiceBusy) -> JSONResponse:
+        log.warning("busy -> 503: %s", exc)
+        return _error_response(503, "ServiceBusy", str(exc), "queue", provider=service.provider,
+                               retryable=True, retry_after=exc.retry_after)
+
+    @app.exception_handler(PromptTooLarge)
+    async def _prompt_too_large(_request: Request, exc: PromptTooLarge) -> JSONResponse:
+        log.warning("prompt too large -> 413: %s", exc)
+        return _error_response(413, "PromptTooLarge", str(exc), "prompt", provider=service.provider,
+                               retryable=False, prompt_tokens=exc.prompt_tokens, context=exc.context)
 
     @app.post("/analyze", response_model=AnalyzeResponse)
     async def analyze(body: AnalyzeRequest) -> JSONResponse:
@@ -339,7 +422,9 @@ def create_app(source: Any = None, *, warm_up: bool = False) -> FastAPI:
 
 def serve(settings: Any = None, *, host: str | None = None, port: int | None = None,
           log_level: str = "info") -> None:
-    """Run the API on uvicorn (blocking); host and port default to ``serving.host`` / ``.port``."""
+    """Run the API on uvicorn (blocking); host and port default to ``serving.host`` / ``.port``.
+    SIGTERM / SIGINT: the service stops taking model calls and cancels local generations at once
+    (their requests answer 503), then uvicorn drains within ``serving.shutdown_grace_s`` and exits."""
     try:
         import uvicorn
     except ImportError:  # pragma: no cover - the `serve` extra
@@ -349,13 +434,33 @@ def serve(settings: Any = None, *, host: str | None = None, port: int | None = N
 
         settings = load_settings()
     app = create_app(settings, warm_up=True)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host or settings.serving.host,
         port=port or settings.serving.port,
         log_level=log_level,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=float(getattr(settings.serving, "shutdown_grace_s", 5.0)),
     )
+    _server_class()(config, on_exit=app.state.begin_shutdown).run()
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server that tells the service first when a stop signal comes."""
+
+        def __init__(self, config: Any, on_exit: Callable[[], None]):
+            super().__init__(config)
+            self._on_exit = on_exit
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            try:
+                self._on_exit()
+            finally:
+                super().handle_exit(sig, frame)
+
+    return Server
 
 
 @contextmanager

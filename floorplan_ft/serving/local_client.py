@@ -8,6 +8,14 @@ backends let weak models pad with whitespace (STACK.md), so xgrammar is used dir
 ``any_whitespace=False``. xgrammar's bounded-string rule has no escapes, so the student cannot
 write ``\\n`` or ``\\"`` inside a length-limited string; it can emit raw control characters,
 which are dropped before parsing.
+
+A generation can be stopped: `achat` gives each call a cancel flag that a transformers
+`StoppingCriteria` reads after every decoded token, so when the awaiting task is cancelled (the
+service's ``serving.timeout_s``, a shutdown) the worker thread ends within one step and the model is
+free for the next request (a thread cannot be killed; this is how it is made to stop). `cancel_all`
+sets every live flag (SIGTERM). A prompt that does not fit the model's context together with the
+output budget is refused before any decoding (`PromptTooLong`), since the prefill of a huge prompt
+is one forward pass that nothing can interrupt.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from floorplan_ft.serving.base import (
+    BadRequest,
     ChatResult,
     ConfigError,
     LLMClient,
@@ -42,6 +51,38 @@ XGRAMMAR_PIN = "xgrammar==0.2.8"
 # xgrammar's length-bounded JSON strings admit raw control characters (a weak model emits NULs).
 # With any_whitespace=False no control character can be legitimate in the constrained output.
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f]")
+# How long a cancelled `achat` waits for its worker to notice (normally one decoding step).
+CANCEL_WAIT_S = 10.0
+
+
+class PromptTooLong(BadRequest):
+    """The prompt plus the output budget does not fit the model's context window."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, prompt_tokens: int, max_tokens: int, context: int, **kw: Any):
+        super().__init__(message, **kw)
+        self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
+
+
+class GenerationCancelled(LLMError):
+    """The generation was stopped by its cancel flag (its request timed out, or a shutdown)."""
+
+    retryable = True
+
+
+def _cancel_criteria(flag: threading.Event) -> Any:
+    """A transformers `StoppingCriteria` that stops every sequence once `flag` is set (read after
+    each decoded token)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class CancelFlag(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), flag.is_set(), dtype=torch.bool,
+                              device=input_ids.device)
+
+    return CancelFlag()
 
 
 class LocalChatClient(LLMClient):
@@ -86,6 +127,11 @@ class LocalChatClient(LLMClient):
         self._stop_ids: list[int] = []
         self._compiler: Any = None
         self._grammars: dict[str, Any] = {}
+        # Cancel flags of the calls under way or waiting for the model; counters for health/tests.
+        self._flags: set[threading.Event] = set()
+        self._flags_lock = threading.Lock()
+        self.generating = False
+        self.cancelled_generations = 0
         if importlib.util.find_spec("xgrammar") is None:
             log.warning(
                 "xgrammar is not installed: structured answers will fail (pip install %s)",
@@ -202,8 +248,23 @@ class LocalChatClient(LLMClient):
         max_tokens: int | None = None,
         temperature: float | None = None,
     ) -> ChatResult:
-        """Greedy decoding in a worker thread; `temperature` is ignored."""
-        return await asyncio.to_thread(self._generate, messages, schema, max_tokens)
+        """Greedy decoding in a worker thread; `temperature` is ignored. Cancelling the awaiting
+        task stops the decoding (within one token) and returns once the worker is done."""
+        flag = threading.Event()
+        worker = asyncio.ensure_future(
+            asyncio.to_thread(self._generate, messages, schema, max_tokens, flag)
+        )
+        try:
+            return await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            flag.set()
+            # Wait (shielded) for the thread to leave the model, so the next request finds it free.
+            done, _ = await asyncio.wait({worker}, timeout=CANCEL_WAIT_S)
+            if not done:
+                log.warning("a cancelled generation did not stop within %g s", CANCEL_WAIT_S)
+            elif not worker.cancelled():
+                worker.exception()  # retrieved: its GenerationCancelled is expected
+            raise
 
     def chat(
         self,
@@ -215,15 +276,45 @@ class LocalChatClient(LLMClient):
     ) -> ChatResult:
         return self._generate(messages, schema, max_tokens)
 
+    def cancel_all(self) -> int:
+        """Stop every generation under way or waiting for the model (thread-safe; a shutdown).
+        Returns how many were flagged."""
+        with self._flags_lock:
+            flags = list(self._flags)
+        for flag in flags:
+            flag.set()
+        return len(flags)
+
     def _generate(
-        self, messages: Messages, schema: type[BaseModel] | None, max_tokens: int | None
+        self, messages: Messages, schema: type[BaseModel] | None, max_tokens: int | None,
+        cancel: threading.Event | None = None,
+    ) -> ChatResult:
+        cancel = cancel or threading.Event()
+        with self._flags_lock:
+            self._flags.add(cancel)
+        try:
+            return self._generate_flagged(messages, schema, max_tokens, cancel)
+        finally:
+            with self._flags_lock:
+                self._flags.discard(cancel)
+
+    def _cancelled(self) -> GenerationCancelled:
+        self.cancelled_generations += 1
+        return GenerationCancelled("the generation was cancelled (its request timed out or the "
+                                   "service is stopping)", provider=self.provider, model=self.model)
+
+    def _generate_flagged(
+        self, messages: Messages, schema: type[BaseModel] | None, max_tokens: int | None,
+        cancel: threading.Event,
     ) -> ChatResult:
         limit = max_tokens or self.max_new_tokens
         with self._lock:
+            if cancel.is_set():  # cancelled while it waited for the model
+                raise self._cancelled()
             # Imports under the lock: transformers' lazy module is not safe to import from several
             # threads at once ("cannot import name ..." under concurrent first use).
             import torch
-            from transformers import GenerationConfig, LogitsProcessorList
+            from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
             if self._model is None:
                 self._load_locked()
@@ -242,6 +333,16 @@ class LocalChatClient(LLMClient):
             encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(
                 self._device
             )
+            prompt_tokens = int(encoded["input_ids"].shape[1])
+            context = self.context_window
+            if context is not None and prompt_tokens + limit > context:
+                raise PromptTooLong(
+                    f"the prompt is {prompt_tokens} tokens; with an output budget of {limit} tokens "
+                    f"it does not fit the model's context of {context} tokens (send a smaller "
+                    "topology, or lower serving.max_new_tokens)",
+                    prompt_tokens=prompt_tokens, max_tokens=limit, context=context,
+                    provider=self.provider, model=self.model,
+                )
             processors = LogitsProcessorList()
             if schema is not None:
                 import xgrammar as xgr
@@ -258,11 +359,18 @@ class LocalChatClient(LLMClient):
                 else self._stop_ids[0],
             )
             started = time.perf_counter()
-            with torch.inference_mode():
-                output = model.generate(
-                    **encoded, generation_config=config, logits_processor=processors
-                )
+            self.generating = True
+            try:
+                with torch.inference_mode():
+                    output = model.generate(
+                        **encoded, generation_config=config, logits_processor=processors,
+                        stopping_criteria=StoppingCriteriaList([_cancel_criteria(cancel)]),
+                    )
+            finally:
+                self.generating = False
             latency = time.perf_counter() - started
+            if cancel.is_set():
+                raise self._cancelled()
         prompt_len = encoded["input_ids"].shape[1]
         new_tokens = output[0, prompt_len:].tolist()
         finished = bool(new_tokens) and new_tokens[-1] in self._stop_ids
@@ -289,6 +397,13 @@ class LocalChatClient(LLMClient):
             finish_reason="stop" if finished else "length",
         )
 
+    @property
+    def context_window(self) -> int | None:
+        """The loaded model's context length (``max_position_embeddings``), if it says."""
+        config = getattr(self._model, "config", None)
+        value = getattr(config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
@@ -301,10 +416,18 @@ class LocalChatClient(LLMClient):
         self.close()
 
     def close(self) -> None:
-        with self._lock:
+        self.cancel_all()
+        # Bounded: a generation that cannot stop (a prefill) must not hold a shutdown forever.
+        locked = self._lock.acquire(timeout=CANCEL_WAIT_S)
+        if not locked:
+            log.warning("closing %s while a generation is still running", self.model)
+        try:
             on_cuda = self._device == "cuda"
             self._model = self._tokenizer = self._compiler = None
             self._grammars.clear()
+        finally:
+            if locked:
+                self._lock.release()
         if on_cuda:
             import torch
 

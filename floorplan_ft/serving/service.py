@@ -15,6 +15,15 @@ Every provider call is bounded by ``serving.timeout_s`` (the SDK's own timeout, 
 deadline here); failures surface as the typed `LLMError`s of `serving.base`, retrieval failures as
 `RetrievalUnavailable`, bad input as `InvalidInput`. Nothing is retried here: the API maps
 retryable errors to 503 (with Retry-After when the provider gave one) and the caller decides.
+
+Limits (so that the service stays up): model calls pass an `AdmissionGate` of
+``serving.max_concurrency`` slots and ``serving.max_queue`` waiting places per backend; a call that
+finds the queue full, or waits longer than ``serving.timeout_s`` for a slot, is `ServiceBusy` (503
+with Retry-After) at once. A call past its deadline is cancelled: for the in-process model the
+decoding stops within a token (`LocalChatClient` reads a cancel flag), for HTTP providers the
+request is closed. A prompt that does not fit the local model's context is `PromptTooLarge` (413)
+before any decoding. `begin_shutdown` (SIGTERM) rejects the waiting calls and stops local
+generations under way.
 """
 
 from __future__ import annotations
@@ -24,11 +33,12 @@ import base64
 import io
 import json
 import logging
+import math
 import re
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +90,12 @@ from floorplan_ft.topology_io import TopologyFormatError, read_topology_dict
 log = logging.getLogger(__name__)
 
 REFERENCE_PROVIDER = "reference"
+# Model calls at once per backend when serving.max_concurrency is not set: one in-process model
+# decodes one request at a time; remote providers take several.
+LOCAL_CONCURRENCY = 1
+REMOTE_CONCURRENCY = 8
+INITIAL_CALL_ESTIMATE_S = 5.0
+SHUTDOWN_RETRY_AFTER_S = 5.0
 ROLLBACK_PROVIDER = "openai"
 # The overall deadline of a remote call is the SDK timeout plus this, so that the SDK's own typed
 # timeout normally fires first; an in-process model has no timeout of its own.
@@ -141,6 +157,26 @@ class InvalidImage(ServiceError):
 
 class UploadTooLarge(ServiceError):
     """An upload over ``serving.max_upload_mb`` (HTTP 413)."""
+
+
+class ServiceBusy(ServiceError):
+    """No model slot for this call: the queue is full, the wait for a slot passed
+    ``serving.timeout_s``, or the service is stopping (HTTP 503 with Retry-After)."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PromptTooLarge(ServiceError):
+    """The prompt built from this input does not fit the model with its output budget (HTTP 413)."""
+
+    def __init__(self, message: str, *, prompt_tokens: int | None = None, context: int | None = None):
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.context = context
 
 
 class CVFailed(ServiceError):
@@ -407,6 +443,108 @@ def reference_chat_answer(
     return "\n".join(lines)
 
 
+# ============================================================================ admission
+
+
+class AdmissionGate:
+    """At most `slots` calls at once and `queue` more waiting; thread-safe and not bound to one event
+    loop (the sync API runs each call on a loop of its own). `enter` raises `ServiceBusy` at once
+    when the queue is full and after `wait_s` in the queue; `leave` hands the slot to the oldest
+    waiter. Waiters are resolved on their own loops."""
+
+    def __init__(self, slots: int, queue: int):
+        self.slots = max(1, int(slots))
+        self.queue = max(0, int(queue))
+        self.running = 0
+        self.rejected = 0
+        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+        self._lock = threading.Lock()
+        self._closed_reason: str | None = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _busy(self, message: str, retry_after: float) -> ServiceBusy:
+        self.rejected += 1
+        return ServiceBusy(message, retry_after=retry_after)
+
+    async def enter(self, wait_s: float, retry_after: float) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._closed_reason is not None:
+                raise self._busy(self._closed_reason, retry_after)
+            if self.running < self.slots and not self._waiters:
+                self.running += 1
+                return
+            if len(self._waiters) >= self.queue:
+                raise self._busy(
+                    f"the model is busy: {self.running} call(s) running and {len(self._waiters)} "
+                    f"waiting (serving.max_concurrency={self.slots}, serving.max_queue={self.queue})",
+                    retry_after,
+                )
+            waiter = loop.create_future()
+            entry = (loop, waiter)
+            self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), wait_s)
+        except BaseException as exc:
+            with self._lock:
+                queued = entry in self._waiters
+                if queued:
+                    self._waiters.remove(entry)
+            if not queued:
+                # The slot was handed over (or is on its way): give it on, never lose it.
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self.leave()
+                elif not waiter.done():
+                    waiter.cancel()  # the pending hand-over sees it and passes the slot on
+            if isinstance(exc, TimeoutError):
+                raise self._busy(
+                    f"no model slot within {wait_s:g} s (serving.timeout_s): the queue is not "
+                    "moving fast enough", retry_after,
+                ) from None
+            raise
+
+    def leave(self) -> None:
+        with self._lock:
+            while self._waiters:
+                loop, waiter = self._waiters.popleft()
+                if waiter.done():
+                    continue
+                try:
+                    loop.call_soon_threadsafe(self._hand_over, waiter)
+                    return  # `running` is unchanged: the slot goes to that waiter
+                except RuntimeError:  # its loop is closed
+                    continue
+            self.running = max(0, self.running - 1)
+
+    def _hand_over(self, waiter: asyncio.Future) -> None:
+        if waiter.done():  # it gave up in the meantime
+            self.leave()
+        else:
+            waiter.set_result(True)
+
+    def close(self, reason: str, retry_after: float) -> int:
+        """Refuse new calls and reject the waiting ones (a shutdown). Returns how many waited."""
+        with self._lock:
+            self._closed_reason = reason
+            waiters, self._waiters = list(self._waiters), deque()
+        for loop, waiter in waiters:
+            error = self._busy(reason, retry_after)
+            try:
+                loop.call_soon_threadsafe(
+                    lambda w=waiter, e=error: w.done() or w.set_exception(e)
+                )
+            except RuntimeError:
+                pass
+        return len(waiters)
+
+    def describe(self) -> dict[str, int]:
+        return {"max_concurrency": self.slots, "max_queue": self.queue, "running": self.running,
+                "waiting": self.waiting, "rejected": self.rejected}
+
+
 # ============================================================================ the service
 
 
@@ -479,6 +617,12 @@ class AnalysisService:
             self._owned.append(self.client)
         if self.client is not None:
             self.provider = self.client.provider
+        slots = _serving(settings, "max_concurrency", None)
+        if slots is None:
+            slots = LOCAL_CONCURRENCY if self.provider == "local" else REMOTE_CONCURRENCY
+        self.gate = AdmissionGate(int(slots), int(_serving(settings, "max_queue", 8)))
+        self._llm_s = INITIAL_CALL_ESTIMATE_S  # a running mean of model calls, for Retry-After
+        self.stopping = False
         self._query_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._query_cache_size = int(query_cache_size)
         self._cache_lock = threading.Lock()
@@ -529,6 +673,9 @@ class AnalysisService:
             "prompt_version": self.prompt_version,
             "schema_hash": schema_hash(),
             "timeout_s": self.timeout_s,
+            "limits": {**self.gate.describe(), "max_request_mb": self.max_request_bytes / 1048576,
+                       "max_upload_mb": self.max_upload_bytes / 1048576,
+                       "stopping": self.stopping},
             "warnings": list(self.warnings),
         }
 
@@ -586,13 +733,35 @@ class AnalysisService:
 
     # ------------------------------------------------------------------ provider calls
 
+    def retry_after_s(self) -> float:
+        """A guess of when a slot frees: the mean call time × the calls ahead per slot."""
+        ahead = self.gate.running + self.gate.waiting
+        return float(max(1, min(math.ceil(self._llm_s * max(1, ahead) / self.gate.slots),
+                                math.ceil(self.timeout_s))))
+
     async def _call(
         self, messages: list[dict[str, str]], schema: type[BaseModel] | None, max_tokens: int
     ) -> ChatResult:
         assert self.client is not None
+        await self.gate.enter(self.timeout_s, self.retry_after_s())
+        started = time.perf_counter()
+        try:
+            return await self._call_admitted(messages, schema, max_tokens)
+        finally:
+            elapsed = time.perf_counter() - started
+            self._llm_s = 0.7 * self._llm_s + 0.3 * elapsed
+            self.gate.leave()
+
+    async def _call_admitted(
+        self, messages: list[dict[str, str]], schema: type[BaseModel] | None, max_tokens: int
+    ) -> ChatResult:
+        from floorplan_ft.serving.local_client import GenerationCancelled, PromptTooLong
+
         remote = self.client.provider != "local"
         deadline = self.timeout_s + (DEADLINE_GRACE_S if remote else 0.0)
         try:
+            # On the deadline wait_for cancels the call: a local generation stops within a token
+            # (and returns once its thread is free), an HTTP request is closed.
             return await asyncio.wait_for(
                 self.client.achat(messages, schema, max_tokens=max_tokens,
                                   temperature=self.temperature),
@@ -600,9 +769,24 @@ class AnalysisService:
             )
         except TimeoutError:
             raise ProviderTimeout(
-                f"no answer within {self.timeout_s:g} s (serving.timeout_s)",
+                f"no answer within {self.timeout_s:g} s (serving.timeout_s); the call was cancelled",
                 provider=self.client.provider, model=self.client.model,
             ) from None
+        except PromptTooLong as exc:
+            raise PromptTooLarge(str(exc), prompt_tokens=exc.prompt_tokens, context=exc.context) from None
+        except GenerationCancelled:
+            raise ServiceBusy("the service is stopping; the generation was cancelled",
+                              retry_after=SHUTDOWN_RETRY_AFTER_S) from None
+
+    def begin_shutdown(self) -> dict[str, int]:
+        """Stop taking model calls: new and waiting ones get `ServiceBusy`, local generations under
+        way are cancelled (they answer 503 within a token). Safe to call more than once."""
+        self.stopping = True
+        rejected = self.gate.close("the service is stopping", SHUTDOWN_RETRY_AFTER_S)
+        cancel_all = getattr(self.client, "cancel_all", None)
+        cancelled = cancel_all() if callable(cancel_all) else 0
+        log.info("shutdown: %d waiting call(s) rejected, %d generation(s) cancelled", rejected, cancelled)
+        return {"rejected": rejected, "cancelled": cancelled}
 
     # ------------------------------------------------------------------ analyze
 
@@ -698,6 +882,10 @@ class AnalysisService:
         return outcome
 
     # ------------------------------------------------------------------ uploads (the backend's /analyze)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(float(_serving(self.settings, "max_request_mb", 2.0)) * 1024 * 1024)
 
     @property
     def max_upload_bytes(self) -> int:
