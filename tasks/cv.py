@@ -5,11 +5,7 @@ from __future__ import annotations
 import time
 
 from prefect import get_run_logger, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.utilities.annotations import unmapped
@@ -23,9 +19,10 @@ from floorplan_ft.cv.runner import (
 )
 from floorplan_ft.cv.runpod import register_key
 from floorplan_ft.cv.sources import CVConfigError, SourceConfig
+from floorplan_ft.progress import Progress
 from floorplan_ft.settings import Settings
 from floorplan_ft.store import ArtifactStore
-from tasks.common import artifact_key, store_for
+from tasks.common import PROGRESS_INTERVAL_S, artifact_key, store_for
 
 
 def source_config(settings: Settings) -> SourceConfig:
@@ -142,9 +139,8 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
 
     outcomes: list[ImageOutcome] = []
     if todo:
-        progress_id = create_progress_artifact(
-            progress=0.0, key=artifact_key("phase1-progress"), description="Phase 1: topologies built"
-        )
+        progress = Progress("phase 1 CV", len(todo), unit="images", interval_s=PROGRESS_INTERVAL_S,
+                            artifact_key=artifact_key("phase1-progress"), logger=logger)
         size = settings.cv.chunk_size
         chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
         futures = build_topology_task.map(
@@ -159,6 +155,7 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
             if isinstance(result, CVConfigError):
                 # The source cannot work at all (e.g. the endpoint refused the key): stop the phase.
                 logger.error("phase 1 stopped: %s", result)
+                progress.close()
                 raise CVConfigError(str(result))
             if isinstance(result, BaseException):
                 # Retries exhausted: every image of the chunk without a fresh graph is a failure.
@@ -170,8 +167,8 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
             else:
                 outcomes += [ImageOutcome.model_validate(r) for r in result]
             done += len(chunk)
-            update_progress_artifact(progress_id, progress=100.0 * done / len(todo),
-                                     description=f"Phase 1: {done}/{len(todo)} images processed")
+            progress.update(done, failed=sum(o.status == "failed" for o in outcomes))
+        progress.close()
     ledger = update_failure_ledger(store, outcomes, fresh=plan["fresh"])
     built = sum(o.status == "built" for o in outcomes)
     failed = sorted((o for o in outcomes if o.status == "failed"), key=lambda o: o.stem)

@@ -10,6 +10,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
+from floorplan_ft.progress import summarize
 from floorplan_ft.prompts import check_prompts, prompt_style
 from floorplan_ft.retrieval.corpus import corpus_hash, load_corpus
 from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager
@@ -65,10 +66,14 @@ def retrieve_for_plans(settings: Settings) -> dict:
     stems = read_sample(store.run_file("sample"))
     queries, skipped = topology_queries(store, stems, lambda stats: query_for(settings, stats))
     logger = get_run_logger()
-    for stem, entry in list(skipped.items())[:20]:
+    for stem, entry in list(skipped.items())[:5]:
         logger.warning("%s: no context (%s): %s", stem, entry["reason"], entry["detail"])
-    if len(skipped) > 20:
-        logger.warning("... and %d more plans skipped: see %s", len(skipped) - 20,
+    if len(skipped) > 5:
+        by_reason: dict[str, list[str]] = {}
+        for stem, entry in skipped.items():
+            by_reason.setdefault(entry["reason"], []).append(stem)
+        logger.warning("%d plans skipped in all (%s): see %s", len(skipped),
+                       "; ".join(f"{r}: {summarize(s, 5)}" for r, s in sorted(by_reason.items())),
                        store.run_file("retrieval_failures"))
 
     manager = make_embedding_manager(settings)
