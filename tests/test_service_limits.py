@@ -162,12 +162,11 @@ def test_a_topology_whose_prompt_exceeds_the_model_context_is_413_without_decodi
                 FloorPlanAnalysis.model_validate(ok.json()["analysis"])
         finally:
             service.close()
-    with pytest.raises(PromptTooLarge):  # the service raises it for the sync caller too
-        service2 = local_service(student, max_new_tokens=1500)
-        try:
-            service2.analyze(big_topology(3))
-        finally:
-            service2.close()
+        # The service raises it for a direct (sync) caller too.
+        with local_service(student, max_new_tokens=1500) as direct:
+            with pytest.raises(PromptTooLarge, match="8192 tokens") as info:
+                direct.analyze(big_topology(3))
+            assert info.value.context == 8192 and info.value.prompt_tokens > 6692
 
 
 # =========================================================================== timeouts cancel
