@@ -17,7 +17,7 @@ from fakes.provider_server import Reply
 from plans import prepare_plans
 
 from floorplan_ft.schemas import FloorPlanAnalysis
-from floorplan_ft.settings import load_settings
+from floorplan_ft.settings import TeacherSettings, load_settings
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.factory import make_teacher
 from floorplan_ft.teachers.items import build_items
@@ -183,7 +183,7 @@ def test_no_key_in_any_file_or_log(fake_provider, data, caplog):
 KILLED_RUN = """
 import asyncio, sys
 sys.path[:0] = {paths!r}
-from floorplan_ft.settings import load_settings
+from floorplan_ft.settings import TeacherSettings, load_settings
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.factory import make_teacher
 from floorplan_ft.teachers.items import build_items
@@ -237,3 +237,142 @@ def test_an_openai_compatible_server_can_be_a_teacher(fake_provider, data):
     assert body["chat_template_kwargs"] == {"enable_thinking": False}  # Qwen3 served non-thinking
     # The OpenAI key is never sent to a third-party server.
     assert all(OPENAI_KEY not in str(r.headers) for r in fake_provider.requests)
+
+
+# ------------------------------------------------------------------ completeness under faults
+
+
+async def _quick_sleep(seconds: float) -> None:
+    # Backoff waits need not take real time; the limiter's pauses still follow the real clock
+    # (capped by retry_after_cap_s), in short slices.
+    await asyncio.sleep(min(seconds, 0.005))
+
+
+def synthetic_items(n: int, tag: str = "F") -> list:
+    """Items as the engine sees them; the plan's image name in the user turn identifies each."""
+    from floorplan_ft.teachers.labeling import LabelItem
+
+    return [LabelItem(f"{tag}{i:04d}", f"{tag}{i:04d}.png",
+                      [{"role": "system", "content": "평면도 분석가입니다."},
+                       {"role": "user", "content": f"{tag}{i:04d}.png 평면을 분석하세요."}])
+            for i in range(n)]
+
+
+# The fault mix's 429s are random, not a real limit: a one-second provider window lets an adaptive
+# limiter recover from them within the test (the field exists once the limiter has it).
+FAULT_WINDOW = {"rate_window_s": 1.0} if "rate_window_s" in TeacherSettings.model_fields else {}
+
+
+# Limits the fake announces in x-ratelimit-* headers, high enough that pacing plays no part.
+ROOMY_HEADERS = {
+    "x-ratelimit-limit-requests": "100000", "x-ratelimit-remaining-requests": "99999",
+    "x-ratelimit-reset-requests": "1ms", "x-ratelimit-limit-tokens": "100000000",
+    "x-ratelimit-remaining-tokens": "99999000", "x-ratelimit-reset-tokens": "1ms",
+}
+
+
+def run_items(settings, store, items, name="openai"):
+    run = LabelingRun(make_teacher(settings, name), store, settings.teachers, sleep=_quick_sleep)
+    return asyncio.run(run.run(items))
+
+
+def gpt4o(input_tokens: int, output_tokens: int) -> float:
+    return (input_tokens * 2.50 + output_tokens * 10.00) / 1e6
+
+
+def test_the_fault_mix_labels_every_item(fake_provider, tmp_path, no_dotenv):
+    from fakes.faults import FaultMix
+
+    mix = FaultMix(seed=14, retry_after=1).install(fake_provider)
+    fake_provider.rate_limit_headers = dict(ROOMY_HEADERS)
+    store = ArtifactStore(tmp_path / "data")
+    settings = settings_for(fake_provider, concurrency=5, **FAULT_WINDOW)
+    items = synthetic_items(120)
+    summary = run_items(settings, store, items)
+    assert (summary.labeled, summary.failed, summary.skipped_budget) == (120, 0, 0), summary.failures
+    assert mix.drawn["invalid_json"] > 0 and mix.drawn["truncated"] > 0 and mix.drawn["rate_limited"] > 0
+    for item in items:
+        FloorPlanAnalysis.model_validate_json(Path(store.analysis_path(item.stem, "openai")).read_text())
+    # Every request is in the ledger; every answer that came back (valid, broken or cut) is paid.
+    chats = fake_provider.requests_to("chat/completions")
+    ledger = store.read_json(ledger_path(store, "openai"))
+    assert ledger["requests"] == len(chats) == summary.requests
+    billed = mix.drawn["ok"] + mix.drawn["invalid_json"] + mix.drawn["truncated"]
+    assert ledger["cost_usd"] == pytest.approx(billed * gpt4o(120, 45), abs=1e-6)
+    assert ledger["unsettled_requests"] == 0 and ledger["possibly_paid_twice"] == 0
+    # ... and booked on the items: the sidecars add up to the ledger.
+    booked = sum(store.read_json(meta_path(store, i.stem, "openai"))["cost_usd"] for i in items)
+    assert booked == pytest.approx(ledger["cost_usd"], abs=1e-5)
+    assert mix.repaid == 0  # no item got a second valid answer
+    assert summary.reasked > 0 and summary.larger_budget > 0
+
+
+def _for(fake, stem):
+    return [r for r in fake.requests_to("chat/completions") if f"{stem}.png" in json.dumps(r.body, ensure_ascii=False)]
+
+
+def test_invalid_and_cut_answers_escalate_in_order(fake_provider, tmp_path, no_dotenv):
+    store = ArtifactStore(tmp_path / "data")
+    settings = settings_for(fake_provider)
+    items = synthetic_items(3, "E")
+    broken = '{"image_name": "E0000.png", "bay_count": '
+    fake_provider.push_for("E0000.png", *[Reply.invalid_json(broken)] * 4, Reply.ok())
+    fake_provider.push_for("E0001.png", *[Reply.truncated()] * 3, Reply.ok())
+    fake_provider.push_for("E0002.png", Reply.truncated(), Reply.invalid_json(), Reply.ok())
+    summary = run_items(settings, store, items)
+    assert summary.labeled == 3
+
+    invalid = _for(fake_provider, "E0000")
+    original = invalid[0].body["messages"]
+    assert [r.body["max_completion_tokens"] for r in invalid] == [4096, 4096, 8192, 8192, 8192]
+    # 1st: a re-ask quoting the broken answer and the error; 2nd: the same with a larger budget.
+    for reask in (invalid[1], invalid[2]):
+        turns = reask.body["messages"]
+        assert turns[:len(original)] == original
+        assert turns[-2] == {"role": "assistant", "content": broken}
+        assert "스키마 검증" in turns[-1]["content"] and "오류:" in turns[-1]["content"]
+        assert len(turns[-1]["content"]) > len("스키마 검증") + 40  # the validation error is quoted
+    # Then fresh asks: the original messages again.
+    assert invalid[3].body["messages"] == original and invalid[4].body["messages"] == original
+
+    cut = _for(fake_provider, "E0001")
+    assert [r.body["max_completion_tokens"] for r in cut] == [4096, 8192, 16384, 16384]
+    assert all(r.body["messages"] == cut[0].body["messages"] for r in cut)
+
+    mixed = _for(fake_provider, "E0002")
+    assert [r.body["max_completion_tokens"] for r in mixed] == [4096, 8192, 8192]
+    assert "스키마 검증" in mixed[2].body["messages"][-1]["content"]
+
+    # Every attempt is paid for and booked on its item.
+    for stem, attempts in (("E0000", 5), ("E0001", 4), ("E0002", 3)):
+        meta = store.read_json(meta_path(store, stem, "openai"))
+        assert meta["attempts"] == attempts
+        assert meta["cost_usd"] == pytest.approx(attempts * gpt4o(120, 45), abs=1e-6)
+    assert (summary.reasked, summary.fresh_asks) == (3, 3)
+
+
+def test_per_item_caps_on_attempts_and_dollars(fake_provider, tmp_path, no_dotenv):
+    from floorplan_ft.teachers.labeling import cost_usd, messages_tokens
+
+    store = ArtifactStore(tmp_path / "data")
+    items = synthetic_items(2, "C")
+    # Attempts: at most 3 requests (the 429 is not counted), whatever the retry settings allow.
+    fake_provider.push_for("C0000.png", Reply.rate_limited(retry_after=0.01), *[Reply.invalid_json()] * 6)
+    # Dollars: room for two attempts' worst cases, not a third at the doubled budget.
+    price = load_settings().teachers.prices["gpt-4o"]
+    first = cost_usd(price, messages_tokens(items[1].messages) * 3 // 2, 4096)
+    fake_provider.push_for("C0001.png", *[Reply.truncated()] * 6)
+    cap = 2 * first + 0.002
+    settings = settings_for(fake_provider, max_attempts_per_item=3, max_item_cost_usd=cap)
+    summary = run_items(settings, store, items)
+    failures = summary.failures
+    assert failures["C0000"]["reason"] == "max_attempts" and failures["C0000"]["attempts"] == 4
+    assert len(_for(fake_provider, "C0000")) == 4  # 1 × 429 + 3 answers
+    assert failures["C0000"]["cost_usd"] == pytest.approx(3 * gpt4o(120, 45), abs=1e-6)
+    assert failures["C0001"]["reason"] == "item_budget"
+    assert len(_for(fake_provider, "C0001")) == 2
+    assert failures["C0001"]["cost_usd"] == pytest.approx(2 * gpt4o(120, 45), abs=1e-6)
+    assert "max_item_cost_usd" in failures["C0001"]["detail"]
+    ledger = store.read_json(ledger_path(store, "openai"))
+    assert ledger["requests"] == 6
+    assert ledger["cost_usd"] == pytest.approx(5 * gpt4o(120, 45), abs=1e-6)
