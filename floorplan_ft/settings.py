@@ -302,6 +302,17 @@ class TeacherSettings(_Group):
     batch_max_wait_s: float = Field(
         3600.0, ge=0, description="Wait this long for batch jobs, then return; a rerun resumes polling."
     )
+    batch_max_enqueued_tokens: int = Field(
+        90_000, gt=0,
+        description="OpenAI: tokens (prompt + expected output, estimated) kept in running batch jobs at once; "
+        "more waits for earlier jobs to finish. 90,000 is tier 1's enqueued-token limit for gpt-4o "
+        "(see the organisation's limits page).",
+    )
+    batch_max_enqueued_tokens_gemini: int = Field(
+        5_000_000, gt=0,
+        description="Gemini: the same for batch mode; 5,000,000 is the batch enqueued-token limit Google "
+        "publishes for tier 1 (Gemini 2.5 Pro); AI Studio shows the model's own.",
+    )
 
 
 class QualityWeights(_Group):

@@ -99,25 +99,42 @@ def _label_in_batches(settings: Settings, teacher_name: str, items, missing, sto
         markdown=(
             f"# Phase 3: teacher `{teacher_name}` through the batch API\n\n"
             f"status **{outcome.status}** · labeled {outcome.labeled} · cached {outcome.cached} · "
-            f"waiting in jobs {outcome.waiting} · finished online {outcome.finished_online} · "
+            f"waiting in jobs {len(outcome.waiting)} · queued {len(outcome.queued)} · "
+            f"finished online {len(outcome.finished_online)} · "
+            f"submissions without a job {len(outcome.submissions_failed)} · "
             f"failed {len(outcome.failed)} · ${outcome.cost_usd:.4f} this run · "
-            f"${outcome.total_spent_usd:.4f} in all"
+            f"${outcome.total_spent_usd:.4f} in all · ${outcome.reserved_usd:.4f} reserved by running jobs"
+            + (f"\n\n**Job record:** {outcome.record_problem}" if outcome.record_problem else "")
         ),
         description=f"Phase 3: batch labels from {teacher_name}",
     )
+    logger = get_run_logger()
+    if outcome.record_problem:
+        logger.error("batch job record: %s", outcome.record_problem)
+    for failure in outcome.submissions_failed[:20]:
+        logger.warning("batch submission of %d plan(s) made no job (%s): %s", failure["items"], failure["reason"],
+                       failure["detail"])
     return {
+        # Batch failures finished online count as done; what is still unlabeled does not.
         "status": (
             "pending batch jobs" if outcome.status == "pending"
-            else "done" if not (outcome.failed or missing) else "done with failures"
+            else "done" if not (outcome.unlabeled or missing) else "done with failures"
         ),
         "teacher": teacher_name,
         "plans": plans,
         "labeled": result["labeled"],
         "cached": result["cached"],
         "waiting": result["waiting"],
+        "queued": len(result["queued"]),
         "failed": len(result["failed"]),
+        "finished_online": len(result["finished_online"]),
+        "labeled_online": (result["online"] or {}).get("labeled", 0),
+        "submissions_failed": len(result["submissions_failed"]),
+        "unlabeled": len(result["unlabeled"]),
+        "record_problem": result["record_problem"],
         "missing_inputs": len(missing),
         "cost_usd": result["cost_usd"],
+        "reserved_usd": result["reserved_usd"],
         "total_spent_usd": result["total_spent_usd"],
     }
 

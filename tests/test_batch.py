@@ -360,3 +360,278 @@ def test_batch_mode_is_for_openai_and_gemini_only(fake_provider, data):
     store, stems = data
     with pytest.raises(ConfigError, match="batch mode"):
         batch(settings_for(fake_provider), store, "reference", items_of(store, stems[:1]))
+
+
+# ------------------------------------------------------------------------------ hardening (issue 14)
+
+
+def job_lines_by_stem(fake, provider):
+    """Every item the fake received in a batch of `provider`, with how many jobs carried it."""
+    seen: dict[str, int] = {}
+    for job in fake.batches.values():
+        if job.provider != provider:
+            continue
+        for line in job.lines:
+            cid = line.get("custom_id") or (line.get("metadata") or {}).get("custom_id")
+            stem = cid.rpartition("#")[0]
+            seen[stem] = seen.get(stem, 0) + 1
+    return seen
+
+
+def test_gemini_reply_without_a_name_is_found_by_its_display_name_never_resubmitted(fake_provider, data):
+    store, stems = data
+    settings = settings_for(fake_provider)
+    items = items_of(store, stems[:4])
+    fake_provider.push_batch(BatchPlan(polls=2, reply_without_id=True))
+
+    first = batch(settings, store, "gemini", items, max_wait_s=0)
+    state = store.read_json(state_path(store, "gemini"))
+    (job,) = state["jobs"]
+    # The reply had no name: the job was looked up in the list and recorded with its real name.
+    assert job["id"] == next(iter(fake_provider.batches)) and job["id"].startswith("batches/")
+    assert first.status == "pending" and first.submitted == 4 and first.jobs_submitted == [job["id"]]
+    assert job["reserved_usd"] > 0 and state["submissions_failed"] == []
+
+    again = batch(settings, store, "gemini", items)
+    assert again.status == "done" and again.labeled == 4 and again.unlabeled == []
+    assert len(fake_provider.batch_creations()) == 1 and posts(fake_provider, ":generateContent") == []
+    job = store.read_json(state_path(store, "gemini"))["jobs"][0]
+    assert job["reserved_usd"] == 0.0 and job["ingested_at"]
+    ledger = store.read_json(ledger_path(store, "gemini"))
+    assert ledger["requests"] == 4 and ledger["cost_usd"] == pytest.approx(4 * 0.5 * GEMINI_FULL, abs=1e-6)
+
+
+def test_a_reply_without_id_the_provider_does_not_list_is_no_job_and_goes_online(fake_provider, data, caplog):
+    store, stems = data
+    settings = settings_for(fake_provider)
+    items = items_of(store, stems[:3])
+    fake_provider.push_batch(BatchPlan(reply_without_id=True, listed=False))
+    with caplog.at_level("WARNING"):
+        outcome = batch(settings, store, "openai", items)
+    assert outcome.status == "done" and outcome.unlabeled == [] and outcome.online["labeled"] == 3
+    assert {f["reason"] for f in outcome.failed.values()} == {"no_job_id"}
+    assert outcome.submissions_failed[0]["reason"] == "no_job_id"
+    state = store.read_json(state_path(store, "openai"))
+    assert state["jobs"] == []  # never recorded as a job (no null id, nothing reserved)
+    assert state["submissions_failed"][0]["items"].keys() == {i.stem for i in items}
+    assert "no job id" in caplog.text
+    # A rerun has everything cached: no second job for the same items.
+    before = fake_provider.request_count
+    assert batch(settings, store, "openai", items).cached == 3 and fake_provider.request_count == before
+    assert len(fake_provider.batch_creations()) == 1
+
+
+def test_a_failed_upload_is_finished_online(fake_provider, data):
+    store, stems = data
+    settings = settings_for(fake_provider)
+    items = items_of(store, stems[:4])
+    fake_provider.push_batch(BatchPlan(upload_status=500))
+    outcome = batch(settings, store, "openai", items)
+    assert fake_provider.batch_creations() == [] and len(posts(fake_provider, "/v1/files")) == 3  # 1 + 2 retries
+    assert outcome.status == "done" and outcome.unlabeled == [] and len(chat_requests(fake_provider)) == 4
+    assert {f["reason"] for f in outcome.failed.values()} == {"upload_failed"}
+    assert store.read_json(state_path(store, "openai"))["jobs"] == []
+    assert store.read_json(ledger_path(store, "openai"))["requests"] == 4
+
+
+def test_the_phase3_task_finishes_a_failed_upload_online(prefect_api, fake_provider, data):
+    from prefect import flow
+
+    from floorplan_ft.settings import load_settings
+    from tasks.labeling import label_with_teacher
+
+    store, _ = data
+    settings = load_settings(
+        paths={"data_root": store.root},
+        teachers={**settings_for(fake_provider).teachers.model_dump(), "use_batch_api": True,
+                  "batch_poll_interval_s": 0.01, "batch_max_wait_s": 10.0},
+        openai_api_key=OPENAI_KEY, openai_base_url=fake_provider.openai_base_url,
+        gemini_api_key=GEMINI_KEY, gemini_base_url=fake_provider.gemini_base_url,
+    )
+    fake_provider.push_batch(BatchPlan(upload_status=400))
+
+    @flow
+    def phase3() -> dict:
+        return label_with_teacher(settings, "openai")
+
+    result = phase3()
+    assert result["labeled"] == 0 and result["finished_online"] == 8 and result["unlabeled"] == 0
+    assert result["status"] == "done" and result["submissions_failed"] == 1
+    assert len(posts(fake_provider, "/v1/files")) == 1 and fake_provider.batch_creations() == []
+    assert len(chat_requests(fake_provider)) == 8
+
+
+def test_a_create_that_fails_after_making_the_job_is_adopted_and_a_refused_one_goes_online(fake_provider, data):
+    store, stems = data
+    settings = settings_for(fake_provider)
+    items = items_of(store, stems)
+    fake_provider.push_batch(BatchPlan(create_status=500, created_anyway=True))
+    made = batch(settings, store, "openai", items[:4])
+    assert made.status == "done" and made.labeled == 4 and chat_requests(fake_provider) == []
+    assert len(fake_provider.batch_creations()) == 1 and made.jobs_submitted == list(fake_provider.batches)
+
+    fake_provider.push_batch(BatchPlan(create_status=400))
+    refused = batch(settings, store, "openai", items[4:])
+    assert refused.status == "done" and refused.online["labeled"] == 4 and refused.unlabeled == []
+    assert {f["reason"] for f in refused.failed.values()} == {"create_refused"}
+    assert len(fake_provider.batches) == 1
+
+
+def test_an_unknown_state_in_the_reply_is_kept_and_polled(fake_provider, data, caplog):
+    store, stems = data
+    settings = settings_for(fake_provider)
+    items = items_of(store, stems[:3])
+    fake_provider.push_batch(BatchPlan(reply_state="warming_up"))
+    with caplog.at_level("WARNING"):
+        outcome = batch(settings, store, "openai", items)
+    assert "unknown state 'warming_up'" in caplog.text
+    assert outcome.status == "done" and outcome.labeled == 3 and chat_requests(fake_provider) == []
+    assert store.read_json(state_path(store, "openai"))["jobs"][0]["status"] == "completed"
+
+
+@pytest.mark.parametrize("provider", ["openai", "gemini"])
+def test_a_succeeded_job_whose_rows_are_all_unusable_is_finished_online(fake_provider, data, provider, caplog):
+    store, stems = data
+    settings = settings_for(fake_provider)
+    items = items_of(store, stems[:4])
+    fake_provider.push_batch(BatchPlan(rows="unusable"))
+    with caplog.at_level("WARNING"):
+        outcome = batch(settings, store, provider, items)
+    assert "none of its" in caplog.text and "row(s) was usable" in caplog.text
+    assert outcome.status == "done" and outcome.labeled == 0 and outcome.unlabeled == []
+    assert sorted(outcome.finished_online) == sorted(stems[:4])
+    assert {f["reason"] for f in outcome.failed.values()} == {"invalid_output"}
+    online = chat_requests(fake_provider) if provider == "openai" else posts(fake_provider, ":generateContent")
+    assert len(online) == 4
+    # The unusable rows were billed (their tokens), at the discount; the online answers at full price.
+    full = GPT4O_FULL if provider == "openai" else GEMINI_FULL
+    ledger = store.read_json(ledger_path(store, provider))
+    batch_requests = 4 + (1 if provider == "openai" else 0)  # OpenAI's output also had a line that is not JSON
+    assert ledger["requests"] == batch_requests + 4
+    assert ledger["cost_usd"] == pytest.approx(4 * 0.5 * full + 4 * full, abs=1e-6)
+    assert store.read_json(state_path(store, provider))["jobs"][0]["unusable"] is True
+
+
+def test_submissions_stay_under_the_enqueued_token_limit(fake_provider, data):
+    store, stems = data
+    items = items_of(store, stems)
+    need = [messages_tokens(i.messages) + 1500 for i in items]
+    limit = sum(need[:3])
+    assert limit < sum(need[:4])
+    settings = settings_for(fake_provider, batch_max_enqueued_tokens=limit)
+    fake_provider.batch_enqueued_token_limit = limit  # the provider enforces the same number
+    fake_provider.batch_default = BatchPlan(polls=1)
+
+    outcome = batch(settings, store, "openai", items)
+    assert outcome.status == "done" and outcome.labeled == 8 and chat_requests(fake_provider) == []
+    sizes = [len(b.lines) for b in fake_provider.batches.values()]
+    assert sum(sizes) == 8 and len(sizes) >= 3 and sizes[0] == 3
+    assert fake_provider.enqueued_peak <= limit
+    assert all(b.status == "completed" for b in fake_provider.batches.values())
+    # One after the other: each job was created after the one before it had ended.
+    batches = list(fake_provider.batches.values())
+    created = fake_provider.batch_creations()
+    assert len(created) == len(batches)
+    assert job_lines_by_stem(fake_provider, "openai") == {s: 1 for s in stems}
+
+
+def test_a_rerun_continues_the_split_submission_without_duplicates(fake_provider, data):
+    store, stems = data
+    items = items_of(store, stems)
+    need = [messages_tokens(i.messages) + 1500 for i in items]
+    settings = settings_for(fake_provider, batch_max_enqueued_tokens=sum(need[:4]))
+    fake_provider.batch_default = BatchPlan(polls=2)
+
+    first = batch(settings, store, "openai", items, max_wait_s=0)
+    assert first.status == "pending" and first.submitted == 4 and first.queued == sorted(stems[4:])
+    assert len(fake_provider.batch_creations()) == 1
+    second = batch(settings, store, "openai", items, max_wait_s=0)  # the first job still runs: no room
+    assert second.submitted == 0 and len(fake_provider.batch_creations()) == 1
+    assert second.waiting == sorted(stems[:4]) and second.queued == sorted(stems[4:])
+
+    third = batch(settings, store, "openai", items)
+    assert third.status == "done" and third.labeled + first.labeled + second.labeled == 8
+    assert third.unlabeled == [] and chat_requests(fake_provider) == []
+    assert len(fake_provider.batch_creations()) == len(fake_provider.batches) >= 2
+    assert job_lines_by_stem(fake_provider, "openai") == {s: 1 for s in stems}
+
+
+@pytest.mark.parametrize("provider", ["openai", "gemini"])
+def test_an_enqueued_token_limit_below_the_setting_is_learnt_and_labels_in_batch(fake_provider, data, provider,
+                                                                                caplog):
+    store, stems = data
+    items = items_of(store, stems[:6])
+    need = [messages_tokens(i.messages) + 1500 for i in items]
+    # The setting claims room for all six (a higher tier than the account has); the provider's
+    # limit (input tokens only) holds four: OpenAI fails the job, Gemini refuses its create (429).
+    field = "batch_max_enqueued_tokens" if provider == "openai" else "batch_max_enqueued_tokens_gemini"
+    settings = settings_for(fake_provider, **{field: sum(need)})
+    fake_provider.batch_enqueued_token_limit = sum(messages_tokens(i.messages) for i in items[:4])
+    fake_provider.batch_default = BatchPlan(polls=1)
+    with caplog.at_level("WARNING"):
+        outcome = batch(settings, store, provider, items)
+    assert "enqueued-token limit" in caplog.text
+    assert outcome.status == "done" and outcome.unlabeled == [] and outcome.labeled == 6
+    online = chat_requests(fake_provider) if provider == "openai" else posts(fake_provider, ":generateContent")
+    assert online == []  # not sent online: submitted again in smaller jobs
+    assert fake_provider.enqueued_peak <= fake_provider.batch_enqueued_token_limit
+    if provider == "openai":
+        assert next(iter(fake_provider.batches.values())).error_code == "token_limit_exceeded"
+        sizes = [len(b.lines) for b in fake_provider.batches.values()]
+        assert sizes[0] == 6 and sum(sizes[1:]) == 6 and len(sizes) >= 3
+    else:
+        sizes = [len(b.lines) for b in fake_provider.batches.values()]  # the refused create made none
+        assert len(fake_provider.batch_creations()) == len(sizes) + 1 and sum(sizes) == 6 and len(sizes) >= 2
+
+
+@pytest.mark.parametrize("provider", ["openai", "gemini"])
+def test_a_corrupt_job_record_is_rebuilt_from_the_provider_list(fake_provider, data, provider, caplog):
+    store, stems = data
+    settings = settings_for(fake_provider)
+    items = items_of(store, stems[:5])
+    fake_provider.batch_default = BatchPlan(polls=2)
+    assert batch(settings, store, provider, items[:3], max_wait_s=0).status == "pending"
+    path = state_path(store, provider)
+    store.write_text(path, '{"version": 2, "jobs": [{"id": null, "token": ')  # cut short
+
+    with caplog.at_level("WARNING"):
+        outcome = batch(settings, store, provider, items)
+    assert path in outcome.record_problem and "not readable as JSON" in outcome.record_problem
+    assert path in caplog.text and "rebuilt" in caplog.text
+    assert outcome.status == "done" and outcome.unlabeled == []
+    # The running job was adopted (its three items never went out again); the other two were
+    # submitted once (OpenAI: right away, its input file tells its items; Gemini: after it ended).
+    assert job_lines_by_stem(fake_provider, provider) == {s: 1 for s in stems[:5]}
+    online = chat_requests(fake_provider) if provider == "openai" else posts(fake_provider, ":generateContent")
+    assert online == [] and len(fake_provider.batch_creations()) == 2
+    rebuilt = store.read_json(path)
+    assert rebuilt["rebuilt"]["old_record"].startswith(path + ".corrupt-")
+    assert store.read_text(rebuilt["rebuilt"]["old_record"]).startswith('{"version": 2')
+    ledger = store.read_json(ledger_path(store, provider))
+    assert ledger["requests"] == 5
+
+
+def test_a_corrupt_record_and_no_provider_list_submit_nothing(fake_provider, data, tmp_path):
+    store, stems = data
+    items = items_of(store, stems[:2])
+    path = state_path(store, "openai")
+    store.write_json(path, {"jobs": [{"id": 12, "token": "t", "items": {}, "created_at": "2025-01-01T00:00:00"}]})
+    settings = load_unreachable(tmp_path)
+    outcome = batch(settings, store, "openai", items)
+    assert outcome.status == "pending" and "jobs[0]: id 12 is not a job id" in outcome.record_problem
+    assert "could not be read" in outcome.record_problem and outcome.submitted == 0
+    assert store.read_json(path)["jobs"][0]["id"] == 12  # left as it was for the next run
+
+
+def load_unreachable(tmp_path):
+    import socket
+
+    from floorplan_ft.settings import load_settings
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    base = settings_for.__globals__["FAST"]
+    return load_settings(teachers={**base, "request_timeout_s": 2.0}, openai_api_key=OPENAI_KEY,
+                         openai_base_url=f"http://127.0.0.1:{port}/v1", gemini_api_key=GEMINI_KEY,
+                         gemini_base_url=f"http://127.0.0.1:{port}")

@@ -48,6 +48,7 @@ import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -93,7 +94,7 @@ from floorplan_ft.teachers.labeling import (
 log = logging.getLogger(__name__)
 
 BATCH_TEACHERS = ("openai", "gemini")
-STATE_VERSION = 1
+STATE_VERSION = 2
 # Reasons that are final for this run (the online engine does not retry them either).
 NO_RETRY = frozenset({"refusal"})
 # Error lines for requests a job never ran (OpenAI lists them in the error file).
@@ -160,19 +161,42 @@ def _validated(parse: Callable[[], ChatResult], cid: str | None) -> LineResult:
     except LLMError as exc:
         detail = exc.detail if isinstance(exc, InvalidOutput) and exc.detail else str(exc)
         return LineResult(cid, reason=_failure_reason(exc), detail=redact(detail)[:500], usage=exc.usage)
+    except Exception as exc:  # noqa: BLE001  (a row of a shape no parser expects: that row is unusable)
+        return LineResult(cid, reason="bad_row", detail=redact(f"{type(exc).__name__}: {exc}")[:500])
     return LineResult(cid, result=result, usage=result.usage)
 
 
 # ------------------------------------------------------------------------------ provider runners
 
 
+class UnusableReply(Exception):
+    """A provider reply that cannot be used as it is (no id, a field of the wrong type)."""
+
+
+@dataclass
+class JobView:
+    """What one provider reply says about a job; checked by `reply_problem` before it is used."""
+
+    id: Any
+    state: Any
+    token: str | None = None  # our token, from the job's metadata / display name
+    teacher: str | None = None
+    input_file_id: Any = None
+
+
+def _valid_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
 class BatchRunner(ABC):
-    """One provider's batch API: build lines, submit a job, poll it, read its results."""
+    """One provider's batch API: build lines, upload and create a job, poll it, read its results."""
 
     provider: str
     max_requests: int
     max_bytes: int
+    states: frozenset[str]  # every state the provider documents
     terminal: frozenset[str]
+    list_limit = 1000  # jobs looked at when searching the provider's list
 
     def __init__(self, client: Any, *, max_requests: int | None = None, max_bytes: int | None = None):
         self.client = client
@@ -182,6 +206,14 @@ class BatchRunner(ABC):
         if max_bytes is not None:
             self.max_bytes = max_bytes
 
+    def reply_problem(self, view: JobView) -> str | None:
+        """Why a job reply cannot be used as it is, or None."""
+        if not _valid_id(view.id):
+            return f"no job id (got {type(view.id).__name__} {str(view.id)[:40]!r})"
+        if view.state not in self.states:
+            return f"unknown state {str(view.state)[:60]!r}"
+        return None
+
     @abstractmethod
     def build_line(self, cid: str, item: LabelItem, max_tokens: int, temperature: float | None) -> Any:
         """The request of one item, exactly as the online client would send it."""
@@ -190,18 +222,31 @@ class BatchRunner(ABC):
     def line_size(self, line: Any) -> int:
         """Bytes the line adds to a job (for the providers' size limits)."""
 
-    @abstractmethod
-    async def submit(self, job: dict[str, Any], lines: list[Any], persist: Callable[[], None]) -> None:
-        """Create the job. Sets ``job["id"]`` (and ``input_file_id``); calls `persist` after every
-        step that leaves something at the provider, before the next one."""
+    async def upload(self, job: dict[str, Any], lines: list[Any]) -> None:
+        """Put the job's input where the create can read it (sets ``job["input_file_id"]``)."""
 
     @abstractmethod
-    async def find(self, job: dict[str, Any]) -> str | None:
-        """The id of a job created under ``job["token"]`` whose id was never recorded, if any."""
+    async def create(self, job: dict[str, Any], lines: list[Any]) -> JobView:
+        """Create the job, tagged with ``job["token"]``; returns the reply, unchecked."""
 
     @abstractmethod
-    async def poll(self, job: dict[str, Any]) -> bool:
-        """Refresh ``job["status"]`` (and file ids, counts); True once the job has ended."""
+    async def list_jobs(self, teacher: str) -> list[JobView]:
+        """This teacher's jobs in the provider's list (newest first, at most `list_limit` looked at)."""
+
+    async def find(self, job: dict[str, Any]) -> JobView | None:
+        """The job created under ``job["token"]``, if the provider lists it."""
+        for view in await self.list_jobs(job["teacher"]):
+            if view.token == job["token"]:
+                return view
+        return None
+
+    async def job_items(self, view: JobView) -> list[str] | None:
+        """The custom ids a listed job was created with, when the provider can tell."""
+        return None
+
+    @abstractmethod
+    async def poll(self, job: dict[str, Any]) -> JobView:
+        """Fetch the job; records file ids and counts on `job`; returns the reply, unchecked."""
 
     @abstractmethod
     async def results(self, job: dict[str, Any]) -> list[LineResult]:
@@ -218,6 +263,8 @@ class OpenAIBatchRunner(BatchRunner):
     endpoint = "/v1/chat/completions"
     max_requests = 50_000
     max_bytes = 190 * 1024 * 1024  # the limit is 200 MB per input file
+    states = frozenset({"validating", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                        "cancelled", "failed"})
     terminal = frozenset({"completed", "expired", "cancelled", "failed"})
     upload_timeout_s = 600.0
 
@@ -235,55 +282,106 @@ class OpenAIBatchRunner(BatchRunner):
     def line_size(self, line: dict) -> int:
         return len(json.dumps(line, ensure_ascii=False).encode()) + 1
 
-    async def _call(self, coro: Awaitable[Any]) -> Any:
+    def _error(self, exc: Exception) -> LLMError | None:
+        """The SDK's exception as ours (None: not an API error)."""
         import openai
 
-        try:
-            return await coro
-        except openai.APIStatusError as exc:
-            error = error_from_status(
+        if isinstance(exc, openai.APIStatusError):
+            return error_from_status(
                 exc.status_code, exc.response.headers, getattr(exc, "message", None),
                 auth_hint="check OPENAI_API_KEY", **self._kw,
             )
-        except openai.APITimeoutError:
-            error = ProviderTimeout("the batch API did not answer in time", **self._kw)
-        except openai.APIConnectionError as exc:
+        if isinstance(exc, openai.APITimeoutError):
+            return ProviderTimeout("the batch API did not answer in time", **self._kw)
+        if isinstance(exc, openai.APIConnectionError):
             where = self.client.base_url or "the OpenAI API"
-            error = ConnectionFailed(f"cannot reach {where} ({type(exc.__cause__).__name__})", **self._kw)
+            return ConnectionFailed(f"cannot reach {where} ({type(exc.__cause__).__name__})", **self._kw)
+        return None
+
+    async def _call(self, coro: Awaitable[Any]) -> Any:
+        try:
+            return await coro
+        except Exception as exc:
+            error = self._error(exc)
+            if error is None:
+                raise
         raise error from None  # the SDK's exception may quote the key or the request
 
-    async def submit(self, job: dict[str, Any], lines: list[dict], persist: Callable[[], None]) -> None:
+    async def upload(self, job: dict[str, Any], lines: list[dict]) -> None:
         data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
-        upload = await self._call(self._sdk.with_options(timeout=self.upload_timeout_s).files.create(
+        # A file is no job: retrying its upload cannot start anything twice.
+        sdk = self._sdk.with_options(timeout=self.upload_timeout_s, max_retries=2)
+        upload = await self._call(sdk.files.create(
             file=(f"ftp-{job['teacher']}-{job['token']}.jsonl", data, "application/jsonl"), purpose="batch"
         ))
-        job["input_file_id"] = upload.id
-        persist()
+        file_id = getattr(upload, "id", None)
+        if not _valid_id(file_id):
+            raise UnusableReply(f"the upload reply has no file id (got {type(file_id).__name__})")
+        job["input_file_id"] = file_id
+
+    def _view(self, batch: Any) -> JobView:
+        metadata = getattr(batch, "metadata", None)
+        metadata = metadata if isinstance(metadata, dict) else {}
+        return JobView(getattr(batch, "id", None), getattr(batch, "status", None),
+                       token=metadata.get("ftp_token"), teacher=metadata.get("ftp_teacher"),
+                       input_file_id=getattr(batch, "input_file_id", None))
+
+    async def create(self, job: dict[str, Any], lines: list[dict]) -> JobView:
         batch = await self._call(self._sdk.batches.create(
-            input_file_id=upload.id,
+            input_file_id=job["input_file_id"],
             endpoint=self.endpoint,
             completion_window="24h",
             metadata={"ftp_token": job["token"], "ftp_teacher": job["teacher"]},
         ))
-        job["id"], job["status"] = batch.id, batch.status
+        return self._view(batch)
 
-    async def find(self, job: dict[str, Any]) -> str | None:
-        page = await self._call(self._sdk.with_options(max_retries=2).batches.list(limit=100))
-        for batch in page.data:
-            if (batch.metadata or {}).get("ftp_token") == job["token"]:
-                return batch.id
-        return None
+    async def list_jobs(self, teacher: str) -> list[JobView]:
+        out: list[JobView] = []
+        seen = 0
+        try:
+            async for batch in self._sdk.with_options(max_retries=2).batches.list(limit=100):  # pages on
+                seen += 1
+                view = self._view(batch)
+                if view.teacher == teacher and view.token:
+                    out.append(view)
+                if seen >= self.list_limit:
+                    break
+        except Exception as exc:
+            error = self._error(exc)
+            if error is None:
+                raise
+            raise error from None
+        return out
 
-    async def poll(self, job: dict[str, Any]) -> bool:
+    async def job_items(self, view: JobView) -> list[str] | None:
+        if not _valid_id(view.input_file_id):
+            return None
+        sdk = self._sdk.with_options(max_retries=2, timeout=self.upload_timeout_s)
+        content = await self._call(sdk.files.content(view.input_file_id))
+        ids = []
+        for raw in content.text.splitlines():
+            try:
+                row = json.loads(raw) if raw.strip() else None
+            except ValueError:
+                return None
+            if isinstance(row, dict) and isinstance(row.get("custom_id"), str):
+                ids.append(row["custom_id"])
+        return ids
+
+    async def poll(self, job: dict[str, Any]) -> JobView:
         batch = await self._call(self._sdk.with_options(max_retries=2).batches.retrieve(job["id"]))
-        job["status"] = batch.status
-        job["output_file_id"] = batch.output_file_id
-        job["error_file_id"] = batch.error_file_id
-        if batch.request_counts is not None:
-            job["request_counts"] = batch.request_counts.model_dump()
-        if batch.errors is not None and batch.errors.data:
-            job["errors"] = [redact(f"{e.code}: {e.message}")[:300] for e in batch.errors.data[:5]]
-        return batch.status in self.terminal
+        for name in ("output_file_id", "error_file_id"):
+            value = getattr(batch, name, None)
+            job[name] = value if _valid_id(value) else None
+        counts = getattr(batch, "request_counts", None)
+        if counts is not None and hasattr(counts, "model_dump"):
+            job["request_counts"] = counts.model_dump()
+        errors = getattr(getattr(batch, "errors", None), "data", None) or []
+        if errors:
+            job["errors"] = [redact(f"{getattr(e, 'code', None)}: {getattr(e, 'message', None)}")[:300]
+                             for e in errors[:5]]
+            job["error_codes"] = sorted({str(getattr(e, "code", "")) for e in errors})
+        return self._view(batch)
 
     async def results(self, job: dict[str, Any]) -> list[LineResult]:
         out: list[LineResult] = []
@@ -292,29 +390,58 @@ class OpenAIBatchRunner(BatchRunner):
             if not file_id:
                 continue
             content = await self._call(sdk.files.content(file_id))
-            for raw in content.text.splitlines():
+            for number, raw in enumerate(content.text.splitlines(), start=1):
                 if raw.strip():
-                    out.append(self._line(json.loads(raw)))
+                    out.append(self._line(raw, f"{file_id} line {number}"))
         return out
 
-    def _line(self, row: dict[str, Any]) -> LineResult:
+    def _line(self, raw: str, where: str) -> LineResult:
+        try:
+            row = json.loads(raw)
+        except ValueError as exc:
+            return LineResult(None, reason="bad_row", detail=f"{where}: not JSON ({exc.msg})")
+        if not isinstance(row, dict):
+            return LineResult(None, reason="bad_row", detail=f"{where}: not a JSON object")
         cid = row.get("custom_id")
+        if not isinstance(cid, str):
+            return LineResult(None, reason="bad_row", detail=f"{where}: no custom_id")
         response = row.get("response") or None
         error = row.get("error") or None
+        if response is not None and not isinstance(response, dict):
+            return LineResult(cid, reason="bad_row", detail=f"{where}: 'response' is not an object")
         if response is not None and response.get("status_code") == 200:
-            return _validated(lambda: self.client.parse_chat_completion(response.get("body"), FloorPlanAnalysis), cid)
+            line = _validated(lambda: self.client.parse_chat_completion(response.get("body"), FloorPlanAnalysis), cid)
+            if line.usage is None:  # an unusable answer is billed all the same
+                line.usage = _body_usage(response.get("body"))
+            return line
         if response is not None:
             body = response.get("body") or {}
-            message = (body.get("error") or {}).get("message") if isinstance(body, dict) else None
-            exc = error_from_status(int(response.get("status_code") or 0), None, message,
-                                    auth_hint="check OPENAI_API_KEY", **self._kw)
+            message = (body.get("error") or {}).get("message") if isinstance(body, dict) and isinstance(
+                body.get("error"), dict) else None
+            try:
+                status = int(response.get("status_code") or 0)
+            except (TypeError, ValueError):
+                status = 0
+            exc = error_from_status(status, None, message, auth_hint="check OPENAI_API_KEY", **self._kw)
             return LineResult(cid, reason=_error_reason(exc), detail=str(exc)[:500])
-        code = str((error or {}).get("code") or "")
+        error = error if isinstance(error, dict) else {}
+        code = str(error.get("code") or "")
         reason = {"batch_expired": "expired", "batch_cancelled": "cancelled"}.get(code, "batch_error")
-        return LineResult(cid, reason=reason, detail=redact(f"{code}: {(error or {}).get('message')}")[:500])
+        return LineResult(cid, reason=reason, detail=redact(f"{code}: {error.get('message')}")[:500])
 
     async def aclose(self) -> None:
         await self._sdk.close()
+
+
+def _body_usage(body: Any) -> Usage | None:
+    """The tokens a chat-completion body reports, if it reports them as numbers."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    tokens = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+        return None
+    return Usage(input_tokens=tokens[0], output_tokens=tokens[1])
 
 
 class GeminiBatchRunner(BatchRunner):
@@ -323,6 +450,11 @@ class GeminiBatchRunner(BatchRunner):
     provider = "gemini"
     max_requests = 50_000
     max_bytes = 19 * 1024 * 1024  # inlined requests: ~20 MB per job
+    states = frozenset({
+        "JOB_STATE_QUEUED", "JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED",
+        "JOB_STATE_FAILED", "JOB_STATE_CANCELLING", "JOB_STATE_CANCELLED", "JOB_STATE_PAUSED",
+        "JOB_STATE_EXPIRED", "JOB_STATE_UPDATING", "JOB_STATE_PARTIALLY_SUCCEEDED",
+    })
     terminal = frozenset({
         "JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED",
         "JOB_STATE_PARTIALLY_SUCCEEDED",
@@ -362,31 +494,50 @@ class GeminiBatchRunner(BatchRunner):
                 raise
         raise error from None
 
-    async def submit(self, job: dict[str, Any], lines: list[Any], persist: Callable[[], None]) -> None:
+    @staticmethod
+    def display_name(teacher: str, token: str) -> str:
+        return f"ftp-{teacher}-{token}"
+
+    def _view(self, batch: Any) -> JobView:
+        name = getattr(batch, "display_name", None)
+        teacher = token = None
+        if isinstance(name, str) and name.startswith("ftp-"):
+            teacher, _, token = name[4:].rpartition("-")
+        return JobView(getattr(batch, "name", None), _state(batch), token=token or None, teacher=teacher or None)
+
+    async def create(self, job: dict[str, Any], lines: list[Any]) -> JobView:
         from google.genai import types
 
-        persist()  # the token is on record before the job can exist
         created = await self._call(self._sdk.aio.batches.create(
             model=self.model, src=lines,
-            config=types.CreateBatchJobConfig(display_name=f"ftp-{job['teacher']}-{job['token']}"),
+            config=types.CreateBatchJobConfig(display_name=self.display_name(job["teacher"], job["token"])),
         ))
-        job["id"], job["status"] = created.name, _state(created)
+        return self._view(created)
 
-    async def find(self, job: dict[str, Any]) -> str | None:
-        wanted = f"ftp-{job['teacher']}-{job['token']}"
-        pager = await self._call(self._sdk.aio.batches.list(config={"page_size": 100}))
-        for batch in pager.page:  # the newest 100 jobs
-            if batch.display_name == wanted:
-                return batch.name
-        return None
+    async def list_jobs(self, teacher: str) -> list[JobView]:
+        async def walk() -> list[JobView]:
+            out: list[JobView] = []
+            seen = 0
+            async for batch in await self._sdk.aio.batches.list(config={"page_size": 100}):  # pages on
+                seen += 1
+                view = self._view(batch)
+                if view.teacher == teacher and view.token:
+                    out.append(view)
+                if seen >= self.list_limit:
+                    break
+            return out
 
-    async def poll(self, job: dict[str, Any]) -> bool:
+        return await self._call(walk())
+
+    async def poll(self, job: dict[str, Any]) -> JobView:
         batch = await self._call(self._sdk.aio.batches.get(name=job["id"]))
-        job["status"] = _state(batch)
-        ended = job["status"] in self.terminal
-        if ended:
+        view = self._view(batch)
+        if view.state in self.terminal:
             self._ended[job["id"]] = batch
-        return ended
+        error = getattr(batch, "error", None)
+        if error is not None:
+            job["errors"] = [redact(f"{getattr(error, 'code', None)}: {getattr(error, 'message', None)}")[:300]]
+        return view
 
     async def results(self, job: dict[str, Any]) -> list[LineResult]:
         batch = self._ended.pop(job["id"], None) or await self._call(self._sdk.aio.batches.get(name=job["id"]))
@@ -394,27 +545,31 @@ class GeminiBatchRunner(BatchRunner):
         if dest is not None and dest.file_name and not dest.inlined_responses:
             job["errors"] = [f"answers in {dest.file_name}: file results are not read (inlined requests only)"]
         responses = list((dest.inlined_responses if dest is not None else None) or [])
-        order = [custom_id(stem, key) for stem, key in job["items"].items()]
-        by_position = len(responses) == len(order)
+        order = [custom_id(stem, key) for stem, key in (job.get("items") or {}).items()]
+        by_position = len(responses) == len(order) and not job.get("items_unknown")
         out: list[LineResult] = []
         for i, answer in enumerate(responses):
-            cid = (answer.metadata or {}).get("custom_id") or (order[i] if by_position else None)
+            metadata = answer.metadata if isinstance(answer.metadata, dict) else {}
+            cid = metadata.get("custom_id")
+            if not isinstance(cid, str):
+                cid = order[i] if by_position else None
             if answer.error is not None:
                 detail = redact(f"{answer.error.code}: {answer.error.message}")[:500]
                 out.append(LineResult(cid, reason="batch_error", detail=detail))
             elif answer.response is not None:
                 out.append(_validated(lambda r=answer.response: self.client.parse_generate_content(r, FloorPlanAnalysis), cid))
             else:
-                out.append(LineResult(cid, reason="batch_error", detail="neither response nor error"))
+                out.append(LineResult(cid, reason="bad_row", detail="neither response nor error"))
         return out
 
     async def aclose(self) -> None:
         await self._sdk.aio.aclose()
 
 
-def _state(batch: Any) -> str:
-    state = batch.state
-    return str(getattr(state, "value", state) or "JOB_STATE_UNSPECIFIED")
+def _state(batch: Any) -> str | None:
+    state = getattr(batch, "state", None)
+    value = getattr(state, "value", state)
+    return str(value) if value else None
 
 
 # ------------------------------------------------------------------------------ outcome
@@ -425,7 +580,7 @@ class BatchOutcome:
     teacher: str
     provider: str
     model: str
-    status: str = "done"  # done | pending (jobs still running: a rerun resumes polling them)
+    status: str = "done"  # done | pending (jobs still running or items queued: a rerun goes on)
     items: int = 0
     cached: int = 0  # answered before this run
     labeled: int = 0  # answers written from batch results in this run
@@ -433,13 +588,18 @@ class BatchOutcome:
     jobs_submitted: list[str] = field(default_factory=list)
     jobs_pending: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)  # items in jobs still running
-    failed: dict[str, dict] = field(default_factory=dict)  # batch failures ingested in this run
+    queued: list[str] = field(default_factory=list)  # not yet submitted: waiting for room under the
+    # enqueued-token limit (or for a refused create to be tried again); a rerun submits them
+    failed: dict[str, dict] = field(default_factory=dict)  # batch failures of this run, per item
+    submissions_failed: list[dict] = field(default_factory=list)  # uploads / creates that made no job
     finished_online: list[str] = field(default_factory=list)  # handed to LabelingRun (or to hand,
     # with finish_online=False): failed lines and items an ended job did not answer
     skipped_budget: list[str] = field(default_factory=list)
     cost_usd: float = 0.0  # batch lines booked in this run (discounted)
+    reserved_usd: float = 0.0  # worst case of the jobs still running (not in the ledger yet)
     total_spent_usd: float = 0.0
     budget_usd: float = 0.0
+    record_problem: str | None = None  # the job record was unusable: what was wrong, what was done
     online: dict[str, Any] | None = None  # the online finish's TeacherRunSummary
     unlabeled: list[str] = field(default_factory=list)  # no answer and not waiting
     seconds: float = 0.0
@@ -448,7 +608,45 @@ class BatchOutcome:
         return dict(self.__dict__)
 
 
+def _state_problem(data: Any) -> str | None:
+    """What makes a job record unusable, or None."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    jobs = data.get("jobs")
+    if not isinstance(jobs, list):
+        return "'jobs' is missing or not a list"
+    for i, job in enumerate(jobs):
+        where = f"jobs[{i}]"
+        if not isinstance(job, dict):
+            return f"{where} is not an object"
+        if not _valid_id(job.get("token")):
+            return f"{where} has no token"
+        if job.get("id") is not None and not _valid_id(job.get("id")):
+            return f"{where}: id {str(job.get('id'))[:40]} is not a job id"
+        items = job.get("items")
+        if not isinstance(items, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in items.items()):
+            return f"{where}: 'items' is not a map of plan to cache key"
+        try:
+            datetime.fromisoformat(str(job.get("created_at")))
+        except ValueError:
+            return f"{where}: created_at {str(job.get('created_at'))[:40]!r} is not a time"
+        reserved = job.get("reserved_usd", 0.0)
+        if isinstance(reserved, bool) or not isinstance(reserved, int | float):
+            return f"{where}: reserved_usd is not a number"
+        if job.get("ingested_at") is not None and not isinstance(job.get("ingested_at"), str):
+            return f"{where}: ingested_at is not a time"
+    if not isinstance(data.get("submissions_failed", []), list):
+        return "'submissions_failed' is not a list"
+    return None
+
+
 # ------------------------------------------------------------------------------ the run
+
+# Failures after which the items go into a later job instead of online (the provider's
+# enqueued-token limit: room comes back when earlier jobs finish), at most MAX_REQUEUES times a run.
+REQUEUE = frozenset({"token_limit"})
+MAX_REQUEUES = 2
+SUCCEEDED = frozenset({"completed", "JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"})
 
 
 class BatchLabeling:
@@ -464,6 +662,7 @@ class BatchLabeling:
         poll_interval_s: float = 60.0,
         max_wait_s: float = 25 * 3600.0,
         finish_online: bool = True,
+        max_enqueued_tokens: int | None = None,
         on_progress: Callable[[BatchOutcome], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
@@ -476,22 +675,62 @@ class BatchLabeling:
         self.poll_interval_s = poll_interval_s
         self.max_wait_s = max_wait_s
         self.finish_online = finish_online
+        self.max_enqueued = max_enqueued_tokens or (
+            settings.batch_max_enqueued_tokens_gemini if runner.provider == "gemini"
+            else settings.batch_max_enqueued_tokens
+        )
         self.on_progress = on_progress
         self.sleep = sleep
         self.path = state_path(store, teacher.name)
         self.outcome = BatchOutcome(teacher.name, teacher.provider, teacher.model, budget_usd=settings.budget_usd)
+        self.queue: deque[LabelItem] = deque()  # to submit, in order
+        self.deferred: list[LabelItem] = []  # to submit again at the next poll (a refused create)
+        self.online: list[str] = []  # to finish online
+        self.requeues: dict[str, int] = {}
+        self._mine: set[str] = set()  # tokens of the submissions of this run
+        self._blocked = False
 
     # -------------------------------------------------------------- state
-    def _load(self) -> dict[str, Any]:
-        if self.store.exists(self.path):
-            return self.store.read_json(self.path)
-        return {"version": STATE_VERSION, "teacher": self.teacher.name, "jobs": []}
+    def _load(self) -> tuple[dict[str, Any] | None, str | None]:
+        empty = {"version": STATE_VERSION, "teacher": self.teacher.name, "jobs": [], "submissions_failed": []}
+        if not self.store.exists(self.path):
+            return empty, None
+        try:
+            data = self.store.read_json(self.path)
+        except (ValueError, OSError) as exc:
+            return None, f"not readable as JSON ({type(exc).__name__}: {redact(str(exc))[:200]})"
+        problem = _state_problem(data)
+        if problem is not None:
+            return None, problem
+        data.setdefault("submissions_failed", [])
+        return data, None
 
     def _save(self) -> None:
         self.store.write_json(self.path, self.state)
 
     def _active(self) -> list[dict[str, Any]]:
         return [j for j in self.state["jobs"] if j.get("ingested_at") is None]
+
+    def _reserved(self) -> float:
+        return sum(float(j.get("reserved_usd") or 0.0) for j in self._active())
+
+    def _enqueued(self) -> int:
+        return sum(int(j.get("enqueued_tokens") or 0) for j in self._active())
+
+    def _tokens(self, item: LabelItem) -> int:
+        """An item's enqueued tokens, estimated like the online engine: prompt + expected output."""
+        return messages_tokens(item.messages) + self.cfg.expected_output_tokens
+
+    def _items_from_ids(self, ids: list[str]) -> dict[str, str]:
+        """A job's plan → key map from its lines' custom ids: the current key where the prefix
+        matches it, else the prefix (an answer for an older prompt: booked, never written)."""
+        items: dict[str, str] = {}
+        for cid in ids:
+            stem, prefix = split_custom_id(cid)
+            if stem and prefix:
+                current = self.keys.get(stem, "")
+                items[stem] = current if current.startswith(prefix) else prefix
+        return items
 
     # -------------------------------------------------------------- main
     async def run(self, items: list[LabelItem]) -> BatchOutcome:
@@ -501,48 +740,28 @@ class BatchLabeling:
         self.items = {item.stem: item for item in items}
         self.keys = {item.stem: item_key(self.teacher, item.messages, self.cfg.max_output_tokens) for item in items}
         self.ledger = CostLedger(self.store, self.teacher.name)
-        self.state = self._load()
-        online: list[str] = []
+        state, problem = self._load()
         closed = False
         o.cached = sum(
             cached_answer(self.store, item.stem, self.teacher.name, self.keys[item.stem]) is not None
             for item in items
         )
         try:
-            await self._recover()
-            await self._poll_all(online)
-            to_submit = self._classify(items, online)
-            await self._submit(to_submit)
-            self._progress()
-            while self._active() and (remaining := self.max_wait_s - (time.monotonic() - start)) > 0:
-                await self.sleep(min(self.poll_interval_s, remaining))
-                await self._poll_all(online)
-                self._progress()
-
-            active = self._active()
-            o.jobs_pending = [j["id"] or f"token:{j['token']}" for j in active]
-            waiting = {stem for j in active for stem, key in j["items"].items() if self.keys.get(stem) == key}
-            o.waiting = sorted(waiting)
-            o.status = "pending" if active else "done"
-            online_items = [
-                self.items[s] for s in dict.fromkeys(online)
-                if s in self.items and s not in waiting
-                and cached_answer(self.store, s, self.teacher.name, self.keys[s]) is None
-            ]
-            o.finished_online = [item.stem for item in online_items]
-            if online_items and self.finish_online:
-                reserved = sum(j.get("reserved_usd", 0.0) for j in active)
-                cfg = self.cfg.model_copy(update={"budget_usd": max(0.0, self.cfg.budget_usd - reserved)})
-                closed = True  # LabelingRun closes the teacher
-                summary = await LabelingRun(self.teacher, self.store, cfg).run(online_items)
-                o.online = summary.as_dict()
+            if state is None:
+                state = await self._rebuild(str(problem))
+            if state is None:
+                o.status = "pending"  # nothing can be decided safely: the next run tries again
+            else:
+                self.state = state
+                await self._run_jobs(items, start)
+                closed = await self._finish()
         finally:
             await self.runner.aclose()
             if not closed:
                 await self.teacher.aclose()
         o.cost_usd = round(o.cost_usd, 6)
         o.total_spent_usd = round(CostLedger(self.store, self.teacher.name).spent, 6)
-        waiting = set(o.waiting)
+        waiting = set(o.waiting) | set(o.queued)
         o.unlabeled = sorted(
             s for s in self.items
             if s not in waiting
@@ -551,153 +770,370 @@ class BatchLabeling:
         o.seconds = round(time.monotonic() - start, 3)
         return o
 
+    async def _run_jobs(self, items: list[LabelItem], start: float) -> None:
+        await self._recover()
+        await self._poll_all()
+        self._classify(items)
+        await self._submit_ready()
+        self._progress()
+        while (self._active() or self.queue or self.deferred) and (
+                remaining := self.max_wait_s - (time.monotonic() - start)) > 0:
+            await self.sleep(min(self.poll_interval_s, remaining))
+            self.queue.extend(self.deferred)
+            self.deferred.clear()
+            await self._recover()
+            await self._poll_all()
+            if self._blocked and not any(j.get("items_unknown") for j in self._active()):
+                self._classify(items)
+            await self._submit_ready()
+            self._progress()
+
+    async def _finish(self) -> bool:
+        """Report what is still running; finish the rest online. True when the teacher was handed
+        to `LabelingRun` (which closes it)."""
+        o = self.outcome
+        active = self._active()
+        o.jobs_pending = [j["id"] or f"token:{j['token']}" for j in active]
+        waiting = {stem for j in active for stem, key in j["items"].items() if self.keys.get(stem) == key}
+        o.waiting = sorted(waiting)
+        o.queued = sorted({item.stem for item in [*self.queue, *self.deferred]} - waiting)
+        o.reserved_usd = round(self._reserved(), 6)
+        o.status = "pending" if active or o.queued else "done"
+        queued = set(o.queued)
+        online_items = [
+            self.items[s] for s in dict.fromkeys(self.online)
+            if s in self.items and s not in waiting and s not in queued
+            and cached_answer(self.store, s, self.teacher.name, self.keys[s]) is None
+        ]
+        o.finished_online = [item.stem for item in online_items]
+        if not (online_items and self.finish_online):
+            return False
+        reserved = self._reserved()
+        cfg = self.cfg.model_copy(update={"budget_usd": max(0.0, self.cfg.budget_usd - reserved)})
+        log.info("%s: finishing %d item(s) online", self.teacher.name, len(online_items))
+        summary = await LabelingRun(self.teacher, self.store, cfg).run(online_items)
+        o.online = summary.as_dict()
+        return True
+
     def _progress(self) -> None:
         if self.on_progress:
             self.on_progress(self.outcome)
 
+    def _to_online(self, stem: str, reason: str, detail: str, job_id: str | None = None, cost: float = 0.0) -> None:
+        entry = {"reason": reason, "detail": detail[:500], "cost_usd": round(cost, 6)}
+        if job_id:
+            entry["job"] = job_id
+        self.outcome.failed[stem] = entry
+        self.online.append(stem)
+
+    # -------------------------------------------------------------- a record that cannot be read
+    async def _rebuild(self, problem: str) -> dict[str, Any] | None:
+        """The job record is unusable: adopt this teacher's jobs from the provider's list (matched
+        by their metadata / display name) so nothing is submitted twice. None when the list cannot
+        be read (then nothing is submitted or sent online; the record is left as it is)."""
+        o, teacher = self.outcome, self.teacher.name
+        o.record_problem = f"{self.path}: {problem}"
+        log.error("%s: the batch job record %s is unusable (%s); looking up this teacher's jobs at the "
+                  "provider before submitting anything", teacher, self.path, problem)
+        try:
+            views = await self.runner.list_jobs(teacher)
+        except LLMError as exc:
+            o.record_problem += f"; the provider's job list could not be read ({exc}): nothing submitted"
+            log.error("%s: cannot list the provider's batch jobs (%s): nothing is submitted or labeled "
+                      "online until a run can; %s is left as it is", teacher, exc, self.path)
+            return None
+        jobs = []
+        for view in views:
+            if not _valid_id(view.id):
+                continue
+            try:
+                ids = await self.runner.job_items(view)
+            except LLMError:
+                ids = None
+            job_items = self._items_from_ids(ids) if ids is not None else {}
+            current = [self.items[s] for s, k in job_items.items() if s in self.items and self.keys[s] == k]
+            jobs.append({
+                "id": view.id, "token": view.token, "teacher": teacher, "provider": self.runner.provider,
+                "model": self.teacher.model, "created_at": _now_iso(),
+                "status": view.state if view.state in self.runner.states else "submitted",
+                "input_file_id": view.input_file_id if _valid_id(view.input_file_id) else None,
+                "max_tokens": self.cfg.max_output_tokens,
+                "reserved_usd": round(sum(self._worst_case(i) for i in current), 8),
+                "enqueued_tokens": sum(self._tokens(i) for i in current),
+                "items": job_items, "items_unknown": ids is None, "recovered": True, "ingested_at": None,
+            })
+        backup = f"{self.path}.corrupt-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
+        try:
+            self.store.write_bytes(backup, self.store.read_bytes(self.path))
+        except OSError as exc:
+            backup = f"(not kept: {exc})"
+        state = {"version": STATE_VERSION, "teacher": teacher, "jobs": jobs, "submissions_failed": [],
+                 "rebuilt": {"at": _now_iso(), "problem": problem, "old_record": backup}}
+        self.state = state
+        self._save()
+        live = sum(1 for j in jobs if j["status"] not in self.runner.terminal)
+        o.record_problem += (f"; rebuilt from the provider's list: {len(jobs)} job(s) adopted ({live} running), "
+                             f"the old record kept as {backup}")
+        log.warning("%s: rebuilt %s from the provider's job list: %d job(s) adopted (%d running); the "
+                    "unusable record is kept as %s", teacher, self.path, len(jobs), live, backup)
+        return state
+
     # -------------------------------------------------------------- classify and submit
-    def _classify(self, items: list[LabelItem], online: list[str]) -> list[LabelItem]:
+    def _classify(self, items: list[LabelItem]) -> None:
+        active = self._active()
+        self._blocked = any(j.get("items_unknown") for j in active)
+        if self._blocked:
+            log.warning("%s: a running job adopted from the provider has items not known yet: nothing new "
+                        "is submitted until it ends", self.teacher.name)
+            return
         active_keys: dict[str, set[str]] = {}
-        for job in self._active():
+        for job in active:
             for stem, key in job["items"].items():
                 active_keys.setdefault(stem, set()).add(key)
-        last_failed: dict[str, tuple[str, str]] = {}  # stem -> (key, reason) from the newest ended job
+        last_failed: dict[str, tuple[str | None, str | None]] = {}  # stem -> (key, reason), newest last
         for job in self.state["jobs"]:
             if job.get("ingested_at") is not None:
                 for stem, failure in (job.get("failed") or {}).items():
-                    last_failed[stem] = (job["items"].get(stem), failure.get("reason"))
-        to_submit = []
+                    last_failed[stem] = (job["items"].get(stem), (failure or {}).get("reason"))
+        for record in self.state.get("submissions_failed") or []:
+            if isinstance(record, dict) and isinstance(record.get("items"), dict):
+                for stem, key in record["items"].items():
+                    last_failed[stem] = (key, record.get("reason"))
+        taken = {i.stem for i in [*self.queue, *self.deferred]} | set(self.online)
         for item in items:
             key = self.keys[item.stem]
-            if cached_answer(self.store, item.stem, self.teacher.name, key) is not None:
+            if item.stem in taken or cached_answer(self.store, item.stem, self.teacher.name, key) is not None:
                 continue
             if key in active_keys.get(item.stem, ()):
                 continue  # waiting in a running job
-            failed_key, _ = last_failed.get(item.stem, (None, None))
-            if failed_key == key:
-                online.append(item.stem)  # the batch already tried: finish online
+            failed_key, reason = last_failed.get(item.stem, (None, None))
+            if failed_key == key and reason not in REQUEUE:
+                self.online.append(item.stem)  # the batch already tried: finish online
                 continue
-            to_submit.append(item)
-        return to_submit
+            self.queue.append(item)
 
     def _worst_case(self, item: LabelItem) -> float:
         # The online engine's worst case of one attempt, at the batch discount.
         return cost_usd(self.price, messages_tokens(item.messages) * 3 // 2, self.cfg.max_output_tokens, self.discount)
 
-    async def _submit(self, items: list[LabelItem]) -> None:
-        if not items:
-            return
-        reserved = sum(j.get("reserved_usd", 0.0) for j in self._active())
-        budget = Budget(self.cfg.budget_usd, self.ledger.spent + reserved)
-        fitting: list[tuple[LabelItem, float]] = []
-        for i, item in enumerate(items):
-            worst = self._worst_case(item)
-            if not budget.reserve(worst):
-                self.outcome.skipped_budget = [it.stem for it in items[i:]]
-                self._record_failures({s: {"reason": "budget", "detail": "skipped: the batch would exceed the budget",
-                                           "attempts": 0, "cost_usd": 0.0} for s in self.outcome.skipped_budget})
-                log.warning("%s: %d item(s) not submitted: the budget cap ($%.2f) would be exceeded",
-                            self.teacher.name, len(self.outcome.skipped_budget), self.cfg.budget_usd)
-                break
-            fitting.append((item, worst))
-        for chunk in self._chunks(fitting):
+    async def _submit_ready(self) -> None:
+        """Submit queued items in jobs as long as they fit under the enqueued-token limit."""
+        while self.queue:
+            chunk = self._take_chunk(self.max_enqueued - self._enqueued())
+            if not chunk:
+                if self.queue and not self._active():
+                    # Nothing running and still no room: the estimate of what is enqueued is stale.
+                    log.warning("%s: no room under batch_max_enqueued_tokens (%d) with no job running",
+                                self.teacher.name, self.max_enqueued)
+                return
             await self._submit_job(chunk)
 
-    def _chunks(self, fitting: list[tuple[LabelItem, float]]) -> list[list[tuple[LabelItem, float, Any]]]:
-        chunks: list[list[tuple[LabelItem, float, Any]]] = []
-        current: list[tuple[LabelItem, float, Any]] = []
-        size = 0
-        for item, worst in fitting:
+    def _take_chunk(self, room: int) -> list[tuple[LabelItem, float, Any, int]]:
+        """The next job's items from the queue: within the provider's request, byte and
+        enqueued-token limits and the budget."""
+        budget = Budget(self.cfg.budget_usd, self.ledger.spent + self._reserved())
+        chunk: list[tuple[LabelItem, float, Any, int]] = []
+        size = tokens = 0
+        while self.queue:
+            item = self.queue[0]
+            need = self._tokens(item)
+            if need > self.max_enqueued:
+                self.queue.popleft()
+                self._to_online(item.stem, "too_large_for_batch",
+                                f"about {need} tokens: more than batch_max_enqueued_tokens ({self.max_enqueued})")
+                continue
+            if tokens + need > room or len(chunk) >= self.runner.max_requests:
+                break
             key = self.keys[item.stem]
             line = self.runner.build_line(custom_id(item.stem, key), item, self.cfg.max_output_tokens,
                                           self.teacher.temperature)
             line_size = self.runner.line_size(line)
-            if current and (len(current) >= self.runner.max_requests or size + line_size > self.runner.max_bytes):
-                chunks.append(current)
-                current, size = [], 0
-            current.append((item, worst, line))
+            if chunk and size + line_size > self.runner.max_bytes:
+                break
+            worst = self._worst_case(item)
+            if not budget.reserve(worst):
+                skipped = [it.stem for it in self.queue]
+                self.queue.clear()
+                self.outcome.skipped_budget += skipped
+                self._record_failures({s: {"reason": "budget", "detail": "skipped: the batch would exceed the budget",
+                                           "attempts": 0, "cost_usd": 0.0} for s in skipped})
+                log.warning("%s: %d item(s) not submitted: the budget cap ($%.2f) would be exceeded",
+                            self.teacher.name, len(skipped), self.cfg.budget_usd)
+                break
+            self.queue.popleft()
+            chunk.append((item, worst, line, need))
             size += line_size
-        if current:
-            chunks.append(current)
-        return chunks
+            tokens += need
+        return chunk
 
-    async def _submit_job(self, chunk: list[tuple[LabelItem, float, Any]]) -> None:
+    async def _submit_job(self, chunk: list[tuple[LabelItem, float, Any, int]]) -> None:
+        teacher = self.teacher.name
         job: dict[str, Any] = {
             "id": None,
             "token": uuid.uuid4().hex,
-            "teacher": self.teacher.name,
+            "teacher": teacher,
             "provider": self.runner.provider,
             "model": self.teacher.model,
             "created_at": _now_iso(),
             "status": "submitting",
             "input_file_id": None,
             "max_tokens": self.cfg.max_output_tokens,
-            "reserved_usd": round(sum(worst for _, worst, _ in chunk), 8),
-            "items": {item.stem: self.keys[item.stem] for item, _, _ in chunk},
+            "reserved_usd": round(sum(worst for _, worst, _, _ in chunk), 8),
+            "enqueued_tokens": sum(need for _, _, _, need in chunk),
+            "items": {item.stem: self.keys[item.stem] for item, _, _, _ in chunk},
             "ingested_at": None,
         }
-        recorded = False
-
-        def persist() -> None:
-            nonlocal recorded
-            if not recorded:
-                self.state["jobs"].append(job)
-                recorded = True
-            self._save()
-
+        lines = [line for _, _, line, _ in chunk]
+        # On record (with its token) before anything can exist at the provider: a run that dies
+        # after the create finds the job by that token instead of submitting again.
+        self.state["jobs"].append(job)
+        self._mine.add(job["token"])
+        self._save()
         try:
-            await self.runner.submit(job, [line for _, _, line in chunk], persist)
-        except BaseException:
-            # Nothing recorded: nothing exists at the provider. Recorded without an id: the job may
-            # exist; the next run looks it up by its token before submitting anything.
-            if recorded:
-                self._save()
-            raise
-        persist()
-        self.outcome.submitted += len(chunk)
-        self.outcome.jobs_submitted.append(job["id"])
-        log.info("%s: submitted batch %s with %d item(s)", self.teacher.name, job["id"], len(chunk))
+            await self.runner.upload(job, lines)
+        except Exception as exc:  # noqa: BLE001  (no job can exist yet: these items go online)
+            self._submission_failed(job, "upload_failed", f"the upload failed: {redact(str(exc))[:300]}")
+            return
+        self._save()
+        try:
+            view = await self.runner.create(job, lines)
+        except (BadRequest, AuthError) as exc:  # refused: the provider made no job
+            self._submission_failed(job, "create_refused", f"the create was refused: {exc}")
+            return
+        except RateLimitError as exc:  # refused for now (Gemini answers 429 over its enqueued-token quota)
+            self._lower_limit(job)
+            self._submission_failed(job, "token_limit", f"the create was refused for now: {exc}", requeue=True)
+            return
+        except Exception as exc:  # noqa: BLE001  (5xx, timeout, an unreadable reply: the job may exist)
+            log.warning("%s: creating a batch failed (%s); it may exist: looking it up by its token",
+                        teacher, redact(str(exc))[:300])
+            await self._resolve(job, "create_failed")
+            return
+        problem = self.runner.reply_problem(view)
+        if not _valid_id(view.id):
+            log.warning("%s: the create reply is unusable (%s): not recorded as a job; looking it up by its token",
+                        teacher, problem)
+            await self._resolve(job, "no_job_id")
+            return
+        self._adopt(job, view, "create reply")
+
+    def _adopt(self, job: dict[str, Any], view: JobView, where: str) -> None:
+        """Record a job with a usable id (it exists: it is polled to its end, never resubmitted)."""
+        job["id"] = view.id
+        problem = self.runner.reply_problem(view)
+        job["status"] = view.state if problem is None else "submitted"
+        self._save()
+        if problem:
+            log.warning("%s: the %s for batch %s has %s: kept (the job exists) and polled until it reports a "
+                        "known state", self.teacher.name, where, view.id, problem)
+        if job["token"] in self._mine:
+            self.outcome.submitted += len(job["items"])
+            self.outcome.jobs_submitted.append(view.id)
+            log.info("%s: submitted batch %s with %d item(s) (~%d tokens enqueued)", self.teacher.name, view.id,
+                     len(job["items"]), job.get("enqueued_tokens", 0))
+        else:
+            log.info("%s: found batch %s created by an interrupted run", self.teacher.name, view.id)
+
+    async def _resolve(self, job: dict[str, Any], reason: str) -> None:
+        """A submission whose job id is not known: adopt the job the provider lists under its token,
+        or, when the provider lists none, count it as never made (its items go online)."""
+        try:
+            found = await self.runner.find(job)
+        except Exception as exc:  # noqa: BLE001  (cannot tell: its items wait, never resubmitted)
+            job["lookup_error"] = redact(str(exc))[:300]
+            self._save()
+            log.warning("%s: cannot look up submission %s yet (%s): its %d item(s) wait (neither resubmitted nor "
+                        "sent online); looked up again at the next poll and by a rerun", self.teacher.name,
+                        job["token"], redact(str(exc))[:300], len(job["items"]))
+            return
+        if found is not None and _valid_id(found.id):
+            job.pop("lookup_error", None)
+            self._adopt(job, found, "job list")
+            return
+        detail = ("the provider lists no job with this submission's token" if found is None
+                  else "the provider lists the job without an id (it cannot be polled)")
+        if found is not None:
+            log.error("%s: submission %s exists at the provider without an id: it may be billed without being "
+                      "read", self.teacher.name, job["token"])
+        self._submission_failed(job, reason, detail)
+
+    def _lower_limit(self, job: dict[str, Any]) -> None:
+        """The provider refused a job for its enqueued-token limit: it is below what we assumed.
+        Use less for the rest of this run: what else was enqueued plus this job, less one token;
+        half this job when nothing else was (items larger than that are finished online)."""
+        others = self._enqueued() - (int(job.get("enqueued_tokens") or 0) if job in self._active() else 0)
+        size = int(job.get("enqueued_tokens") or 0)
+        lower = others + size - 1 if others > 0 else size // 2
+        if 0 < lower < self.max_enqueued:
+            log.warning("%s: the provider's enqueued-token limit is below %d (a job of ~%d tokens was refused "
+                        "with ~%d enqueued): using %d for the rest of this run; set teachers.%s to the "
+                        "account's limit", self.teacher.name, self.max_enqueued, size, others, lower,
+                        "batch_max_enqueued_tokens_gemini" if self.runner.provider == "gemini"
+                        else "batch_max_enqueued_tokens")
+            self.max_enqueued = lower
+
+    def _submission_failed(self, job: dict[str, Any], reason: str, detail: str, requeue: bool = False) -> None:
+        """An upload or create that made no usable job: dropped from the jobs (never polled, nothing
+        reserved), kept under ``submissions_failed``; its items go online or into a later job."""
+        self.state["jobs"].remove(job)
+        record = {"token": job["token"], "at": _now_iso(), "reason": reason, "detail": detail[:500],
+                  "items": job["items"], "input_file_id": job.get("input_file_id")}
+        self.state["submissions_failed"] = [*(self.state.get("submissions_failed") or []), record][-50:]
+        self._save()
+        self.outcome.submissions_failed.append({"reason": reason, "detail": detail[:500], "items": len(job["items"])})
+        later = []
+        for stem, key in job["items"].items():
+            if self.keys.get(stem) != key:
+                continue
+            if requeue and self.requeues.get(stem, 0) < MAX_REQUEUES:
+                self.requeues[stem] = self.requeues.get(stem, 0) + 1
+                self.deferred.append(self.items[stem])
+                later.append(stem)
+            else:
+                self._to_online(stem, reason, detail)
+        log.warning("%s: batch submission of %d item(s) made no job (%s: %s): %d to submit again later, "
+                    "%d to finish online", self.teacher.name, len(job["items"]), reason, detail[:200],
+                    len(later), len(job["items"]) - len(later))
 
     async def _recover(self) -> None:
-        """Jobs recorded without an id (a run died while creating them): adopt or forget."""
+        """Submissions recorded without a job id (a run died creating them, or a lookup failed):
+        adopt the job the provider lists under their token, or count them as never made."""
         for job in self._active():
-            if job.get("id"):
-                continue
-            try:
-                found = await self.runner.find(job)
-            except (RateLimitError, ServerError, ProviderTimeout, ConnectionFailed) as exc:
-                # Its items count as waiting (never resubmitted) until the lookup succeeds.
-                log.warning("%s: cannot look up an interrupted submission yet (%s)", self.teacher.name, exc)
-                continue
-            if found:
-                job["id"] = found
-                log.info("%s: found batch %s created by an interrupted run", self.teacher.name, found)
-            else:
-                job.update(status="not_submitted", ingested_at=_now_iso(), reserved_usd=0.0, failed={})
-            self._save()
+            if not job.get("id"):
+                await self._resolve(job, "not_created")
 
     # -------------------------------------------------------------- poll and ingest
-    async def _poll_all(self, online: list[str]) -> None:
+    async def _poll_all(self) -> None:
         for job in self._active():
             if not job.get("id"):
                 continue
             try:
-                ended = await self.runner.poll(job)
-                if ended:
-                    await self._ingest(job, online, await self.runner.results(job))
+                view = await self.runner.poll(job)
+                if view.state not in self.runner.states:
+                    log.warning("%s: batch %s reports an unknown state %r: still waiting for it", self.teacher.name,
+                                job["id"], str(view.state)[:60])
+                    continue
+                job["status"] = view.state
+                if view.state in self.runner.terminal:
+                    await self._ingest(job, await self.runner.results(job))
             except (RateLimitError, ServerError, ProviderTimeout, ConnectionFailed) as exc:
                 log.warning("%s: polling batch %s failed (%s); trying again later", self.teacher.name, job["id"], exc)
             except BadRequest as exc:
                 if exc.status != 404:
-                    raise
+                    log.warning("%s: polling batch %s was refused (%s); trying again later", self.teacher.name,
+                                job["id"], exc)
+                    continue
                 # The provider no longer knows the job (deleted): its items are finished online.
                 log.warning("%s: batch %s not found at the provider", self.teacher.name, job["id"])
                 job["status"] = "not_found"
-                await self._ingest(job, online, [])
+                await self._ingest(job, [])
         self._save()
 
-    async def _ingest(self, job: dict[str, Any], online: list[str], lines: list[LineResult]) -> None:
+    async def _ingest(self, job: dict[str, Any], lines: list[LineResult]) -> None:
         teacher = self.teacher.name
+        if job.get("items_unknown"):
+            job["items"] = self._items_from_ids([line.custom_id for line in lines if line.custom_id])
+            job["items_unknown"] = False
         elapsed = max(0.0, time.time() - datetime.fromisoformat(job["created_at"]).timestamp())
         input_tokens = output_tokens = 0
         cost = 0.0
@@ -705,18 +1141,28 @@ class BatchLabeling:
         answered: set[str] = set()
         failed: dict[str, dict] = {}
         labeled: list[str] = []
+        usable = 0
         for line in lines:
-            requests += line.reason not in NOT_RUN  # lines the provider never ran are no requests
+            stem, prefix = split_custom_id(line.custom_id or "")
+            job_key = job["items"].get(stem)
+            known = job_key is not None and bool(prefix) and job_key.startswith(prefix)
+            usable += line.result is not None and known
+            # An adopted job (rebuilt record) may have been read before: its lines with an answer on
+            # disk were booked then.
+            booked_before = bool(job.get("recovered")) and known and cached_answer(
+                self.store, stem, teacher, job_key) is not None
             line_cost = 0.0
             if line.usage is not None:
                 line_cost = cost_usd(self.price, line.usage.input_tokens, line.usage.output_tokens, self.discount)
-                input_tokens += line.usage.input_tokens
-                output_tokens += line.usage.output_tokens
-            cost += line_cost
-            stem, prefix = split_custom_id(line.custom_id or "")
-            job_key = job["items"].get(stem)
-            if job_key is None or not job_key.startswith(prefix) or not prefix:
-                log.warning("%s: batch %s returned an unknown line %r", teacher, job["id"], line.custom_id)
+            if not booked_before:
+                requests += line.reason not in NOT_RUN  # lines the provider never ran are no requests
+                if line.usage is not None:
+                    input_tokens += line.usage.input_tokens
+                    output_tokens += line.usage.output_tokens
+                cost += line_cost
+            if not known:
+                log.warning("%s: batch %s returned an unusable row (%s)", teacher, job["id"],
+                            line.detail or f"unknown custom_id {str(line.custom_id)[:80]!r}")
                 continue
             answered.add(stem)
             if line.result is None:
@@ -736,9 +1182,16 @@ class BatchLabeling:
                          elapsed, getattr(self.items.get(stem), "prompt_version", PROMPT_VERSION))
             labeled.append(stem)
         status = job.get("status")
+        if status in SUCCEEDED and job["items"] and usable == 0:
+            log.warning("%s: batch %s reported %s but none of its %d row(s) was usable: its items are finished "
+                        "online", teacher, job["id"], status, len(lines))
+            job["unusable"] = True
         gone = {"expired": "expired", "cancelled": "cancelled", "failed": "job_failed",
                 "JOB_STATE_EXPIRED": "expired", "JOB_STATE_CANCELLED": "cancelled",
                 "JOB_STATE_FAILED": "job_failed"}.get(status, "missing")
+        if gone == "job_failed" and "token_limit_exceeded" in (job.get("error_codes") or []):
+            gone = "token_limit"  # OpenAI's enqueued-token limit: room comes back as jobs finish
+            self._lower_limit(job)
         for stem in job["items"]:
             if stem not in answered:
                 detail = f"batch {job['id']} ended {status} without an answer"
@@ -747,7 +1200,7 @@ class BatchLabeling:
                 failed[stem] = {"reason": gone, "detail": detail, "cost_usd": 0.0}
 
         # Answers are on disk; now book the job once, then mark it ingested.
-        if requests:
+        if requests or cost:
             self.ledger.add(Usage(input_tokens=input_tokens, output_tokens=output_tokens), cost,
                             requests=requests)
         job.update(ingested_at=_now_iso(), reserved_usd=0.0, failed=failed, labeled=len(labeled),
@@ -758,17 +1211,24 @@ class BatchLabeling:
         o.labeled += sum(1 for s in labeled if s in self.items)
         o.cost_usd += cost
         mine = {s: f for s, f in failed.items() if self.keys.get(s) == job["items"][s]}
+        later = 0
         for stem, failure in mine.items():
+            if failure["reason"] in REQUEUE and self.requeues.get(stem, 0) < MAX_REQUEUES:
+                self.requeues[stem] = self.requeues.get(stem, 0) + 1
+                self.deferred.append(self.items[stem])
+                later += 1
+                continue
             o.failed[stem] = {**failure, "job": job["id"]}
             if failure["reason"] not in NO_RETRY:
-                online.append(stem)
+                self.online.append(stem)
         self._record_failures(
             {s: {"reason": f["reason"], "detail": f["detail"], "attempts": 1, "cost_usd": f["cost_usd"]}
              for s, f in mine.items() if f["reason"] in NO_RETRY},
             labeled=labeled,
         )
-        log.info("%s: batch %s ended %s: %d labeled, %d to finish online", teacher, job["id"], status,
-                 len(labeled), sum(1 for f in mine.values() if f["reason"] not in NO_RETRY))
+        log.info("%s: batch %s ended %s: %d labeled, %d to submit again, %d to finish online", teacher, job["id"],
+                 status, len(labeled), later,
+                 sum(1 for s, f in mine.items() if f["reason"] not in NO_RETRY) - later)
 
     def _record_failures(self, add: dict[str, dict], labeled: list[str] = ()) -> None:
         """The teacher's failure ledger (shared with the online engine): add final failures, drop
@@ -813,6 +1273,7 @@ async def label_in_batches(
     finish_online: bool = True,
     max_requests_per_job: int | None = None,
     max_bytes_per_job: int | None = None,
+    max_enqueued_tokens: int | None = None,
     on_progress: Callable[[BatchOutcome], None] | None = None,
 ) -> BatchOutcome:
     """Label `items` with teacher ``openai`` or ``gemini`` through its batch API.
@@ -840,6 +1301,6 @@ async def label_in_batches(
     run = BatchLabeling(
         teacher, runner, store, settings.teachers,
         poll_interval_s=poll_interval_s, max_wait_s=max_wait_s,
-        finish_online=finish_online, on_progress=on_progress,
+        finish_online=finish_online, max_enqueued_tokens=max_enqueued_tokens, on_progress=on_progress,
     )
     return await run.run(items)

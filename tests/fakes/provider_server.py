@@ -24,7 +24,16 @@ Each batch follows a `BatchPlan` (``server.push_batch(...)``, else ``server.batc
 "in progress" for ``polls`` status requests, then ends ``completed``, ``expired`` (with ``finished``
 lines done), ``failed`` or ``cancelled``. The lines are answered when the batch ends, each like a
 request with that body: ``push_for(marker, ...)`` scripts apply per line (an invalid answer, a
-refusal, an error status), everything else is a normal answer with ``server.usage``.
+refusal, an error status), everything else is a normal answer with ``server.usage``. A plan also
+scripts the submission's faults: a failing upload (``upload_status``), a refused or failing create
+(``create_status``, ``created_anyway``), a create reply without the job's id / name
+(``reply_without_id``, ``listed``), an unknown state (``reply_state``), rows that are all unusable
+(``rows="unusable"``) and the failure code of a failed job (``failure_code``).
+``server.batch_enqueued_token_limit`` enforces a provider's enqueued-token limit over the batches
+still running (input tokens counted like ``estimate_tokens``: UTF-8 bytes / 3 + 4 per message):
+OpenAI fails the batch that would pass it (``token_limit_exceeded``, like a real tier-1 account),
+Gemini refuses its create with 429 ``RESOURCE_EXHAUSTED``; ``server.enqueued_peak`` is the most
+ever enqueued at once.
 
 Behaviour is scripted per request: ``server.push(Reply.rate_limited(retry_after=2), Reply.ok())``
 queues replies consumed in order by POST requests; when the queue is empty ``server.default`` is
@@ -181,12 +190,30 @@ class BatchPlan:
     """How one batch job behaves: ``polls`` status requests answer "in progress", the next one
     the final state: ``completed``, ``expired`` or ``cancelled`` (the first ``finished`` lines are
     done, the rest are not; OpenAI lists those in the error file when ``report_unfinished``), or
-    ``failed`` (validation failed: no output at all)."""
+    ``failed`` (validation failed: no output at all, ``failure_code`` in the job's errors).
+
+    Submission faults: ``upload_status`` makes the next ``upload_failures`` OpenAI uploads answer
+    that status (then the plan is used up: it described the submission that never happened);
+    ``create_status`` makes the create answer that status, with no job made unless
+    ``created_anyway`` (a 5xx after the job was made); ``reply_without_id`` drops the id / name from
+    the create reply (the job exists; ``listed=False`` also hides it from the list);
+    ``reply_state`` replaces the state in the create reply; ``rows="unusable"``: the job ends as
+    planned but no answered row is usable (OpenAI: bodies without choices and one line that is not
+    JSON; Gemini: responses without candidates)."""
 
     polls: int = 1
     final: str = "completed"
     finished: int | None = None
     report_unfinished: bool = True
+    failure_code: str = "invalid_request"
+    upload_status: int | None = None
+    upload_failures: int = 1_000
+    create_status: int | None = None
+    created_anyway: bool = False
+    reply_without_id: bool = False
+    listed: bool = True
+    reply_state: str | None = None
+    rows: str = "ok"
 
 
 @dataclass
@@ -210,6 +237,8 @@ class FakeBatch:
     completed: int = 0
     failed: int = 0
     inlined: list[dict] = field(default_factory=list)
+    tokens: int = 0  # enqueued input tokens (the fake's count)
+    error_code: str | None = None  # set when the job failed: the code in its errors
 
 
 class FakeProviderServer:
@@ -301,6 +330,8 @@ class FakeProviderServer:
             self.files: dict[str, dict[str, Any]] = {}
             self._ids = 0
         self.batch_default = BatchPlan()
+        self.batch_enqueued_token_limit: int | None = None
+        self.enqueued_peak = 0
 
     def push_batch(self, *plans: BatchPlan) -> None:
         """Plans for the next batch jobs created, in order (then ``batch_default``)."""
@@ -372,14 +403,44 @@ class FakeProviderServer:
                         return replies.popleft()
         return Reply.ok()
 
-    def _new_batch(self, provider: str, lines: list[dict], **kw: Any) -> FakeBatch:
+    def _next_plan(self) -> BatchPlan:
         with self._lock:
-            plan = self.batch_plans.popleft() if self.batch_plans else self.batch_default
+            return self.batch_plans.popleft() if self.batch_plans else self.batch_default
+
+    def _upload_failure(self) -> int | None:
+        """The status a failing upload answers (the head plan's ``upload_status``), else None."""
+        with self._lock:
+            plan = self.batch_plans[0] if self.batch_plans else None
+            if plan is None or plan.upload_status is None:
+                return None
+            plan.upload_failures -= 1
+            if plan.upload_failures <= 0:
+                self.batch_plans.popleft()
+            return plan.upload_status
+
+    def enqueued_tokens(self, provider: str, model: str | None) -> int:
+        """Input tokens of that provider's and model's batches still running (failed ones free theirs)."""
+        return sum(b.tokens for b in self.batches.values()
+                   if b.provider == provider and b.model == model and b.ended_at is None and b.error_code is None)
+
+    def _new_batch(self, provider: str, lines: list[dict], plan: BatchPlan | None = None, **kw: Any) -> FakeBatch:
+        plan = plan or self._next_plan()
         prefix = "batch_" if provider == "openai" else "batches/"
         batch = FakeBatch(self._new_id(prefix), provider, lines, plan, int(time.time()), **kw)
+        batch.tokens = sum(_line_tokens(line) for line in lines)
         with self._lock:
+            limit = self.batch_enqueued_token_limit
+            if limit is not None and self.enqueued_tokens(provider, batch.model) + batch.tokens > limit:
+                batch.error_code = "token_limit_exceeded"  # OpenAI: the job fails in validation
             self.batches[batch.id] = batch
+            self.enqueued_peak = max(self.enqueued_peak, self.enqueued_tokens(provider, batch.model))
         return batch
+
+    def over_token_limit(self, provider: str, model: str | None, lines: list[dict]) -> bool:
+        limit = self.batch_enqueued_token_limit
+        with self._lock:
+            return limit is not None and (
+                self.enqueued_tokens(provider, model) + sum(_line_tokens(line) for line in lines) > limit)
 
     def _poll(self, batch: FakeBatch) -> None:
         """One status request: in progress for `plan.polls` requests, then the final state.
@@ -387,6 +448,9 @@ class FakeProviderServer:
         if batch.ended_at is not None:
             return
         batch.polls += 1
+        if batch.error_code is not None:  # failed validation at once (enqueued-token limit)
+            batch.status, batch.ended_at = "failed", int(time.time())
+            return
         if batch.polls <= batch.plan.polls:
             batch.status = "in_progress"
             return
@@ -396,6 +460,7 @@ class FakeProviderServer:
         plan = batch.plan
         batch.status, batch.ended_at = plan.final, int(time.time())
         if plan.final == "failed":
+            batch.error_code = plan.failure_code
             return
         done = len(batch.lines) if plan.final == "completed" else (plan.finished or 0)
         outputs: list[dict] = []
@@ -422,21 +487,26 @@ class FakeProviderServer:
                                             "body": {"error": {"message": reply.message, "type": "error",
                                                                "code": None}}}})
                 continue
+            answer = openai_chat_body(self, request, reply)
+            if plan.rows == "unusable":  # billed, but no choice to read
+                answer = {**answer, "choices": []}
             outputs.append({"id": f"batch_req_{i}", "custom_id": custom_id, "error": None,
                             "response": {"status_code": 200, "request_id": f"req_{i}",
-                                         "body": openai_chat_body(self, request, reply)}})
+                                         "body": answer}})
         batch.completed, batch.failed = len(outputs), len(errors)
         if batch.provider == "gemini":
             batch.completed = sum(1 for r in batch.inlined if "response" in r)
             batch.failed = len(batch.inlined) - batch.completed
             return
         if outputs:
-            batch.output_file_id = self._store_file(outputs, "batch_output")
+            garbage = ['{"id": "batch_req_x", "custom_id": '] if plan.rows == "unusable" else []
+            batch.output_file_id = self._store_file(outputs, "batch_output", garbage)
         if errors:
             batch.error_file_id = self._store_file(errors, "batch_output")
 
-    def _store_file(self, rows: list[dict], purpose: str) -> str:
+    def _store_file(self, rows: list[dict], purpose: str, extra: list[str] = ()) -> str:
         content = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        content += "".join(line + "\n" for line in extra)
         file_id = self._new_id("file-")
         with self._lock:
             self.files[file_id] = {"filename": f"{file_id}.jsonl", "purpose": purpose,
@@ -456,6 +526,8 @@ class FakeProviderServer:
             return out
         request = RecordedRequest("POST", f"/v1beta/models/{model}:generateContent", {}, request_body)
         out["response"] = gemini_body(self, request, reply, model)
+        if batch.plan.rows == "unusable":  # billed, but no candidate to read
+            out["response"] = {k: v for k, v in out["response"].items() if k != "candidates"}
         return out
 
     def openai_batch_view(self, batch: FakeBatch) -> dict[str, Any]:
@@ -476,14 +548,17 @@ class FakeProviderServer:
             view[{"completed": "completed_at", "expired": "expired_at", "failed": "failed_at",
                   "cancelled": "cancelled_at"}[batch.status]] = ended
         if batch.status == "failed":
-            view["errors"] = {"object": "list", "data": [
-                {"code": "invalid_request", "message": "the input file failed validation", "line": None}]}
+            code = batch.error_code or "invalid_request"
+            message = ("Enqueued token limit reached for this model. Please try submitting fewer tasks or wait "
+                       "for in-progress batches to complete." if code == "token_limit_exceeded"
+                       else "the input file failed validation")
+            view["errors"] = {"object": "list", "data": [{"code": code, "message": message, "line": None}]}
         return view
 
     def gemini_batch_view(self, batch: FakeBatch) -> dict[str, Any]:
         iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch.created_at))
         state = {"validating": "BATCH_STATE_PENDING", "in_progress": "BATCH_STATE_RUNNING"}.get(
-            batch.status) or _GEMINI_STATES[batch.status]
+            batch.status) or _GEMINI_STATES.get(batch.status, batch.status)
         meta: dict[str, Any] = {
             "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
             "model": batch.model, "displayName": batch.display_name, "name": batch.id,
@@ -499,6 +574,20 @@ class FakeProviderServer:
         view: dict[str, Any] = {"name": batch.id, "metadata": meta, "done": batch.ended_at is not None}
         if batch.status == "failed":
             view["error"] = {"code": 3, "message": "the batch failed"}
+        return view
+
+    def create_reply(self, batch: FakeBatch, view: dict[str, Any]) -> dict[str, Any]:
+        """The create reply: the job's view, less its id / with another state when the plan says so."""
+        plan = batch.plan
+        if plan.reply_without_id:
+            view = {k: v for k, v in view.items() if k not in ("id", "name")}
+            if isinstance(view.get("metadata"), dict) and batch.provider == "gemini":
+                view["metadata"] = {k: v for k, v in view["metadata"].items() if k != "name"}
+        if plan.reply_state is not None:
+            if batch.provider == "openai":
+                view = {**view, "status": plan.reply_state}
+            else:
+                view = {**view, "metadata": {**view.get("metadata", {}), "state": plan.reply_state}}
         return view
 
     def _answer_text(self, request: RecordedRequest, schema: dict | None) -> str:
@@ -702,7 +791,15 @@ def _make_handler(fake: FakeProviderServer):
         def _not_found(self, what: str) -> None:
             self._json(404, {"error": {"message": f"{what} not found", "code": 404, "status": "NOT_FOUND"}})
 
+        def _plan_error(self, status: int, message: str) -> None:
+            names = {400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+            self._json(status, {"error": {"message": message, "type": "error", "code": status,
+                                          "status": names.get(status, "UNKNOWN")}})
+
         def _openai_upload(self, request: RecordedRequest) -> None:
+            failure = fake._upload_failure()
+            if failure is not None:
+                return self._plan_error(failure, "the upload failed")
             form = request.body if isinstance(request.body, dict) else {}
             upload = form.get("file") or {}
             content = upload.get("content", "").encode()
@@ -726,25 +823,38 @@ def _make_handler(fake: FakeProviderServer):
             if stored is None:
                 return self._not_found(f"file {body.get('input_file_id')}")
             lines = [json.loads(line) for line in stored["content"].decode().splitlines() if line.strip()]
+            plan = fake._next_plan()
+            if plan.create_status is not None and not plan.created_anyway:
+                return self._plan_error(plan.create_status, "the batch could not be created")
             batch = fake._new_batch(
-                "openai", lines, input_file_id=body["input_file_id"], endpoint=body.get("endpoint"),
+                "openai", lines, plan, input_file_id=body["input_file_id"], endpoint=body.get("endpoint"),
                 completion_window=body.get("completion_window"), metadata=body.get("metadata"),
                 model=(lines[0].get("body") or {}).get("model") if lines else None,
             )
-            self._json(200, fake.openai_batch_view(batch))
+            if plan.create_status is not None:
+                return self._plan_error(plan.create_status, "the server had an error creating the batch")
+            self._json(200, fake.create_reply(batch, fake.openai_batch_view(batch)))
 
         def _gemini_batch_create(self, request: RecordedRequest, model: str) -> None:
             body = request.body if isinstance(request.body, dict) else {}
             spec = body.get("batch") or {}
             lines = ((spec.get("inputConfig") or {}).get("requests") or {}).get("requests") or []
-            batch = fake._new_batch("gemini", lines, model=f"models/{model}",
+            if fake.over_token_limit("gemini", f"models/{model}", lines):
+                return self._plan_error(429, "Resource has been exhausted: enqueued tokens for this model.")
+            plan = fake._next_plan()
+            if plan.create_status is not None and not plan.created_anyway:
+                return self._plan_error(plan.create_status, "the batch could not be created")
+            batch = fake._new_batch("gemini", lines, plan, model=f"models/{model}",
                                     display_name=spec.get("displayName"))
-            self._json(200, fake.gemini_batch_view(batch))
+            if plan.create_status is not None:
+                return self._plan_error(plan.create_status, "the server had an error creating the batch")
+            self._json(200, fake.create_reply(batch, fake.gemini_batch_view(batch)))
 
         def _batch_get(self, provider: str, batch_id: str | None) -> None:
             view = fake.openai_batch_view if provider == "openai" else fake.gemini_batch_view
             if batch_id is None:  # the list, newest first
-                batches = [b for b in reversed(list(fake.batches.values())) if b.provider == provider]
+                batches = [b for b in reversed(list(fake.batches.values()))
+                           if b.provider == provider and b.plan.listed]
                 if provider == "openai":
                     data = [view(b) for b in batches]
                     return self._json(200, {"object": "list", "data": data, "has_more": False,
@@ -845,6 +955,21 @@ def _parse_multipart(content_type: str, raw: bytes) -> dict[str, Any]:
         filename = part.get_filename()
         form[name] = {"filename": filename, "content": payload} if filename else payload
     return form
+
+
+def _line_tokens(line: dict) -> int:
+    """A batch line's input tokens as the fake counts them (UTF-8 bytes / 3 + 4 per message, like
+    the pipeline's own estimate): OpenAI ``body.messages``, Gemini ``request.contents`` (+ system)."""
+    body = line.get("body") if "body" in line else None
+    texts: list[str] = []
+    if isinstance(body, dict):
+        texts = [str(m.get("content") or "") for m in body.get("messages") or [] if isinstance(m, dict)]
+    else:
+        request = line.get("request") or {}
+        for content in [request.get("systemInstruction") or {}, *(request.get("contents") or [])]:
+            if isinstance(content, dict):
+                texts.append("".join(str(p.get("text") or "") for p in content.get("parts") or []))
+    return sum(-(-len(t.encode("utf-8")) // 3) + 4 for t in texts if t)
 
 
 def fake_embedding(text: str, size: int) -> np.ndarray:
