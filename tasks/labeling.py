@@ -78,8 +78,13 @@ def label_with_teacher(settings: Settings, teacher_name: str) -> dict:
         "failed": summary.failed,
         "skipped_budget": summary.skipped_budget,
         "missing_inputs": len(missing),
+        "requests": summary.requests,
+        "rate_limited": summary.rate_limited,
         "cost_usd": summary.cost_usd,
         "total_spent_usd": summary.total_spent_usd,
+        # After a crash: attempts counted at their worst case, and answers that may be paid twice.
+        "unsettled_requests": summary.unsettled_requests,
+        "possibly_paid_twice": summary.possibly_paid_twice,
     }
 
 
@@ -151,6 +156,12 @@ def _markdown(s: TeacherRunSummary, missing) -> str:
             f"{s.total_spent_usd:.4f} / {s.budget_usd:.2f} |"
         ),
     ]
+    lines += ["", (f"Retries of bad answers: {s.reasked} re-asks quoting the error, {s.larger_budget} with a "
+              f"larger output budget, {s.fresh_asks} fresh asks.")]
+    if s.unsettled_requests or s.possibly_paid_twice:
+        lines += ["", (f"Spend ledger: {s.unsettled_requests} requests of interrupted runs are counted at their "
+                  f"worst case (the provider may have billed them); {s.possibly_paid_twice} answers may have "
+                  "been paid twice.")]
     if s.stopped:
         lines += ["", f"**Stopped early: {s.stopped}.** Unlabeled plans are listed below and in the failure ledger."]
     if s.failures:
