@@ -72,11 +72,11 @@ def test_phase3_progress_artifact_carries_the_console_figures(prefect_api, no_do
     """The same line the console shows ends on the run's progress artifact, at 100 %."""
     import asyncio
 
+    from plans import prepare_plans
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, ArtifactFilterType
 
     from flows.ft_pipeline import ft_pipeline
-    from plans import prepare_plans
 
     store, stems = prepare_plans(tmp_path / "data", count=3, complexes=1, seed=11)
     store.write_json(store.run_file("sample"), {"stems": stems, "n": len(stems)})
@@ -89,7 +89,7 @@ def test_phase3_progress_artifact_carries_the_console_figures(prefect_api, no_do
             found = await client.read_artifacts(artifact_filter=ArtifactFilter(
                 key=ArtifactFilterKey(any_=["phase3-progress-reference"]),
                 type=ArtifactFilterType(any_=["progress"])))
-            return sorted(found, key=lambda a: a.updated)[-1]
+            return max(found, key=lambda a: a.updated)
 
     artifact = asyncio.run(latest())
     assert float(artifact.data) == 100.0

@@ -84,11 +84,16 @@ def test_flow_refuses_secret_overrides_before_any_step(prefect_api, no_dotenv, t
 def test_key_from_the_environment_is_stored_nowhere(prefect_api, no_dotenv, tmp_path, monkeypatch, fake_provider):
     """A phase-3 run with the key in the environment: the flow run's parameters, its logs, its
     artifacts and the persisted task results in Prefect's database never contain the key."""
+    from plans import prepare_plans
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     from flows.ft_pipeline import ft_pipeline
-    from plans import prepare_plans
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.setenv("FTP_OPENAI_BASE_URL", fake_provider.openai_base_url)
