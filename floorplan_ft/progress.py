@@ -1,9 +1,10 @@
 """Progress people can see: one console line every few seconds and a Prefect progress artifact.
 
-A long step (CV over 2,000 plans, labeling for an hour, retrieval) calls ``progress.update(...)``
+A long step (CV over 2,000 plans, labeling for an hour, fine-tuning) calls ``progress.update(...)``
 as often as it likes; a side thread turns the latest figures into at most one log line per
-``interval_s`` (done / N, failures, rate, ETA, dollars) and, inside a Prefect run, into the same
-text on a progress artifact. The step's own loop never waits on the console or the Prefect API.
+``interval_s`` (done / N, failures, rate, ETA, dollars) and hands the same text to ``publish``
+(the task layer's Prefect progress artifact, `tasks.common.step_progress`). The step's own loop
+never waits on the console or the Prefect API. No Prefect here: the domain package stays free of it.
 
 ``summarize(names)`` shortens a long list for a log line: ``"a, b, c … and 1,997 more"``.
 """
@@ -49,25 +50,13 @@ class Snapshot:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _run_logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        from prefect import get_run_logger
-        from prefect.exceptions import MissingContextError
-
-        try:
-            return get_run_logger()
-        except MissingContextError:
-            return _log
-    except ImportError:  # pragma: no cover - prefect is a dependency
-        return _log
-
-
 class Progress:
     """Throttled progress of one step over `total` units.
 
-    ``label`` starts every line (``"phase 3 openai"``); ``unit`` names what is counted. With
-    ``artifact_key`` inside a Prefect run, a progress artifact of that key follows the same figures.
-    Use as a context manager or call ``close()``: the final line is always printed.
+    ``label`` starts every line (``"phase 3 openai"``); ``unit`` names what is counted.
+    ``publish(percent, line)``, when given, receives every printed line too (the task layer passes
+    one that updates a Prefect progress artifact). Use as a context manager or call ``close()``:
+    the final line is always printed.
     """
 
     def __init__(
@@ -77,14 +66,14 @@ class Progress:
         *,
         unit: str = "plans",
         interval_s: float = 5.0,
-        artifact_key: str | None = None,
+        publish: Callable[[float, str], None] | None = None,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
         clock: Callable[[], float] = time.monotonic,
         start_thread: bool = True,
     ):
         self.label, self.total, self.unit = label, max(int(total), 0), unit
         self.interval_s = interval_s
-        self.logger = logger or _run_logger()
+        self.logger = logger or _log
         self._clock = clock
         self._started = clock()
         self._snap = Snapshot()
@@ -92,10 +81,8 @@ class Progress:
         self._printed_version = -1
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._artifact_id = None
+        self._publish_fn = publish
         self.lines: list[str] = []  # every line printed (tests, the final summary)
-        if artifact_key:
-            self._artifact_id = self._create_artifact(artifact_key)
         self._thread: threading.Thread | None = None
         if start_thread:
             self._thread = threading.Thread(target=self._loop, name=f"progress-{label}", daemon=True)
@@ -192,25 +179,10 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ Prefect artifact
-    def _create_artifact(self, key: str):
-        try:
-            from prefect.artifacts import create_progress_artifact
-            from prefect.context import FlowRunContext, TaskRunContext
-
-            if FlowRunContext.get() is None and TaskRunContext.get() is None:
-                return None
-            return create_progress_artifact(0.0, key=key, description=f"{self.label}: starting")
-        except Exception as exc:  # noqa: BLE001 - progress is never worth failing a step
-            _log.debug("no progress artifact (%s)", exc)
-            return None
-
     def _publish(self, text: str) -> None:
-        if self._artifact_id is None:
+        if self._publish_fn is None:
             return
         try:
-            from prefect.artifacts import update_progress_artifact
-
-            update_progress_artifact(self._artifact_id, 100.0 * self.fraction(), description=text)
-        except Exception as exc:  # noqa: BLE001
-            _log.debug("progress artifact update failed (%s)", exc)
+            self._publish_fn(100.0 * self.fraction(), text)
+        except Exception as exc:  # noqa: BLE001 - progress is never worth failing a step
+            _log.debug("progress publish failed (%s)", exc)

@@ -6,11 +6,27 @@ import os
 import re
 from typing import Any
 
+from floorplan_ft.progress import Progress
 from floorplan_ft.settings import Settings, check_no_secret_overrides, load_settings
 from floorplan_ft.store import ArtifactStore
 
 # Seconds between progress lines of a long step (FTP_PROGRESS_INTERVAL_S; the tests shorten it).
 PROGRESS_INTERVAL_S = float(os.environ.get("FTP_PROGRESS_INTERVAL_S", "5"))
+
+
+def step_progress(label: str, total: int, key: str, *, unit: str = "plans") -> Progress:
+    """A progress reporter for one long step of a task: lines through the run's logger (the
+    console and the UI's logs), the same figures on the progress artifact `key`."""
+    from prefect import get_run_logger
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    artifact = create_progress_artifact(0.0, key=artifact_key(key), description=f"{label}: starting")
+
+    def publish(percent: float, line: str) -> None:
+        update_progress_artifact(artifact, percent, description=line)
+
+    return Progress(label, total, unit=unit, interval_s=PROGRESS_INTERVAL_S, publish=publish,
+                    logger=get_run_logger())
 
 
 def nest_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:

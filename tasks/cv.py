@@ -19,10 +19,9 @@ from floorplan_ft.cv.runner import (
 )
 from floorplan_ft.cv.runpod import register_key
 from floorplan_ft.cv.sources import CVConfigError, SourceConfig
-from floorplan_ft.progress import Progress
 from floorplan_ft.settings import Settings
 from floorplan_ft.store import ArtifactStore
-from tasks.common import PROGRESS_INTERVAL_S, artifact_key, store_for
+from tasks.common import artifact_key, step_progress, store_for
 
 
 def source_config(settings: Settings) -> SourceConfig:
@@ -139,8 +138,7 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
 
     outcomes: list[ImageOutcome] = []
     if todo:
-        progress = Progress("phase 1 CV", len(todo), unit="images", interval_s=PROGRESS_INTERVAL_S,
-                            artifact_key=artifact_key("phase1-progress"), logger=logger)
+        progress = step_progress("phase 1 CV", len(todo), "phase1-progress", unit="images")
         size = settings.cv.chunk_size
         chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
         futures = build_topology_task.map(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -12,7 +12,7 @@ from floorplan_ft.progress import Progress
 from floorplan_ft.settings import Settings
 from floorplan_ft.training.evaluate import run_evaluation
 from floorplan_ft.training.sft import run_finetune
-from tasks.common import PROGRESS_INTERVAL_S, artifact_key, store_for
+from tasks.common import artifact_key, step_progress, store_for
 
 
 # The training code keeps its own content fingerprint (parameters + data hashes) beside the
@@ -20,15 +20,13 @@ from tasks.common import PROGRESS_INTERVAL_S, artifact_key, store_for
 # checkpoint, on whichever pod picks it up. Prefect's cache would know neither.
 @task(name="fine-tune-student", cache_policy=NO_CACHE, persist_result=True)
 def finetune_task(settings: Settings) -> dict:
-    logger = get_run_logger()
     progress: list[Progress] = []  # made at the first record, when the step count is known
     latest: dict = {}
 
     def log(record: dict) -> None:
         if not progress:
-            progress.append(Progress("phase 6 fine-tune", int(record.get("max_steps") or 0), unit="steps",
-                                     interval_s=PROGRESS_INTERVAL_S, artifact_key=artifact_key("phase6-progress"),
-                                     logger=logger))
+            progress.append(step_progress("phase 6 fine-tune", int(record.get("max_steps") or 0),
+                                          "phase6-progress", unit="steps"))
         latest.update({k: round(record[k], 4) for k in ("loss", "eval_loss") if isinstance(record.get(k), float)})
         progress[0].update(int(record.get("step") or 0), **latest)
 

@@ -14,7 +14,7 @@ from floorplan_ft.settings import Settings
 from floorplan_ft.teachers.factory import make_teacher
 from floorplan_ft.teachers.items import build_items
 from floorplan_ft.teachers.labeling import LabelingRun, TeacherRunSummary
-from tasks.common import PROGRESS_INTERVAL_S, artifact_key, store_for
+from tasks.common import artifact_key, step_progress, store_for
 
 
 def _progress_callback(progress: Progress):
@@ -53,8 +53,7 @@ def label_with_teacher(settings: Settings, teacher_name: str) -> dict:
         logger.info("teacher 'reference' is the rule-based analyst (no LLM, no cost)")
     if settings.teachers.use_batch_api and teacher_name in ("openai", "gemini"):
         return _label_in_batches(settings, teacher_name, items, missing, store, len(stems))
-    progress = Progress(f"phase 3 {teacher_name}", len(items), interval_s=PROGRESS_INTERVAL_S,
-                        artifact_key=artifact_key("phase3-progress", teacher_name), logger=logger)
+    progress = step_progress(f"phase 3 {teacher_name}", len(items), f"phase3-progress-{teacher_name}")
     try:
         summary = asyncio.run(
             LabelingRun(teacher, store, settings.teachers, on_progress=_progress_callback(progress)).run(items)
