@@ -1,4 +1,5 @@
 import asyncio
+import itertools
 
 import pytest
 
@@ -78,7 +79,7 @@ def test_requests_are_spread_evenly_over_the_window():
     clock = FakeClock()
     limiter = RateLimiter(requests_per_minute=60, tokens_per_minute=10**9, clock=clock, sleep=clock.sleep)
     times = _admit(limiter, clock, [1] * 120)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 1.0 - 1e-9  # never two admissions closer than 60/rpm
     # No burst: the first minute gets its allowance one by one, not all at t=0.
     assert sum(1 for t in times if t < 10.0) == 10
@@ -88,14 +89,14 @@ def test_requests_are_spread_evenly_over_the_window():
 
 def _limited(limiter, clock, retry_after=None):
     """One 429 for the most recent admission."""
-    return limiter.rate_limited(retry_after, sent_at=limiter._events[-1][0])
+    return limiter.rate_limited(retry_after, sent_at=limiter._events[-1][3])
 
 
 def test_a_429_lowers_the_rate_once_per_burst_and_it_recovers_slowly():
     clock = FakeClock()
     limiter = RateLimiter(requests_per_minute=100, tokens_per_minute=10**9, clock=clock, sleep=clock.sleep)
     times = _admit(limiter, clock, [1] * 5)
-    in_flight = [e[0] for e in limiter._events]
+    in_flight = [e[3] for e in limiter._events]
     for sent_at in in_flight:  # five requests in flight all come back 429
         limiter.rate_limited(2.0, sent_at=sent_at)
     assert limiter.rate == pytest.approx(70.0)  # x0.7 once: all five were sent before the decrease
@@ -111,8 +112,8 @@ def test_a_429_lowers_the_rate_once_per_burst_and_it_recovers_slowly():
     for _ in range(20):
         _admit(limiter, clock, [1] * 15)
         rates.append(limiter.rate)
-    assert rates[0] < 60 and all(b >= a for a, b in zip(rates, rates[1:], strict=False))
-    assert max(b - a for a, b in zip(rates, rates[1:], strict=False)) <= 5.0 * 2 + 1e-9
+    assert rates[0] < 60 and all(b >= a for a, b in itertools.pairwise(rates))
+    assert max(b - a for a, b in itertools.pairwise(rates)) <= 5.0 * 2 + 1e-9
     assert rates[-1] == pytest.approx(100.0)
 
 
@@ -138,7 +139,8 @@ def test_without_retry_after_the_pause_comes_from_the_window():
     clock2 = FakeClock()
     paced = RateLimiter(requests_per_minute=60, tokens_per_minute=10**9, clock=clock2, sleep=clock2.sleep)
     _admit(paced, clock2, [1] * 70)
-    assert _limited(paced, clock2) == pytest.approx(60 / 42.0)
+    pause = _limited(paced, clock2)
+    assert paced.rate < 60 and pause == pytest.approx(60 / paced.rate) and pause > 1.0
 
 
 def test_a_full_window_teaches_the_provider_limit_and_recovery_stops_below_it():
@@ -154,7 +156,10 @@ def test_a_full_window_teaches_the_provider_limit_and_recovery_stops_below_it():
     limiter.requests_per_minute = 150  # (a ceiling above it: what recovery would head for)
     _limited(limiter, clock)
     assert limiter.learnt_limit == 99.0  # accepted in the last minute: the refused one is not
-    assert limiter.rate == pytest.approx(70.0)
+    assert limiter.rate == pytest.approx(0.97 * 99)  # straight to just below it
+    _admit(limiter, clock, [1])
+    _limited(limiter, clock)  # refused again while already there: x0.7
+    assert limiter.rate == pytest.approx(0.7 * 0.97 * 99)
     for _ in range(200):
         _admit(limiter, clock, [1])
     assert limiter.rate == pytest.approx(0.97 * 99)  # recovery stops just below what was accepted
@@ -253,3 +258,34 @@ def test_an_unknown_history_format_is_refused():
     limiter = RateLimiter(60, 1000)
     with pytest.raises(ValueError, match="rate history"):
         limiter.restore({"version": 99})
+
+
+def test_a_burst_pause_burst_provider_is_learnt_at_the_second_minute():
+    """A sliding-window provider (60/min) and a limiter that believes 500/min: the first minute's
+    429 comes after 7 s of watching (too early to learn), the next one after a pause of a whole
+    window, which is enough: from then on it paces just below 60/min."""
+    clock = FakeClock()
+    limiter = RateLimiter(requests_per_minute=500, tokens_per_minute=10**9, clock=clock, sleep=clock.sleep)
+    _admit(limiter, clock, [1] * 61)
+    _limited(limiter, clock)
+    assert limiter.learnt_limit is None and limiter.rate == pytest.approx(350.0)
+    times = _admit(limiter, clock, [1] * 61)
+    assert times[0] == pytest.approx(61.5)  # the pause: until the first burst has left the window
+    _limited(limiter, clock)
+    assert limiter.learnt_limit == 60.0 and limiter.rate == pytest.approx(0.97 * 60)
+
+
+def test_requests_sent_before_the_first_answer_count_from_that_answer():
+    """A fresh client's first request can take seconds to leave, and those admitted meanwhile
+    queue behind it: the provider counts them later than we admitted them."""
+    clock = FakeClock()
+    limiter = RateLimiter(requests_per_minute=60, tokens_per_minute=10**9, clock=clock, sleep=clock.sleep)
+    _admit(limiter, clock, [5, 5, 5])  # at 0, 1, 2
+    clock.now = 3.5  # the first answer comes back: everything sent so far counts from here
+    for _ in range(3):
+        limiter.settle(5, 7)
+    times = _admit(limiter, clock, [1] * 57)
+    assert [e[0] for e in list(limiter._events)[:4]] == [3.5, 3.5, 3.5, times[0]]
+    limiter.settle(1, 1)  # later answers leave their admission time alone
+    assert limiter._events[3][0] == times[0]
+    assert _admit(limiter, clock, [1]) == [pytest.approx(3.5 + 61.5)]  # the 61st: first answer + window

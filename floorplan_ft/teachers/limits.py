@@ -9,9 +9,10 @@ limit, so every request first takes its estimated tokens from a sliding window. 
   whose real limit is lower than we think, answers a burst with a wall of 429s).
 - Adaptive rate: a 429 lowers the rate (multiplicative decrease, x0.7, never below 1/min); every
   quarter window without a 429 raises it additively, back to the configured or announced limit.
-  Once a full window of history shows how many requests the provider accepted when it said no,
-  that count is remembered as its limit: recovery stops just below it (97 %) instead of running
-  into it again, and only after ten quiet windows does the rate probe above it.
+  Once we have watched for a full window, the number of requests the provider accepted in the
+  window when it said no (or at an earlier 429, if more) is taken as its limit: the rate drops to
+  97 % of it at once (x0.7 if it was already there), recovery stops there instead of running into
+  it again, and only after ten quiet windows does the rate probe above it.
 - Pause: a 429 pauses the whole teacher for the provider's Retry-After, or, when it sends none,
   until the oldest request of our window leaves it (that is when a sliding window has room again).
 - Memory: the last window's admissions, the adaptive rate and the pause are written to the data
@@ -132,13 +133,21 @@ class RateLimiter:
         self.learnt_limit: float | None = None  # what the provider accepted per window when it said no
         self.rate_limited_count = 0
         self._clock, self._sleep, self._wall = clock, sleep, wall
-        self._events: deque[list] = deque()  # [time, tokens, rejected] of admitted requests
+        # [time, tokens, rejected, admitted, settled] of admitted requests. `time` is the admission, except
+        # for requests admitted before the first answer came back: they count from their answer.
+        # A fresh client's first request can take seconds to leave (connection set-up, and under
+        # load), and those admitted meanwhile queue behind it; the provider counts them when they
+        # arrive, later than we admitted them, and the window would overflow a minute later.
+        self._events: deque[list] = deque()
+        self._warm_at: float | None = None  # when the first answer came back
         self._tokens_in_window = 0
         self._paused_until = 0.0
         self._next_at = -math.inf  # spacing: the earliest next admission
         self._last_decrease = -math.inf
         self._step_at = clock()  # the last additive step, or when the current quiet stretch began
         self._learnt_at = -math.inf
+        self._observed_since = clock()  # since when this limiter (or its predecessor) has watched
+        self._peak, self._peak_at = 0.0, -math.inf  # accepted per window at the last 429
         self._save = save
         self.history: StoredHistory | None = None  # set by limiter_for
         self.source = ""  # where the starting limits came from (teacher_limits)
@@ -178,7 +187,7 @@ class RateLimiter:
 
     def _expire(self, now: float) -> None:
         while self._events and now - self._events[0][0] >= self.span_s:
-            _, tokens, _ = self._events.popleft()
+            tokens = self._events.popleft()[1]
             self._tokens_in_window -= tokens
 
     def _wait_time(self, now: float, tokens: int) -> float:
@@ -194,7 +203,7 @@ class RateLimiter:
             return 0.0
         # Walk the window until enough of it has expired for both limits.
         freed_tokens = 0
-        for freed_requests, (at, used, _) in enumerate(self._events, start=1):
+        for freed_requests, (at, used, *_) in enumerate(self._events, start=1):
             freed_tokens += used
             if freed_requests >= over_requests and freed_tokens >= over_tokens:
                 return max(0.0, at + self.span_s - now)
@@ -211,7 +220,7 @@ class RateLimiter:
                 self._expire(now)
                 delay = self._wait_time(now, tokens)
                 if delay <= 0:
-                    self._events.append([now, tokens, False])
+                    self._events.append([now, tokens, False, now, False])
                     self._tokens_in_window += tokens
                     self._next_at = now + self.spacing_s
                     self._dirty = True
@@ -224,11 +233,17 @@ class RateLimiter:
                 await self._sleep(step)
 
     def settle(self, estimated: int, actual: int) -> None:
-        """Replace a request's estimate by the tokens it really used (the most recent match)."""
-        for i in range(len(self._events) - 1, -1, -1):
-            at, used, rejected = self._events[i]
-            if used == estimated:
-                self._events[i] = [at, actual, rejected]
+        """Replace a request's estimate by the tokens it really used (the oldest unsettled match:
+        answers come back roughly in order); one sent before the first answer came back counts
+        from now (see `_events`)."""
+        now = self._clock()
+        if self._warm_at is None:
+            self._warm_at = now
+        for i in range(len(self._events)):
+            at, used, rejected, admitted, settled = self._events[i]
+            if used == estimated and not settled:
+                warming = admitted < self._warm_at
+                self._events[i] = [max(at, now) if warming else at, actual, rejected, admitted, True]
                 self._tokens_in_window += actual - estimated
                 self._dirty = True
                 return
@@ -247,18 +262,27 @@ class RateLimiter:
         self.rate_limited_count += 1
         if sent_at is not None:
             for event in reversed(self._events):
-                if event[0] == sent_at and not event[2]:
+                if event[3] == sent_at and not event[2]:
                     event[2] = True
                     break
         self._expire(now)
         if sent_at is None or sent_at > self._last_decrease:
-            accepted = [e[0] for e in self._events if not e[2] and now - e[0] < self.window_s]
-            history = now - self._events[0][0] if self._events else 0.0
-            if accepted and history >= 0.9 * self.window_s:
-                # A full window of history: what the provider took before saying no is its limit.
-                self.learnt_limit = float(len(accepted))
-                self._learnt_at = now
-            self.rate = max(FLOOR_RPM, min(self.rate * DECREASE, self._target(now)))
+            # What the provider took in the window before saying no (our admissions precede its
+            # arrivals, so our window with its margin), and the most it took at an earlier 429.
+            accepted = float(sum(1 for e in self._events if not e[2]))
+            if now - self._peak_at < PROBE_AFTER_WINDOWS * self.window_s:
+                accepted = max(accepted, self._peak)
+            self._peak, self._peak_at = accepted, now
+            target = self._target(now)
+            if accepted and now - self._observed_since >= 0.9 * self.window_s:
+                # Watched for a whole window: that count is the provider's limit. Go just below
+                # it at once; already there (the limit fell, or the quota is shared): x0.7.
+                self.learnt_limit, self._learnt_at = accepted, now
+                target = self._target(now)
+                self.rate = self.rate * DECREASE if self.rate <= target + 1e-9 else target
+            else:  # too short a watch to tell a burst allowance from a rate: x0.7
+                self.rate = min(self.rate * DECREASE, target)
+            self.rate = max(FLOOR_RPM, self.rate)
             self._last_decrease = now
         if retry_after is not None:
             wait = max(0.0, float(retry_after))
@@ -305,10 +329,12 @@ class RateLimiter:
             "learnt_at": to_wall(self._learnt_at),
             "last_decrease_at": to_wall(self._last_decrease),
             "recovery_step_at": to_wall(self._step_at),
+            "observed_since": to_wall(self._observed_since),
+            "peak": self._peak, "peak_at": to_wall(self._peak_at),
             "paused_until": to_wall(self._paused_until) if self._paused_until > now else None,
             "next_at": to_wall(self._next_at) if self._next_at > now else None,
             "rate_limited": self.rate_limited_count,
-            "events": [[to_wall(at), tokens, int(rejected)] for at, tokens, rejected in self._events],
+            "events": [[to_wall(e[0]), e[1], int(e[2])] for e in self._events],
         }
 
     def restore(self, data: dict[str, Any]) -> int:
@@ -325,7 +351,7 @@ class RateLimiter:
         for at, tokens, rejected in data.get("events") or []:
             mono = to_mono(at)
             if mono is not None and now - self.span_s < mono <= now + 1.0:
-                self._events.append([mono, int(tokens), bool(rejected)])
+                self._events.append([mono, int(tokens), bool(rejected), mono, True])
                 self._tokens_in_window += int(tokens)
                 kept += 1
         saved_rate = data.get("rate")
@@ -337,6 +363,12 @@ class RateLimiter:
         last_decrease = to_mono(data.get("last_decrease_at"))
         if last_decrease is not None:
             self._last_decrease = min(last_decrease, now)
+        peak_at = to_mono(data.get("peak_at"))
+        if data.get("peak") and peak_at is not None:
+            self._peak, self._peak_at = float(data["peak"]), peak_at
+        observed = to_mono(data.get("observed_since"))
+        if observed is not None and kept:  # its watch goes on only if its window is still ours
+            self._observed_since = min(self._observed_since, observed)
         step_at = to_mono(data.get("recovery_step_at"))
         if step_at is not None and self.rate < self.requests_per_minute:
             self._step_at = step_at  # the recovery goes on where the predecessor's stood
