@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any
@@ -9,6 +10,40 @@ from typing import Any
 from floorplan_ft.progress import Progress
 from floorplan_ft.settings import Settings, check_no_secret_overrides, load_settings
 from floorplan_ft.store import ArtifactStore
+
+
+def _run_api_handler() -> logging.Handler:
+    """Prefect's API log handler, sending only inside a flow or task run (elsewhere, e.g. the CLI's
+    import commands or the service, it stays silent instead of warning about a missing run)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging.handlers import APILogHandler
+
+    class RunAPILogHandler(APILogHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if FlowRunContext.get() is None and TaskRunContext.get() is None:
+                return
+            super().emit(record)
+
+    return RunAPILogHandler()
+
+
+def route_domain_logs(level: int = logging.INFO) -> None:
+    """Make the domain packages' standard-library log lines (`floorplan_ft.*`, `ft_pipeline.*`)
+    visible at INFO: on the console through the root handlers, as before, and in the Prefect UI
+    beside the run's own lines (what `PREFECT_LOGGING_EXTRA_LOGGERS` would do, without its warning
+    outside runs). Idempotent."""
+    for name in ("floorplan_ft", "ft_pipeline"):
+        logger = logging.getLogger(name)
+        if any(getattr(h, "_ftp_router", False) for h in logger.handlers):
+            continue
+        if logger.level == logging.NOTSET:
+            logger.setLevel(level)
+        handler = _run_api_handler()
+        handler._ftp_router = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
+
+route_domain_logs()
 
 # Seconds between progress lines of a long step (FTP_PROGRESS_INTERVAL_S; the tests shorten it).
 PROGRESS_INTERVAL_S = float(os.environ.get("FTP_PROGRESS_INTERVAL_S", "5"))

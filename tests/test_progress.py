@@ -95,3 +95,37 @@ def test_phase3_progress_artifact_carries_the_console_figures(prefect_api, no_do
     assert float(artifact.data) == 100.0
     assert artifact.description.startswith("phase 3 reference: 3/3 plans (100%)")
     assert "labeled 3" in artifact.description
+
+
+def test_domain_warnings_reach_the_run_log_in_prefect(prefect_api, no_dotenv, tmp_path, fake_provider, monkeypatch):
+    """floorplan_ft logs with the standard library; inside a run its lines also land in the run's
+    log in Prefect (the UI), once."""
+    import asyncio
+
+    from plans import prepare_plans
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.ft_pipeline import ft_pipeline
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-progress-0000000000")
+    monkeypatch.setenv("FTP_OPENAI_BASE_URL", fake_provider.openai_base_url)
+    store, stems = prepare_plans(tmp_path / "data", count=1, complexes=1, seed=5)
+    store.write_json(store.run_file("sample"), {"stems": stems, "n": len(stems)})
+    store.write_text(store.path("rate_window_openai.json"), "{not json")  # a hand-broken history
+    state = ft_pipeline(steps="3a", overrides={"paths.data_root": str(tmp_path / "data")}, return_state=True)
+    assert state.is_completed() and state.result()["3a"]["labeled"] == 1
+
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # logs reach the API in batches
+
+    async def messages() -> list[str]:
+        async with get_client() as client:
+            logs = await client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+            return [log.message for log in logs]
+
+    lines = [m for m in asyncio.run(messages()) if "rate history ignored" in m]
+    assert len(lines) == 1, lines
+    assert "rate_window_openai.json" in lines[0]
