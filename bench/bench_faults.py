@@ -156,17 +156,21 @@ def main() -> None:
     parser.add_argument("--kill-after", type=int, default=20, help="answers stored before the SIGKILL")
     parser.add_argument("--latency", type=float, default=0.5, help="server latency (s) in the kill runs")
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--window", type=float, default=1.0,
+                        help="teachers.rate_window_s of the fault runs (60: the providers' real minute)")
+    parser.add_argument("--no-kill", action="store_true", help="only the fault runs")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "faults.json"))
     args = parser.parse_args()
     out = Path(args.out).resolve()
     os.chdir(tempfile.mkdtemp(prefix="bench-faults-cwd-"))  # no .env of the developer's
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp, FakeProviderServer() as server:
         root = Path(tmp)
+        WINDOW["rate_window_s"] = BASE["rate_window_s"] = args.window
         designs = [fault_run(server, d, args.items, args.seed, root) for d in ("engine", "plan")]
-        kills = [kill_run(server, args.kill_items, args.kill_after, args.latency, t, root)
-                 for t in range(1, args.trials + 1)]
+        kills = [] if args.no_kill else [kill_run(server, args.kill_items, args.kill_after, args.latency, t, root)
+                                         for t in range(1, args.trials + 1)]
     result = {
-        "bench": "faults", "items": args.items, "seed": args.seed,
+        "bench": "faults", "items": args.items, "seed": args.seed, "rate_window_s": args.window,
         "fault_mix": {"rate_limited": 0.10, "server_error": 0.05, "invalid_json": 0.05, "truncated": 0.05,
                       "retry_after_s": 1},
         "settings": {"engine": BASE, "plan": {**BASE, **PLAN}},

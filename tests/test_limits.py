@@ -289,3 +289,29 @@ def test_requests_sent_before_the_first_answer_count_from_that_answer():
     limiter.settle(1, 1)  # later answers leave their admission time alone
     assert limiter._events[3][0] == times[0]
     assert _admit(limiter, clock, [1]) == [pytest.approx(3.5 + 61.5)]  # the 61st: first answer + window
+
+
+def test_429_despite_announced_room_pauses_without_slowing_down():
+    """A provider whose headers say both limits have plenty left and that still answers 429 (a
+    transient refusal): the teacher pauses as asked but keeps its rate; once the headers report
+    the quota nearly used, a 429 lowers the rate as usual."""
+    from floorplan_ft.teachers.limits import RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(600, 1_000_000, clock=lambda: now[0], window_s=60.0)
+    limiter.adopt(600, 1_000_000, remaining_requests=550, remaining_tokens=900_000)
+    for _ in range(5):
+        now[0] += 0.5
+        assert limiter.rate_limited(1.0) == 1.0
+    assert limiter.rate == 600 and limiter.transient_429s == 5
+    # The quota is nearly gone: the next 429 is about our rate.
+    now[0] += 0.5
+    limiter.adopt(600, 1_000_000, remaining_requests=3, remaining_tokens=900_000)
+    limiter.rate_limited(1.0)
+    assert limiter.rate < 600
+    # An announcement goes stale: seconds later a 429 is judged on its own again.
+    limiter2 = RateLimiter(600, 1_000_000, clock=lambda: now[0], window_s=60.0)
+    limiter2.adopt(600, 1_000_000, remaining_requests=550, remaining_tokens=900_000)
+    now[0] += 30.0
+    limiter2.rate_limited(None)
+    assert limiter2.rate < 600 and limiter2.transient_429s == 0

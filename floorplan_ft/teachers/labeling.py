@@ -664,7 +664,10 @@ class LabelingRun:
             else:
                 spent = self._charge(outcome, result.usage)
                 if result.rate_limit is not None:
-                    self.limiter.adopt(result.rate_limit.limit_requests, result.rate_limit.limit_tokens)
+                    info = result.rate_limit
+                    self.limiter.adopt(info.limit_requests, info.limit_tokens,
+                                       remaining_requests=info.remaining_requests,
+                                       remaining_tokens=info.remaining_tokens)
                 outcome.status = "labeled"
                 # The answer first, then the settle line: a kill in between leaves the attempt
                 # counted at its worst case with its answer kept (never re-asked).

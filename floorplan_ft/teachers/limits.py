@@ -47,6 +47,10 @@ RECOVER_EVERY = 0.25  # of the window: one additive step per quiet quarter windo
 RECOVER_STEP = 0.05  # of the target rate per step (at least 1 request/min)
 SAFE_SHARE = 0.97  # of a learnt provider limit: where recovery stops
 PROBE_AFTER_WINDOWS = 10  # quiet windows after which a learnt limit is forgotten (probe above it)
+# A 429 right after the provider's headers announced plenty of room (at least this share of both
+# limits left) is not about our rate (an overloaded shard, a transient 429): pause, do not slow down.
+ROOM_SHARE = 0.10
+ROOM_FRESH_S = 10.0  # how long such an announcement stays believable
 RETRY_MARGIN = 0.25  # of the window: a rate-limited item is kept at least window * (1 + this)
 SAVE_EVERY_S = 1.0
 HISTORY_VERSION = 1
@@ -148,6 +152,8 @@ class RateLimiter:
         self._learnt_at = -math.inf
         self._observed_since = clock()  # since when this limiter (or its predecessor) has watched
         self._peak, self._peak_at = 0.0, -math.inf  # accepted per window at the last 429
+        self._room_at = -math.inf  # when the headers last announced plenty of room
+        self.transient_429s = 0  # 429s that came despite announced room (not counted against the rate)
         self._save = save
         self.history: StoredHistory | None = None  # set by limiter_for
         self.source = ""  # where the starting limits came from (teacher_limits)
@@ -266,7 +272,10 @@ class RateLimiter:
                     event[2] = True
                     break
         self._expire(now)
-        if sent_at is None or sent_at > self._last_decrease:
+        room_announced = now - self._room_at <= ROOM_FRESH_S
+        if room_announced:
+            self.transient_429s += 1
+        elif sent_at is None or sent_at > self._last_decrease:
             # What the provider took in the window before saying no (our admissions precede its
             # arrivals, so our window with its margin), and the most it took at an earlier 429.
             accepted = float(sum(1 for e in self._events if not e[2]))
@@ -286,6 +295,8 @@ class RateLimiter:
             self._last_decrease = now
         if retry_after is not None:
             wait = max(0.0, float(retry_after))
+        elif room_announced:  # not the window: a short pause, as for a 5xx
+            wait = max(1.0, self.spacing_s)
         else:
             accepted_at = [e[0] for e in self._events if not e[2]]
             # Without Retry-After: a sliding window has room once its oldest request leaves it.
@@ -299,9 +310,23 @@ class RateLimiter:
         self.maybe_save(force=True)
         return wait
 
-    def adopt(self, requests_limit: int | None, tokens_limit: int | None) -> None:
+    def adopt(
+        self,
+        requests_limit: int | None,
+        tokens_limit: int | None,
+        *,
+        remaining_requests: int | None = None,
+        remaining_tokens: int | None = None,
+    ) -> None:
         """Take the limits the provider announces (its headers are the truth; the settings are
-        only the starting point until the first answer arrives)."""
+        only the starting point until the first answer arrives). With the remaining counts: when
+        both limits have plenty left, a 429 in the next seconds is transient, not our rate."""
+        if (requests_limit and tokens_limit and remaining_requests is not None and remaining_tokens is not None
+                and remaining_requests >= ROOM_SHARE * requests_limit
+                and remaining_tokens >= ROOM_SHARE * tokens_limit):
+            self._room_at = self._clock()
+        elif remaining_requests is not None or remaining_tokens is not None:
+            self._room_at = -math.inf
         if requests_limit:
             unreduced = self.rate >= self.requests_per_minute
             self.requests_per_minute = int(requests_limit)
