@@ -16,7 +16,7 @@ from tasks.cv import build_topologies
 Scope = Literal["all", "sample"]
 
 
-@flow(name="cv-batch", log_prints=True)
+@flow(name="cv-batch")
 def cv_batch(
     scope: Scope = "all",
     config_file: str | None = None,

@@ -88,7 +88,7 @@ PHASES: dict[str, Callable[[Settings, RunArgs], dict]] = {
 }
 
 
-@flow(name="ft-pipeline", log_prints=True)
+@flow(name="ft-pipeline")
 def ft_pipeline(
     steps: str = ",".join(ALL_STEPS),
     config_file: str | None = None,

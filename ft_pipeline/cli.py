@@ -48,7 +48,8 @@ SetOpt = Annotated[
 def _prefect_defaults(data_root: str | None = None) -> None:
     """Environment Prefect reads at import: quiet embedded server, results beside the data."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    # No log_prints: the project never prints, and Prefect's print hook would catch libraries'
+    # captured output (dill's dis.dis, inside datasets' fingerprinting) and log it as run lines.
     if data_root and "://" not in data_root:
         results = Path(data_root).expanduser().resolve() / ".prefect" / "results"
         os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(results))
