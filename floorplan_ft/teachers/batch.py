@@ -184,6 +184,20 @@ class JobView:
     input_file_id: Any = None
 
 
+async def _own_jobs(pager: Any, view: Callable[[Any], JobView], teacher: str, limit: int) -> list[JobView]:
+    """This teacher's jobs (those carrying our token) among the provider's newest `limit`."""
+    out: list[JobView] = []
+    seen = 0
+    async for batch in pager:
+        seen += 1
+        job = view(batch)
+        if job.teacher == teacher and job.token:
+            out.append(job)
+        if seen >= limit:
+            break
+    return out
+
+
 def _valid_id(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
@@ -336,16 +350,10 @@ class OpenAIBatchRunner(BatchRunner):
         return self._view(batch)
 
     async def list_jobs(self, teacher: str) -> list[JobView]:
-        out: list[JobView] = []
-        seen = 0
         try:
-            async for batch in self._sdk.with_options(max_retries=2).batches.list(limit=100):  # pages on
-                seen += 1
-                view = self._view(batch)
-                if view.teacher == teacher and view.token:
-                    out.append(view)
-                if seen >= self.list_limit:
-                    break
+            # The SDK's async pager fetches the next page as the loop goes on.
+            out = await _own_jobs(self._sdk.with_options(max_retries=2).batches.list(limit=100),
+                                  self._view, teacher, self.list_limit)
         except Exception as exc:
             error = self._error(exc)
             if error is None:
@@ -516,16 +524,8 @@ class GeminiBatchRunner(BatchRunner):
 
     async def list_jobs(self, teacher: str) -> list[JobView]:
         async def walk() -> list[JobView]:
-            out: list[JobView] = []
-            seen = 0
-            async for batch in await self._sdk.aio.batches.list(config={"page_size": 100}):  # pages on
-                seen += 1
-                view = self._view(batch)
-                if view.teacher == teacher and view.token:
-                    out.append(view)
-                if seen >= self.list_limit:
-                    break
-            return out
+            pager = await self._sdk.aio.batches.list(config={"page_size": 100})
+            return await _own_jobs(pager, self._view, teacher, self.list_limit)
 
         return await self._call(walk())
 
