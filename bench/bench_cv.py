@@ -133,9 +133,19 @@ def main() -> None:
     memory = []
     for count in [int(c) for c in args.memory_counts.split(",") if c]:
         out = subprocess.run(
-            [sys.executable, __file__, "--plans", str(plans), "--memory-child", str(count),
-             "--concurrency", str(args.concurrency)],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--plans",
+                str(plans),
+                "--memory-child",
+                str(count),
+                "--concurrency",
+                str(args.concurrency),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         memory.append(json.loads(out.stdout.strip().splitlines()[-1]))
 

@@ -52,21 +52,30 @@ from floorplan_ft.teachers.labeling import CostLedger, LabelingRun, LabelItem, m
 
 KEY = "bench-placeholder-not-a-key"
 ROOMY_HEADERS = {
-    "x-ratelimit-limit-requests": "100000", "x-ratelimit-remaining-requests": "99999",
-    "x-ratelimit-reset-requests": "1ms", "x-ratelimit-limit-tokens": "100000000",
-    "x-ratelimit-remaining-tokens": "99999000", "x-ratelimit-reset-tokens": "1ms",
+    "x-ratelimit-limit-requests": "100000",
+    "x-ratelimit-remaining-requests": "99999",
+    "x-ratelimit-reset-requests": "1ms",
+    "x-ratelimit-limit-tokens": "100000000",
+    "x-ratelimit-remaining-tokens": "99999000",
+    "x-ratelimit-reset-tokens": "1ms",
 }
 WINDOW = {"rate_window_s": 1.0} if "rate_window_s" in TeacherSettings.model_fields else {}
-BASE = {"concurrency": 5, "requests_per_minute": 100_000, "tokens_per_minute": 100_000_000,
-        "budget_usd": 1e6, **WINDOW}
+BASE = {"concurrency": 5, "requests_per_minute": 100_000, "tokens_per_minute": 100_000_000, "budget_usd": 1e6, **WINDOW}
 PLAN = {"max_invalid_attempts": 1, "max_truncated_attempts": 1}
 
 
 def make_items(n: int, tag: str) -> list[LabelItem]:
-    return [LabelItem(f"{tag}{i:05d}", f"{tag}{i:05d}.png",
-                      [{"role": "system", "content": "평면도 분석가입니다."},
-                       {"role": "user", "content": f"{tag}{i:05d}.png 평면을 분석하세요."}])
-            for i in range(n)]
+    return [
+        LabelItem(
+            f"{tag}{i:05d}",
+            f"{tag}{i:05d}.png",
+            [
+                {"role": "system", "content": "평면도 분석가입니다."},
+                {"role": "user", "content": f"{tag}{i:05d}.png 평면을 분석하세요."},
+            ],
+        )
+        for i in range(n)
+    ]
 
 
 def settings(server: FakeProviderServer, **teachers):
@@ -85,12 +94,20 @@ def fault_run(server: FakeProviderServer, design: str, n: int, seed: int, root: 
     wall = time.perf_counter() - start
     ledger = store.read_json(store.path("cost_ledger_openai.json"))
     return {
-        "design": design, "items": n, "labeled": summary.labeled, "failed": summary.failed,
+        "design": design,
+        "items": n,
+        "labeled": summary.labeled,
+        "failed": summary.failed,
         "failure_reasons": dict(Counter(f["reason"] for f in summary.failures.values())),
-        "requests": len(server.requests_to("chat/completions")), "ledger_requests": ledger["requests"],
-        "faults_drawn": dict(mix.drawn), "repaid_answers": mix.repaid,
-        "reasked": summary.reasked, "larger_budget": summary.larger_budget, "fresh_asks": summary.fresh_asks,
-        "cost_usd": summary.cost_usd, "wall_s": round(wall, 1),
+        "requests": len(server.requests_to("chat/completions")),
+        "ledger_requests": ledger["requests"],
+        "faults_drawn": dict(mix.drawn),
+        "repaid_answers": mix.repaid,
+        "reasked": summary.reasked,
+        "larger_budget": summary.larger_budget,
+        "fresh_asks": summary.fresh_asks,
+        "cost_usd": summary.cost_usd,
+        "wall_s": round(wall, 1),
     }
 
 
@@ -116,9 +133,17 @@ def kill_run(server: FakeProviderServer, n: int, kill_after: int, latency: float
     store = ArtifactStore(root / f"kill{trial}")
     items = make_items(n, "K")
     script = root / f"killed{trial}.py"
-    script.write_text(textwrap.dedent(KILLED.format(
-        paths=[str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")], key=KEY, url=server.openai_base_url,
-        root=str(store.root), n=n)))
+    script.write_text(
+        textwrap.dedent(
+            KILLED.format(
+                paths=[str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")],
+                key=KEY,
+                url=server.openai_base_url,
+                root=str(store.root),
+                n=n,
+            )
+        )
+    )
     proc = subprocess.Popen([sys.executable, str(script)], cwd=root, env={**os.environ, "PYTHONPATH": ""})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -132,19 +157,27 @@ def kill_run(server: FakeProviderServer, n: int, kill_after: int, latency: float
     answered_at_kill = sum(os.path.exists(meta_path(store, i.stem, "openai")) for i in items)
     server_at_kill = len(server.requests_to("chat/completions"))
     ledger = CostLedger(store, "openai")
-    at_kill = {"ledger_requests": ledger.totals["requests"], "server_requests": server_at_kill,
-               "unsettled": ledger.unsettled_requests, "answered": answered_at_kill}
+    at_kill = {
+        "ledger_requests": ledger.totals["requests"],
+        "server_requests": server_at_kill,
+        "unsettled": ledger.unsettled_requests,
+        "answered": answered_at_kill,
+    }
     server.latency_s = 0.0
     cfg = settings(server)
     summary = asyncio.run(LabelingRun(make_teacher(cfg, "openai"), store, cfg.teachers).run(items))
     view = store.read_json(store.path("cost_ledger_openai.json"))
     return {
-        "trial": trial, "items": n, "at_kill": at_kill,
-        "after_restart": {"labeled_or_cached": summary.labeled + summary.cached,
-                          "ledger_requests": view["requests"],
-                          "server_requests": len(server.requests_to("chat/completions")),
-                          "possibly_paid_twice": view["possibly_paid_twice"],
-                          "repaid_on_server": mix.repaid},
+        "trial": trial,
+        "items": n,
+        "at_kill": at_kill,
+        "after_restart": {
+            "labeled_or_cached": summary.labeled + summary.cached,
+            "ledger_requests": view["requests"],
+            "server_requests": len(server.requests_to("chat/completions")),
+            "possibly_paid_twice": view["possibly_paid_twice"],
+            "repaid_on_server": mix.repaid,
+        },
     }
 
 
@@ -156,8 +189,12 @@ def main() -> None:
     parser.add_argument("--kill-after", type=int, default=20, help="answers stored before the SIGKILL")
     parser.add_argument("--latency", type=float, default=0.5, help="server latency (s) in the kill runs")
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--window", type=float, default=1.0,
-                        help="teachers.rate_window_s of the fault runs (60: the providers' real minute)")
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=1.0,
+        help="teachers.rate_window_s of the fault runs (60: the providers' real minute)",
+    )
     parser.add_argument("--no-kill", action="store_true", help="only the fault runs")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "faults.json"))
     args = parser.parse_args()
@@ -167,38 +204,61 @@ def main() -> None:
         root = Path(tmp)
         WINDOW["rate_window_s"] = BASE["rate_window_s"] = args.window
         designs = [fault_run(server, d, args.items, args.seed, root) for d in ("engine", "plan")]
-        kills = [] if args.no_kill else [kill_run(server, args.kill_items, args.kill_after, args.latency, t, root)
-                                         for t in range(1, args.trials + 1)]
+        kills = (
+            []
+            if args.no_kill
+            else [
+                kill_run(server, args.kill_items, args.kill_after, args.latency, t, root)
+                for t in range(1, args.trials + 1)
+            ]
+        )
     result = {
-        "bench": "faults", "items": args.items, "seed": args.seed, "rate_window_s": args.window,
-        "fault_mix": {"rate_limited": 0.10, "server_error": 0.05, "invalid_json": 0.05, "truncated": 0.05,
-                      "retry_after_s": 1},
+        "bench": "faults",
+        "items": args.items,
+        "seed": args.seed,
+        "rate_window_s": args.window,
+        "fault_mix": {
+            "rate_limited": 0.10,
+            "server_error": 0.05,
+            "invalid_json": 0.05,
+            "truncated": 0.05,
+            "retry_after_s": 1,
+        },
         "settings": {"engine": BASE, "plan": {**BASE, **PLAN}},
-        "fault_runs": designs, "kill_runs": kills,
+        "fault_runs": designs,
+        "kill_runs": kills,
         "targets": {
             "engine_all_labeled": designs[0]["labeled"] == args.items,
-            "ledger_ge_server_at_kill": all(k["at_kill"]["ledger_requests"] >= k["at_kill"]["server_requests"]
-                                            for k in kills),
-            "paid_twice_reported": all(k["after_restart"]["possibly_paid_twice"] >= k["after_restart"]["repaid_on_server"]
-                                       for k in kills),
+            "ledger_ge_server_at_kill": all(
+                k["at_kill"]["ledger_requests"] >= k["at_kill"]["server_requests"] for k in kills
+            ),
+            "paid_twice_reported": all(
+                k["after_restart"]["possibly_paid_twice"] >= k["after_restart"]["repaid_on_server"] for k in kills
+            ),
         },
     }
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print("| design | labeled | failed | requests | repaid answers | re-asks / larger budget / fresh | wall s |")
     print("|---|---|---|---|---|---|---|")
     for d in designs:
-        print(f"| {d['design']} | {d['labeled']}/{d['items']} | {d['failed']} {d['failure_reasons'] or ''} | "
-              f"{d['requests']} | {d['repaid_answers']} | {d['reasked']} / {d['larger_budget']} / {d['fresh_asks']} | "
-              f"{d['wall_s']} |")
+        print(
+            f"| {d['design']} | {d['labeled']}/{d['items']} | {d['failed']} {d['failure_reasons'] or ''} | "
+            f"{d['requests']} | {d['repaid_answers']} | {d['reasked']} / {d['larger_budget']} / {d['fresh_asks']} | "
+            f"{d['wall_s']} |"
+        )
     print()
-    print("| kill trial | answered at kill | server requests | ledger requests | unsettled | after restart: "
-          "labeled | ledger / server requests | possibly paid twice | repaid on server |")
+    print(
+        "| kill trial | answered at kill | server requests | ledger requests | unsettled | after restart: "
+        "labeled | ledger / server requests | possibly paid twice | repaid on server |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for k in kills:
         a, r = k["at_kill"], k["after_restart"]
-        print(f"| {k['trial']} | {a['answered']} | {a['server_requests']} | {a['ledger_requests']} | {a['unsettled']} | "
-              f"{r['labeled_or_cached']}/{k['items']} | {r['ledger_requests']} / {r['server_requests']} | "
-              f"{r['possibly_paid_twice']} | {r['repaid_on_server']} |")
+        print(
+            f"| {k['trial']} | {a['answered']} | {a['server_requests']} | {a['ledger_requests']} | {a['unsettled']} | "
+            f"{r['labeled_or_cached']}/{k['items']} | {r['ledger_requests']} / {r['server_requests']} | "
+            f"{r['possibly_paid_twice']} | {r['repaid_on_server']} |"
+        )
     print(json.dumps(result["targets"]))
 
 

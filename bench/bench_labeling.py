@@ -41,9 +41,14 @@ KEY = "bench-placeholder-not-a-key"
 
 def make_items(n: int, tag: str) -> list[LabelItem]:
     return [
-        LabelItem(f"{tag}{i:05d}", f"{tag}{i:05d}.png",
-                  [{"role": "system", "content": "평면도 분석가"},
-                   {"role": "user", "content": f"{tag}{i:05d}.png 를 분석하세요."}])
+        LabelItem(
+            f"{tag}{i:05d}",
+            f"{tag}{i:05d}.png",
+            [
+                {"role": "system", "content": "평면도 분석가"},
+                {"role": "user", "content": f"{tag}{i:05d}.png 를 분석하세요."},
+            ],
+        )
         for i in range(n)
     ]
 
@@ -69,25 +74,29 @@ def rejected_after_first_minute(server: FakeProviderServer, start: float) -> int
 def steady_rate_per_min(server: FakeProviderServer, start: float) -> float | None:
     """Accepted requests per minute after the first minute (a sliding window lets the first
     minute's full allowance go at once, which flatters any whole-run average)."""
-    times = sorted(r.at for r in server.requests if r.method == "POST" and not r.rejected
-                   and r.at - start >= 60.0)
+    times = sorted(r.at for r in server.requests if r.method == "POST" and not r.rejected and r.at - start >= 60.0)
     if len(times) < 2:
         return None
     return (len(times) - 1) / (times[-1] - times[0]) * 60.0
 
 
 def run_engine(server: FakeProviderServer, items: list[LabelItem], root: Path) -> dict:
-    settings = load_settings(teachers={"concurrency": 5, "requests_per_minute": 500,
-                                       "tokens_per_minute": 10_000_000, "budget_usd": 1e9})
+    settings = load_settings(
+        teachers={"concurrency": 5, "requests_per_minute": 500, "tokens_per_minute": 10_000_000, "budget_usd": 1e9}
+    )
     client = OpenAIChatClient("gpt-4o", api_key=KEY, base_url=server.openai_base_url, timeout_s=60)
     teacher = LLMTeacher("openai", client, 0.2)
     start_mono, start = time.monotonic(), time.perf_counter()
     summary = asyncio.run(LabelingRun(teacher, ArtifactStore(root), settings.teachers).run(items))
     wall = time.perf_counter() - start
     assert summary.labeled == len(items), summary
-    return {"wall_s": wall, "requests": server.request_count, "rejected_429": len(server.rejected_429),
-            "rejected_429_after_first_minute": rejected_after_first_minute(server, start_mono),
-            "steady_per_min": steady_rate_per_min(server, start_mono)}
+    return {
+        "wall_s": wall,
+        "requests": server.request_count,
+        "rejected_429": len(server.rejected_429),
+        "rejected_429_after_first_minute": rejected_after_first_minute(server, start_mono),
+        "steady_per_min": steady_rate_per_min(server, start_mono),
+    }
 
 
 def run_plan_design(server: FakeProviderServer, items: list[LabelItem]) -> dict:
@@ -111,9 +120,13 @@ def run_plan_design(server: FakeProviderServer, items: list[LabelItem]) -> dict:
     start_mono, start = time.monotonic(), time.perf_counter()
     asyncio.run(main())
     wall = time.perf_counter() - start
-    return {"wall_s": wall, "requests": server.request_count, "rejected_429": len(server.rejected_429),
-            "rejected_429_after_first_minute": rejected_after_first_minute(server, start_mono),
-            "steady_per_min": steady_rate_per_min(server, start_mono)}
+    return {
+        "wall_s": wall,
+        "requests": server.request_count,
+        "rejected_429": len(server.rejected_429),
+        "rejected_429_after_first_minute": rejected_after_first_minute(server, start_mono),
+        "steady_per_min": steady_rate_per_min(server, start_mono),
+    }
 
 
 def main() -> None:
@@ -137,18 +150,20 @@ def main() -> None:
     ideal_s = max(args.items / args.rpm * 60.0, 0.0)
     for r in results.values():
         r["achieved_over_allowed"] = (r["steady_per_min"] or 0.0) / args.rpm
-    out = {"items": args.items, "latency_s": args.latency, "rpm_limit": args.rpm,
-           "ideal_wall_s": ideal_s, **results}
+    out = {"items": args.items, "latency_s": args.latency, "rpm_limit": args.rpm, "ideal_wall_s": ideal_s, **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     e, p = results["engine"], results["plan"]
-    print(f"\n{args.items} items, {args.latency} s latency, provider limit {args.rpm}/min "
-          f"(ideal {ideal_s:.0f} s)\n")
-    print("| design | wall time | achieved / allowed rate (after the 1st minute) | requests | 429s | 429s after 1st minute |")
+    print(f"\n{args.items} items, {args.latency} s latency, provider limit {args.rpm}/min (ideal {ideal_s:.0f} s)\n")
+    print(
+        "| design | wall time | achieved / allowed rate (after the 1st minute) | requests | 429s | 429s after 1st minute |"
+    )
     print("|---|---|---|---|---|---|")
     for name, r in (("engine (limiter + headers)", e), ("plan (5 fixed, 60 s pause)", p)):
-        print(f"| {name} | {r['wall_s']:.0f} s | {r['achieved_over_allowed']:.2f} | {r['requests']} | "
-              f"{r['rejected_429']} | {r['rejected_429_after_first_minute']} |")
+        print(
+            f"| {name} | {r['wall_s']:.0f} s | {r['achieved_over_allowed']:.2f} | {r['requests']} | "
+            f"{r['rejected_429']} | {r['rejected_429_after_first_minute']} |"
+        )
     print(f"\nengine wall time / plan wall time: {e['wall_s'] / p['wall_s']:.2f}")
 
 

@@ -51,9 +51,14 @@ def make_items(n: int):
     from floorplan_ft.teachers.labeling import LabelItem
 
     return [
-        LabelItem(f"P{i:05d}", f"P{i:05d}.png",
-                  [{"role": "system", "content": "평면도 분석가"},
-                   {"role": "user", "content": f"P{i:05d}.png 를 분석하세요."}])
+        LabelItem(
+            f"P{i:05d}",
+            f"P{i:05d}.png",
+            [
+                {"role": "system", "content": "평면도 분석가"},
+                {"role": "user", "content": f"P{i:05d}.png 를 분석하세요."},
+            ],
+        )
         for i in range(n)
     ]
 
@@ -69,15 +74,28 @@ def child(args: argparse.Namespace) -> None:
 
     items = make_items(args.items)
     settings = load_settings(
-        teachers={"concurrency": 5, "budget_usd": 1e9,
-                  **({"limits": {"gemini": {"requests_per_minute": args.rpm}}} if args.rpm else {})},
-        gemini_api_key=KEY, gemini_base_url=args.url,
+        teachers={
+            "concurrency": 5,
+            "budget_usd": 1e9,
+            **({"limits": {"gemini": {"requests_per_minute": args.rpm}}} if args.rpm else {}),
+        },
+        gemini_api_key=KEY,
+        gemini_base_url=args.url,
     )
     store = ArtifactStore(args.root)
     if args.design == "engine":
         summary = asyncio.run(LabelingRun(make_teacher(settings, "gemini"), store, settings.teachers).run(items))
-        print(json.dumps({"labeled": summary.labeled, "cached": summary.cached, "failed": summary.failed,
-                          "failures": {k: v["reason"] for k, v in summary.failures.items()}}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "labeled": summary.labeled,
+                    "cached": summary.cached,
+                    "failed": summary.failed,
+                    "failures": {k: v["reason"] for k, v in summary.failures.items()},
+                }
+            ),
+            flush=True,
+        )
         return
 
     from floorplan_ft.schemas import FloorPlanAnalysis
@@ -119,8 +137,19 @@ def answers(root: Path, design: str) -> int:
 
 
 def spawn(design: str, rpm: int | None, items: int, url: str, root: Path) -> subprocess.Popen:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--design", design, "--items", str(items),
-           "--url", url, "--root", str(root)] + (["--rpm", str(rpm)] if rpm else [])
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--design",
+        design,
+        "--items",
+        str(items),
+        "--url",
+        url,
+        "--root",
+        str(root),
+    ] + (["--rpm", str(rpm)] if rpm else [])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FTP_", "GEMINI", "GOOGLE", "OPENAI"))}
     return subprocess.Popen(cmd, cwd=root.parent, env=env, stdout=subprocess.PIPE, text=True)
 
@@ -160,10 +189,14 @@ def scenario_a(name: str, design: str, rpm: int | None, items: int, limit: int, 
     first = min([r.at for r in fake.requests] or [start])
     done = answers(root, design)
     out[name] = {
-        "wall_s": round(wall, 1), "requests": fake.request_count, "rejected_429": len(fake.rejected_429),
+        "wall_s": round(wall, 1),
+        "requests": fake.request_count,
+        "rejected_429": len(fake.rejected_429),
         "rejected_429_first_minute": sum(1 for t in fake.rejected_429 if t - first < WINDOW),
         "rejected_429_after_first_minute": sum(1 for t in fake.rejected_429 if t - first >= WINDOW),
-        "items": items, "answered": done, "lost": items - done,
+        "items": items,
+        "answered": done,
+        "lost": items - done,
         "achieved_over_allowed": occupancy(times, first, limit),
         "child": stdout.strip().splitlines()[-1] if stdout.strip() else None,
     }
@@ -171,8 +204,17 @@ def scenario_a(name: str, design: str, rpm: int | None, items: int, limit: int, 
     print(f"(a) {name}: {json.dumps(out[name])}", flush=True)
 
 
-def scenario_b(name: str, design: str, rpm: int | None, items: int, limit: int, latency: float,
-               kill_at: int, keep_history: bool, out: dict) -> None:
+def scenario_b(
+    name: str,
+    design: str,
+    rpm: int | None,
+    items: int,
+    limit: int,
+    latency: float,
+    kill_at: int,
+    keep_history: bool,
+    out: dict,
+) -> None:
     fake = server(limit, latency)
     root = Path(tempfile.mkdtemp(prefix=f"pacing-b-{name}-")) / "data"
     root.mkdir(parents=True)
@@ -193,10 +235,14 @@ def scenario_b(name: str, design: str, rpm: int | None, items: int, limit: int, 
     after = fake.rejected_429[before:]
     done = answers(root, design)
     out[name] = {
-        "items": items, "killed_with_answers": killed_with, "history_kept": keep_history,
+        "items": items,
+        "killed_with_answers": killed_with,
+        "history_kept": keep_history,
         "rejected_429_before_restart": before,
         "rejected_429_first_60s_after_restart": sum(1 for t in after if t - restart < WINDOW),
-        "rejected_429_after_restart": len(after), "answered": done, "lost": items - done,
+        "rejected_429_after_restart": len(after),
+        "answered": done,
+        "lost": items - done,
         "wall_after_restart_s": round(time.monotonic() - restart, 1),
     }
     fake.stop()
@@ -222,15 +268,24 @@ def main() -> None:
         return child(args)
 
     rows_a = {"engine@60": ("engine", None), "engine@500": ("engine", 500), "plan": ("plan", None)}
-    rows_b = {"engine@60": ("engine", None, True), "engine@500": ("engine", 500, True),
-              "engine@500, no history": ("engine", 500, False), "plan": ("plan", None, True)}
+    rows_b = {
+        "engine@60": ("engine", None, True),
+        "engine@500": ("engine", 500, True),
+        "engine@500, no history": ("engine", 500, False),
+        "plan": ("plan", None, True),
+    }
     a: dict = {}
     b: dict = {}
-    group_a = [threading.Thread(target=scenario_a, args=(n, d, r, args.items, args.limit, args.latency, a))
-               for n, (d, r) in rows_a.items()]
-    group_b = [threading.Thread(target=scenario_b, args=(n, d, r, args.restart_items, args.limit, args.latency,
-                                                         args.kill_at, keep, b))
-               for n, (d, r, keep) in rows_b.items()]
+    group_a = [
+        threading.Thread(target=scenario_a, args=(n, d, r, args.items, args.limit, args.latency, a))
+        for n, (d, r) in rows_a.items()
+    ]
+    group_b = [
+        threading.Thread(
+            target=scenario_b, args=(n, d, r, args.restart_items, args.limit, args.latency, args.kill_at, keep, b)
+        )
+        for n, (d, r, keep) in rows_b.items()
+    ]
     started = time.monotonic()
     groups = {"a": [group_a], "b": [group_b]}.get(args.only, [group_a, group_b])
     for group in groups:  # the rows of one scenario side by side, the scenarios in turn
@@ -238,10 +293,14 @@ def main() -> None:
             t.start()
         for t in group:
             t.join()
-    result = {"provider": {"limit_per_60s": args.limit, "latency_s": args.latency, "headers": "none",
-                           "retry_after": "none"},
-              "a_no_headers": a, "b_restart": b, "restart_items": args.restart_items, "kill_at": args.kill_at,
-              "bench_wall_s": round(time.monotonic() - started, 1)}
+    result = {
+        "provider": {"limit_per_60s": args.limit, "latency_s": args.latency, "headers": "none", "retry_after": "none"},
+        "a_no_headers": a,
+        "b_restart": b,
+        "restart_items": args.restart_items,
+        "kill_at": args.kill_at,
+        "bench_wall_s": round(time.monotonic() - started, 1),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
 
@@ -249,14 +308,18 @@ def main() -> None:
     print("| design | 429s in the 1st minute | 429s after it | items lost | achieved / allowed rate | wall |")
     print("|---|---|---|---|---|---|")
     for name, r in a.items():
-        print(f"| {name} | {r['rejected_429_first_minute']} | {r['rejected_429_after_first_minute']} | "
-              f"{r['lost']} | {r['achieved_over_allowed']} | {r['wall_s']:.0f} s |")
+        print(
+            f"| {name} | {r['rejected_429_first_minute']} | {r['rejected_429_after_first_minute']} | "
+            f"{r['lost']} | {r['achieved_over_allowed']} | {r['wall_s']:.0f} s |"
+        )
     print(f"\n(b) restart: {args.restart_items} items, SIGKILL at {args.kill_at} answers, restarted at once\n")
     print("| design | 429s before the kill | 429s in the 60 s after the restart | items lost |")
     print("|---|---|---|---|")
     for name, r in b.items():
-        print(f"| {name} | {r['rejected_429_before_restart']} | {r['rejected_429_first_60s_after_restart']} | "
-              f"{r['lost']} |")
+        print(
+            f"| {name} | {r['rejected_429_before_restart']} | {r['rejected_429_first_60s_after_restart']} | "
+            f"{r['lost']} |"
+        )
     return None
 
 

@@ -52,9 +52,7 @@ def build_statistics(count: int, seed: int) -> tuple[dict[str, dict], float]:
     for i in range(count):
         stem = f"C00_{i:04d}"
         plan = generate_plan(np.random.default_rng([seed, i]), stem)
-        stats[stem] = build_topology(
-            detections_from_coco(plan_to_coco(plan))
-        ).statistics.model_dump()
+        stats[stem] = build_topology(detections_from_coco(plan_to_coco(plan))).statistics.model_dump()
     return stats, time.perf_counter() - start
 
 
@@ -77,9 +75,7 @@ def child(args: argparse.Namespace) -> None:
     work = Path(args.workdir)
     stats = json.loads((work / "stats.json").read_text(encoding="utf-8"))
     t0 = time.perf_counter()
-    manager = LocalEmbeddingManager(
-        args.model, args.dimensions, device="cpu", batch_size=args.batch_size
-    )
+    manager = LocalEmbeddingManager(args.model, args.dimensions, device="cpu", batch_size=args.batch_size)
     manager.load()
     chunks = load_corpus()
     vectors = embed_corpus(manager, chunks)  # same for both modes, not timed
@@ -87,9 +83,7 @@ def child(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - t0
     rss_before = _maxrss_mib()
 
-    queries = {
-        stem: build_query(s, include_counts=args.include_counts) for stem, s in stats.items()
-    }
+    queries = {stem: build_query(s, include_counts=args.include_counts) for stem, s in stats.items()}
     extrapolated = False
     done = len(queries)
     call_ms: list[float] = []
@@ -114,11 +108,7 @@ def child(args: argparse.Namespace) -> None:
                 top_k=args.top_k,
             )
             call_ms.append((time.perf_counter() - t1) * 1000)
-            if (
-                args.loop_budget_s
-                and time.perf_counter() - start > args.loop_budget_s
-                and n < len(queries)
-            ):
+            if args.loop_budget_s and time.perf_counter() - start > args.loop_budget_s and n < len(queries):
                 done, extrapolated = n, True
                 break
         elapsed = time.perf_counter() - start
@@ -127,20 +117,13 @@ def child(args: argparse.Namespace) -> None:
         # machine's CPUs are shared: the median is the figure used.
         for _ in range(args.batched_repeats):
             t1 = time.perf_counter()
-            queries = {
-                stem: build_query(s, include_counts=args.include_counts)
-                for stem, s in stats.items()
-            }
+            queries = {stem: build_query(s, include_counts=args.include_counts) for stem, s in stats.items()}
             contexts = retrieve_contexts(manager, chunks, vectors, queries, args.top_k)
             repeats_s.append(time.perf_counter() - t1)
         elapsed = statistics.median(repeats_s)
     load_after = os.getloadavg()[0]
 
-    pct = (
-        (lambda q: round(statistics.quantiles(call_ms, n=100)[q - 1], 2))
-        if len(call_ms) > 2
-        else None
-    )
+    pct = (lambda q: round(statistics.quantiles(call_ms, n=100)[q - 1], 2)) if len(call_ms) > 2 else None
     result = {
         "mode": args.mode,
         "plans": len(queries),
@@ -168,9 +151,7 @@ def child(args: argparse.Namespace) -> None:
         "topk": {s: [h.id for h in c.chunks] for s, c in contexts.items()},
         "top1_similarity": {s: c.chunks[0].similarity for s, c in contexts.items()},
     }
-    (work / f"{args.mode}.json").write_text(
-        json.dumps(result, ensure_ascii=False), encoding="utf-8"
-    )
+    (work / f"{args.mode}.json").write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
 
 
 def run_child(mode: str, args: argparse.Namespace, workdir: Path) -> dict:
@@ -211,9 +192,7 @@ def run_child(mode: str, args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=2000, help="synthetic plans (default 2000)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--model", default="packaged:all-MiniLM-L6-v2")
@@ -252,9 +231,7 @@ def main() -> None:
     stats, build_s = build_statistics(args.count, args.seed)
     distinct = {
         "criteria buckets (default)": len({build_query(s) for s in stats.values()}),
-        "with room/bathroom counts": len(
-            {build_query(s, include_counts=True) for s in stats.values()}
-        ),
+        "with room/bathroom counts": len({build_query(s, include_counts=True) for s in stats.values()}),
     }
     with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:
         work = Path(tmp)
@@ -266,9 +243,7 @@ def main() -> None:
 
     measured = list(loop["topk"])
     same_topk = sum(loop["topk"][s] == batched["topk"][s] for s in measured)
-    max_sim_diff = max(
-        abs(loop["top1_similarity"][s] - batched["top1_similarity"][s]) for s in measured
-    )
+    max_sim_diff = max(abs(loop["top1_similarity"][s] - batched["top1_similarity"][s]) for s in measured)
     ratio = loop["wall_s"] / batched["wall_s"]
     chunk_sets = len({tuple(v) for v in batched["topk"].values()})
 
@@ -388,9 +363,7 @@ def main() -> None:
         },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(out, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-    )
+    Path(args.out).write_text(json.dumps(out, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
 
 

@@ -98,8 +98,7 @@ def settings_for(provider: str, args: argparse.Namespace, work: Path):
         return load_settings(args.config, args.profile)
     common = {
         "paths": {"data_root": str(work / "data")},
-        "retrieval": {"provider": "local", "model": "packaged:all-MiniLM-L6-v2", "dimensions": 384,
-                      "device": "cpu"},
+        "retrieval": {"provider": "local", "model": "packaged:all-MiniLM-L6-v2", "dimensions": 384, "device": "cpu"},
     }
     if provider == "reference":
         return load_settings(**common, serving={"llm_provider": "reference"})
@@ -110,10 +109,16 @@ def settings_for(provider: str, args: argparse.Namespace, work: Path):
         if not (student / "config.json").is_file():
             model, tokenizer = build_tiny_causal_lm(student, seed=0)
             bias_towards_short_json(model, tokenizer, student)
-        return load_settings(**common, serving={
-            "llm_provider": "local", "adapter_path": str(student), "cpu_threads": 1,
-            "max_new_tokens": 1500, "timeout_s": 120.0,
-        })
+        return load_settings(
+            **common,
+            serving={
+                "llm_provider": "local",
+                "adapter_path": str(student),
+                "cpu_threads": 1,
+                "max_new_tokens": 1500,
+                "timeout_s": 120.0,
+            },
+        )
     raise SystemExit(f"unknown provider {provider!r}: use reference, tiny or settings")
 
 
@@ -133,9 +138,10 @@ def run_provider(provider: str, plans: list[dict], args: argparse.Namespace, wor
     samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
     tokens_in, tokens_out = [], []
     failures: dict[str, int] = {}
-    with serve_in_thread(create_app(service)) as base_url, httpx.Client(
-        base_url=base_url, timeout=settings.serving.timeout_s + 30
-    ) as client:
+    with (
+        serve_in_thread(create_app(service)) as base_url,
+        httpx.Client(base_url=base_url, timeout=settings.serving.timeout_s + 30) as client,
+    ):
         for i in range(args.warmup):
             client.post("/analyze", json={"topology": plans[i % len(plans)]})
         for plan in plans:
@@ -189,8 +195,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
         model = Path(r["model"]).name if r["provider"] == "local" else r["model"]
         label = r["provider"] + ("" if r["is_llm"] else " (rules, not an LLM)")
         for stage, s in r["stages_ms"].items():
-            lines.append(f"| {label} | {model} | {stage.removesuffix('_ms')} | {s['p50']} | "
-                         f"{s['p95']} | {s['mean']} | {s['max']} |")
+            lines.append(
+                f"| {label} | {model} | {stage.removesuffix('_ms')} | {s['p50']} | "
+                f"{s['p95']} | {s['mean']} | {s['max']} |"
+            )
     return "\n".join(lines)
 
 
@@ -223,8 +231,7 @@ def run_limits(plans: list[dict], work: Path) -> dict[str, Any]:
     torch.set_num_threads(1)
     common = {
         "paths": {"data_root": str(work / "data")},
-        "retrieval": {"provider": "local", "model": "packaged:all-MiniLM-L6-v2", "dimensions": 384,
-                      "device": "cpu"},
+        "retrieval": {"provider": "local", "model": "packaged:all-MiniLM-L6-v2", "dimensions": 384, "device": "cpu"},
     }
     student = rambling_student(work)
     # A plan on which the rambling student does not stop by chance (the tests' sample plan 2).
@@ -233,29 +240,37 @@ def run_limits(plans: list[dict], work: Path) -> dict[str, Any]:
     from floorplan_ft.cv import build_topology, detections_from_coco
     from floorplan_ft.synth import generate_plan, plan_to_coco
 
-    long_plan = build_topology(detections_from_coco(plan_to_coco(
-        generate_plan(np.random.default_rng([11, 2]), "C03_0002")))).model_dump(mode="json")
-    local = {"llm_provider": "local", "adapter_path": str(student), "cpu_threads": 1,
-             "max_new_tokens": 40_000}
+    long_plan = build_topology(
+        detections_from_coco(plan_to_coco(generate_plan(np.random.default_rng([11, 2]), "C03_0002")))
+    ).model_dump(mode="json")
+    local = {"llm_provider": "local", "adapter_path": str(student), "cpu_threads": 1, "max_new_tokens": 40_000}
     out: dict[str, Any] = {}
 
     print("... limits: a 20 MB /analyze body", file=sys.stderr, flush=True)
-    with AnalysisService(load_settings(**common, serving={"llm_provider": "reference"})) as service, \
-            serve_in_thread(create_app(service)) as url, httpx.Client(base_url=url, timeout=120) as http:
+    with (
+        AnalysisService(load_settings(**common, serving={"llm_provider": "reference"})) as service,
+        serve_in_thread(create_app(service)) as url,
+        httpx.Client(base_url=url, timeout=120) as http,
+    ):
         huge = json.dumps({"topology": {**plans[0], "padding": "x" * (20 * 1024 * 1024)}}).encode()
         t0 = time.perf_counter()
         big = http.post("/analyze", content=huge, headers={"content-type": "application/json"})
         big_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         after = http.post("/analyze", json={"topology": plans[1]})
-        out["oversized_body"] = {"bytes": len(huge), "status": big.status_code,
-                                 "error": big.json().get("error"), "seconds": round(big_s, 3),
-                                 "next_status": after.status_code,
-                                 "next_seconds": round(time.perf_counter() - t0, 3)}
+        out["oversized_body"] = {
+            "bytes": len(huge),
+            "status": big.status_code,
+            "error": big.json().get("error"),
+            "seconds": round(big_s, 3),
+            "next_status": after.status_code,
+            "next_seconds": round(time.perf_counter() - t0, 3),
+        }
 
     print("... limits: a local generation past serving.timeout_s", file=sys.stderr, flush=True)
-    with AnalysisService(load_settings(**common, serving={**local, "timeout_s": 2.0,
-                                                           "chat_max_tokens": 16})) as service:
+    with AnalysisService(
+        load_settings(**common, serving={**local, "timeout_s": 2.0, "chat_max_tokens": 16})
+    ) as service:
         service.warm_up()
         with serve_in_thread(create_app(service)) as url, httpx.Client(base_url=url, timeout=300) as http:
             t0 = time.perf_counter()
@@ -268,20 +283,24 @@ def run_limits(plans: list[dict], work: Path) -> dict[str, Any]:
 
             analysis = reference_analysis("p.png", TopologyGraph.model_validate(plans[0]))
             service.timeout_s = 60.0
-            chat = http.post("/chat", json={"analysis": analysis.model_dump(mode="json"),
-                                            "question": "수납은?"})
+            chat = http.post("/chat", json={"analysis": analysis.model_dump(mode="json"), "question": "수납은?"})
             out["timed_out_generation"] = {
-                "timeout_s": 2.0, "status": timed_out.status_code,
-                "error": timed_out.json().get("error"), "seconds_to_503": round(timeout_s, 2),
-                "generator_idle_after": idle, "next_status": chat.status_code,
+                "timeout_s": 2.0,
+                "status": timed_out.status_code,
+                "error": timed_out.json().get("error"),
+                "seconds_to_503": round(timeout_s, 2),
+                "generator_idle_after": idle,
+                "next_status": chat.status_code,
                 "next_seconds": round(time.perf_counter() - t0, 2),
             }
 
     print("... limits: 10 concurrent requests, 1 slot, 2 queue places", file=sys.stderr, flush=True)
-    with AnalysisService(load_settings(**common, serving={**local, "timeout_s": 300.0,
-                                                           "max_concurrency": 1, "max_queue": 2})) as service:
+    with AnalysisService(
+        load_settings(**common, serving={**local, "timeout_s": 300.0, "max_concurrency": 1, "max_queue": 2})
+    ) as service:
         service.warm_up()
         with serve_in_thread(create_app(service)) as url:
+
             def post(i: int):
                 t0 = time.perf_counter()
                 r = httpx.post(url + "/analyze", json={"topology": long_plan}, timeout=300)
@@ -299,7 +318,9 @@ def run_limits(plans: list[dict], work: Path) -> dict[str, Any]:
                 rest = [f.result() for f in futures]
                 drain_s = time.perf_counter() - t0
         out["queue"] = {
-            "sent": 10, "max_concurrency": 1, "max_queue": 2,
+            "sent": 10,
+            "max_concurrency": 1,
+            "max_queue": 2,
             "rejected_at_once": sum(r.status_code == 503 for r, _ in early),
             "max_seconds_to_503": round(max((e for _, e in early), default=0.0), 2),
             "retry_after": sorted({r.headers.get("retry-after") for r, _ in early}),
@@ -313,13 +334,27 @@ def run_limits(plans: list[dict], work: Path) -> dict[str, Any]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FTP_", "LLM_", "EMBEDDING_"))}
-    env.update({"FTP_PATHS__DATA_ROOT": str(work / "data"), "LLM_PROVIDER": "local",
-                "FTP_RETRIEVAL__PROVIDER": "local", "FTP_RETRIEVAL__MODEL": "packaged:all-MiniLM-L6-v2",
-                "FTP_RETRIEVAL__DIMENSIONS": "384", "FTP_RETRIEVAL__DEVICE": "cpu",
-                "FTP_SERVING__ADAPTER_PATH": str(student), "FTP_SERVING__MAX_NEW_TOKENS": "40000",
-                "FTP_SERVING__TIMEOUT_S": "300", "FTP_SERVING__CPU_THREADS": "1"})
-    process = subprocess.Popen([sys.executable, "-m", "ft_pipeline.cli", "serve", "--port", str(port)],
-                               cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env.update(
+        {
+            "FTP_PATHS__DATA_ROOT": str(work / "data"),
+            "LLM_PROVIDER": "local",
+            "FTP_RETRIEVAL__PROVIDER": "local",
+            "FTP_RETRIEVAL__MODEL": "packaged:all-MiniLM-L6-v2",
+            "FTP_RETRIEVAL__DIMENSIONS": "384",
+            "FTP_RETRIEVAL__DEVICE": "cpu",
+            "FTP_SERVING__ADAPTER_PATH": str(student),
+            "FTP_SERVING__MAX_NEW_TOKENS": "40000",
+            "FTP_SERVING__TIMEOUT_S": "300",
+            "FTP_SERVING__CPU_THREADS": "1",
+        }
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ft_pipeline.cli", "serve", "--port", str(port)],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -343,9 +378,12 @@ def run_limits(plans: list[dict], work: Path) -> dict[str, Any]:
             finally:
                 exit_s = time.perf_counter() - t0
             response = long.result(timeout=30)
-        out["sigterm"] = {"seconds_to_exit": round(exit_s, 2), "returncode": process.returncode,
-                          "in_flight_status": response.status_code,
-                          "in_flight_error": response.json().get("error")}
+        out["sigterm"] = {
+            "seconds_to_exit": round(exit_s, 2),
+            "returncode": process.returncode,
+            "in_flight_status": response.status_code,
+            "in_flight_error": response.json().get("error"),
+        }
     finally:
         if process.poll() is None:
             process.kill()
@@ -361,10 +399,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--config", default=None, help="settings file (provider 'settings')")
     parser.add_argument("--profile", default=None, help="settings profile (provider 'settings')")
-    parser.add_argument("--out", default=None,
-                        help="result file (default bench/results/service.json, with --limits service_limits.json)")
-    parser.add_argument("--limits", action="store_true",
-                        help="measure the size limit, timeout cancellation, queue bound and SIGTERM instead")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="result file (default bench/results/service.json, with --limits service_limits.json)",
+    )
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="measure the size limit, timeout cancellation, queue bound and SIGTERM instead",
+    )
     args = parser.parse_args()
 
     import torch
@@ -372,8 +416,11 @@ def main() -> None:
     plans = build_plans(args.requests, args.seed)
     if args.limits:
         with tempfile.TemporaryDirectory(prefix="ftp-bench-limits-") as tmp:
-            report = {"cpus": os.cpu_count(), "python": platform.python_version(),
-                      "results": run_limits(plans, Path(tmp))}
+            report = {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "results": run_limits(plans, Path(tmp)),
+            }
         print(json.dumps(report["results"], indent=2))
         out = Path(args.out or ROOT / "bench" / "results" / "service_limits.json")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,9 +75,17 @@ def build_model(directory: Path, hidden: int, layers: int) -> None:
 
     tokenizer = build_tiny_tokenizer(directory)
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=hidden // 8, max_position_embeddings=8192,
-        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=hidden // 8,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(directory)
@@ -90,9 +98,15 @@ def write_rows(root: Path, count: int) -> None:
     rows = []
     for i in range(count):
         answer = json.dumps({"image_name": f"C{i:02d}.png", "summary": "bright rooms, cross ventilation " * 60})
-        rows.append({"messages": [{"role": "system", "content": "Analyse the plan."},
-                                  {"role": "user", "content": f"plan C{i:02d}"},
-                                  {"role": "assistant", "content": answer}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "Analyse the plan."},
+                    {"role": "user", "content": f"plan C{i:02d}"},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
     store.write_jsonl(store.run_file("train"), rows)
     store.write_jsonl(store.run_file("val"), rows[:2])
 
@@ -117,29 +131,54 @@ def main() -> None:
 
         root = work / "data"
         config = TrainConfig(
-            base_model=str(work / "base"), data_root=str(root), train_path=str(root / "train.jsonl"),
-            val_path=str(root / "val.jsonl"), student_name=f"student-{name}", device="cpu", lora_r=64,
-            lora_alpha=128, lora_dropout=0.05, batch_size=args.batch, grad_accum=1, max_steps=args.steps,
-            max_length=args.max_length, logging_steps=1, eval_steps=args.steps, save_steps=args.steps,
-            early_stopping_patience=0, learning_rate=1e-3, **CONFIGS[name],
+            base_model=str(work / "base"),
+            data_root=str(root),
+            train_path=str(root / "train.jsonl"),
+            val_path=str(root / "val.jsonl"),
+            student_name=f"student-{name}",
+            device="cpu",
+            lora_r=64,
+            lora_alpha=128,
+            lora_dropout=0.05,
+            batch_size=args.batch,
+            grad_accum=1,
+            max_steps=args.steps,
+            max_length=args.max_length,
+            logging_steps=1,
+            eval_steps=args.steps,
+            save_steps=args.steps,
+            early_stopping_patience=0,
+            learning_rate=1e-3,
+            **CONFIGS[name],
         )
         import dataclasses
 
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(dataclasses.asdict(config))],
-                              capture_output=True, text=True, check=False, cwd=ROOT, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(dataclasses.asdict(config))],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=ROOT,
+            env=env,
+        )
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not lines:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
         r = json.loads(lines[0].removeprefix("RESULT "))
         r["measured_over_estimate"] = round(r["measured_bytes"] / r["estimate_bytes"], 3)
         results[name] = r
-        print(f"{name:14s} measured {r['measured_bytes'] / 2**20:8.1f} MiB   estimate {r['estimate_bytes'] / 2**20:8.1f} MiB"
-              f"   ratio {r['measured_over_estimate']:.2f}")
+        print(
+            f"{name:14s} measured {r['measured_bytes'] / 2**20:8.1f} MiB   estimate {r['estimate_bytes'] / 2**20:8.1f} MiB"
+            f"   ratio {r['measured_over_estimate']:.2f}"
+        )
     out = {
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
         "model": {"hidden": args.hidden, "layers": args.layers, "params": next(iter(results.values()))["params"]},
-        "batch": args.batch, "max_length": args.max_length, "steps": args.steps, "results": results,
+        "batch": args.batch,
+        "max_length": args.max_length,
+        "steps": args.steps,
+        "results": results,
         "command": "python bench/bench_training.py " + " ".join(sys.argv[1:]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -33,8 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SETUPS = {
     "trl-lora": {"backend": "trl", "load_in_4bit": False, "optim": "adamw_torch", "gradient_checkpointing": False},
     "trl-qlora": {"backend": "trl", "load_in_4bit": True, "optim": "adamw_8bit", "gradient_checkpointing": True},
-    "unsloth-qlora": {"backend": "unsloth", "load_in_4bit": True, "optim": "adamw_8bit",
-                      "gradient_checkpointing": True},
+    "unsloth-qlora": {
+        "backend": "unsloth",
+        "load_in_4bit": True,
+        "optim": "adamw_8bit",
+        "gradient_checkpointing": True,
+    },
 }
 
 CHILD = r"""
@@ -93,8 +97,20 @@ def prepare(work: Path, hidden: int) -> Path:
     for i, stem in enumerate(stems):
         process_image(store, source, stem)
         picks = [(i + j) % len(chunks) for j in range(3)]
-        write_context(store, stem, make_context(f"q{i}", chunks, picks, [0.9, 0.8, 0.7], embedding_identity="smoke",
-                                                dimensions=8, corpus_hash_=corpus_hash(chunks), top_k=3))
+        write_context(
+            store,
+            stem,
+            make_context(
+                f"q{i}",
+                chunks,
+                picks,
+                [0.9, 0.8, 0.7],
+                embedding_identity="smoke",
+                dimensions=8,
+                corpus_hash_=corpus_hash(chunks),
+                top_k=3,
+            ),
+        )
     items, _ = build_items(store, stems)
     settings = load_settings(profile="demo", paths={"data_root": str(root)})
     asyncio.run(LabelingRun(ReferenceTeacher(), store, settings.teachers).run(items))
@@ -121,29 +137,55 @@ def main() -> None:
     results = {}
     for name in args.setups.split(","):
         finetune = {
-            **SETUPS[name], "base_model": str(work / "base"), "student_name": f"smoke-{name}", "device": args.device,
-            "max_steps": args.steps, "eval_steps": args.steps, "save_steps": args.steps, "logging_steps": 1,
-            "max_length": 16384, "learning_rate": 5e-3, "lora_r": 16, "lora_alpha": 32,
+            **SETUPS[name],
+            "base_model": str(work / "base"),
+            "student_name": f"smoke-{name}",
+            "device": args.device,
+            "max_steps": args.steps,
+            "eval_steps": args.steps,
+            "save_steps": args.steps,
+            "logging_steps": 1,
+            "max_length": 16384,
+            "learning_rate": 5e-3,
+            "lora_r": 16,
+            "lora_alpha": 32,
         }
         payload = json.dumps({"data_root": str(root), "finetune": finetune, "eval_rows": args.eval_rows})
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD, payload], capture_output=True, text=True, check=False,
-                              cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, payload],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=ROOT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        r = json.loads(lines[-1].removeprefix("RESULT ")) if lines else {
-            "ok": False, "error": f"exit {proc.returncode}", "traceback": proc.stderr[-3000:]}
+        r = (
+            json.loads(lines[-1].removeprefix("RESULT "))
+            if lines
+            else {"ok": False, "error": f"exit {proc.returncode}", "traceback": proc.stderr[-3000:]}
+        )
         r["process_s"] = round(time.perf_counter() - started, 1)
         results[name] = r
         if r["ok"]:
-            print(f"{name:14s} ok   {r['backend']}/{r['device']} {r['steps']} steps, loss {r['first_loss']:.2f} -> "
-                  f"{r['last_loss']:.2f}, train {r['train_s']} s, memory est {r['estimate_gib']} GiB / peak "
-                  f"{r['peak_memory']}, schema compliance {r['schema_compliance']}")
+            print(
+                f"{name:14s} ok   {r['backend']}/{r['device']} {r['steps']} steps, loss {r['first_loss']:.2f} -> "
+                f"{r['last_loss']:.2f}, train {r['train_s']} s, memory est {r['estimate_gib']} GiB / peak "
+                f"{r['peak_memory']}, schema compliance {r['schema_compliance']}"
+            )
         else:
             print(f"{name:14s} FAIL {r['error']}")
     out = Path(args.out or ROOT / "bench" / "results" / f"smoke_finetune_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": args.device, "steps": args.steps, "hidden": args.hidden,
-                               "results": results}, indent=2, default=str) + "\n")
+    out.write_text(
+        json.dumps(
+            {"device": args.device, "steps": args.steps, "hidden": args.hidden, "results": results},
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
     if not all(r["ok"] for r in results.values()):
         sys.exit(1)

@@ -39,9 +39,7 @@ class GeminiCredentials(Block):
 
     _block_type_name: ClassVar[str] = "ft-pipeline Gemini Credentials"
     _block_type_slug: ClassVar[str] = "ft-gemini-credentials"
-    _description: ClassVar[str] = (
-        "Google Gemini API key for ft-pipeline's teacher; read by the flows at run time."
-    )
+    _description: ClassVar[str] = "Google Gemini API key for ft-pipeline's teacher; read by the flows at run time."
 
     api_key: SecretStr = Field(..., description="Gemini API key (Google AI Studio).")
     base_url: str | None = Field(None, description="Override of the Gemini API base URL.")

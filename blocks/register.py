@@ -84,38 +84,50 @@ def blocks_from_env(env: Mapping[str, str] | None = None) -> list[tuple[str, Blo
 
     key = _first(env, "OPENAI_API_KEY", "FTP_OPENAI_API_KEY")
     base = _first(env, "FTP_OPENAI_BASE_URL")
-    planned.append((
-        OPENAI_BLOCK,
-        OpenAICredentials(api_key=key, base_url=base) if key else None,
-        f"api_key set, base_url {mask_url(base) if base else '-'}" if key else "OPENAI_API_KEY is not set",
-    ))
+    planned.append(
+        (
+            OPENAI_BLOCK,
+            OpenAICredentials(api_key=key, base_url=base) if key else None,
+            f"api_key set, base_url {mask_url(base) if base else '-'}" if key else "OPENAI_API_KEY is not set",
+        )
+    )
 
     key = _first(env, "GEMINI_API_KEY", "GOOGLE_API_KEY", "FTP_GEMINI_API_KEY")
     base = _first(env, "FTP_GEMINI_BASE_URL")
-    planned.append((
-        GEMINI_BLOCK,
-        GeminiCredentials(api_key=key, base_url=base) if key else None,
-        f"api_key set, base_url {mask_url(base) if base else '-'}" if key else "GEMINI_API_KEY / GOOGLE_API_KEY is not set",
-    ))
+    planned.append(
+        (
+            GEMINI_BLOCK,
+            GeminiCredentials(api_key=key, base_url=base) if key else None,
+            f"api_key set, base_url {mask_url(base) if base else '-'}"
+            if key
+            else "GEMINI_API_KEY / GOOGLE_API_KEY is not set",
+        )
+    )
 
     key = _first(env, "RUNPOD_API_KEY", "FTP_RUNPOD_API_KEY")
-    planned.append((
-        RUNPOD_BLOCK,
-        RunPodCredentials(api_key=key) if key else None,
-        "api_key set" if key else "RUNPOD_API_KEY is not set",
-    ))
+    planned.append(
+        (
+            RUNPOD_BLOCK,
+            RunPodCredentials(api_key=key) if key else None,
+            "api_key set" if key else "RUNPOD_API_KEY is not set",
+        )
+    )
 
     root = _first(env, "FTP_PATHS__DATA_ROOT")
     if root:
         key_id = _first(env, "AWS_ACCESS_KEY_ID")
         secret = _first(env, "AWS_SECRET_ACCESS_KEY")
-        storage = DataRootStorage.from_data_root(
-            root,
-            endpoint_url=_first(env, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
-            region=_first(env, "AWS_REGION", "AWS_DEFAULT_REGION"),
-            access_key_id=SecretStr(key_id) if key_id else None,
-            secret_access_key=SecretStr(secret) if secret else None,
-        ) if root.startswith("s3://") else DataRootStorage.from_data_root(root)
+        storage = (
+            DataRootStorage.from_data_root(
+                root,
+                endpoint_url=_first(env, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+                region=_first(env, "AWS_REGION", "AWS_DEFAULT_REGION"),
+                access_key_id=SecretStr(key_id) if key_id else None,
+                secret_access_key=SecretStr(secret) if secret else None,
+            )
+            if root.startswith("s3://")
+            else DataRootStorage.from_data_root(root)
+        )
         planned.append((DATA_ROOT_BLOCK, storage, storage.describe()))
     else:
         planned.append((DATA_ROOT_BLOCK, None, "FTP_PATHS__DATA_ROOT is not set"))
@@ -126,8 +138,12 @@ def register_all(env: Mapping[str, str] | None = None) -> list[BlockOutcome]:
     """Register the types, then create/update every block the environment defines."""
     register_block_types()
     outcomes = []
-    by_name = {OPENAI_BLOCK: OpenAICredentials, GEMINI_BLOCK: GeminiCredentials,
-               RUNPOD_BLOCK: RunPodCredentials, DATA_ROOT_BLOCK: DataRootStorage}
+    by_name = {
+        OPENAI_BLOCK: OpenAICredentials,
+        GEMINI_BLOCK: GeminiCredentials,
+        RUNPOD_BLOCK: RunPodCredentials,
+        DATA_ROOT_BLOCK: DataRootStorage,
+    }
     for name, block, detail in blocks_from_env(env):
         ref = f"{by_name[name].get_block_type_slug()}/{name}"
         if block is None:

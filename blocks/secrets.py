@@ -53,7 +53,9 @@ def _load(block_cls: type, name: str) -> Any | None:
     except Exception as exc:  # noqa: BLE001 - network, auth, schema drift: use the settings
         _logger().warning(
             "could not read Prefect block %s/%s (%s): using settings instead",
-            block_cls.get_block_type_slug(), name, type(exc).__name__,
+            block_cls.get_block_type_slug(),
+            name,
+            type(exc).__name__,
         )
         raise _Unreachable from None
 

@@ -97,34 +97,90 @@ def assess(graph: TopologyGraph) -> Assessment:
 
     findings: list[Finding] = []
     bays_ok = st.bay_count >= 3
-    daylight_level = "최우수" if st.bay_count >= 4 else "우수" if st.bay_count == 3 else "보통" if st.bay_count == 2 else "미흡"
-    findings.append(Finding("채광", "베이 수", bays_ok, f"{st.bay_count}베이 ({daylight_level})",
-                            "거실과 침실을 같은 방향으로 나란히 배치해 베이 수를 늘리는 방안을 검토하세요."))
+    daylight_level = (
+        "최우수" if st.bay_count >= 4 else "우수" if st.bay_count == 3 else "보통" if st.bay_count == 2 else "미흡"
+    )
+    findings.append(
+        Finding(
+            "채광",
+            "베이 수",
+            bays_ok,
+            f"{st.bay_count}베이 ({daylight_level})",
+            "거실과 침실을 같은 방향으로 나란히 배치해 베이 수를 늘리는 방안을 검토하세요.",
+        )
+    )
     windowless_ok = st.windowless_ratio <= 30.0
-    findings.append(Finding("채광", "무창실 비율", windowless_ok, f"무창실 비율 {st.windowless_ratio:.1f}% (기준 30% 이하)",
-                            "무창실 일부에 외기창을 두거나 실 배치를 조정하세요."))
+    findings.append(
+        Finding(
+            "채광",
+            "무창실 비율",
+            windowless_ok,
+            f"무창실 비율 {st.windowless_ratio:.1f}% (기준 30% 이하)",
+            "무창실 일부에 외기창을 두거나 실 배치를 조정하세요.",
+        )
+    )
     if master is not None:
-        findings.append(Finding("채광", "안방 외기창", master_window,
-                                f"안방({master['label']}) 창 {'있음' if master_window else '없음'}",
-                                "안방을 외벽에 면하도록 재배치해 외기창을 확보해야 합니다.", mandatory=True))
-    findings.append(Finding("환기", "맞통풍 구조", st.structure_type == "판상형", f"구조 유형 {st.structure_type}",
-                            "맞통풍이 가능하도록 거실과 주방 창을 마주 보게 배치하는 방안을 검토하세요."))
-    findings.append(Finding("환기", "주방 창", kitchen_window, f"주방 창 {'있음' if kitchen_window else '없음'}",
-                            "주방에 창을 두거나 기계 환기를 보강하세요."))
-    findings.append(Finding("환기", "화장실 창", bath_window,
-                            f"창이 있는 화장실 {sum(1 for b in baths if b['window_count'])}/{len(baths)}곳",
-                            "화장실 한 곳 이상에 창을 두거나 환기팬 용량을 검토하세요."))
+        findings.append(
+            Finding(
+                "채광",
+                "안방 외기창",
+                master_window,
+                f"안방({master['label']}) 창 {'있음' if master_window else '없음'}",
+                "안방을 외벽에 면하도록 재배치해 외기창을 확보해야 합니다.",
+                mandatory=True,
+            )
+        )
+    findings.append(
+        Finding(
+            "환기",
+            "맞통풍 구조",
+            st.structure_type == "판상형",
+            f"구조 유형 {st.structure_type}",
+            "맞통풍이 가능하도록 거실과 주방 창을 마주 보게 배치하는 방안을 검토하세요.",
+        )
+    )
+    findings.append(
+        Finding(
+            "환기",
+            "주방 창",
+            kitchen_window,
+            f"주방 창 {'있음' if kitchen_window else '없음'}",
+            "주방에 창을 두거나 기계 환기를 보강하세요.",
+        )
+    )
+    findings.append(
+        Finding(
+            "환기",
+            "화장실 창",
+            bath_window,
+            f"창이 있는 화장실 {sum(1 for b in baths if b['window_count'])}/{len(baths)}곳",
+            "화장실 한 곳 이상에 창을 두거나 환기팬 용량을 검토하세요.",
+        )
+    )
     # A ratio the graph could not give (None) is no finding at all, never a 0% one.
     storage_level = "미상"
     if st.ldk_ratio is not None:
         ldk_ok = 30.0 <= st.ldk_ratio <= 40.0
-        findings.append(Finding("가족융화", "LDK 비율", ldk_ok, f"LDK 비율 {st.ldk_ratio:.1f}% (적정 30~40%)",
-                                "거실·주방 면적 비율을 30~40% 범위로 조정하세요."))
+        findings.append(
+            Finding(
+                "가족융화",
+                "LDK 비율",
+                ldk_ok,
+                f"LDK 비율 {st.ldk_ratio:.1f}% (적정 30~40%)",
+                "거실·주방 면적 비율을 30~40% 범위로 조정하세요.",
+            )
+        )
     if st.storage_ratio is not None:
         storage_level = "우수" if st.storage_ratio >= 10 else "보통" if st.storage_ratio >= 5 else "부족"
-        findings.append(Finding("수납", "수납 비율", st.storage_ratio >= 5.0,
-                                f"수납 공간 비율 {st.storage_ratio:.1f}% ({storage_level})",
-                                "드레스룸·팬트리를 추가하거나 알파룸을 수납 공간으로 활용하세요."))
+        findings.append(
+            Finding(
+                "수납",
+                "수납 비율",
+                st.storage_ratio >= 5.0,
+                f"수납 공간 비율 {st.storage_ratio:.1f}% ({storage_level})",
+                "드레스룸·팬트리를 추가하거나 알파룸을 수납 공간으로 활용하세요.",
+            )
+        )
 
     met = {c: all(f.met for f in findings if f.category == c and not f.mandatory) for c in CRITERIA}
     mandatory_failed = any(f.mandatory and not f.met for f in findings)
@@ -145,6 +201,10 @@ def assess(graph: TopologyGraph) -> Assessment:
         ventilation_quality=("우수", "양호", "보통", "미흡")[ventilation],
         storage_level=storage_level,
         daylight_level=daylight_level,
-        facts={"kitchen_window": kitchen_window, "bath_window": bath_window, "master_window": master_window,
-               "spaces": spaces},
+        facts={
+            "kitchen_window": kitchen_window,
+            "bath_window": bath_window,
+            "master_window": master_window,
+            "spaces": spaces,
+        },
     )

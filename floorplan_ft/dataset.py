@@ -193,8 +193,14 @@ def _prompt_check(meta: dict | None, messages: list[dict[str, str]], settings: A
     models = {m for m in (meta.get("model"), configured) if m}
     for model in models:
         for temperature in (t.temperature, None):
-            payload = {"provider": meta.get("provider"), "model": model, "temperature": temperature,
-                       "max_tokens": t.max_output_tokens, "messages": messages, "schema": schema_hash()}
+            payload = {
+                "provider": meta.get("provider"),
+                "model": model,
+                "temperature": temperature,
+                "max_tokens": t.max_output_tokens,
+                "messages": messages,
+                "schema": schema_hash(),
+            }
             digest = hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
             if digest == key:
                 return "fresh"
@@ -206,8 +212,14 @@ def _fact_mismatches(answer: FloorPlanAnalysis, item: Any) -> tuple[str, ...]:
     st = item.topology.statistics if item.topology is not None else None
     if st is None:
         return ()
-    truth = {"image_name": item.image_name, "structure_type": st.structure_type, "bay_count": st.bay_count,
-             "room_count": st.room_count, "bathroom_count": st.bathroom_count, "total_spaces": st.inside_space_count}
+    truth = {
+        "image_name": item.image_name,
+        "structure_type": st.structure_type,
+        "bay_count": st.bay_count,
+        "room_count": st.room_count,
+        "bathroom_count": st.bathroom_count,
+        "total_spaces": st.inside_space_count,
+    }
     return tuple(k for k, v in truth.items() if getattr(answer, k) != v)
 
 
@@ -271,8 +283,13 @@ def build_training_data(
             meta = None
         check = _prompt_check(meta, item.messages, settings, teacher)
         if check == "stale":
-            excluded.append(Exclusion(item.stem, "stale_prompt",
-                                      f"labeled with prompt {meta.get('prompt_version')}, current {prompt_version}"))
+            excluded.append(
+                Exclusion(
+                    item.stem,
+                    "stale_prompt",
+                    f"labeled with prompt {meta.get('prompt_version')}, current {prompt_version}",
+                )
+            )
             continue
         if check == "unverified":
             unverified.append(item.stem)
@@ -286,8 +303,9 @@ def build_training_data(
             group = group_key(item.stem, pattern, prefix_len)
         except SamplingError as exc:
             raise DatasetError(str(exc)) from None
-        rows.append(Row(item.stem, group, messages, answer, count_tokens(messages, tokenizer),
-                        _fact_mismatches(answer, item)))
+        rows.append(
+            Row(item.stem, group, messages, answer, count_tokens(messages, tokenizer), _fact_mismatches(answer, item))
+        )
 
     if unverified:
         warnings.append(
@@ -297,8 +315,11 @@ def build_training_data(
     overlong = [r.stem for r in rows if r.tokens > max_length]
     if overlong:
         if drop_overlong:
-            excluded += [Exclusion(r.stem, "overlong", f"{r.tokens} > finetune.max_length {max_length}")
-                         for r in rows if r.tokens > max_length]
+            excluded += [
+                Exclusion(r.stem, "overlong", f"{r.tokens} > finetune.max_length {max_length}")
+                for r in rows
+                if r.tokens > max_length
+            ]
             rows = [r for r in rows if r.tokens <= max_length]
         else:
             warnings.append(
@@ -315,8 +336,11 @@ def build_training_data(
     sizes = Counter(r.group for r in rows)
     if len(sizes) < 2:
         (only,) = sizes
-        how = (f"sampling.group_pattern={pattern!r}" if pattern
-               else f"the first {prefix_len} characters of the name (sampling.group_prefix_len)")
+        how = (
+            f"sampling.group_pattern={pattern!r}"
+            if pattern
+            else f"the first {prefix_len} characters of the name (sampling.group_prefix_len)"
+        )
         raise DatasetError(
             f"all {len(rows)} rows belong to one complex {only!r} by {how}: a split by complex cannot put any "
             "plan in validation without leaking that complex into both sides. Set sampling.group_pattern to a "
@@ -353,11 +377,17 @@ def build_training_data(
         "teacher": teacher,
         "prompt_version": prompt_version,
         "schema_hash": schema_hash(),
-        "counts": {"plans": len(stems), "kept": len(rows), "excluded": len(excluded),
-                   "train": len(train), "val": len(val)},
+        "counts": {
+            "plans": len(stems),
+            "kept": len(rows),
+            "excluded": len(excluded),
+            "train": len(train),
+            "val": len(val),
+        },
         "exclusions": dict(sorted(reasons.items())),
-        "excluded": [{"stem": e.stem, "reason": e.reason, "detail": e.detail}
-                     for e in sorted(excluded, key=lambda e: e.stem)],
+        "excluded": [
+            {"stem": e.stem, "reason": e.reason, "detail": e.detail} for e in sorted(excluded, key=lambda e: e.stem)
+        ],
         "tokens": {
             "counter": "tokenizer" if tokenizer is not None else "estimate",
             "tokenizer": tokenizer_name(tokenizer),
@@ -374,12 +404,17 @@ def build_training_data(
         "labels": {
             "structure_type": dict(st_counter.most_common()),
             "bay_count": {str(k): v for k, v in sorted(Counter(r.answer.bay_count for r in rows).items())},
-            "overall_grade": dict(Counter(r.answer.compliance.overall_grade if r.answer.compliance else "(none)"
-                                          for r in rows).most_common()),
+            "overall_grade": dict(
+                Counter(
+                    r.answer.compliance.overall_grade if r.answer.compliance else "(none)" for r in rows
+                ).most_common()
+            ),
             "ventilation_quality": dict(Counter(r.answer.ventilation_quality for r in rows).most_common()),
-            "non_compliant_categories": dict(Counter(
-                i.category for r in rows if r.answer.compliance for i in r.answer.compliance.non_compliant_items
-            ).most_common()),
+            "non_compliant_categories": dict(
+                Counter(
+                    i.category for r in rows if r.answer.compliance for i in r.answer.compliance.non_compliant_items
+                ).most_common()
+            ),
         },
         "fact_mismatches": {
             "note": "kept rows whose answer contradicts the topology it was given (not excluded)",

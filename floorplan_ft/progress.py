@@ -115,8 +115,9 @@ class Progress:
     def line(self) -> str:
         """The current figures as one line: done / N (%), failed, rate, ETA, dollars, extras."""
         with self._lock:
-            snap = Snapshot(self._snap.done, self._snap.failed, self._snap.dollars, self._snap.note,
-                            dict(self._snap.extra))
+            snap = Snapshot(
+                self._snap.done, self._snap.failed, self._snap.dollars, self._snap.note, dict(self._snap.extra)
+            )
         elapsed = max(self._clock() - self._started, 1e-9)
         parts = [f"{self.label}: {snap.done:,}/{self.total:,} {self.unit}"]
         if self.total:

@@ -91,13 +91,8 @@ def slim_topology(topology: TopologyGraph | Mapping[str, Any]) -> dict[str, Any]
                 "window_count": len(structures.get("windows", [])),
             }
         )
-    edges = [
-        {k: e[k] for k in ("source_node", "target_node", "connection_type")}
-        for e in data.get("edges", [])
-    ]
-    statistics = {
-        k: v for k, v in (data.get("statistics") or {}).items() if k not in _PIXEL_STATISTICS
-    }
+    edges = [{k: e[k] for k in ("source_node", "target_node", "connection_type")} for e in data.get("edges", [])]
+    statistics = {k: v for k, v in (data.get("statistics") or {}).items() if k not in _PIXEL_STATISTICS}
     slim = {"nodes": nodes, "edges": edges, "statistics": statistics}
     _assert_no_geometry(slim)
     return slim
@@ -179,11 +174,26 @@ class TeamPrompts:
 # team's template or slimming code (not only SYSTEM_PROMPT) invalidates cached labels.
 _PROBE_TOPOLOGY: dict[str, Any] = {
     "image_info": {"file_name": "probe.png", "width": 100, "height": 100},
-    "nodes": [{"node_id": "space_0", "node_type": "space", "category_id": 1, "category_name": "공간_거실",
-               "label": "거실", "space_type": "공통공간", "is_outside": False, "bbox": [0, 0, 10, 10],
-               "area": 100.0, "area_ratio": 0.5, "centroid": [5.0, 5.0],
-               "contains": {"objects": [], "ocr_labels": ["거실"],
-                            "structures": {"doors": [], "windows": [], "walls": []}}}],
+    "nodes": [
+        {
+            "node_id": "space_0",
+            "node_type": "space",
+            "category_id": 1,
+            "category_name": "공간_거실",
+            "label": "거실",
+            "space_type": "공통공간",
+            "is_outside": False,
+            "bbox": [0, 0, 10, 10],
+            "area": 100.0,
+            "area_ratio": 0.5,
+            "centroid": [5.0, 5.0],
+            "contains": {
+                "objects": [],
+                "ocr_labels": ["거실"],
+                "structures": {"doors": [], "windows": [], "walls": []},
+            },
+        }
+    ],
     "edges": [],
     "statistics": {"structure_type": "판상형", "bay_count": 3, "room_count": 2, "bathroom_count": 1},
 }
@@ -211,8 +221,11 @@ def _import_fresh(module: str, root: str | None):
         loaded = sys.modules.get(module)
         origin = getattr(loaded, "__file__", None) if loaded is not None else None
         if loaded is not None and (origin is None or not str(Path(origin).resolve()).startswith(root + os.sep)):
-            for name in [m for m in sys.modules if m == module or m.startswith(module.split(".")[0] + ".")
-                         or m == module.split(".")[0]]:
+            for name in [
+                m
+                for m in sys.modules
+                if m == module or m.startswith(module.split(".")[0] + ".") or m == module.split(".")[0]
+            ]:
                 del sys.modules[name]
             importlib.invalidate_caches()
     return importlib.import_module(module)
@@ -232,8 +245,11 @@ def _load_team_prompts(module: str, team_code: str | None) -> TeamPrompts:
         ) from None
     system_prompt = getattr(mod, "SYSTEM_PROMPT", None)
     builder = getattr(mod, "build_analysis_prompt", None)
-    missing = [n for n, v in (("SYSTEM_PROMPT", isinstance(system_prompt, str)),
-                              ("build_analysis_prompt", callable(builder))) if not v]
+    missing = [
+        n
+        for n, v in (("SYSTEM_PROMPT", isinstance(system_prompt, str)), ("build_analysis_prompt", callable(builder)))
+        if not v
+    ]
     if missing:
         raise PromptModuleError(
             f"prompts.module = {module!r} (from {getattr(mod, '__file__', where)}) lacks "

@@ -129,8 +129,24 @@ CHECKS: tuple[str, ...] = (
 RATIO_TOLERANCE = 1.0  # percentage points
 GRADE_ORDER: tuple[str, ...] = ("최우수", "우수", "보통", "미흡")
 CRITERIA_TERMS: tuple[str, ...] = (
-    *CRITERIA, "베이", "무창", "맞통풍", "통풍", "판상형", "타워형", "혼합형", "LDK", "외기창", "창",
-    "비율", "면적", "남향", "북향", "동향", "서향", "채광창",
+    *CRITERIA,
+    "베이",
+    "무창",
+    "맞통풍",
+    "통풍",
+    "판상형",
+    "타워형",
+    "혼합형",
+    "LDK",
+    "외기창",
+    "창",
+    "비율",
+    "면적",
+    "남향",
+    "북향",
+    "동향",
+    "서향",
+    "채광창",
 )
 # Labeling outcomes that say nothing about a teacher's quality: the run stopped before the item.
 SKIP_REASONS = frozenset({"budget", "auth"})
@@ -340,7 +356,8 @@ def _field_completeness(obj: dict, topo: _Topo, ref_needs_recs: bool) -> float:
         items = _list(comp.get("non_compliant_items"))
         item_fill = (
             sum(sum(bool(_text(_dict(it).get(f))) for f in _ITEM_FIELDS) / 4 for it in items) / len(items)
-            if items else 1.0
+            if items
+            else 1.0
         )
         listed = bool(_list(comp.get("compliant_items")) or items)
         comp_part = (bool(_text(comp.get("overall_grade"))) + bool(_text(comp.get("summary"))) + listed + item_fill) / 4
@@ -418,7 +435,8 @@ def _analysis_depth(obj: dict) -> float:
     design_part = sum(min(1.0, _chars(t) / _DESIGN_TARGET) for t in design_texts) / 4
     comments = (
         sum(min(1.0, _chars(s.get("evaluation_comment")) / _COMMENT_TARGET) for s in spaces) / len(spaces)
-        if spaces else 0.0
+        if spaces
+        else 0.0
     )
     specificity = sum(_has_digit(t) for t in [summary, *design_texts]) / 5
     return (summary_part + design_part + comments + specificity) / 4
@@ -434,8 +452,7 @@ def _recommendation_quality(obj: dict, topo: _Topo, ref_needs_recs: bool) -> flo
     if not recs:
         return 0.0 if (items or ref_needs_recs) else 1.0
     specific = sum(
-        _chars(r) >= _RECOMMENDATION_MIN and (_has_digit(r) or _cites_term(r) or topo.names_a_space(r))
-        for r in recs
+        _chars(r) >= _RECOMMENDATION_MIN and (_has_digit(r) or _cites_term(r) or topo.names_a_space(r)) for r in recs
     ) / len(recs)
     unique = len({_norm(r) for r in recs}) / len(recs)
 
@@ -550,9 +567,7 @@ def score_answer(
         schema_ok = 1.0
     except ValidationError as exc:
         schema_ok = 0.0
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
-        )[:500]
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])[:500]
     topo = _Topo(graph)
     ref_needs_recs = bool(reference.compliance and reference.compliance.non_compliant_items)
     metrics = {
@@ -609,37 +624,53 @@ def decide(
 
     if force_teacher is not None:
         if force_teacher not in teachers:
-            raise QualityError(
-                f"quality.force_teacher={force_teacher!r} is not among the compared teachers {teachers}"
-            )
+            raise QualityError(f"quality.force_teacher={force_teacher!r} is not among the compared teachers {teachers}")
         auto = None
         if qualified:
-            a = decide(totals, schema_compliance, cost_per_valid, tie_margin=tie_margin,
-                       min_schema_compliance=min_schema_compliance)
+            a = decide(
+                totals,
+                schema_compliance,
+                cost_per_valid,
+                tie_margin=tie_margin,
+                min_schema_compliance=min_schema_compliance,
+            )
             auto = {"winner": a.winner, "rule": a.rule, "reason": a.reason}
         note = f" (the automatic rule would pick {auto['winner']})" if auto and auto["winner"] != force_teacher else ""
         warn = f"; note: {disqualified[force_teacher]}" if force_teacher in disqualified else ""
-        return Decision(force_teacher, "forced", f"forced by quality.force_teacher={force_teacher!r}{note}{warn}",
-                        qualified, disqualified, auto)
+        return Decision(
+            force_teacher,
+            "forced",
+            f"forced by quality.force_teacher={force_teacher!r}{note}{warn}",
+            qualified,
+            disqualified,
+            auto,
+        )
     if not qualified:
-        return Decision(None, "none_qualified",
-                        "no teacher qualifies: " + "; ".join(f"{t}: {r}" for t, r in disqualified.items()),
-                        qualified, disqualified)
+        return Decision(
+            None,
+            "none_qualified",
+            "no teacher qualifies: " + "; ".join(f"{t}: {r}" for t, r in disqualified.items()),
+            qualified,
+            disqualified,
+        )
     ranked = sorted(qualified, key=lambda t: (-totals[t], cost_key(t), t))
     top = ranked[0]
     dq = "".join(f"; {t} cannot win ({r})" for t, r in disqualified.items())
     if len(ranked) == 1:
         lone = "the only teacher compared" if len(teachers) == 1 else "the only teacher that qualifies"
-        return Decision(top, "single_teacher",
-                        f"{top} is {lone} (weighted total {totals[top]:.3f}){dq}", qualified, disqualified)
+        return Decision(
+            top, "single_teacher", f"{top} is {lone} (weighted total {totals[top]:.3f}){dq}", qualified, disqualified
+        )
     contenders = [t for t in ranked if round(totals[top] - totals[t], 9) < tie_margin]
     if len(contenders) == 1:
         second = ranked[1]
         return Decision(
-            top, "higher_total",
+            top,
+            "higher_total",
             f"{top} has the higher weighted total: {totals[top]:.3f} vs {second} {totals[second]:.3f} "
             f"(gap {totals[top] - totals[second]:.3f} ≥ tie margin {tie_margin}){dq}",
-            qualified, disqualified,
+            qualified,
+            disqualified,
         )
     cheapest = min(contenders, key=lambda t: (cost_key(t), -totals[t], t))
     others = [t for t in contenders if t != cheapest]
@@ -650,9 +681,11 @@ def decide(
     else:
         why = f"{cheapest} is cheaper per valid item ({costs})"
     return Decision(
-        cheapest, "tie_cheaper",
+        cheapest,
+        "tie_cheaper",
         f"weighted totals within the tie margin {tie_margin} ({gaps}): {why}{dq}",
-        qualified, disqualified,
+        qualified,
+        disqualified,
     )
 
 
@@ -675,22 +708,24 @@ class QualityReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; floats rounded to 6 decimals (the decision used the exact values)."""
-        return _rounded({
-            "format_version": REPORT_FORMAT_VERSION,
-            "created_at": self.created_at,
-            "teachers": self.teachers,
-            "selected": self.decision.winner,
-            "decision": asdict(self.decision),
-            "settings": self.settings,
-            "sample": self.sample,
-            "metrics_order": list(METRICS),
-            "checks_order": list(CHECKS),
-            "teacher_stats": self.teacher_stats,
-            "pairwise": self.pairwise,
-            "preferences": self.preferences,
-            "notes": self.notes,
-            "items": self.items,
-        })
+        return _rounded(
+            {
+                "format_version": REPORT_FORMAT_VERSION,
+                "created_at": self.created_at,
+                "teachers": self.teachers,
+                "selected": self.decision.winner,
+                "decision": asdict(self.decision),
+                "settings": self.settings,
+                "sample": self.sample,
+                "metrics_order": list(METRICS),
+                "checks_order": list(CHECKS),
+                "teacher_stats": self.teacher_stats,
+                "pairwise": self.pairwise,
+                "preferences": self.preferences,
+                "notes": self.notes,
+                "items": self.items,
+            }
+        )
 
 
 def _rounded(value: Any, digits: int = 6) -> Any:
@@ -888,9 +923,12 @@ def compare_teachers(
             unscored.append(s)
             continue
         ref = reference_analysis(graph.image_info.file_name, graph)
-        row: dict[str, Any] = {"stem": s, "group": group_key(s, pattern, prefix_len),
-                               "reference_grade": ref.compliance.overall_grade if ref.compliance else None,
-                               "teachers": {}}
+        row: dict[str, Any] = {
+            "stem": s,
+            "group": group_key(s, pattern, prefix_len),
+            "reference_grade": ref.compliance.overall_grade if ref.compliance else None,
+            "teachers": {},
+        }
         for t in teachers:
             sc = score_answer(_read_answer(store, s, t), graph, ref)
             if sc.status == "missing":
@@ -925,19 +963,23 @@ def compare_teachers(
             "weighted_total": _ci(w, idx),
             "checks": {k: _ci(c[:, i], idx) for i, k in enumerate(CHECKS)},
             "cost": _cost_stats(store, stems, t, failures[t]),
-            "labeling_failures": dict(Counter(f.get("reason", "unknown") for s, f in failures[t].items()
-                                              if s in stem_set)),
+            "labeling_failures": dict(
+                Counter(f.get("reason", "unknown") for s, f in failures[t].items() if s in stem_set)
+            ),
         }
     pairwise = []
     for i, a in enumerate(teachers):
-        for b in teachers[i + 1:]:
+        for b in teachers[i + 1 :]:
             gap = _ci(weighted[a] - weighted[b], idx)
             pairwise.append({"a": a, "b": b, "gap_a_minus_b": gap})
 
     # Extra teachers (imported answer sets such as 'production') are scored beside the others
     # but never selected: nothing of theirs was labeled with this pipeline's prompt.
-    extras = [t for t in teachers if t in set(getattr(q, "extra_teachers", None) or ())
-              and t not in set(settings.teachers.teachers)]
+    extras = [
+        t
+        for t in teachers
+        if t in set(getattr(q, "extra_teachers", None) or ()) and t not in set(settings.teachers.teachers)
+    ]
     candidates = [t for t in teachers if t not in extras] or teachers
     decision = decide(
         {t: stats[t]["weighted_total"]["mean"] for t in candidates},
@@ -949,8 +991,9 @@ def compare_teachers(
     )
 
     prefs = load_preferences(store)
-    pref_summary = _preference_summary(prefs, decision.winner, {it["stem"]: it for it in items},
-                                       store, weights) if prefs else None
+    pref_summary = (
+        _preference_summary(prefs, decision.winner, {it["stem"]: it for it in items}, store, weights) if prefs else None
+    )
     if pref_summary and pref_summary.get("winner_share") is not None and pref_summary["winner_share"] < 0.5:
         notes.append(
             f"human reviewers preferred the automatic winner in only {pref_summary['winner_share']:.0%} of "
@@ -961,15 +1004,26 @@ def compare_teachers(
     report = QualityReport(
         teachers=teachers,
         settings={
-            "sample_size": q.sample_size, "seed": q.seed, "bootstrap_samples": q.bootstrap_samples,
-            "tie_margin": q.tie_margin, "min_schema_compliance": q.min_schema_compliance,
-            "force_teacher": q.force_teacher, "weights": weights, "extra_teachers": extras,
-            "group_pattern": pattern, "group_prefix_len": prefix_len if pattern is None else None,
+            "sample_size": q.sample_size,
+            "seed": q.seed,
+            "bootstrap_samples": q.bootstrap_samples,
+            "tie_margin": q.tie_margin,
+            "min_schema_compliance": q.min_schema_compliance,
+            "force_teacher": q.force_teacher,
+            "weights": weights,
+            "extra_teachers": extras,
+            "group_pattern": pattern,
+            "group_prefix_len": prefix_len if pattern is None else None,
             "ratio_tolerance_pp": RATIO_TOLERANCE,
         },
         sample={
-            "requested": requested, "plans_given": len(stems), "eligible": len(eligible), "used": n,
-            "excluded": dict(excluded), "groups": dict(sorted(groups.items())), "stems": sample,
+            "requested": requested,
+            "plans_given": len(stems),
+            "eligible": len(eligible),
+            "used": n,
+            "excluded": dict(excluded),
+            "groups": dict(sorted(groups.items())),
+            "stems": sample,
         },
         teacher_stats=stats,
         pairwise=pairwise,
@@ -1049,28 +1103,54 @@ def quality_markdown(report: QualityReport) -> str:
     ]
     for m in METRICS:
         lines.append(f"| {m} ({w[m]:.2f}) | " + " | ".join(_fmt_ci(ts[t]["metrics"][m]) for t in teachers) + " |")
-    lines.append("| **weighted total** | " + " | ".join(f"**{_fmt_ci(ts[t]['weighted_total'])}**" for t in teachers) + " |")
-    lines.append("| valid / invalid answers | " + " | ".join(
-        f"{ts[t]['valid']} / {ts[t]['invalid']}" + (f" {ts[t]['invalid_reasons']}" if ts[t]["invalid"] else "")
-        for t in teachers) + " |")
-    lines.append("| cost per valid item | " + " | ".join(
-        f"{_usd(ts[t]['cost']['per_valid_item_usd'])} (total {_usd(ts[t]['cost']['total_usd'])})" for t in teachers) + " |")
+    lines.append(
+        "| **weighted total** | " + " | ".join(f"**{_fmt_ci(ts[t]['weighted_total'])}**" for t in teachers) + " |"
+    )
+    lines.append(
+        "| valid / invalid answers | "
+        + " | ".join(
+            f"{ts[t]['valid']} / {ts[t]['invalid']}" + (f" {ts[t]['invalid_reasons']}" if ts[t]["invalid"] else "")
+            for t in teachers
+        )
+        + " |"
+    )
+    lines.append(
+        "| cost per valid item | "
+        + " | ".join(
+            f"{_usd(ts[t]['cost']['per_valid_item_usd'])} (total {_usd(ts[t]['cost']['total_usd'])})" for t in teachers
+        )
+        + " |"
+    )
     lines += ["", "### Checks against the topology and the rules (not in the weighted total)", "", head.rstrip("\n")]
     for c in CHECKS:
         lines.append(f"| {c} | " + " | ".join(_fmt_ci(ts[t]["checks"][c]) for t in teachers) + " |")
     if report.pairwise:
-        lines += ["", "Weighted-total gaps: " + "; ".join(
-            f"{p['a']} − {p['b']} = {_fmt_ci(p['gap_a_minus_b'])}" for p in report.pairwise)]
+        lines += [
+            "",
+            "Weighted-total gaps: "
+            + "; ".join(f"{p['a']} − {p['b']} = {_fmt_ci(p['gap_a_minus_b'])}" for p in report.pairwise),
+        ]
     if report.decision.disqualified:
         lines += ["", "Cannot win: " + "; ".join(f"{t} ({r})" for t, r in report.decision.disqualified.items())]
     p = report.preferences
     if p:
-        lines += ["", "### Human review", "",
-                  f"{p['reviewed']} plans reviewed; choices {p['counts']}; "
-                  + (f"the automatic winner was preferred in {p['winner_share']:.0%} of {p['decisive']} decisive reviews; "
-                     if p.get("winner_share") is not None else "")
-                  + (f"agreement with the per-plan scores {p['agreement_with_scores']:.0%} "
-                     f"({p['compared_with_scores']} plans)." if p.get("agreement_with_scores") is not None else "")]
+        lines += [
+            "",
+            "### Human review",
+            "",
+            f"{p['reviewed']} plans reviewed; choices {p['counts']}; "
+            + (
+                f"the automatic winner was preferred in {p['winner_share']:.0%} of {p['decisive']} decisive reviews; "
+                if p.get("winner_share") is not None
+                else ""
+            )
+            + (
+                f"agreement with the per-plan scores {p['agreement_with_scores']:.0%} "
+                f"({p['compared_with_scores']} plans)."
+                if p.get("agreement_with_scores") is not None
+                else ""
+            ),
+        ]
     if report.notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in report.notes]
     return "\n".join(lines) + "\n"
@@ -1079,9 +1159,15 @@ def quality_markdown(report: QualityReport) -> str:
 # ----------------------------------------------------------------------- chart
 
 _SHORT = {
-    "schema_compliance": "schema", "field_completeness": "complete", "space_count_accuracy": "spaces",
-    "bay_count_consistency": "bays", "compliance_reasoning": "reasoning", "analysis_depth": "depth",
-    "recommendation_quality": "recs", "json_validity": "json", "weighted_total": "TOTAL",
+    "schema_compliance": "schema",
+    "field_completeness": "complete",
+    "space_count_accuracy": "spaces",
+    "bay_count_consistency": "bays",
+    "compliance_reasoning": "reasoning",
+    "analysis_depth": "depth",
+    "recommendation_quality": "recs",
+    "json_validity": "json",
+    "weighted_total": "TOTAL",
 }
 _COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"]
 
@@ -1164,10 +1250,15 @@ def _chart_pillow(report: QualityReport) -> bytes:
         d.text((left + 28 + i * 160, H - 24), t, fill="black", font=font)
     for k, key in enumerate(keys):
         label = _SHORT[key]
-        d.text((left + (k + 0.5) * slot - d.textlength(label, font=font) / 2, top + ph + 8), label,
-               fill="black", font=font)
-    d.text((left, 12), f"Teacher comparison on {report.sample['used']} plans (95% CI) - selected: {report.winner}",
-           fill="black", font=font)
+        d.text(
+            (left + (k + 0.5) * slot - d.textlength(label, font=font) / 2, top + ph + 8), label, fill="black", font=font
+        )
+    d.text(
+        (left, 12),
+        f"Teacher comparison on {report.sample['used']} plans (95% CI) - selected: {report.winner}",
+        fill="black",
+        font=font,
+    )
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -1204,7 +1295,10 @@ _REVIEW_FIELDS: tuple[tuple[str, str], ...] = (
 )
 _TEXT_FIELDS: tuple[tuple[str, str], ...] = (
     ("summary", "요약"),
-    ("채광", "채광"), ("환기", "환기"), ("가족융화", "가족융화"), ("수납", "수납"),
+    ("채광", "채광"),
+    ("환기", "환기"),
+    ("가족융화", "가족융화"),
+    ("수납", "수납"),
     ("recommendations", "개선 제안"),
     ("compliance_summary", "기준 종합"),
 )
@@ -1222,13 +1316,24 @@ def _review_values(raw: str | None) -> tuple[dict[str, Any], str | None]:
         return {}, "not a JSON object"
     comp = _dict(obj.get("compliance"))
     design = _dict(obj.get("design_evaluation"))
-    vals: dict[str, Any] = {k: obj.get(k) for k in ("structure_type", "bay_count", "total_spaces", "room_count",
-                                                    "bathroom_count", "balcony_ratio", "windowless_ratio",
-                                                    "ventilation_quality")}
+    vals: dict[str, Any] = {
+        k: obj.get(k)
+        for k in (
+            "structure_type",
+            "bay_count",
+            "total_spaces",
+            "room_count",
+            "bathroom_count",
+            "balcony_ratio",
+            "windowless_ratio",
+            "ventilation_quality",
+        )
+    }
     vals["overall_grade"] = comp.get("overall_grade")
     vals["spaces"] = sorted(_text(_dict(s).get("space_name")) for s in _list(obj.get("spaces")))
     vals["non_compliant"] = sorted(
-        f"{_text(_dict(i).get('category'))}: {_text(_dict(i).get('item'))}" for i in _list(comp.get("non_compliant_items"))
+        f"{_text(_dict(i).get('category'))}: {_text(_dict(i).get('item'))}"
+        for i in _list(comp.get("non_compliant_items"))
     )
     recs = _texts(obj.get("recommendations"))
     vals["recommendation_count"] = len(recs)
@@ -1246,7 +1351,12 @@ def _review_values(raw: str | None) -> tuple[dict[str, Any], str | None]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool) and not isinstance(b, bool):
+    if (
+        isinstance(a, float | int)
+        and isinstance(b, float | int)
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+    ):
         return abs(a - b) < 0.05
     return a == b
 
@@ -1254,8 +1364,12 @@ def _same(a: Any, b: Any) -> bool:
 def _topology_truth(graph: TopologyGraph, ref: FloorPlanAnalysis) -> dict[str, Any]:
     st = graph.statistics
     return {
-        "structure_type": st.structure_type, "bay_count": st.bay_count, "total_spaces": st.inside_space_count,
-        "room_count": st.room_count, "bathroom_count": st.bathroom_count, "balcony_ratio": st.balcony_ratio,
+        "structure_type": st.structure_type,
+        "bay_count": st.bay_count,
+        "total_spaces": st.inside_space_count,
+        "room_count": st.room_count,
+        "bathroom_count": st.bathroom_count,
+        "balcony_ratio": st.balcony_ratio,
         "windowless_ratio": st.windowless_ratio,
         "overall_grade": ref.compliance.overall_grade if ref.compliance else None,
         "spaces": sorted(s.space_name for s in ref.spaces),
@@ -1322,8 +1436,11 @@ def export_review_page(
     teachers = list(dict.fromkeys(teachers))
     if not teachers:
         raise QualityError("export_review_page: no teachers given")
-    candidates = [s for s in stems if store.exists(store.topology_path(s))
-                  and all(store.exists(store.analysis_path(s, t)) for t in teachers)]
+    candidates = [
+        s
+        for s in stems
+        if store.exists(store.topology_path(s)) and all(store.exists(store.analysis_path(s, t)) for t in teachers)
+    ]
     if not candidates:
         raise QualityError(f"no plan has a topology and an answer from every teacher {teachers}: nothing to review")
     plans = stratified_pick(candidates, max(1, n), seed, group_pattern, group_prefix_len)
@@ -1347,30 +1464,45 @@ def export_review_page(
             f"LDK {_pct_or_unknown(st.ldk_ratio)}, 수납 {_pct_or_unknown(st.storage_ratio)} · 연결 {len(graph.edges)}개 · "
             f"규칙 기반 등급 <b>{html.escape(str(truth['overall_grade']))}</b><br>공간: {labels}</p>"
         )
-        head = "<tr><th>항목</th><th>위상 그래프</th>" + "".join(
-            f"<th>답변 {letters[i]}</th>" for i in range(len(order))) + "</tr>"
+        head = (
+            "<tr><th>항목</th><th>위상 그래프</th>"
+            + "".join(f"<th>답변 {letters[i]}</th>" for i in range(len(order)))
+            + "</tr>"
+        )
         rows = []
-        errs = "".join(f"<p class='err'>답변 {letters[i]}: {html.escape(answers[t][1])}</p>"
-                       for i, t in enumerate(order) if answers[t][1])
+        errs = "".join(
+            f"<p class='err'>답변 {letters[i]}: {html.escape(answers[t][1])}</p>"
+            for i, t in enumerate(order)
+            if answers[t][1]
+        )
         for key, title in _REVIEW_FIELDS:
             vals = [answers[t][0].get(key) for t in order]
             differ = any(not _same(vals[0], v) for v in vals[1:])
             cells = []
             for v in vals:
                 off = key in truth and v is not None and not _same(v, truth[key])
-                cells.append(f"<td class='off' title='위상 그래프와 다름'>{_cell(v)}</td>" if off else f"<td>{_cell(v)}</td>")
-            rows.append(f"<tr class='{'diff' if differ else 'same'}' data-field='{key}'><th>{title}</th>"
-                        f"<td>{_cell(truth.get(key, ''))}</td>{''.join(cells)}</tr>")
+                cells.append(
+                    f"<td class='off' title='위상 그래프와 다름'>{_cell(v)}</td>" if off else f"<td>{_cell(v)}</td>"
+                )
+            rows.append(
+                f"<tr class='{'diff' if differ else 'same'}' data-field='{key}'><th>{title}</th>"
+                f"<td>{_cell(truth.get(key, ''))}</td>{''.join(cells)}</tr>"
+            )
         for key, title in _TEXT_FIELDS:
             vals = [answers[t][0].get(key) for t in order]
-            rows.append(f"<tr class='text' data-field='{key}'><th>{title}</th><td></td>"
-                        + "".join(f"<td>{_cell(v)}</td>" for v in vals) + "</tr>")
+            rows.append(
+                f"<tr class='text' data-field='{key}'><th>{title}</th><td></td>"
+                + "".join(f"<td>{_cell(v)}</td>" for v in vals)
+                + "</tr>"
+            )
         sid = f"p{p_i}"
         radios = "".join(
             f"<label><input type='radio' name='{sid}' value='{html.escape(t, quote=True)}'> 답변 {letters[i]}</label> "
             for i, t in enumerate(order)
-        ) + (f"<label><input type='radio' name='{sid}' value='tie'> 비슷함</label> "
-             f"<label><input type='radio' name='{sid}' value='both_bad'> 둘 다 부족</label>")
+        ) + (
+            f"<label><input type='radio' name='{sid}' value='tie'> 비슷함</label> "
+            f"<label><input type='radio' name='{sid}' value='both_bad'> 둘 다 부족</label>"
+        )
         sections.append(
             f"<section class='plan' data-stem='{html.escape(stem, quote=True)}'><h2>{p_i + 1}. {html.escape(stem)}</h2>"
             f"{topo}{errs}<table>{head}{''.join(rows)}</table>"
@@ -1429,12 +1561,22 @@ def load_preferences(store: ArtifactStore) -> dict[str, Any]:
     reviewer = data.get("reviewer")
     if reviewer is not None and not isinstance(reviewer, str):
         raise bad("'reviewer' must be a string")
-    return {"path": path, "reviewer": reviewer, "teachers": list(teachers), "preferences": dict(prefs),
-            "notes": dict(notes)}
+    return {
+        "path": path,
+        "reviewer": reviewer,
+        "teachers": list(teachers),
+        "preferences": dict(prefs),
+        "notes": dict(notes),
+    }
 
 
-def _preference_summary(prefs: dict[str, Any], winner: str | None, scored: dict[str, dict],
-                        store: ArtifactStore, weights: Mapping[str, float]) -> dict[str, Any]:
+def _preference_summary(
+    prefs: dict[str, Any],
+    winner: str | None,
+    scored: dict[str, dict],
+    store: ArtifactStore,
+    weights: Mapping[str, float],
+) -> dict[str, Any]:
     choices = prefs["preferences"]
     counts = Counter(choices.values())
     decisive = {s: c for s, c in choices.items() if c not in NON_TEACHER_CHOICES}
@@ -1447,8 +1589,12 @@ def _preference_summary(prefs: dict[str, Any], winner: str | None, scored: dict[
             if graph is None:
                 continue
             ref = reference_analysis(graph.image_info.file_name, graph)
-            row = {"teachers": {t: score_answer(_read_answer(store, stem, t), graph, ref).to_dict(weights)
-                                for t in prefs["teachers"]}}
+            row = {
+                "teachers": {
+                    t: score_answer(_read_answer(store, stem, t), graph, ref).to_dict(weights)
+                    for t in prefs["teachers"]
+                }
+            }
         w = {t: v["weighted"] for t, v in row["teachers"].items() if t in prefs["teachers"]}
         if len(w) < 2:
             continue

@@ -15,10 +15,25 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import BaseModel, SecretStr
 
 MASK = "****"
-_SECRET_PARAMS = frozenset({
-    "password", "pass", "passwd", "pwd", "sslpassword", "secret", "token", "access_token",
-    "api_key", "apikey", "key", "x-api-key", "auth", "signature", "x-amz-signature",
-})
+_SECRET_PARAMS = frozenset(
+    {
+        "password",
+        "pass",
+        "passwd",
+        "pwd",
+        "sslpassword",
+        "secret",
+        "token",
+        "access_token",
+        "api_key",
+        "apikey",
+        "key",
+        "x-api-key",
+        "auth",
+        "signature",
+        "x-amz-signature",
+    }
+)
 _KEYWORD_DSN = re.compile(r"(?i)\b(password|sslpassword)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
 
 

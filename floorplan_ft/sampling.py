@@ -90,19 +90,13 @@ def list_images(image_dir: Path | str) -> list[ImageFile]:
     """
     image_dir = Path(image_dir)
     if not image_dir.exists():
-        raise SamplingError(
-            f"image directory '{image_dir}' does not exist (setting {SETTING_IMAGE_DIR})"
-        )
+        raise SamplingError(f"image directory '{image_dir}' does not exist (setting {SETTING_IMAGE_DIR})")
     if not image_dir.is_dir():
-        raise SamplingError(
-            f"image directory '{image_dir}' is not a directory (setting {SETTING_IMAGE_DIR})"
-        )
+        raise SamplingError(f"image directory '{image_dir}' is not a directory (setting {SETTING_IMAGE_DIR})")
     try:
         names = os.listdir(image_dir)
     except OSError as exc:
-        raise SamplingError(
-            f"cannot list image directory '{image_dir}' (setting {SETTING_IMAGE_DIR}): {exc}"
-        ) from exc
+        raise SamplingError(f"cannot list image directory '{image_dir}' (setting {SETTING_IMAGE_DIR}): {exc}") from exc
 
     files: list[ImageFile] = []
     for name in sorted(names):
@@ -114,15 +108,12 @@ def list_images(image_dir: Path | str) -> list[ImageFile]:
         try:
             size = _check_readable(path)
         except OSError as exc:
-            raise SamplingError(
-                f"cannot read image file '{path}' in {SETTING_IMAGE_DIR}: {exc}"
-            ) from exc
+            raise SamplingError(f"cannot read image file '{path}' in {SETTING_IMAGE_DIR}: {exc}") from exc
         files.append(ImageFile(name=name, stem=name[: -len(".png")], size=size, path=path))
 
     if not files:
         raise SamplingError(
-            f"no PNG files (*.png, any case) in image directory '{image_dir}' "
-            f"(setting {SETTING_IMAGE_DIR})"
+            f"no PNG files (*.png, any case) in image directory '{image_dir}' (setting {SETTING_IMAGE_DIR})"
         )
     _check_unique_stems(files, where=f"'{image_dir}' ({SETTING_IMAGE_DIR})")
     return files
@@ -135,8 +126,7 @@ def _check_unique_stems(files: Iterable[ImageFile], where: str) -> None:
     dups = {stem: paths for stem, paths in by_stem.items() if len(paths) > 1}
     if dups:
         shown = "; ".join(
-            f"{stem!r}: " + ", ".join(f"'{p}'" for p in sorted(paths))
-            for stem, paths in sorted(dups.items())[:10]
+            f"{stem!r}: " + ", ".join(f"'{p}'" for p in sorted(paths)) for stem, paths in sorted(dups.items())[:10]
         )
         more = f" (and {len(dups) - 10} more)" if len(dups) > 10 else ""
         raise SamplingError(
@@ -166,9 +156,7 @@ def _compile(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise SamplingError(
-            f"invalid regular expression '{pattern}' in {SETTING_GROUP_PATTERN}: {exc}"
-        ) from exc
+        raise SamplingError(f"invalid regular expression '{pattern}' in {SETTING_GROUP_PATTERN}: {exc}") from exc
 
 
 def group_key(stem: str, pattern: GroupPattern = None, prefix_len: int = 3) -> str:
@@ -182,9 +170,7 @@ def group_key(stem: str, pattern: GroupPattern = None, prefix_len: int = 3) -> s
     """
     if pattern is None:
         if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
-            raise SamplingError(
-                f"{SETTING_PREFIX_LEN} must be a positive integer, got {prefix_len!r}"
-            )
+            raise SamplingError(f"{SETTING_PREFIX_LEN} must be a positive integer, got {prefix_len!r}")
         return stem[:prefix_len]
 
     if callable(pattern) and not isinstance(pattern, re.Pattern):
@@ -199,9 +185,7 @@ def group_key(stem: str, pattern: GroupPattern = None, prefix_len: int = 3) -> s
     regex = _compile(pattern)
     m = regex.search(stem)
     if m is None:
-        raise SamplingError(
-            f"stem {stem!r} does not match {SETTING_GROUP_PATTERN} '{regex.pattern}'"
-        )
+        raise SamplingError(f"stem {stem!r} does not match {SETTING_GROUP_PATTERN} '{regex.pattern}'")
     if "complex" in regex.groupindex:
         key = m.group("complex")
     elif regex.groups >= 1:
@@ -209,9 +193,7 @@ def group_key(stem: str, pattern: GroupPattern = None, prefix_len: int = 3) -> s
     else:
         key = m.group(0)
     if not key:
-        raise SamplingError(
-            f"{SETTING_GROUP_PATTERN} '{regex.pattern}' gives an empty group key for stem {stem!r}"
-        )
+        raise SamplingError(f"{SETTING_GROUP_PATTERN} '{regex.pattern}' gives an empty group key for stem {stem!r}")
     return key
 
 
@@ -242,9 +224,7 @@ def _check_pcts(low_pct: float, high_pct: float) -> None:
         ):
             raise SamplingError(f"{name} must be a number in [0, 100], got {value!r}")
     if low_pct >= high_pct:
-        raise SamplingError(
-            f"{SETTING_LOW_PCT} ({low_pct}) must be below {SETTING_HIGH_PCT} ({high_pct})"
-        )
+        raise SamplingError(f"{SETTING_LOW_PCT} ({low_pct}) must be below {SETTING_HIGH_PCT} ({high_pct})")
 
 
 def size_filter(
@@ -557,9 +537,7 @@ def read_sample(path: Path | str) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise SamplingError(
-            f"sample file '{path}' does not exist; run the sampling phase first"
-        ) from exc
+        raise SamplingError(f"sample file '{path}' does not exist; run the sampling phase first") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise SamplingError(f"cannot read sample file '{path}': {exc}") from exc
     try:
@@ -574,16 +552,12 @@ def read_sample(path: Path | str) -> list[str]:
     else:
         stems = data
     if not isinstance(stems, list) or not all(isinstance(s, str) and s for s in stems):
-        raise SamplingError(
-            f"sample file '{path}' is malformed: 'stems' must be a list of non-empty strings"
-        )
+        raise SamplingError(f"sample file '{path}' is malformed: 'stems' must be a list of non-empty strings")
     if not stems:
         raise SamplingError(f"sample file '{path}' lists no stems")
     if len(set(stems)) != len(stems):
         dup = sorted(s for s, c in Counter(stems).items() if c > 1)[:5]
         raise SamplingError(f"sample file '{path}' lists stems more than once: {dup}")
     if isinstance(data, dict) and "n" in data and data["n"] != len(stems):
-        raise SamplingError(
-            f"sample file '{path}' is inconsistent: n={data['n']!r} but {len(stems)} stems"
-        )
+        raise SamplingError(f"sample file '{path}' is inconsistent: n={data['n']!r} but {len(stems)} stems")
     return list(stems)

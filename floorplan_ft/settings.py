@@ -64,9 +64,7 @@ class PathSettings(_Group):
         "./data",
         description="Root of every artifact: a local directory or an fsspec URL (s3://bucket/prefix).",
     )
-    image_dir: str | None = Field(
-        None, description="Floor-plan PNGs. Default: {data_root}/images."
-    )
+    image_dir: str | None = Field(None, description="Floor-plan PNGs. Default: {data_root}/images.")
     annotation_dir: str | None = Field(
         None,
         description="COCO annotation files, one per image ({stem}.json). Default: {data_root}/annotations.",
@@ -113,7 +111,8 @@ class CVSettings(_Group):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the CV plugin.")
     concurrency: int = Field(1, gt=0, description="Images processed at once (1 on a single GPU).")
     chunk_size: int = Field(
-        20, gt=0,
+        20,
+        gt=0,
         description="Images per mapped task run (1: a task run per image; larger cuts engine overhead and keeps run history bounded).",
     )
     clear_cache_every: int = Field(50, gt=0, description="Clear the CUDA cache every N images.")
@@ -127,9 +126,7 @@ class CVSettings(_Group):
         validation_alias=AliasChoices("runpod_endpoint_id", "RUNPOD_ENDPOINT_ID"),
         description="RunPod Serverless endpoint id of the team's CV worker (cv.source=runpod; also EMBEDDING_PROVIDER=runpod).",
     )
-    runpod_base_url: str = Field(
-        "https://api.runpod.ai/v2", description="Base URL of RunPod Serverless endpoints."
-    )
+    runpod_base_url: str = Field("https://api.runpod.ai/v2", description="Base URL of RunPod Serverless endpoints.")
     runpod_timeout_s: float = Field(
         300.0, gt=0, description="Longest wait for one RunPod job, polling included (cold starts take minutes)."
     )
@@ -145,11 +142,10 @@ class RetrievalSettings(_Group):
         validation_alias=AliasChoices("provider", "EMBEDDING_PROVIDER"),
         description="Embedding backend.",
     )
-    model: str = Field(
-        "Qwen/Qwen3-Embedding-0.6B", description="Embedding model id or local directory."
-    )
+    model: str = Field("Qwen/Qwen3-Embedding-0.6B", description="Embedding model id or local directory.")
     dimensions: int = Field(
-        768, gt=0,
+        768,
+        gt=0,
         description="Embedding width (Matryoshka truncation); 1024 by default with the team's table (retrieval.corpus=pgvector:...) or EMBEDDING_PROVIDER=runpod.",
     )
     corpus: str = Field(
@@ -193,7 +189,9 @@ class ModelPrice(_Group):
 
 class ProviderLimits(_Group):
     requests_per_minute: int | None = Field(
-        None, ge=0, description="Requests per minute (0: no client-side limit; None: the built-in default for this teacher)."
+        None,
+        ge=0,
+        description="Requests per minute (0: no client-side limit; None: the built-in default for this teacher).",
     )
     tokens_per_minute: int | None = Field(
         None, ge=0, description="Tokens per minute, input + output budget (0: no limit; None: the built-in default)."
@@ -241,11 +239,13 @@ class TeacherSettings(_Group):
     max_output_tokens: int = Field(4096, gt=0, description="Output token budget per answer.")
     concurrency: int = Field(5, gt=0, description="Requests in flight per teacher.")
     requests_per_minute: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Explicit request limit for every remote teacher; when set it wins over teachers.limits and the built-in per-provider default (precedence: this > teachers.limits.<teacher> > built-in); limits a provider announces in x-ratelimit-* headers replace all of them at run time.",
     )
     tokens_per_minute: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Explicit token limit for every remote teacher (same precedence as teachers.requests_per_minute).",
     )
     limits: dict[str, ProviderLimits] = Field(
@@ -253,23 +253,26 @@ class TeacherSettings(_Group):
         description="Per-teacher limits (openai: tier 1 for gpt-4o, 500 RPM / 30K TPM; gemini: 60 RPM / 1M TPM; compatible, local: 0 = unthrottled); a teacher or field left out keeps its built-in default.",
     )
     rate_window_s: float = Field(
-        60.0, gt=0, description="Length of the providers' rate-limit window (seconds): requests are spaced window/rate apart and counted over it."
+        60.0,
+        gt=0,
+        description="Length of the providers' rate-limit window (seconds): requests are spaced window/rate apart and counted over it.",
     )
     retry_after_cap_s: float = Field(
-        60.0, gt=0,
+        60.0,
+        gt=0,
         description="Longest pause of a teacher after one HTTP 429 (the provider's Retry-After, else until the oldest request of the window expires).",
     )
     rate_limit_max_wait_s: float = Field(
-        180.0, gt=0,
+        180.0,
+        gt=0,
         description="Longest time one item keeps retrying after its first HTTP 429 before it is given up as rate_limited.",
     )
-    backoff_s: list[float] = Field(
-        default_factory=lambda: [2.0, 4.0, 8.0], description="Backoff for 5xx/timeouts."
-    )
+    backoff_s: list[float] = Field(default_factory=lambda: [2.0, 4.0, 8.0], description="Backoff for 5xx/timeouts.")
     request_timeout_s: float = Field(120.0, gt=0, description="Timeout of one teacher request.")
     budget_usd: float = Field(60.0, ge=0, description="Stop labeling before spending more than this per teacher.")
     max_rate_limit_retries: int = Field(
-        5, ge=0,
+        5,
+        ge=0,
         description="Retries of one item after HTTP 429 before it may be given up; it is kept at least rate_window_s + 25% after its first 429 and at most rate_limit_max_wait_s.",
     )
     truncation_budget_factor: float = Field(
@@ -277,19 +280,23 @@ class TeacherSettings(_Group):
     )
     max_output_tokens_cap: int = Field(16_384, gt=0, description="Upper bound of that larger budget.")
     max_invalid_attempts: int = Field(
-        4, ge=0,
+        4,
+        ge=0,
         description="Retries of one item after answers that are not valid JSON / fail the schema: a re-ask quoting the error, the re-ask with a larger output budget, then fresh asks with the original messages (1: the old single re-ask).",
     )
     max_truncated_attempts: int = Field(
-        3, ge=0,
+        3,
+        ge=0,
         description="Retries of one item after answers cut at the output-token limit: a larger budget each time (teachers.truncation_budget_factor, up to max_output_tokens_cap), then fresh asks (1: the old single retry).",
     )
     max_attempts_per_item: int = Field(
-        12, gt=0,
+        12,
+        gt=0,
         description="Most requests sent for one item, every failure class together except HTTP 429 (not billed; bounded by the rate-limit settings).",
     )
     max_item_cost_usd: float = Field(
-        1.0, gt=0,
+        1.0,
+        gt=0,
         description="Most US$ one item may cost, failed attempts included: an attempt is sent only if the item's spend so far plus its worst case fits.",
     )
     expected_output_tokens: int = Field(1500, gt=0, description="Output tokens per answer, for estimates.")
@@ -303,13 +310,15 @@ class TeacherSettings(_Group):
         3600.0, ge=0, description="Wait this long for batch jobs, then return; a rerun resumes polling."
     )
     batch_max_enqueued_tokens: int = Field(
-        90_000, gt=0,
+        90_000,
+        gt=0,
         description="OpenAI: tokens (prompt + expected output, estimated) kept in running batch jobs at once; "
         "more waits for earlier jobs to finish. 90,000 is tier 1's enqueued-token limit for gpt-4o "
         "(see the organisation's limits page).",
     )
     batch_max_enqueued_tokens_gemini: int = Field(
-        5_000_000, gt=0,
+        5_000_000,
+        gt=0,
         description="Gemini: the same for batch mode; 5,000,000 is the batch enqueued-token limit Google "
         "publishes for tier 1 (Gemini 2.5 Pro); AI Studio shows the model's own.",
     )
@@ -350,7 +359,9 @@ class QualitySettings(_Group):
 
 class DatasetSettings(_Group):
     train_ratio: float = Field(
-        0.9, gt=0, lt=1,
+        0.9,
+        gt=0,
+        lt=1,
         description="Share of rows in train (whole complexes move together; val gets the complexes closest to 1 - ratio).",
     )
     drop_overlong: bool = Field(
@@ -363,7 +374,9 @@ class FinetuneSettings(_Group):
     base_model: str = Field("Qwen/Qwen3-8B", description="Student base model id or local directory.")
     student_name: str = Field("student", description="Output folder name under the data root.")
     backend: Literal["auto", "unsloth", "trl"] = Field("auto", description="auto: Unsloth on CUDA, else TRL.")
-    load_in_4bit: bool = Field(True, description="QLoRA: NF4 base weights through bitsandbytes (CUDA; CPU kernels from bitsandbytes 0.50).")
+    load_in_4bit: bool = Field(
+        True, description="QLoRA: NF4 base weights through bitsandbytes (CUDA; CPU kernels from bitsandbytes 0.50)."
+    )
     lora_r: int = Field(64, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(128, gt=0, description="LoRA alpha.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
@@ -382,8 +395,13 @@ class FinetuneSettings(_Group):
     logging_steps: int = Field(10, gt=0, description="Log every N steps.")
     eval_steps: int = Field(100, gt=0, description="Validation loss every N steps.")
     save_steps: int = Field(100, gt=0, description="Checkpoint every N steps.")
-    early_stopping_patience: int = Field(3, ge=0, description="Evaluations without improvement before stopping (0: off).")
-    optim: str = Field("adamw_8bit", description="Optimizer: adamw_8bit (bitsandbytes), adamw_torch, paged_adamw_8bit, ... (any optim name transformers knows)")
+    early_stopping_patience: int = Field(
+        3, ge=0, description="Evaluations without improvement before stopping (0: off)."
+    )
+    optim: str = Field(
+        "adamw_8bit",
+        description="Optimizer: adamw_8bit (bitsandbytes), adamw_torch, paged_adamw_8bit, ... (any optim name transformers knows)",
+    )
     merge: bool = Field(False, description="Also write a merged bf16 model for vLLM.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
     cpu_threads: int | None = Field(None, gt=0, description="Torch threads on CPU (1 is fastest for tiny models).")
@@ -393,9 +411,12 @@ class FinetuneSettings(_Group):
         description="Evaluate through an OpenAI-compatible server (e.g. vLLM serving merged_model/) at this URL instead of in-process transformers.",
     )
     eval_model: str | None = Field(
-        None, description="Model name on that server, e.g. the LoRA module name 'cv_agent' (default: the first it lists)."
+        None,
+        description="Model name on that server, e.g. the LoRA module name 'cv_agent' (default: the first it lists).",
     )
-    eval_max_tokens: int = Field(8000, gt=0, description="max_tokens of one evaluation request through that server (the team client sends 8000).")
+    eval_max_tokens: int = Field(
+        8000, gt=0, description="max_tokens of one evaluation request through that server (the team client sends 8000)."
+    )
     vllm_max_lora_rank: int = Field(
         64,
         description="The serving vLLM's --max-lora-rank (vLLM's default is 16): the adapter's rank is checked against it before training.",
@@ -425,7 +446,9 @@ class ServingSettings(_Group):
     )
     timeout_s: float = Field(60.0, gt=0, description="Timeout of one provider call.")
     temperature: float | None = Field(
-        0.2, ge=0, le=2,
+        0.2,
+        ge=0,
+        le=2,
         description="Sampling temperature sent to remote providers (None: provider default); the local student decodes greedily.",
     )
     chat_max_tokens: int = Field(1024, gt=0, description="Output token limit of one /chat answer.")
@@ -434,32 +457,41 @@ class ServingSettings(_Group):
         description="Where the service reads criteria vectors: memory (embedded at start-up, cached under {data_root}/cache/embeddings) or pgvector (serving.pg_dsn).",
     )
     pg_dsn: SecretStr | None = Field(
-        None, description="PostgreSQL DSN of the pgvector store; also the default --dsn of `ft-pipeline vectors`. Never logged."
+        None,
+        description="PostgreSQL DSN of the pgvector store; also the default --dsn of `ft-pipeline vectors`. Never logged.",
     )
     vector_table: str | None = Field(
-        None, description="Pin the service to this vector table (a canary); default: the live table in vector_store_active."
+        None,
+        description="Pin the service to this vector table (a canary); default: the live table in vector_store_active.",
     )
-    max_upload_mb: float = Field(20.0, gt=0, description="Largest plan image POST /analyze accepts as an upload (larger: 413).")
+    max_upload_mb: float = Field(
+        20.0, gt=0, description="Largest plan image POST /analyze accepts as an upload (larger: 413)."
+    )
     cv_timeout_s: float | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Longest wait for the CV step of an uploaded plan (None: cv.runpod_timeout_s plus 10 s, cold starts included).",
     )
     host: str = Field("127.0.0.1", description="HTTP API bind address.")
     port: int = Field(8000, gt=0, lt=65536, description="HTTP API port.")
     max_request_mb: float = Field(
-        2.0, gt=0,
+        2.0,
+        gt=0,
         description="Largest JSON body (POST /analyze, /chat) the API reads; larger: 413, judged from Content-Length before reading or while a chunked body streams in. Uploads have serving.max_upload_mb.",
     )
     max_concurrency: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Model calls run at once per backend (None: 1 for the in-process local model, 8 for remote providers).",
     )
     max_queue: int = Field(
-        8, ge=0,
+        8,
+        ge=0,
         description="Requests that may wait for a model slot beyond those running; when full (or a wait passes serving.timeout_s): 503 with Retry-After at once.",
     )
     shutdown_grace_s: float = Field(
-        5.0, gt=0,
+        5.0,
+        gt=0,
         description="On SIGTERM/SIGINT: how long in-flight requests may finish (local generations are cancelled at once) before uvicorn cancels them.",
     )
 
@@ -501,9 +533,7 @@ class Settings(BaseSettings):
     )
     gemini_api_key: SecretStr | None = Field(
         None,
-        validation_alias=AliasChoices(
-            "gemini_api_key", "FTP_GEMINI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"
-        ),
+        validation_alias=AliasChoices("gemini_api_key", "FTP_GEMINI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"),
         description="Google Gemini key.",
     )
     runpod_api_key: SecretStr | None = Field(
@@ -591,9 +621,20 @@ _DOTENV_ALIASES = frozenset({"openai_api_key", "gemini_api_key", "google_api_key
 # The team's RAGConfig keys (and our two switches) that map onto settings here, read from the
 # environment and from .env by `_TeamKeysSource`.
 TEAM_KEYS = (
-    "LLM_BACKEND", "VLLM_BASE_URL", "VLLM_MODEL_NAME", "OPENAI_MODEL", "EMBEDDING_DIM", "TOP_K",
-    "POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_DB", "POSTGRES_USER", "POSTGRES_PASSWORD",
-    "RUNPOD_ENDPOINT_ID", "LLM_PROVIDER", "EMBEDDING_PROVIDER",
+    "LLM_BACKEND",
+    "VLLM_BASE_URL",
+    "VLLM_MODEL_NAME",
+    "OPENAI_MODEL",
+    "EMBEDDING_DIM",
+    "TOP_K",
+    "POSTGRES_HOST",
+    "POSTGRES_PORT",
+    "POSTGRES_DB",
+    "POSTGRES_USER",
+    "POSTGRES_PASSWORD",
+    "RUNPOD_ENDPOINT_ID",
+    "LLM_PROVIDER",
+    "EMBEDDING_PROVIDER",
 )
 _ANNOUNCED: set[tuple[str, tuple[str, ...]]] = set()
 
@@ -690,8 +731,9 @@ class _TeamKeysSource(PydanticBaseSettingsSource):
         keys = {k.upper(): v for k, v in dotenv.items() if k.upper() in TEAM_KEYS}
         keys.update({k: os.environ[k] for k in TEAM_KEYS if os.environ.get(k)})
         values, unused = team_keys_to_settings(keys)
-        ignored = sorted({k for k in dotenv if not _is_ours(k) and k.upper() not in TEAM_KEYS}
-                         | {k for k in unused if k in dotenv})
+        ignored = sorted(
+            {k for k in dotenv if not _is_ours(k) and k.upper() not in TEAM_KEYS} | {k for k in unused if k in dotenv}
+        )
         if ignored and path is not None:
             marker = (str(path.resolve()), tuple(ignored))
             if marker not in _ANNOUNCED:
@@ -791,7 +833,7 @@ def _check_env_keys() -> None:
     for key in os.environ:
         if not key.startswith(ENV_PREFIX):
             continue
-        rest = key[len(ENV_PREFIX):]
+        rest = key[len(ENV_PREFIX) :]
         group, _, field = rest.partition("__")
         if rest in aliases:
             continue
@@ -828,9 +870,7 @@ def load_settings(
     file_data = read_config_file(config_file) if config_file else {}
     chosen = profile or os.environ.get(f"{ENV_PREFIX}PROFILE") or file_data.get("profile")
     if chosen and chosen not in PROFILES:
-        raise SettingsError(
-            f"setting 'profile': unknown profile '{chosen}' (choose one of {', '.join(PROFILES)})"
-        )
+        raise SettingsError(f"setting 'profile': unknown profile '{chosen}' (choose one of {', '.join(PROFILES)})")
     _check_env_keys()
     layered = {"file": file_data, "profile": PROFILES.get(chosen, {}) if chosen else {}}
     if chosen:

@@ -40,9 +40,7 @@ def parse_steps(spec: str | list[str] | None) -> list[str]:
         elif item in ALL_STEPS:
             chosen.add(item)
         else:
-            raise ValueError(
-                f"steps {spec!r}: unknown step {item!r} (choose from {', '.join(ALL_STEPS)} or 'all')"
-            )
+            raise ValueError(f"steps {spec!r}: unknown step {item!r} (choose from {', '.join(ALL_STEPS)} or 'all')")
     if not chosen:
         raise ValueError(f"steps {spec!r}: no step selected")
     return [s for s in ALL_STEPS if s in chosen]

@@ -174,13 +174,7 @@ class SynthPlan:
 
     def windows_of(self, idx: int) -> list[tuple[Opening, str]]:
         """(window, side) pairs of space ``idx``, widest first (stable on ties)."""
-        out = [
-            (o, side)
-            for o in self.openings
-            if o.kind == "window"
-            for i, side in zip(o.spaces, o.sides)
-            if i == idx
-        ]
+        out = [(o, side) for o in self.openings if o.kind == "window" for i, side in zip(o.spaces, o.sides) if i == idx]
         out.sort(key=lambda w: -w[0].length)
         return out
 
@@ -296,9 +290,7 @@ def _sample_layout(rng: np.random.Generator) -> tuple[list[_Cell], dict[str, Any
         return 1 if e == 0 else e - 1
 
     if not master_north:
-        md_ends = [
-            e for e in (0, last) if cells[e] == "B" and cells[nb(e)] in ("B", "L") and e != kend
-        ]
+        md_ends = [e for e in (0, last) if cells[e] == "B" and cells[nb(e)] in ("B", "L") and e != kend]
         if md_ends and rng.random() < 0.55:
             cells[md_ends[int(rng.integers(len(md_ends)))]] = "MD"
         else:
@@ -341,9 +333,7 @@ def _sample_layout(rng: np.random.Generator) -> tuple[list[_Cell], dict[str, Any
             run_e += 1
         if run_w and run_e:
             # remainder (away from the anchor) faces the shorter run
-            ka_anchor = (
-                "W" if run_e < run_w else "E" if run_w < run_e else _pick(rng, [("W", 1), ("E", 1)])
-            )
+            ka_anchor = "W" if run_e < run_w else "E" if run_w < run_e else _pick(rng, [("W", 1), ("E", 1)])
         elif run_e:
             ka_anchor = "W"
         elif run_w:
@@ -355,9 +345,7 @@ def _sample_layout(rng: np.random.Generator) -> tuple[list[_Cell], dict[str, Any
         kd_item = _pick(rng, [("utility", 0.35), ("pantry", 0.25), ("", 0.4)]) or None
     ensuite: list[str] = []
     if mdi is not None:
-        ensuite = list(
-            [["dress", "bath"], ["bath"], ["dress"]][int(rng.choice(3, p=[0.5, 0.3, 0.2]))]
-        )
+        ensuite = list([["dress", "bath"], ["bath"], ["dress"]][int(rng.choice(3, p=[0.5, 0.3, 0.2]))])
         if len(ensuite) == 2 and rng.random() < 0.5:
             ensuite.reverse()
     ensuite_bath = "bath" in ensuite
@@ -466,9 +454,7 @@ def _solve_rows(
     ys: tuple[float, float, float, float, float],
 ) -> tuple[list[_Cell], dict[str, Any]]:
     Y0, Y1, Y2, Y3, _Y4 = ys
-    items = [
-        _Item(i.role, i.minw, i.maxw, i.weight, tag=i.tag, optional=i.optional) for i in items_in
-    ]
+    items = [_Item(i.role, i.minw, i.maxw, i.weight, tag=i.tag, optional=i.optional) for i in items_in]
     fillers = list(fillers_in)
     n = len(cells)
     shallow = [c in ("B", "MS") for c in cells]
@@ -573,15 +559,11 @@ def _solve_rows(
                 assign[si].remove(max(optional, key=lambda i: i.minw))
                 break
             delta = need - (b - a) + 1e-6
-            cand = [
-                c for c in range(n) if shallow[c] and xs[c] >= a - 1e-6 and xs[c + 1] <= b + 1e-6
-            ]
+            cand = [c for c in range(n) if shallow[c] and xs[c] >= a - 1e-6 and xs[c + 1] <= b + 1e-6]
             if ka is None:
                 if xs[li] >= a - 1e-6 and xs[li + 1] <= b + 1e-6:
                     cand.append(li)
-            elif (ka_anchor == "W" and abs(a - ka[1]) < 1e-6) or (
-                ka_anchor == "E" and abs(b - ka[0]) < 1e-6
-            ):
+            elif (ka_anchor == "W" and abs(a - ka[1]) < 1e-6) or (ka_anchor == "E" and abs(b - ka[0]) < 1e-6):
                 cand.append(li)
             if not cand:
                 raise _Retry("cannot widen")
@@ -797,24 +779,18 @@ def _balconies(rng: np.random.Generator, cells: list[_Cell], Y3: float, Y4: floa
         if not ac_done:
             wac = float(rng.uniform(0.8, 1.1))
             if rng.random() < 0.5 and g[-1].w - wac >= 1.8:
-                out.append(
-                    _Cell("ac", x1 - wac, Y3, x1, Y4, wins=[("S", "main")], win_subtype="fixed")
-                )
+                out.append(_Cell("ac", x1 - wac, Y3, x1, Y4, wins=[("S", "main")], win_subtype="fixed"))
                 x1 = x1 - wac
                 ac_done = True
             elif g[0].w - wac >= 1.8:
-                out.append(
-                    _Cell("ac", x0, Y3, x0 + wac, Y4, wins=[("S", "main")], win_subtype="fixed")
-                )
+                out.append(_Cell("ac", x0, Y3, x0 + wac, Y4, wins=[("S", "main")], win_subtype="fixed"))
                 x0 = x0 + wac
                 ac_done = True
         out.append(_Cell("balcony", x0, Y3, x1, Y4, wins=[("S", "main")]))
     return out
 
 
-def _core(
-    rng: np.random.Generator, cells: list[_Cell], Y0: float, master_north: bool
-) -> list[_Cell]:
+def _core(rng: np.random.Generator, cells: list[_Cell], Y0: float, master_north: bool) -> list[_Cell]:
     """엘리베이터홀 north of the 현관, 계단실 beside it (over a windowless-tolerant room or the
     windowless master) or north of it."""
     ent = next(c for c in cells if c.role == "entrance")
@@ -871,9 +847,7 @@ def _labels(rng: np.random.Generator, cells: list[_Cell]) -> list[tuple[str, str
                 [("부부욕실", 0.3), ("안방욕실", 0.15), (f"욕실{n}", 0.2), (f"화장실{n}", 0.35)],
             )
         elif len(baths) == 1:
-            lab = _pick(
-                rng, [("화장실", 0.5), ("욕실", 0.25), ("공용욕실", 0.1), ("화장실1", 0.15)]
-            )
+            lab = _pick(rng, [("화장실", 0.5), ("욕실", 0.25), ("공용욕실", 0.1), ("화장실1", 0.15)])
         else:
             lab = _pick(rng, [(f"화장실{n}", 0.55), (f"욕실{n}", 0.3), ("공용욕실", 0.15)])
         out[i] = ("공간_화장실", lab, True)
@@ -911,9 +885,7 @@ def _labels(rng: np.random.Generator, cells: list[_Cell]) -> list[tuple[str, str
         elif r == "corridor":
             out[i] = ("공간_기타", "기타", False)
         elif r == "hall":
-            lab = _pick(
-                rng, [("엘리베이터홀", 0.55), ("EV홀", 0.2), ("엘베홀", 0.15), ("승강기홀", 0.1)]
-            )
+            lab = _pick(rng, [("엘리베이터홀", 0.55), ("EV홀", 0.2), ("엘베홀", 0.15), ("승강기홀", 0.1)])
             out[i] = ("공간_엘리베이터홀", lab, True)
         elif r == "stair":
             out[i] = ("공간_계단실", "계단실", True)
@@ -982,9 +954,7 @@ _DOOR_PARTNERS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _build_pixels(
-    rng: np.random.Generator, stem: str, cells: list[_Cell], info: dict[str, Any]
-) -> SynthPlan:
+def _build_pixels(rng: np.random.Generator, stem: str, cells: list[_Cell], info: dict[str, Any]) -> SynthPlan:
     width = int(rng.integers(1200, 2401))
     aspect = float(rng.uniform(1.3, 1.5))
     height = round(width / aspect)
@@ -1063,11 +1033,7 @@ def _build_pixels(
         if free < 0:
             return None
         if centred:
-            off = (
-                free // 2 + int(rng.integers(-(free // 6), free // 6 + 1))
-                if free >= 6
-                else free // 2
-            )
+            off = free // 2 + int(rng.integers(-(free // 6), free // 6 + 1)) if free >= 6 else free // 2
         else:
             off = int(rng.integers(0, free + 1))
         a = lo + margin + off
@@ -1256,22 +1222,14 @@ def _build_pixels(
     # --- walls: every shared / exterior segment minus its openings
     walls: list[WallSegment] = []
     for (i, j), (o, line, lo, hi) in sorted(shared.items()):
-        cuts = [
-            (op.lo, op.hi)
-            for op in openings
-            if op.orient == o and op.line == line and set(op.spaces) == {i, j}
-        ]
+        cuts = [(op.lo, op.hi) for op in openings if op.orient == o and op.line == line and set(op.spaces) == {i, j}]
         for a, b in _subtract(lo, hi, cuts):
             walls.append(WallSegment(o, line, a, b, (i, j)))
     for i in range(n):
         for side in ("N", "E", "S", "W"):
             o, line, _lo, _hi = _edges(spaces[i].rect)[side]
             for lo, hi in exterior[i][side]:
-                cuts = [
-                    (op.lo, op.hi)
-                    for op in openings
-                    if op.orient == o and op.line == line and op.spaces == (i,)
-                ]
+                cuts = [(op.lo, op.hi) for op in openings if op.orient == o and op.line == line and op.spaces == (i,)]
                 for a, b in _subtract(lo, hi, cuts):
                     walls.append(WallSegment(o, line, a, b, (i,)))
 
@@ -1483,11 +1441,7 @@ def truth_statistics(plan: SynthPlan) -> dict[str, Any]:
         bay = len(livings)
     else:
         lm = livings[0]["main_window_direction"]
-        bay = sum(
-            1
-            for d in spaces_out
-            if d["name"] in ("거실", "침실") and d["main_window_direction"] == lm
-        )
+        bay = sum(1 for d in spaces_out if d["name"] in ("거실", "침실") and d["main_window_direction"] == lm)
     structure, _hits = _structure_type(main_info(livings), main_info(kitchens))
     counted = [d for d in inside if d["name"] != "기타"]
     windowless = [d for d in counted if not d["has_window"]]
@@ -1586,19 +1540,13 @@ def self_check(plan: SynthPlan) -> list[str]:
     livings = [d for d in sp_truth if d["name"] == "거실"]
     kitchens = [d for d in sp_truth if d["name"] == "주방"]
     _st, hits = _structure_type(
-        {"main": livings[0]["main_window_direction"], "dirs": livings[0]["window_directions"]}
-        if livings
-        else None,
-        {"main": kitchens[0]["main_window_direction"], "dirs": kitchens[0]["window_directions"]}
-        if kitchens
-        else None,
+        {"main": livings[0]["main_window_direction"], "dirs": livings[0]["window_directions"]} if livings else None,
+        {"main": kitchens[0]["main_window_direction"], "dirs": kitchens[0]["window_directions"]} if kitchens else None,
     )
     if len(hits) != 1:
         problems.append(f"structure type ambiguous: {sorted(hits)}")
     if truth["structure_type"] != plan.intended.get("structure_type"):
-        problems.append(
-            f"structure {truth['structure_type']} != intended {plan.intended.get('structure_type')}"
-        )
+        problems.append(f"structure {truth['structure_type']} != intended {plan.intended.get('structure_type')}")
     if truth["bay_count"] != plan.intended.get("bay_count"):
         problems.append(f"bay {truth['bay_count']} != intended {plan.intended.get('bay_count')}")
     # main windows must be unambiguous (strictly widest) for living room, kitchen and bedrooms
@@ -1659,9 +1607,7 @@ def plan_to_coco(plan: SynthPlan) -> dict[str, Any]:
         rect_ann(vocab.OCR_CATEGORY, b.rect, {"text": b.text})
     return {
         "info": {"description": "ft-pipeline synthetic floor plan", "version": "1"},
-        "images": [
-            {"id": 1, "file_name": plan.file_name, "width": plan.width, "height": plan.height}
-        ],
+        "images": [{"id": 1, "file_name": plan.file_name, "width": plan.width, "height": plan.height}],
         "categories": [
             {"id": vocab.CATEGORY_IDS[name], "name": name, "supercategory": _supercategory(name)}
             for name in vocab.ALL_CATEGORIES

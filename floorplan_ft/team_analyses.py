@@ -41,25 +41,53 @@ IMPORTER_VERSION = "1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 DESIGN_KEYS = {
-    "채광": "채광", "lighting": "채광", "daylight": "채광", "daylighting": "채광", "light": "채광",
-    "환기": "환기", "ventilation": "환기", "airflow": "환기",
-    "가족융화": "가족융화", "가족 융화": "가족융화", "family_harmony": "가족융화", "family": "가족융화",
+    "채광": "채광",
+    "lighting": "채광",
+    "daylight": "채광",
+    "daylighting": "채광",
+    "light": "채광",
+    "환기": "환기",
+    "ventilation": "환기",
+    "airflow": "환기",
+    "가족융화": "가족융화",
+    "가족 융화": "가족융화",
+    "family_harmony": "가족융화",
+    "family": "가족융화",
     "familyharmony": "가족융화",
-    "수납": "수납", "storage": "수납",
+    "수납": "수납",
+    "storage": "수납",
 }
 STRUCTURE = {"판상형": ("판상", "flat", "plate"), "타워형": ("타워", "tower"), "혼합형": ("혼합", "복합", "mixed")}
 VENTILATION = {
-    "우수": ("우수", "excellent"), "양호": ("양호", "good"), "보통": ("보통", "average", "fair"),
+    "우수": ("우수", "excellent"),
+    "양호": ("양호", "good"),
+    "보통": ("보통", "average", "fair"),
     "미흡": ("미흡", "불량", "부족", "부적합", "불합격", "poor", "bad"),
 }
 GRADE = {
-    "최우수": ("최우수",), "우수": ("우수",), "보통": ("보통",), "미흡": ("미흡",),
+    "최우수": ("최우수",),
+    "우수": ("우수",),
+    "보통": ("보통",),
+    "미흡": ("미흡",),
     "불합격": ("불합격", "부적합", "fail"),
 }
 LIMITS = {"short": 200, "comment": 600, "summary": 1000}
-_TOP_KEYS = ("image_name", "structure_type", "bay_count", "total_spaces", "room_count", "bathroom_count",
-             "balcony_ratio", "windowless_ratio", "ventilation_quality", "summary", "spaces",
-             "design_evaluation", "recommendations", "compliance")
+_TOP_KEYS = (
+    "image_name",
+    "structure_type",
+    "bay_count",
+    "total_spaces",
+    "room_count",
+    "bathroom_count",
+    "balcony_ratio",
+    "windowless_ratio",
+    "ventilation_quality",
+    "summary",
+    "spaces",
+    "design_evaluation",
+    "recommendations",
+    "compliance",
+)
 
 
 class AnalysesFileError(ValueError):
@@ -108,11 +136,13 @@ class ImportReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "source_file": self.source_file, "teacher": self.teacher, "records": self.records,
-            "imported": len(self.imported), "rejected": len(self.rejected),
+            "source_file": self.source_file,
+            "teacher": self.teacher,
+            "records": self.records,
+            "imported": len(self.imported),
+            "rejected": len(self.rejected),
             "mappings": dict(self.mapping_counts.most_common()),
-            "rejects": [{"index": r.index, "image_name": r.image_name, "reason": r.reason}
-                        for r in self.rejected],
+            "rejects": [{"index": r.index, "image_name": r.image_name, "reason": r.reason} for r in self.rejected],
         }
 
 
@@ -148,8 +178,9 @@ def iter_records(data: Any, origin: str) -> list[tuple[str | None, Any, dict[str
                 return iter_records(data[key], origin)
         return [(str(name), value, {}) for name, value in data.items()]
     if not isinstance(data, list):
-        raise AnalysesFileError(f"{origin}: expected a list of records or an object keyed by image name, "
-                                f"got {type(data).__name__}")
+        raise AnalysesFileError(
+            f"{origin}: expected a list of records or an object keyed by image name, got {type(data).__name__}"
+        )
     out = []
     for rec in data:
         if isinstance(rec, Mapping) and ("document" in rec or "metadata" in rec):
@@ -277,10 +308,14 @@ def _space(value: Any, i: int, m: Mapped) -> dict[str, Any]:
         out["has_window"] = True
     else:
         out["has_window"] = s["has_window"]
-    out["features"] = [_clip(x, LIMITS["short"], "spaces[].features[]", m)
-                       for x in _list(s.get("features"), "spaces[].features", m, 10)]
-    out["connected_spaces"] = [_clip(x, LIMITS["short"], "spaces[].connected_spaces[]", m)
-                               for x in _list(s.get("connected_spaces"), "spaces[].connected_spaces", m, 12)]
+    out["features"] = [
+        _clip(x, LIMITS["short"], "spaces[].features[]", m)
+        for x in _list(s.get("features"), "spaces[].features", m, 10)
+    ]
+    out["connected_spaces"] = [
+        _clip(x, LIMITS["short"], "spaces[].connected_spaces[]", m)
+        for x in _list(s.get("connected_spaces"), "spaces[].connected_spaces", m, 12)
+    ]
     out["evaluation_comment"] = _clip(s.get("evaluation_comment"), LIMITS["comment"], "spaces[].evaluation_comment", m)
     for extra in sorted(set(s) - set(out)):
         m.note(f"spaces[].{extra}: unknown key dropped")
@@ -301,33 +336,44 @@ def _compliance(value: Any, m: Mapped) -> dict[str, Any] | None:
         mapped = DESIGN_KEYS.get(category.lower(), category)
         if mapped != category:
             m.note(f"non_compliant_items[].category {category} → {mapped}")
-        items.append({
-            "category": _clip(mapped, LIMITS["short"], "non_compliant_items[].category", m),
-            "item": _clip(item.get("item"), LIMITS["short"], "non_compliant_items[].item", m),
-            "reason": _clip(item.get("reason"), LIMITS["comment"], "non_compliant_items[].reason", m),
-            "recommendation": _clip(item.get("recommendation"), LIMITS["comment"],
-                                    "non_compliant_items[].recommendation", m),
-        })
+        items.append(
+            {
+                "category": _clip(mapped, LIMITS["short"], "non_compliant_items[].category", m),
+                "item": _clip(item.get("item"), LIMITS["short"], "non_compliant_items[].item", m),
+                "reason": _clip(item.get("reason"), LIMITS["comment"], "non_compliant_items[].reason", m),
+                "recommendation": _clip(
+                    item.get("recommendation"), LIMITS["comment"], "non_compliant_items[].recommendation", m
+                ),
+            }
+        )
     return {
         "overall_grade": _pick_enum(c.get("overall_grade"), GRADE, "compliance.overall_grade", m),
-        "compliant_items": [_clip(x, LIMITS["short"], "compliant_items[]", m)
-                            for x in _list(c.get("compliant_items"), "compliance.compliant_items", m, 20)],
+        "compliant_items": [
+            _clip(x, LIMITS["short"], "compliant_items[]", m)
+            for x in _list(c.get("compliant_items"), "compliance.compliant_items", m, 20)
+        ],
         "non_compliant_items": items,
         "summary": _clip(c.get("summary"), LIMITS["comment"], "compliance.summary", m),
     }
 
 
-def lenient_analysis(payload: Mapping[str, Any], image_name: str | None,
-                     metadata: Mapping[str, Any] | None = None) -> tuple[FloorPlanAnalysis, list[str]]:
+def lenient_analysis(
+    payload: Mapping[str, Any], image_name: str | None, metadata: Mapping[str, Any] | None = None
+) -> tuple[FloorPlanAnalysis, list[str]]:
     """Our `FloorPlanAnalysis` from one of their analysis dicts (metadata fills what the dict
     lacks), with the list of changes made. Raises ValueError naming the field that cannot map."""
     m = Mapped()
     a = dict(payload)
     meta = dict(metadata or {})
-    for key, meta_key in (("structure_type", "structure_type"), ("bay_count", "bay_count"),
-                          ("room_count", "room_count"), ("bathroom_count", "bathroom_count"),
-                          ("balcony_ratio", "balcony_ratio"), ("windowless_ratio", "windowless_ratio"),
-                          ("ventilation_quality", "ventilation_quality")):
+    for key, meta_key in (
+        ("structure_type", "structure_type"),
+        ("bay_count", "bay_count"),
+        ("room_count", "room_count"),
+        ("bathroom_count", "bathroom_count"),
+        ("balcony_ratio", "balcony_ratio"),
+        ("windowless_ratio", "windowless_ratio"),
+        ("ventilation_quality", "ventilation_quality"),
+    ):
         if a.get(key) is None and meta.get(meta_key) is not None:
             m.note(f"{key}: from metadata")
             a[key] = meta[meta_key]
@@ -360,8 +406,11 @@ def lenient_analysis(payload: Mapping[str, Any], image_name: str | None,
     out["spaces"] = [_space(s, i, m) for i, s in enumerate(_list(a.get("spaces"), "spaces", m, 40))]
     out["design_evaluation"] = _design(a.get("design_evaluation"), m)
     recs = a.get("recommendations")
-    out["recommendations"] = None if recs is None else [
-        _clip(r, LIMITS["comment"], "recommendations[]", m) for r in _list(recs, "recommendations", m, 10)]
+    out["recommendations"] = (
+        None
+        if recs is None
+        else [_clip(r, LIMITS["comment"], "recommendations[]", m) for r in _list(recs, "recommendations", m, 10)]
+    )
     compliance = a.get("compliance")
     if compliance is None and meta.get("compliance_grade") not in (None, "", "미평가"):
         compliance = {"overall_grade": meta["compliance_grade"]}
@@ -372,8 +421,10 @@ def lenient_analysis(payload: Mapping[str, Any], image_name: str | None,
     try:
         analysis = FloorPlanAnalysis.model_validate(out)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                             for e in exc.errors(include_url=False, include_input=False)[:5])
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)[:5]
+        )
         raise ValueError(f"does not validate as FloorPlanAnalysis: {problems}") from None
     return analysis, m.notes
 
@@ -381,7 +432,9 @@ def lenient_analysis(payload: Mapping[str, Any], image_name: str | None,
 # --------------------------------------------------------------------------- natural language
 
 _NL_HEADER = re.compile(r"\[(전체 평가|설계 평가|공간 분석)\]\s*")
-_NL_DESIGN = re.compile(r"(lighting|ventilation|family_harmony|storage|채광|환기|가족융화)은\(는\)\s*([^,.]*(?:\([^)]*\))?)")
+_NL_DESIGN = re.compile(
+    r"(lighting|ventilation|family_harmony|storage|채광|환기|가족융화)은\(는\)\s*([^,.]*(?:\([^)]*\))?)"
+)
 _NL_GRADE = re.compile(r"사내 기준 적합성:\s*([^\s.]+)\.?\s*")
 _NL_NONCOMPLIANT = re.compile(r"부적합\(([^)]+)\):\s*(.+?)\s+-\s+(.+?)(?=\s*부적합\(|$)")
 _NL_SPACE = re.compile(r"([^\s.:][^.:]{0,30}?):\s+(.+?)(?=(?:\s+[^\s.:][^.:]{0,30}?:\s)|$)")
@@ -395,39 +448,51 @@ def analysis_from_document(document: str, metadata: Mapping[str, Any], m: Mapped
         parts = dict(zip(_NL_HEADER.findall(text), _NL_HEADER.split(text)[2::2], strict=False))
         summary = parts.get("전체 평가", "").strip()
         design_text, spaces_text, compliance_text = parts.get("설계 평가", ""), parts.get("공간 분석", ""), ""
-        spaces = [{"space_name": n.strip(), "evaluation_comment": c.strip()}
-                  for n, c in re.findall(r"(\S+)은\(는\)\s*(.+?)(?=\s+\S+은\(는\)|$)", spaces_text)]
+        spaces = [
+            {"space_name": n.strip(), "evaluation_comment": c.strip()}
+            for n, c in re.findall(r"(\S+)은\(는\)\s*(.+?)(?=\s+\S+은\(는\)|$)", spaces_text)
+        ]
     else:  # the stored rendering: summary, design sentences, "space: comment", grade, 부적합(...)
         first = _NL_DESIGN.search(text)
         summary = text[: first.start()].strip() if first else ""
-        rest = text[first.start():] if first else text
+        rest = text[first.start() :] if first else text
         grade = _NL_GRADE.search(rest)
-        head, compliance_text = (rest[: grade.start()], rest[grade.start():]) if grade else (rest, "")
+        head, compliance_text = (rest[: grade.start()], rest[grade.start() :]) if grade else (rest, "")
         last = None
         for last in _NL_DESIGN.finditer(head):
             pass
         design_text = head[: last.end()] if last else ""
-        spaces_text = head[last.end():].lstrip(" .") if last else head
-        spaces = [{"space_name": n.strip(), "evaluation_comment": c.strip()}
-                  for n, c in _NL_SPACE.findall(spaces_text)]
+        spaces_text = head[last.end() :].lstrip(" .") if last else head
+        spaces = [{"space_name": n.strip(), "evaluation_comment": c.strip()} for n, c in _NL_SPACE.findall(spaces_text)]
     design = {k: v.strip() for k, v in _NL_DESIGN.findall(design_text)} or None
-    out: dict[str, Any] = {"image_name": metadata.get("image_name"), "summary": summary,
-                           "spaces": spaces, "design_evaluation": design}
+    out: dict[str, Any] = {
+        "image_name": metadata.get("image_name"),
+        "summary": summary,
+        "spaces": spaces,
+        "design_evaluation": design,
+    }
     m.note("document: natural-language rendering read (numbers from metadata)")
     grade = _NL_GRADE.search(compliance_text) if compliance_text else None
     if grade:
-        after = compliance_text[grade.end():]
+        after = compliance_text[grade.end() :]
         cut = after.find("부적합(")
-        items = [{"category": c.strip(), "item": i.strip(), "reason": i.strip(), "recommendation": r.strip()}
-                 for c, i, r in _NL_NONCOMPLIANT.findall(after[cut:] if cut >= 0 else "")]
+        items = [
+            {"category": c.strip(), "item": i.strip(), "reason": i.strip(), "recommendation": r.strip()}
+            for c, i, r in _NL_NONCOMPLIANT.findall(after[cut:] if cut >= 0 else "")
+        ]
         if items:
             m.note("non_compliant_items[].reason: not in the text → the item")
-        out["compliance"] = {"overall_grade": grade.group(1), "summary": (after[:cut] if cut >= 0 else after).strip(),
-                             "non_compliant_items": items}
+        out["compliance"] = {
+            "overall_grade": grade.group(1),
+            "summary": (after[:cut] if cut >= 0 else after).strip(),
+            "non_compliant_items": items,
+        }
     return out
 
 
-def read_record(name: str | None, payload: Any, metadata: Mapping[str, Any]) -> tuple[FloorPlanAnalysis, list[str], str]:
+def read_record(
+    name: str | None, payload: Any, metadata: Mapping[str, Any]
+) -> tuple[FloorPlanAnalysis, list[str], str]:
     """(analysis, mappings, source form) of one record; ValueError with the reason otherwise."""
     m = Mapped()
     form = "json"
@@ -454,8 +519,11 @@ def read_record(name: str | None, payload: Any, metadata: Mapping[str, Any]) -> 
 
 def known_stems(store: ArtifactStore, image_dir: str | None = None) -> set[str]:
     """Stems of the data root's plans: images (any case of .png/.jpg) and output folders."""
-    stems = {Path(n).stem for n in store.listdir(image_dir or store.path("images"))
-             if Path(n).suffix.lower() in IMAGE_SUFFIXES}
+    stems = {
+        Path(n).stem
+        for n in store.listdir(image_dir or store.path("images"))
+        if Path(n).suffix.lower() in IMAGE_SUFFIXES
+    }
     return stems | set(store.listdir(store.path("output")))
 
 
@@ -468,15 +536,18 @@ def match_stem(image_name: str, stems: set[str]) -> str | None:
     return folded[0] if len(folded) == 1 else None
 
 
-def import_analyses(store: ArtifactStore, path: str | Path, *, teacher: str = IMPORTED_TEACHER,
-                    image_dir: str | None = None) -> ImportReport:
+def import_analyses(
+    store: ArtifactStore, path: str | Path, *, teacher: str = IMPORTED_TEACHER, image_dir: str | None = None
+) -> ImportReport:
     """Read the export, map every record, write the good ones as ``teacher``'s answers
     (``output/{stem}/llm_analysis_{teacher}.json`` + sidecar) and report the rest."""
     from floorplan_ft.teachers.factory import TEACHER_NAMES
 
     if teacher in TEACHER_NAMES:
-        raise AnalysesFileError(f"teacher {teacher!r} is labeled in phase 3: import under another name "
-                                f"(default {IMPORTED_TEACHER!r}) so no labeled answer is overwritten")
+        raise AnalysesFileError(
+            f"teacher {teacher!r} is labeled in phase 3: import under another name "
+            f"(default {IMPORTED_TEACHER!r}) so no labeled answer is overwritten"
+        )
     path = Path(path)
     raw = path.read_bytes() if path.is_file() else b""
     data = load_export(path)
@@ -500,11 +571,20 @@ def import_analyses(store: ArtifactStore, path: str | Path, *, teacher: str = IM
         seen[stem] = index
         store.write_text(store.analysis_path(stem, teacher), analysis.model_dump_json(indent=1) + "\n")
         meta = {
-            "teacher": teacher, "provider": "imported", "model": teacher, "imported": True,
-            "source_file": str(path), "source_sha256": source_hash, "source_record": index,
-            "source_image_name": image_name, "source_form": form, "mappings": notes,
-            "importer_version": IMPORTER_VERSION, "schema_version": SCHEMA_VERSION,
-            "schema_hash": schema_hash(), "cost_usd": None,
+            "teacher": teacher,
+            "provider": "imported",
+            "model": teacher,
+            "imported": True,
+            "source_file": str(path),
+            "source_sha256": source_hash,
+            "source_record": index,
+            "source_image_name": image_name,
+            "source_form": form,
+            "mappings": notes,
+            "importer_version": IMPORTER_VERSION,
+            "schema_version": SCHEMA_VERSION,
+            "schema_hash": schema_hash(),
+            "cost_usd": None,
             "imported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         store.write_json(meta_path(store, stem, teacher), meta)
@@ -530,16 +610,20 @@ def is_imported_teacher(store: ArtifactStore, stems: list[str], teacher: str) ->
 def report_text(report: ImportReport, *, limit: int = 40) -> str:
     """The end-of-import summary: counts, every mapping applied (a table), each reject's reason."""
     lines = [
-        (f"{report.source_file}: {report.records} records → {len(report.imported)} imported as "
-         f"teacher '{report.teacher}', {len(report.rejected)} rejected"),
+        (
+            f"{report.source_file}: {report.records} records → {len(report.imported)} imported as "
+            f"teacher '{report.teacher}', {len(report.rejected)} rejected"
+        ),
     ]
     counts = report.mapping_counts
     if counts:
         width = max(len(k) for k, _ in counts.most_common(limit))
         lines += ["", f"{'mapping applied':<{width}}  records", f"{'-' * width}  -------"]
         per_record = Counter(note for rec in report.imported for note in set(rec.mappings))
-        lines += [f"{k:<{width}}  {per_record[k]:>7}" + (f"  ({n} times)" if n != per_record[k] else "")
-                  for k, n in counts.most_common(limit)]
+        lines += [
+            f"{k:<{width}}  {per_record[k]:>7}" + (f"  ({n} times)" if n != per_record[k] else "")
+            for k, n in counts.most_common(limit)
+        ]
         if len(counts) > limit:
             lines.append(f"(+{len(counts) - limit} more kinds in import_analyses_{report.teacher}.json)")
     if report.rejected:

@@ -64,8 +64,9 @@ def import_topologies(store: ArtifactStore, paths: list[Path]) -> list[ImportOut
             outcomes.append(ImportOutcome(str(path), stem, "failed", reason=f"cannot read: {exc}"))
             continue
         if stem in taken:
-            outcomes.append(ImportOutcome(str(path), stem, "failed",
-                                          reason=f"stem {stem!r} already imported from {taken[stem]}"))
+            outcomes.append(
+                ImportOutcome(str(path), stem, "failed", reason=f"stem {stem!r} already imported from {taken[stem]}")
+            )
             continue
         try:
             graph = read_topology_bytes(data, origin=str(path))
@@ -75,15 +76,18 @@ def import_topologies(store: ArtifactStore, paths: list[Path]) -> list[ImportOut
         fmt = detect_topology_format(json.loads(data))
         sha = hashlib.sha256(data).hexdigest()
         store.write_bytes(store.topology_path(stem), data)
-        store.write_json(store.path("output", stem, SIDECAR), {
-            "key": f"{IMPORT_SOURCE}:{sha}",
-            "source": IMPORT_SOURCE,
-            "origin": str(path.resolve()),
-            "sha256": sha,
-            "format": fmt,
-            "image_file_name": graph.image_info.file_name,
-            "imported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        })
+        store.write_json(
+            store.path("output", stem, SIDECAR),
+            {
+                "key": f"{IMPORT_SOURCE}:{sha}",
+                "source": IMPORT_SOURCE,
+                "origin": str(path.resolve()),
+                "sha256": sha,
+                "format": fmt,
+                "image_file_name": graph.image_info.file_name,
+                "imported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
         taken[stem] = str(path)
         outcomes.append(ImportOutcome(str(path), stem, "imported", format=fmt))
     stems = [o.stem for o in outcomes if o.status == "imported" and o.stem]

@@ -35,12 +35,37 @@ from floorplan_ft.schemas import TopologyGraph
 TopologyFormat = Literal["project", "team", "team-frontend"]
 PROJECT, TEAM, TEAM_FRONTEND = "project", "team", "team-frontend"
 
-_NODE_KEYS = ("node_id", "node_type", "category_id", "category_name", "label", "space_type",
-              "is_outside", "bbox", "segmentation", "area", "area_ratio", "centroid")
-_STAT_KEYS = ("total_image_area", "total_space_area", "total_inside_area", "space_count",
-              "inside_space_count", "room_count", "bathroom_count", "balcony_count", "bay_count",
-              "structure_type", "balcony_ratio", "windowless_ratio", "ldk_ratio", "storage_ratio",
-              "master_bedroom_has_window")
+_NODE_KEYS = (
+    "node_id",
+    "node_type",
+    "category_id",
+    "category_name",
+    "label",
+    "space_type",
+    "is_outside",
+    "bbox",
+    "segmentation",
+    "area",
+    "area_ratio",
+    "centroid",
+)
+_STAT_KEYS = (
+    "total_image_area",
+    "total_space_area",
+    "total_inside_area",
+    "space_count",
+    "inside_space_count",
+    "room_count",
+    "bathroom_count",
+    "balcony_count",
+    "bay_count",
+    "structure_type",
+    "balcony_ratio",
+    "windowless_ratio",
+    "ldk_ratio",
+    "storage_ratio",
+    "master_bedroom_has_window",
+)
 _EDGE_KEYS = ("edge_id", "source_node", "target_node", "connection_type", "connection_id")
 
 
@@ -62,7 +87,7 @@ def _structure_entries(data: dict) -> list[dict]:
     out = []
     for node in data.get("nodes") or []:
         if isinstance(node, dict):
-            structures = ((node.get("contains") or {}).get("structures") or {})
+            structures = (node.get("contains") or {}).get("structures") or {}
             if isinstance(structures, dict):
                 for key in ("doors", "windows"):
                     out += [s for s in structures.get(key) or [] if isinstance(s, dict)]
@@ -74,14 +99,16 @@ def detect_topology_format(data: Any) -> TopologyFormat:
     if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
         raise ValueError("not a topology graph: expected a JSON object with a 'nodes' list")  # noqa: TRY004
     nodes = [n for n in data["nodes"] if isinstance(n, dict)]
-    if "image_info" not in data and "statistics" not in data and (
-        "bay_analysis" in data or any("class_name" in n and "node_id" not in n for n in nodes)
+    if (
+        "image_info" not in data
+        and "statistics" not in data
+        and ("bay_analysis" in data or any("class_name" in n and "node_id" not in n for n in nodes))
     ):
         return TEAM_FRONTEND
     if any("type" in s and "category_name" not in s for s in _structure_entries(data)):
         return TEAM
     for node in nodes:
-        objects = ((node.get("contains") or {}).get("objects") or [])
+        objects = (node.get("contains") or {}).get("objects") or []
         if any(isinstance(o, dict) and "category_id" in o for o in objects):
             return TEAM
         if "area_ratio" in node and node["area_ratio"] is None:
@@ -112,7 +139,7 @@ def _canonical(node: dict) -> str:
 
 
 def _windows(node: dict) -> list:
-    structures = ((node.get("contains") or {}).get("structures") or {})
+    structures = (node.get("contains") or {}).get("structures") or {}
     return list(structures.get("windows") or []) if isinstance(structures, dict) else []
 
 
@@ -121,8 +148,10 @@ def derived_statistics(nodes: list[dict]) -> dict[str, Any]:
     vocabulary; None where the nodes cannot give them (no inside area, no bedroom)."""
     inside = [n for n in nodes if not n.get("is_outside") and _num(n.get("area"))]
     total = sum(float(n["area"]) for n in inside)
+
     def area_of(names) -> float:
         return sum(float(n["area"]) for n in inside if _canonical(n) in names)
+
     bedrooms = [n for n in inside if _canonical(n) == "침실"]
     master = max(bedrooms, key=lambda n: float(n["area"]), default=None)
     return {
@@ -151,8 +180,12 @@ def _team_structure(entry: Any, kind: str, where: str, problems: list) -> dict |
         return None
     category = entry.get("category_name") or (vocab.DOOR if kind == "doors" else vocab.WINDOW)
     subtype = entry.get("subtype", entry.get("type"))
-    return {"structure_id": str(entry.get("structure_id", "")), "category_name": category,
-            "bbox": entry.get("bbox"), "subtype": None if subtype is None else str(subtype)}
+    return {
+        "structure_id": str(entry.get("structure_id", "")),
+        "category_name": category,
+        "bbox": entry.get("bbox"),
+        "subtype": None if subtype is None else str(subtype),
+    }
 
 
 def _team_contains(raw: Any, where: str, problems: list) -> dict:
@@ -162,13 +195,20 @@ def _team_contains(raw: Any, where: str, problems: list) -> dict:
         if not isinstance(o, dict):
             problems.append((f"{where}.objects[{j}]", "expected an object"))
             continue
-        objects.append({"object_id": str(o.get("object_id", f"obj_{j}")),
-                        "category_name": o.get("category_name"), "bbox": o.get("bbox", [])})
+        objects.append(
+            {
+                "object_id": str(o.get("object_id", f"obj_{j}")),
+                "category_name": o.get("category_name"),
+                "bbox": o.get("bbox", []),
+            }
+        )
     structures = raw.get("structures") if isinstance(raw.get("structures"), dict) else {}
     out: dict[str, list] = {}
     for kind in ("doors", "windows", "walls"):
-        entries = [_team_structure(s, kind, f"{where}.structures.{kind}[{j}]", problems)
-                   for j, s in enumerate(structures.get(kind) or [])]
+        entries = [
+            _team_structure(s, kind, f"{where}.structures.{kind}[{j}]", problems)
+            for j, s in enumerate(structures.get(kind) or [])
+        ]
         out[kind] = [e for e in entries if e is not None]
     labels = [str(t) for t in raw.get("ocr_labels") or [] if t is not None]
     return {"objects": objects, "ocr_labels": labels, "structures": out}
@@ -186,8 +226,7 @@ def _normalise_team(data: dict, problems: list) -> dict:
         node.setdefault("node_type", "space")
         node["contains"] = _team_contains(raw.get("contains"), f"{where}.contains", problems)
         nodes.append(node)
-    inside_total = sum(float(n["area"]) for n in nodes
-                       if not n.get("is_outside") and _num(n.get("area")))
+    inside_total = sum(float(n["area"]) for n in nodes if not n.get("is_outside") and _num(n.get("area")))
     for i, node in enumerate(nodes):
         ratio = node.get("area_ratio")
         if node.get("is_outside"):
@@ -210,8 +249,7 @@ def _normalise_team(data: dict, problems: list) -> dict:
 # --------------------------------------------------------------------------- frontend → team
 
 
-_FRONTEND_NAMES = {"주방/식당": "공간_주방", "주방및식당": "공간_주방", "욕실": "공간_화장실",
-                   "복도": "공간_기타"}
+_FRONTEND_NAMES = {"주방/식당": "공간_주방", "주방및식당": "공간_주방", "욕실": "공간_화장실", "복도": "공간_기타"}
 
 
 def _frontend_category(raw: dict, where: str, problems: list) -> str | None:
@@ -247,8 +285,7 @@ def team_structure_type(nodes: list[dict]) -> str:
     living = next((n for n in nodes if n.get("category_name") == "공간_거실"), None)
     if living is None:
         return "혼합형"
-    axes = {"NS" if _team_direction(w["bbox"], living["centroid"]) in "NS" else "EW"
-            for w in _windows(living)}
+    axes = {"NS" if _team_direction(w["bbox"], living["centroid"]) in "NS" else "EW" for w in _windows(living)}
     if len(axes) == 2:
         return "타워형"
     main = _main_window(living)
@@ -273,9 +310,11 @@ def _team_bay_count(nodes: list[dict]) -> int:
     livings = [n for n in nodes if n.get("category_name") == "공간_거실"]
     if len(livings) != 1 or not _windows(livings[0]):
         return len(livings)
+
     def direction(n):  # the aggregator picks the widest window here
         w = max(_windows(n), key=lambda w: w["bbox"][2])
         return _team_direction(w["bbox"], n["centroid"])
+
     ref = direction(livings[0])
     beds = [n for n in nodes if n.get("category_name") == "공간_침실" and _windows(n)]
     return 1 + sum(1 for n in beds if direction(n) == ref)
@@ -298,17 +337,28 @@ def _frontend_to_team(data: dict, origin: str, problems: list) -> dict:
         ocr = raw.get("ocr_label")
         label = str(ocr) if isinstance(ocr, str) and ocr.strip() else str(raw.get("name") or raw.get("class_name"))
         node = {
-            "node_id": str(raw["id"]), "node_type": "space",
-            "category_id": vocab.TEAM_CATEGORY_IDS[category], "category_name": category,
-            "label": label, "space_type": vocab.team_space_class(label),
-            "is_outside": vocab.team_is_outside(label), "bbox": raw["bbox"],
-            "segmentation": raw.get("segmentation") or [], "area": raw["area"], "area_ratio": None,
+            "node_id": str(raw["id"]),
+            "node_type": "space",
+            "category_id": vocab.TEAM_CATEGORY_IDS[category],
+            "category_name": category,
+            "label": label,
+            "space_type": vocab.team_space_class(label),
+            "is_outside": vocab.team_is_outside(label),
+            "bbox": raw["bbox"],
+            "segmentation": raw.get("segmentation") or [],
+            "area": raw["area"],
+            "area_ratio": None,
             "centroid": raw["centroid"],
             "contains": {
-                "objects": [{"object_id": f"{raw['id']}_obj_{j}",
-                             "category_name": vocab.OBJECT_PREFIX + str(o.get("class_name", "")),
-                             "bbox": o.get("bbox", [])}
-                            for j, o in enumerate(raw.get("objects") or []) if isinstance(o, dict)],
+                "objects": [
+                    {
+                        "object_id": f"{raw['id']}_obj_{j}",
+                        "category_name": vocab.OBJECT_PREFIX + str(o.get("class_name", "")),
+                        "bbox": o.get("bbox", []),
+                    }
+                    for j, o in enumerate(raw.get("objects") or [])
+                    if isinstance(o, dict)
+                ],
                 "ocr_labels": [label] if isinstance(ocr, str) and ocr.strip() else [],
                 "structures": {"doors": [], "windows": [], "walls": []},
             },
@@ -321,8 +371,11 @@ def _frontend_to_team(data: dict, origin: str, problems: list) -> dict:
             if not isinstance(s, dict) or "bbox" not in s:
                 problems.append((f"{kind}[{j}]", "expected an object with a bbox"))
                 continue
-            entry = {"structure_id": str(s.get("id", f"{kind}_{j}")), "type": s.get("subcat") or s.get("type"),
-                     "bbox": s["bbox"]}
+            entry = {
+                "structure_id": str(s.get("id", f"{kind}_{j}")),
+                "type": s.get("subcat") or s.get("type"),
+                "bbox": s["bbox"],
+            }
             for t in s.get("touching_spaces") or []:
                 target = by_id.get(str((t or {}).get("space_id")))
                 if target is not None:
@@ -333,18 +386,26 @@ def _frontend_to_team(data: dict, origin: str, problems: list) -> dict:
             problems.append((f"edges[{j}]", "expected an object"))
             continue
         kind = e.get("connection_type")
-        edges.append({"edge_id": str(e.get("edge_id", f"edge_{j}")),
-                      "source_node": str(e.get("source")), "target_node": str(e.get("target")),
-                      "connection_type": kind,
-                      "connection_id": e.get("door_id") if kind == "door" else e.get("window_id")})
+        edges.append(
+            {
+                "edge_id": str(e.get("edge_id", f"edge_{j}")),
+                "source_node": str(e.get("source")),
+                "target_node": str(e.get("target")),
+                "connection_type": kind,
+                "connection_id": e.get("door_id") if kind == "door" else e.get("window_id"),
+            }
+        )
     inside = [n for n in nodes if not n["is_outside"]]
     total_inside = float(sum(float(n["area"]) for n in inside))
     for n in nodes:
-        n["area_ratio"] = None if n["is_outside"] else (
-            round(float(n["area"]) / total_inside, 4) if total_inside > 0 else 0.0)
+        n["area_ratio"] = (
+            None if n["is_outside"] else (round(float(n["area"]) / total_inside, 4) if total_inside > 0 else 0.0)
+        )
+
     def has_window(n) -> bool:
         flag = n.pop("_has_window", None)
         return bool(flag) if isinstance(flag, bool) else bool(_windows(n))
+
     window_flags = {n["node_id"]: has_window(n) for n in nodes}
     counted = [n for n in inside if n["label"] != "기타"]
     type_count = {t: 0 for t in vocab.SPACE_TYPES}
@@ -355,8 +416,11 @@ def _frontend_to_team(data: dict, origin: str, problems: list) -> dict:
     extent_h = max((float(n["bbox"][1]) + float(n["bbox"][3]) for n in nodes), default=1.0)
     parts = origin.replace("\\", "/").rsplit("/", 2)
     name = parts[-1]
-    stem = parts[-2] if name == "topology_graph.json" and len(parts) > 1 else (
-        name.removesuffix(".json").removesuffix("_topology"))
+    stem = (
+        parts[-2]
+        if name == "topology_graph.json" and len(parts) > 1
+        else (name.removesuffix(".json").removesuffix("_topology"))
+    )
     balcony_area = sum(float(n["area"]) for n in nodes if n["category_name"] == "공간_발코니")
     statistics = {
         "total_image_area": None,
@@ -371,13 +435,17 @@ def _frontend_to_team(data: dict, origin: str, problems: list) -> dict:
         "space_type_count": type_count,
         "structure_type": team_structure_type(nodes),
         "balcony_ratio": round(balcony_area / total_inside * 100, 4) if total_inside > 0 else 0.0,
-        "windowless_ratio": round(sum(not window_flags[n["node_id"]] for n in counted)
-                                  / len(counted) * 100, 4) if counted else 0.0,
+        "windowless_ratio": round(sum(not window_flags[n["node_id"]] for n in counted) / len(counted) * 100, 4)
+        if counted
+        else 0.0,
         # has_window is the frontend's own flag; carry it where windows did not attach.
         "master_bedroom_has_window": _master_window(inside, window_flags),
     }
     image_info = data.get("image_info") or {
-        "file_name": f"{stem}.png", "width": max(1, math.ceil(extent_w)), "height": max(1, math.ceil(extent_h))}
+        "file_name": f"{stem}.png",
+        "width": max(1, math.ceil(extent_w)),
+        "height": max(1, math.ceil(extent_h)),
+    }
     return {"image_info": image_info, "nodes": nodes, "edges": edges, "statistics": statistics}
 
 
@@ -402,8 +470,7 @@ def read_topology_dict(data: Any, *, origin: str) -> TopologyGraph:
     if fmt == TEAM_FRONTEND:
         data = _frontend_to_team(data, origin, problems)
     if fmt == PROJECT:
-        body = {k: data.get(k) for k in ("image_info", "nodes", "edges", "statistics", "builder_version")
-                if k in data}
+        body = {k: data.get(k) for k in ("image_info", "nodes", "edges", "statistics", "builder_version") if k in data}
         body["nodes"] = [_project_node(n) for n in data["nodes"]]
     else:
         body = _normalise_team(data, problems)
@@ -412,8 +479,9 @@ def read_topology_dict(data: Any, *, origin: str) -> TopologyGraph:
     if isinstance(body.get("image_info"), dict):
         body["image_info"] = {k: body["image_info"].get(k) for k in ("file_name", "width", "height")}
     if isinstance(body.get("edges"), list):
-        body["edges"] = [{k: e.get(k) for k in _EDGE_KEYS if k in e} if isinstance(e, dict) else e
-                         for e in body["edges"]]
+        body["edges"] = [
+            {k: e.get(k) for k in _EDGE_KEYS if k in e} if isinstance(e, dict) else e for e in body["edges"]
+        ]
     stats = body.get("statistics")
     if isinstance(stats, dict):
         clean = {k: stats[k] for k in _STAT_KEYS if k in stats}
@@ -441,13 +509,20 @@ def _project_node(raw: Any) -> Any:
         contains = raw["contains"] if isinstance(raw["contains"], dict) else {}
         structures = contains.get("structures") if isinstance(contains.get("structures"), dict) else {}
         node["contains"] = {
-            "objects": [{k: o.get(k) for k in ("object_id", "category_name", "bbox") if k in o}
-                        if isinstance(o, dict) else o for o in contains.get("objects") or []],
+            "objects": [
+                {k: o.get(k) for k in ("object_id", "category_name", "bbox") if k in o} if isinstance(o, dict) else o
+                for o in contains.get("objects") or []
+            ],
             "ocr_labels": contains.get("ocr_labels") or [],
             "structures": {
-                kind: [{k: s.get(k) for k in ("structure_id", "category_name", "bbox", "subtype") if k in s}
-                       if isinstance(s, dict) else s for s in structures.get(kind) or []]
-                for kind in ("doors", "windows", "walls")},
+                kind: [
+                    {k: s.get(k) for k in ("structure_id", "category_name", "bbox", "subtype") if k in s}
+                    if isinstance(s, dict)
+                    else s
+                    for s in structures.get(kind) or []
+                ]
+                for kind in ("doors", "windows", "walls")
+            },
         }
     return node
 

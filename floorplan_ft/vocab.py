@@ -141,17 +141,45 @@ TEAM_BACKGROUND = "background"  # a class of their segmentation model; carries n
 TEAM_SUBTYPE_KEY = "subcat"  # door/window subtype attribute
 # Their COCO category ids (their detector config), for reading graphs that carry only class ids.
 TEAM_CATEGORY_IDS: dict[str, int] = {
-    "공간_다목적공간": 1, "공간_엘리베이터홀": 2, "공간_계단실": 3, "객체_변기": 4, "객체_세면대": 5,
-    "객체_싱크대": 6, "객체_욕조": 7, "객체_가스레인지": 8, "구조_출입문": 9, "구조_창호": 10,
-    "구조_벽체": 11, "background": 12, "공간_거실": 13, "공간_침실": 14, "공간_주방": 15,
-    "공간_현관": 16, "공간_발코니": 17, "공간_화장실": 18, "공간_실외기실": 19, "공간_드레스룸": 20,
-    "OCR": 21, "공간_기타": 22, "공간_엘리베이터": 23,
+    "공간_다목적공간": 1,
+    "공간_엘리베이터홀": 2,
+    "공간_계단실": 3,
+    "객체_변기": 4,
+    "객체_세면대": 5,
+    "객체_싱크대": 6,
+    "객체_욕조": 7,
+    "객체_가스레인지": 8,
+    "구조_출입문": 9,
+    "구조_창호": 10,
+    "구조_벽체": 11,
+    "background": 12,
+    "공간_거실": 13,
+    "공간_침실": 14,
+    "공간_주방": 15,
+    "공간_현관": 16,
+    "공간_발코니": 17,
+    "공간_화장실": 18,
+    "공간_실외기실": 19,
+    "공간_드레스룸": 20,
+    "OCR": 21,
+    "공간_기타": 22,
+    "공간_엘리베이터": 23,
 }
 # Their space-model class numbers (the `class_id` of the frontend's graphs) → category.
 TEAM_SPA_CLASSES: dict[int, str] = {
-    1: "공간_다목적공간", 2: "공간_엘리베이터홀", 3: "공간_계단실", 4: "공간_거실", 5: "공간_침실",
-    6: "공간_주방", 7: "공간_현관", 8: "공간_발코니", 9: "공간_화장실", 10: "공간_실외기실",
-    11: "공간_드레스룸", 12: "공간_기타", 13: "공간_엘리베이터",
+    1: "공간_다목적공간",
+    2: "공간_엘리베이터홀",
+    3: "공간_계단실",
+    4: "공간_거실",
+    5: "공간_침실",
+    6: "공간_주방",
+    7: "공간_현관",
+    8: "공간_발코니",
+    9: "공간_화장실",
+    10: "공간_실외기실",
+    11: "공간_드레스룸",
+    12: "공간_기타",
+    13: "공간_엘리베이터",
 }
 # Their synonym groups (group name → spellings) and classes, as their config lists them.
 TEAM_SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -160,12 +188,39 @@ TEAM_SYNONYMS: dict[str, tuple[str, ...]] = {
     "주방": ("주방", "키친", "kitchen", "주방/식당", "식당", "주방및식당"),
     "현관": ("현관", "현관홀", "엔트런스", "entrance"),
     "발코니": ("발코니", "베란다", "balcony", "서비스발코니"),
-    "화장실": ("화장실", "욕실", "bathroom", "toilet", "wc", "bath", "안방욕실", "부부욕실",
-             "마스터욕실", "전용욕실", "가족욕실"),
+    "화장실": (
+        "화장실",
+        "욕실",
+        "bathroom",
+        "toilet",
+        "wc",
+        "bath",
+        "안방욕실",
+        "부부욕실",
+        "마스터욕실",
+        "전용욕실",
+        "가족욕실",
+    ),
     "실외기룸": ("실외기실", "실외기룸", "에어컨실", "AC실"),
     "드레스룸": ("드레스룸", "드레스실", "옷방", "wic", "워크인클로짓"),
-    "엘리베이터홀": ("엘리베이터홀", "엘베홀", "EV홀", "E/V홀", "EL홀", "승강기홀", "elevator hall",
-                "엘리베이터 홀", "ELEV.홀", "엘리베이터", "엘베", "EV", "E/V", "EL", "승강기", "elevator"),
+    "엘리베이터홀": (
+        "엘리베이터홀",
+        "엘베홀",
+        "EV홀",
+        "E/V홀",
+        "EL홀",
+        "승강기홀",
+        "elevator hall",
+        "엘리베이터 홀",
+        "ELEV.홀",
+        "엘리베이터",
+        "엘베",
+        "EV",
+        "E/V",
+        "EL",
+        "승강기",
+        "elevator",
+    ),
     "계단실": ("계단실", "계단", "stair", "stairs", "stairwell"),
     "팬트리": ("팬트리", "키친팬트리", "식료품실", "pantry"),
     "다용도실": ("다용도실", "유틸리티", "utility"),
@@ -203,11 +258,11 @@ def team_space_class(label: str) -> str:
     if team_is_outside(label):
         return OUTSIDE
     folded = _team_fold(label)
-    group = next((g for g, names in TEAM_SYNONYMS.items()
-                  if folded in {_team_fold(n) for n in names}), None)
+    group = next((g for g, names in TEAM_SYNONYMS.items() if folded in {_team_fold(n) for n in names}), None)
     if group is None:
-        group = next((g for g, names in TEAM_SYNONYMS.items()
-                      if any(_overlaps(folded, _team_fold(n)) for n in names)), None)
+        group = next(
+            (g for g, names in TEAM_SYNONYMS.items() if any(_overlaps(folded, _team_fold(n)) for n in names)), None
+        )
     target = _team_fold(group if group else label)
     for space_type, names in TEAM_SPACE_CLASS.items():
         if any(_overlaps(_team_fold(n), target) for n in names):

@@ -46,8 +46,7 @@ def _label(settings: Settings, steps: list[str]) -> dict[str, dict]:
     for step in steps:
         name = _teacher_for(settings, step)
         if name is None:
-            report[step] = {"status": "not configured",
-                            "reason": f"teachers.teachers lists no teacher for step {step}"}
+            report[step] = {"status": "not configured", "reason": f"teachers.teachers lists no teacher for step {step}"}
         else:
             futures[step] = label_with_teacher.submit(settings, name)
     for step, future in futures.items():
@@ -71,10 +70,17 @@ def _phase6(settings: Settings, run: RunArgs) -> dict:
     trained = finetune_task(settings)
     evaluated = evaluate_task(settings)
     summary = evaluated.get("summary", {})
-    return {"status": "done", "steps": trained.get("global_step"), "first_loss": trained.get("first_loss"),
-            "last_loss": trained.get("last_loss"), "merged": trained.get("merged_dir"),
-            "eval_report": evaluated.get("path"), "schema_compliance": summary.get("schema_compliance"),
-            "quality_vs_teacher": (summary.get("quality") or {}).get("ratio"), "device": evaluated.get("device")}
+    return {
+        "status": "done",
+        "steps": trained.get("global_step"),
+        "first_loss": trained.get("first_loss"),
+        "last_loss": trained.get("last_loss"),
+        "merged": trained.get("merged_dir"),
+        "eval_report": evaluated.get("path"),
+        "schema_compliance": summary.get("schema_compliance"),
+        "quality_vs_teacher": (summary.get("quality") or {}).get("ratio"),
+        "device": evaluated.get("device"),
+    }
 
 
 # Built phases. A step missing here is reported as not available, never faked.

@@ -36,9 +36,7 @@ app.add_typer(import_app, name="import")
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML or YAML settings file.", exists=True, dir_okay=False)
 ]
-ProfileOpt = Annotated[
-    str | None, typer.Option("--profile", "-p", help="Named profile: production, local-8gb, demo.")
-]
+ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="Named profile: production, local-8gb, demo.")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override one setting: dotted.name=value (repeatable)."),
@@ -150,9 +148,16 @@ def demo(
     from floorplan_ft.training.sft import ensure_demo_base
 
     student_base = ensure_demo_base(data_root / "models" / "tiny-student-base")
-    run(steps=steps, config=None, profile="demo",
-        set_=[f"paths.data_root={data_root}", f"teachers.local_model_path={teacher_dir}",
-              f"finetune.base_model={student_base}"])
+    run(
+        steps=steps,
+        config=None,
+        profile="demo",
+        set_=[
+            f"paths.data_root={data_root}",
+            f"teachers.local_model_path={teacher_dir}",
+            f"finetune.base_model={student_base}",
+        ],
+    )
 
 
 @app.command()
@@ -160,7 +165,9 @@ def estimate(
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
-    items: Annotated[int | None, typer.Option(help="Items to label (default: the sample, or sampling.sample_size).")] = None,
+    items: Annotated[
+        int | None, typer.Option(help="Items to label (default: the sample, or sampling.sample_size).")
+    ] = None,
 ) -> None:
     """Expected tokens, dollars and hours per teacher for the planned labeling, before any call."""
     from floorplan_ft.sampling import SamplingError, read_sample
@@ -182,8 +189,10 @@ def estimate(
     count = items or len(stems) or settings.sampling.sample_size
     built, _ = build_items(store, stems[:200], settings) if stems else ([], [])
     measured = mean_prompt_tokens([i.messages for i in built])
-    typer.echo(f"Labeling {count} plans ({'sampled' if stems and not items else 'planned'}); "
-               f"input tokens per item: {'measured on ' + str(len(built)) + ' prompts' if measured else 'the plan figure'}\n")
+    typer.echo(
+        f"Labeling {count} plans ({'sampled' if stems and not items else 'planned'}); "
+        f"input tokens per item: {'measured on ' + str(len(built)) + ' prompts' if measured else 'the plan figure'}\n"
+    )
     typer.echo("| teacher | model | $ online | $ batch | items/min | limited by | hours | budget |")
     typer.echo("|---|---|---|---|---|---|---|---|")
     for name in settings.teachers.teachers:
@@ -191,8 +200,10 @@ def estimate(
         usd = "n/a (no price)" if e.usd_online is None else f"{e.usd_online:.2f}"
         batch = "n/a" if e.usd_batch is None else f"{e.usd_batch:.2f}"
         flag = " ⚠ over budget" if e.over_budget else ""
-        typer.echo(f"| {e.teacher} | {e.model} | {usd} | {batch} | {e.items_per_minute} | {e.limited_by} | "
-                   f"{e.hours} | {e.budget_usd:.2f}{flag} |")
+        typer.echo(
+            f"| {e.teacher} | {e.model} | {usd} | {batch} | {e.items_per_minute} | {e.limited_by} | "
+            f"{e.hours} | {e.budget_usd:.2f}{flag} |"
+        )
 
 
 @app.command("train-plan")

@@ -28,7 +28,8 @@ def _require_server() -> str:
         typer.secho(
             "error: PREFECT_API_URL is not set. Start a server (prefect server start) and point at it: "
             "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api",
-            fg=typer.colors.RED, err=True,
+            fg=typer.colors.RED,
+            err=True,
         )
         raise typer.Exit(2)
     return url
@@ -52,8 +53,10 @@ def pools_create(
     ] = None,
     data_root: Annotated[
         str | None,
-        typer.Option(help="Data root of the pool's flow runs: a path on the worker machine or s3://bucket/prefix. "
-                          "A local path also moves caches and Prefect results beside it."),
+        typer.Option(
+            help="Data root of the pool's flow runs: a path on the worker machine or s3://bucket/prefix. "
+            "A local path also moves caches and Prefect results beside it."
+        ),
     ] = None,
     cache_root: Annotated[
         str | None, typer.Option(help="Directory for HF/torch caches (and results when the data root is a URL).")

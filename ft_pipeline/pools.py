@@ -93,8 +93,13 @@ def create_or_update(
                 existing = None
             if existing is None:
                 client.create_work_pool(
-                    WorkPoolCreate(name=pool, type=POOL_TYPE, base_job_template=template,
-                                   description=DESCRIPTIONS[pool], concurrency_limit=CONCURRENCY[pool])
+                    WorkPoolCreate(
+                        name=pool,
+                        type=POOL_TYPE,
+                        base_job_template=template,
+                        description=DESCRIPTIONS[pool],
+                        concurrency_limit=CONCURRENCY[pool],
+                    )
                 )
                 status = "created"
             elif existing.type != POOL_TYPE:
@@ -103,14 +108,17 @@ def create_or_update(
                     f"delete it (prefect work-pool delete {pool}) and run this again"
                 )
             elif (existing.base_job_template, existing.description, existing.concurrency_limit) == (
-                template, DESCRIPTIONS[pool], CONCURRENCY[pool]
+                template,
+                DESCRIPTIONS[pool],
+                CONCURRENCY[pool],
             ):
                 status = "unchanged"
             else:
                 client.update_work_pool(
                     pool,
-                    WorkPoolUpdate(base_job_template=template, description=DESCRIPTIONS[pool],
-                                   concurrency_limit=CONCURRENCY[pool]),
+                    WorkPoolUpdate(
+                        base_job_template=template, description=DESCRIPTIONS[pool], concurrency_limit=CONCURRENCY[pool]
+                    ),
                 )
                 status = "updated"
             results.append((pool, status, template_env(template)))

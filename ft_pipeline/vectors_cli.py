@@ -45,19 +45,22 @@ def _print_report(report: Any, as_json: bool) -> None:
         typer.echo(json.dumps(data, ensure_ascii=False, indent=2, default=str))
         return
     if data["action"] == "already-rolled-back":
-        typer.echo(f"already rolled back: {data.get('new_table')} is live (rolled back from "
-                   f"{data.get('old_table')}); nothing changed")
+        typer.echo(
+            f"already rolled back: {data.get('new_table')} is live (rolled back from "
+            f"{data.get('old_table')}); nothing changed"
+        )
         typer.echo("  `vectors migrate` (without --rollback) switches to the configured embedding again")
         return
     typer.echo(f"{data['action']}: {data.get('old_table')} -> {data.get('new_table')}")
     if data.get("new_rows") is not None:
-        typer.echo(f"  rows: old {data.get('old_rows')}, new {data.get('new_rows')}; "
-                   f"width: old {data.get('old_dimensions')}, new {data.get('new_dimensions')}")
+        typer.echo(
+            f"  rows: old {data.get('old_rows')}, new {data.get('new_rows')}; "
+            f"width: old {data.get('old_dimensions')}, new {data.get('new_dimensions')}"
+        )
     for check in data.get("checks", []):
         typer.echo(f"  [{'ok' if check['ok'] else 'FAIL'}] {check['name']}: {check['detail']}")
     if data.get("switched"):
-        typer.echo(f"  live table is now {data['new_table']}"
-                   + (f" (view {data['view']})" if data.get("view") else ""))
+        typer.echo(f"  live table is now {data['new_table']}" + (f" (view {data['view']})" if data.get("view") else ""))
     if data.get("dropped"):
         typer.echo(f"  dropped: {', '.join(data['dropped'])}")
     elif data.get("action") in ("migrated", "rolled-back"):
@@ -68,11 +71,31 @@ def _print_report(report: Any, as_json: bool) -> None:
 def migrate(
     dsn: DsnOpt = None,
     old_table: Annotated[str | None, typer.Option(help="Table to migrate from (default: the live one).")] = None,
-    new_table: Annotated[str | None, typer.Option(help="Name of the new table (default: from model, width, corpus).")] = None,
-    drop_old: Annotated[bool, typer.Option("--drop-old", help="Drop the previous table (after a successful switch, or now if already migrated).")] = False,
-    rollback: Annotated[bool, typer.Option("--rollback", help="Point back at the previous table (no re-embedding); a second --rollback changes nothing.")] = False,
-    no_switch: Annotated[bool, typer.Option("--no-switch", help="Build and verify the new table but keep the old one live.")] = False,
-    allow_count_change: Annotated[bool, typer.Option("--allow-count-change", help="Accept a corpus whose chunk count or ids differ from the old table's.")] = False,
+    new_table: Annotated[
+        str | None, typer.Option(help="Name of the new table (default: from model, width, corpus).")
+    ] = None,
+    drop_old: Annotated[
+        bool,
+        typer.Option(
+            "--drop-old", help="Drop the previous table (after a successful switch, or now if already migrated)."
+        ),
+    ] = False,
+    rollback: Annotated[
+        bool,
+        typer.Option(
+            "--rollback",
+            help="Point back at the previous table (no re-embedding); a second --rollback changes nothing.",
+        ),
+    ] = False,
+    no_switch: Annotated[
+        bool, typer.Option("--no-switch", help="Build and verify the new table but keep the old one live.")
+    ] = False,
+    allow_count_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-count-change", help="Accept a corpus whose chunk count or ids differ from the old table's."
+        ),
+    ] = False,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
@@ -105,8 +128,13 @@ def migrate(
             vector_status(target)  # reach the database before loading any model
             manager = make_embedding_manager(settings)
             report = migrate_vectors(
-                target, old_table, manager, load_corpus(settings.paths.corpus_path),
-                drop_old=drop_old, new_table=new_table, switch=not no_switch,
+                target,
+                old_table,
+                manager,
+                load_corpus(settings.paths.corpus_path),
+                drop_old=drop_old,
+                new_table=new_table,
+                switch=not no_switch,
                 allow_count_change=allow_count_change,
             )
             if drop_old and report.action == "already-current" and not report.dropped:

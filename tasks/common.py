@@ -60,8 +60,7 @@ def step_progress(label: str, total: int, key: str, *, unit: str = "plans") -> P
     def publish(percent: float, line: str) -> None:
         update_progress_artifact(artifact, percent, description=line)
 
-    return Progress(label, total, unit=unit, interval_s=PROGRESS_INTERVAL_S, publish=publish,
-                    logger=get_run_logger())
+    return Progress(label, total, unit=unit, interval_s=PROGRESS_INTERVAL_S, publish=publish, logger=get_run_logger())
 
 
 def nest_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:

@@ -76,8 +76,9 @@ def _not_config_error(task, task_run, state) -> bool:
     retry_condition_fn=_not_config_error,
     task_run_name="topologies-{stems[0]}+{chunk_len}",
 )
-def build_topology_task(stems: list[str], config: SourceConfig, data_root: str, overlay: bool = False,
-                        chunk_len: int = 0) -> list[dict]:
+def build_topology_task(
+    stems: list[str], config: SourceConfig, data_root: str, overlay: bool = False, chunk_len: int = 0
+) -> list[dict]:
     store = ArtifactStore(data_root)
     outcomes, errors = [], []
     for stem, outcome in _process_chunk(store, config, stems, overlay):
@@ -100,6 +101,7 @@ def _process_chunk(store: ArtifactStore, config: SourceConfig, stems: list[str],
     """(stem, outcome or exception) per image. A remote source (the RunPod endpoint) works on up
     to cv.concurrency images of the chunk at once (its client bounds requests in flight per
     process); local detectors go one by one. A configuration error stops the chunk."""
+
     def one(stem: str):
         try:
             return stem, process_image(store, config, stem, overlay=overlay)
@@ -142,8 +144,11 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
         size = settings.cv.chunk_size
         chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
         futures = build_topology_task.map(
-            chunks, config=unmapped(config), data_root=unmapped(store.root),
-            overlay=unmapped(settings.cv.overlay), chunk_len=[len(c) for c in chunks],
+            chunks,
+            config=unmapped(config),
+            data_root=unmapped(store.root),
+            overlay=unmapped(settings.cv.overlay),
+            chunk_len=[len(c) for c in chunks],
         )
         chunk_of = {id(f): chunk for f, chunk in zip(futures, chunks, strict=True)}
         done = 0
@@ -160,8 +165,16 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
                 fresh, stale = stale_stems(store, config, chunk)
                 outcomes += [ImageOutcome(stem=s, status="built") for s in fresh]
                 reason, error_type = f"{type(result).__name__}: {result}", type(result).__name__
-                outcomes += [ImageOutcome(stem=s, status="failed", reason=reason, error_type=error_type,
-                                          stale_graph=mark_stale(store, s, reason, error_type)) for s in stale]
+                outcomes += [
+                    ImageOutcome(
+                        stem=s,
+                        status="failed",
+                        reason=reason,
+                        error_type=error_type,
+                        stale_graph=mark_stale(store, s, reason, error_type),
+                    )
+                    for s in stale
+                ]
             else:
                 outcomes += [ImageOutcome.model_validate(r) for r in result]
             done += len(chunk)
@@ -197,8 +210,12 @@ def _summary(total: int, fresh: int, built: int, failed: list[ImageOutcome], sec
         f"{total} images: **{built} built**, {fresh} already fresh (skipped), **{len(failed)} failed**, {seconds} s.",
     ]
     if failed:
-        note = f"Failure ledger: `{ledger}`. An older graph marked *stale* is kept on disk but skipped by phases 2 and 3."
+        note = (
+            f"Failure ledger: `{ledger}`. An older graph marked *stale* is kept on disk but skipped by phases 2 and 3."
+        )
         lines += ["", note, "", "| image | reason | older graph |", "|---|---|---|"]
-        lines += [f"| {o.stem} | {(o.reason or '').replace('|', '/')} | {'stale' if o.stale_graph else ''} |"
-                  for o in failed[:200]]
+        lines += [
+            f"| {o.stem} | {(o.reason or '').replace('|', '/')} | {'stale' if o.stale_graph else ''} |"
+            for o in failed[:200]
+        ]
     return "\n".join(lines)

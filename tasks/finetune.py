@@ -25,8 +25,9 @@ def finetune_task(settings: Settings) -> dict:
 
     def log(record: dict) -> None:
         if not progress:
-            progress.append(step_progress("phase 6 fine-tune", int(record.get("max_steps") or 0),
-                                          "phase6-progress", unit="steps"))
+            progress.append(
+                step_progress("phase 6 fine-tune", int(record.get("max_steps") or 0), "phase6-progress", unit="steps")
+            )
         latest.update({k: round(record[k], 4) for k in ("loss", "eval_loss") if isinstance(record.get(k), float)})
         progress[0].update(int(record.get("step") or 0), **latest)
 
@@ -36,8 +37,11 @@ def finetune_task(settings: Settings) -> dict:
     finally:
         if progress:
             progress[0].close()
-    create_markdown_artifact(key=artifact_key("phase6-training"), markdown=result.pop("markdown"),
-                             description="Phase 6: fine-tune (loss curves, adapter, model card)")
+    create_markdown_artifact(
+        key=artifact_key("phase6-training"),
+        markdown=result.pop("markdown"),
+        description="Phase 6: fine-tune (loss curves, adapter, model card)",
+    )
     history = json.loads(store.read_text(result["log_path"])).get("history", [])
     if history:
         create_table_artifact(
@@ -51,6 +55,9 @@ def finetune_task(settings: Settings) -> dict:
 @task(name="evaluate-student", cache_policy=NO_CACHE, persist_result=True)
 def evaluate_task(settings: Settings) -> dict:
     result = run_evaluation(settings, store_for(settings))
-    create_markdown_artifact(key=artifact_key("phase6-evaluation"), markdown=result.pop("markdown"),
-                             description="Phase 6: student vs teacher")
+    create_markdown_artifact(
+        key=artifact_key("phase6-evaluation"),
+        markdown=result.pop("markdown"),
+        description="Phase 6: student vs teacher",
+    )
     return result

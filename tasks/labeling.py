@@ -21,8 +21,14 @@ def _progress_callback(progress: Progress):
     """The engine's on_progress hook: hands the latest counts to the throttled reporter."""
 
     def update(s: TeacherRunSummary, done: int) -> None:
-        progress.update(done, failed=s.failed, dollars=s.cost_usd, labeled=s.labeled, cached=s.cached,
-                        **({"429s": s.rate_limited} if s.rate_limited else {}))
+        progress.update(
+            done,
+            failed=s.failed,
+            dollars=s.cost_usd,
+            labeled=s.labeled,
+            cached=s.cached,
+            **({"429s": s.rate_limited} if s.rate_limited else {}),
+        )
 
     return update
 
@@ -66,7 +72,9 @@ def label_with_teacher(settings: Settings, teacher_name: str) -> dict:
         description=f"Phase 3: labels from {teacher_name}",
     )
     if summary.stopped:
-        logger.warning("teacher %s stopped early: %s; %d plans unlabeled", teacher_name, summary.stopped, len(summary.unlabeled))
+        logger.warning(
+            "teacher %s stopped early: %s; %d plans unlabeled", teacher_name, summary.stopped, len(summary.unlabeled)
+        )
     return {
         "status": "done" if not (summary.failed or summary.skipped_budget or missing) else "done with failures",
         "teacher": teacher_name,
@@ -94,8 +102,9 @@ def _label_in_batches(settings: Settings, teacher_name: str, items, missing, sto
 
     t = settings.teachers
     outcome = asyncio.run(
-        label_in_batches(teacher_name, settings, items, store,
-                         poll_interval_s=t.batch_poll_interval_s, max_wait_s=t.batch_max_wait_s)
+        label_in_batches(
+            teacher_name, settings, items, store, poll_interval_s=t.batch_poll_interval_s, max_wait_s=t.batch_max_wait_s
+        )
     )
     result = outcome.as_dict()
     create_markdown_artifact(
@@ -116,13 +125,20 @@ def _label_in_batches(settings: Settings, teacher_name: str, items, missing, sto
     if outcome.record_problem:
         logger.error("batch job record: %s", outcome.record_problem)
     for failure in outcome.submissions_failed[:20]:
-        logger.warning("batch submission of %d plan(s) made no job (%s): %s", failure["items"], failure["reason"],
-                       failure["detail"])
+        logger.warning(
+            "batch submission of %d plan(s) made no job (%s): %s",
+            failure["items"],
+            failure["reason"],
+            failure["detail"],
+        )
     return {
         # Batch failures finished online count as done; what is still unlabeled does not.
         "status": (
-            "pending batch jobs" if outcome.status == "pending"
-            else "done" if not (outcome.unlabeled or missing) else "done with failures"
+            "pending batch jobs"
+            if outcome.status == "pending"
+            else "done"
+            if not (outcome.unlabeled or missing)
+            else "done with failures"
         ),
         "teacher": teacher_name,
         "plans": plans,
@@ -155,18 +171,33 @@ def _markdown(s: TeacherRunSummary, missing) -> str:
             f"{s.total_spent_usd:.4f} / {s.budget_usd:.2f} |"
         ),
     ]
-    lines += ["", (f"Retries of bad answers: {s.reasked} re-asks quoting the error, {s.larger_budget} with a "
-              f"larger output budget, {s.fresh_asks} fresh asks.")]
+    lines += [
+        "",
+        (
+            f"Retries of bad answers: {s.reasked} re-asks quoting the error, {s.larger_budget} with a "
+            f"larger output budget, {s.fresh_asks} fresh asks."
+        ),
+    ]
     if s.unsettled_requests or s.possibly_paid_twice:
-        lines += ["", (f"Spend ledger: {s.unsettled_requests} requests of interrupted runs are counted at their "
-                  f"worst case (the provider may have billed them); {s.possibly_paid_twice} answers may have "
-                  "been paid twice.")]
+        lines += [
+            "",
+            (
+                f"Spend ledger: {s.unsettled_requests} requests of interrupted runs are counted at their "
+                f"worst case (the provider may have billed them); {s.possibly_paid_twice} answers may have "
+                "been paid twice."
+            ),
+        ]
     if s.stopped:
         lines += ["", f"**Stopped early: {s.stopped}.** Unlabeled plans are listed below and in the failure ledger."]
     if s.failures:
         lines += ["", "| plan | reason | attempts | detail |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['reason']} | {v['attempts']} | {(v.get('detail') or '')[:120].replace('|', '/')} |"
-                  for k, v in list(s.failures.items())[:200]]
+        lines += [
+            f"| {k} | {v['reason']} | {v['attempts']} | {(v.get('detail') or '')[:120].replace('|', '/')} |"
+            for k, v in list(s.failures.items())[:200]
+        ]
     if missing:
-        lines += ["", f"{len(missing)} plans lacked inputs: " + ", ".join(f"{m.stem} ({m.reason})" for m in missing[:50])]
+        lines += [
+            "",
+            f"{len(missing)} plans lacked inputs: " + ", ".join(f"{m.stem} ({m.reason})" for m in missing[:50]),
+        ]
     return "\n".join(lines)

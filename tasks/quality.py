@@ -37,22 +37,36 @@ def compare_teachers_task(settings: Settings) -> dict:
         report = compare_teachers(store, stems, teachers, settings)
     except NoQualifiedTeacher as exc:
         write_outputs(store, exc.report)
-        create_markdown_artifact(key=artifact_key("phase4-quality"), markdown=quality_markdown(exc.report),
-                                 description="Phase 4: no teacher qualified")
+        create_markdown_artifact(
+            key=artifact_key("phase4-quality"),
+            markdown=quality_markdown(exc.report),
+            description="Phase 4: no teacher qualified",
+        )
         raise
     paths = write_outputs(store, report)
     review = None
     if settings.quality.review_plans:
         review = export_review_page(
-            store, stems, teachers, settings.quality.review_plans, seed=settings.quality.seed,
-            group_pattern=settings.sampling.group_pattern, group_prefix_len=settings.sampling.group_prefix_len,
+            store,
+            stems,
+            teachers,
+            settings.quality.review_plans,
+            seed=settings.quality.seed,
+            group_pattern=settings.sampling.group_pattern,
+            group_prefix_len=settings.sampling.group_prefix_len,
         )
     markdown = quality_markdown(report) + (f"\n\nChart: `{paths.get('chart')}` · review page: `{review}`")
-    create_markdown_artifact(key=artifact_key("phase4-quality"), markdown=markdown,
-                             description="Phase 4: teacher comparison and decision")
+    create_markdown_artifact(
+        key=artifact_key("phase4-quality"), markdown=markdown, description="Phase 4: teacher comparison and decision"
+    )
     logger.info("phase 4: selected %s (%s)", report.winner, report.decision.reason)
-    return {"status": "done", "selected": report.winner, "reason": report.decision.reason,
-            "report": paths["quality_report"], "review_page": review}
+    return {
+        "status": "done",
+        "selected": report.winner,
+        "reason": report.decision.reason,
+        "report": paths["quality_report"],
+        "review_page": review,
+    }
 
 
 @task(name="build-training-data", cache_policy=NO_CACHE, persist_result=True)
@@ -65,7 +79,16 @@ def build_training_data_task(settings: Settings) -> dict:
     for warning in data.warnings[:20]:
         logger.warning(warning)
     paths = write_training_data(store, data)
-    create_markdown_artifact(key=artifact_key("phase5-dataset"), markdown=dataset_markdown(data),
-                             description="Phase 5: chat-format training data")
-    return {"status": "done", "teacher": data.teacher, "train_rows": len(data.train),
-            "val_rows": len(data.val), "excluded": len(data.excluded), "files": paths}
+    create_markdown_artifact(
+        key=artifact_key("phase5-dataset"),
+        markdown=dataset_markdown(data),
+        description="Phase 5: chat-format training data",
+    )
+    return {
+        "status": "done",
+        "teacher": data.teacher,
+        "train_rows": len(data.train),
+        "val_rows": len(data.val),
+        "excluded": len(data.excluded),
+        "files": paths,
+    }

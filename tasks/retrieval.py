@@ -72,9 +72,12 @@ def retrieve_for_plans(settings: Settings) -> dict:
         by_reason: dict[str, list[str]] = {}
         for stem, entry in skipped.items():
             by_reason.setdefault(entry["reason"], []).append(stem)
-        logger.warning("%d plans skipped in all (%s): see %s", len(skipped),
-                       "; ".join(f"{r}: {summarize(s, 5)}" for r, s in sorted(by_reason.items())),
-                       store.run_file("retrieval_failures"))
+        logger.warning(
+            "%d plans skipped in all (%s): see %s",
+            len(skipped),
+            "; ".join(f"{r}: {summarize(s, 5)}" for r, s in sorted(by_reason.items())),
+            store.run_file("retrieval_failures"),
+        )
 
     manager = make_embedding_manager(settings)
     top_k = settings.retrieval.top_k
@@ -112,8 +115,14 @@ def _retrieve(settings, store, manager, team_table, queries, skipped, top_k, sty
         except (FileNotFoundError, ValueError):
             todo[stem] = query
             continue
-        if ctx.is_current(embedding_identity=identity, dimensions=manager.dimensions,
-                          corpus_hash=c_hash, top_k=top_k, query=query, style=style):
+        if ctx.is_current(
+            embedding_identity=identity,
+            dimensions=manager.dimensions,
+            corpus_hash=c_hash,
+            top_k=top_k,
+            query=query,
+            style=style,
+        ):
             contexts[stem] = ctx
         else:
             todo[stem] = query
@@ -121,18 +130,25 @@ def _retrieve(settings, store, manager, team_table, queries, skipped, top_k, sty
         distinct = distinct_queries(todo)
         query_vectors = embed_queries_task(manager, distinct, plain)
         if team_table is not None:
-            fresh = retrieve_contexts_from_store(manager, team_table, todo, top_k, query_vectors=query_vectors,
-                                                 style=style, plain=plain)
+            fresh = retrieve_contexts_from_store(
+                manager, team_table, todo, top_k, query_vectors=query_vectors, style=style, plain=plain
+            )
         else:
-            fresh = retrieve_contexts(manager, chunks, vectors, todo, top_k, query_vectors=query_vectors,
-                                      style=style, plain=plain)
+            fresh = retrieve_contexts(
+                manager, chunks, vectors, todo, top_k, query_vectors=query_vectors, style=style, plain=plain
+            )
         for stem, ctx in fresh.items():
             write_context(store, stem, ctx)
         contexts.update(fresh)
     ledger = update_retrieval_ledger(store, skipped, done=list(contexts))
     health = retrieval_health(contexts, chunks, missing)
-    logger.info("phase 2: %d contexts (%d new), %d plans without topology, %d with a stale or unreadable one",
-                len(contexts), len(todo), len(missing), unusable)
+    logger.info(
+        "phase 2: %d contexts (%d new), %d plans without topology, %d with a stale or unreadable one",
+        len(contexts),
+        len(todo),
+        len(missing),
+        unusable,
+    )
     create_table_artifact(
         key=artifact_key("phase2-retrieval-health"),
         table=[

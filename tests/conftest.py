@@ -18,9 +18,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 _TEAM_VARS = {"LLM_BACKEND", "OPENAI_MODEL", "EMBEDDING_MODEL", "EMBEDDING_DIM", "TOP_K"}
 for _key in list(os.environ):
     # A developer's shell must not leak settings or keys into the tests.
-    if (_key.startswith(("FTP_", "VLLM_", "RUNPOD_", "POSTGRES_")) or _key in _TEAM_VARS
-            or _key in {"LLM_PROVIDER", "EMBEDDING_PROVIDER", "OPENAI_API_KEY", "GEMINI_API_KEY",
-                        "GOOGLE_API_KEY", "PREFECT_API_URL"}):
+    if (
+        _key.startswith(("FTP_", "VLLM_", "RUNPOD_", "POSTGRES_"))
+        or _key in _TEAM_VARS
+        or _key
+        in {
+            "LLM_PROVIDER",
+            "EMBEDDING_PROVIDER",
+            "OPENAI_API_KEY",
+            "GEMINI_API_KEY",
+            "GOOGLE_API_KEY",
+            "PREFECT_API_URL",
+        }
+    ):
         del os.environ[_key]
 
 import pytest
@@ -115,10 +125,22 @@ def pg_admin_dsn():
     info = server.get_postmaster_info()
     port = free_port()
     try:
-        pg_ctl(["-w", "restart", "-m", "fast", "-o",
-                (f"-h 127.0.0.1 -p {port} -k {info.socket_dir} "
-                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")],  # throwaway data
-               pgdata=server.pgdata, user=server.system_user, timeout=20)
+        pg_ctl(
+            [
+                "-w",
+                "restart",
+                "-m",
+                "fast",
+                "-o",
+                (
+                    f"-h 127.0.0.1 -p {port} -k {info.socket_dir} "
+                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+                ),
+            ],  # throwaway data
+            pgdata=server.pgdata,
+            user=server.system_user,
+            timeout=20,
+        )
         server._postmaster_info = PostmasterInfo.read_from_pgdata(server.pgdata)  # stop the new one
         dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     except Exception:  # noqa: BLE001 - keep testing over the socket pgserver gave us

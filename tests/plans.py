@@ -20,7 +20,15 @@ def prepare_plans(root: Path, count: int, complexes: int, seed: int) -> tuple[Ar
     for i, stem in enumerate(stems):
         assert process_image(store, config, stem).status == "built"
         picks = [(i + j) % len(chunks) for j in range(3)]
-        ctx = make_context(f"q{i}", chunks, picks, [0.9, 0.8, 0.7], embedding_identity="test",
-                           dimensions=8, corpus_hash_=corpus_hash(chunks), top_k=3)
+        ctx = make_context(
+            f"q{i}",
+            chunks,
+            picks,
+            [0.9, 0.8, 0.7],
+            embedding_identity="test",
+            dimensions=8,
+            corpus_hash_=corpus_hash(chunks),
+            top_k=3,
+        )
         write_context(store, stem, ctx)
     return store, stems

@@ -85,8 +85,7 @@ def test_analyze_returns_a_validated_analysis_with_timing_headers(fake, app):
     graph = sample_graphs()[0]
     manager, chunks = minilm_manager(), load_corpus()
     vectors = embed_corpus(manager, chunks, SHARED_DATA_ROOT / "cache" / "embeddings")
-    ctx = retrieve_contexts(manager, chunks, vectors,
-                            {"p": build_query(graph.statistics)}, 5)["p"]
+    ctx = retrieve_contexts(manager, chunks, vectors, {"p": build_query(graph.statistics)}, 5)["p"]
     expected = build_messages(graph.image_info.file_name, graph, ctx.prompt_criteria())
     assert fake.requests_to("/chat/completions")[-1].body["messages"] == expected
     assert meta["criteria"] == [c.id for c in ctx.chunks]
@@ -192,8 +191,12 @@ def test_health_shows_the_live_provider_without_secrets(fake, app):
     response = call(app, "GET", "/health")
     assert response.status_code == 200
     health = response.json()
-    assert health["llm"] == {"provider": "openai", "model": "gpt-4o-mini",
-                             "base_url": fake.openai_base_url, "is_llm": True}
+    assert health["llm"] == {
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "base_url": fake.openai_base_url,
+        "is_llm": True,
+    }
     assert health["embeddings"]["model"] == "packaged:all-MiniLM-L6-v2"
     assert health["vector_store"]["backend"] == "memory" and health["vector_store"]["rows"] == 16
     assert OPENAI_KEY not in response.text
@@ -202,10 +205,16 @@ def test_health_shows_the_live_provider_without_secrets(fake, app):
 def test_chat_endpoint_answers_from_the_stored_analysis(fake, app):
     analysis = call(app, "POST", "/analyze", json={"topology": topology_json(0)}).json()["analysis"]
     fake.answer = "저장된 분석에 따르면 환기는 보통입니다."
-    response = call(app, "POST", "/chat", json={
-        "analysis": analysis, "question": "환기는 어떤가요?",
-        "history": [{"role": "user", "content": "안녕하세요"}, {"role": "assistant", "content": "네"}],
-    })
+    response = call(
+        app,
+        "POST",
+        "/chat",
+        json={
+            "analysis": analysis,
+            "question": "환기는 어떤가요?",
+            "history": [{"role": "user", "content": "안녕하세요"}, {"role": "assistant", "content": "네"}],
+        },
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["answer"] == "저장된 분석에 따르면 환기는 보통입니다."
@@ -238,8 +247,7 @@ def _env_app(monkeypatch, provider: str | None, apps: list | None = None, **env:
     return app
 
 
-def test_provider_switch_by_environment_and_rollback(fake, no_dotenv, monkeypatch, tmp_path_factory,
-                                                   env_apps):
+def test_provider_switch_by_environment_and_rollback(fake, no_dotenv, monkeypatch, tmp_path_factory, env_apps):
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
     monkeypatch.setenv("FTP_OPENAI_BASE_URL", fake.openai_base_url)
     monkeypatch.setenv("FTP_PATHS__DATA_ROOT", str(SHARED_DATA_ROOT))
@@ -269,14 +277,17 @@ def test_provider_switch_by_environment_and_rollback(fake, no_dotenv, monkeypatc
             FloorPlanAnalysis.model_validate(response.json()["analysis"])  # schema-valid answer
             assert response.headers["x-llm-provider"] == "local"
             assert len(fake.requests) == before  # nothing went to OpenAI
-            chat = http.post("/chat", json={"analysis": response.json()["analysis"],
-                                            "question": "수납은 어떤가요?"})
+            chat = http.post("/chat", json={"analysis": response.json()["analysis"], "question": "수납은 어떤가요?"})
             assert chat.status_code == 200 and chat.json()["meta"]["provider"] == "local"
 
     compatible_app = _env_app(monkeypatch, "openai-compatible", env_apps, FTP_SERVING__BASE_URL=fake.openai_base_url)
-    assert live(compatible_app) == {"provider": "openai-compatible", "model": "fake-model",
-                                    "base_url": fake.openai_base_url, "enable_thinking": None,
-                                    "is_llm": True}
+    assert live(compatible_app) == {
+        "provider": "openai-compatible",
+        "model": "fake-model",
+        "base_url": fake.openai_base_url,
+        "enable_thinking": None,
+        "is_llm": True,
+    }
     response = call(compatible_app, "POST", "/analyze", json=body)
     assert response.status_code == 200 and fake.last.body["model"] == "fake-model"
     assert "authorization" not in fake.last.headers or OPENAI_KEY not in fake.last.headers["authorization"]
@@ -306,14 +317,22 @@ def test_ft_pipeline_serve_answers_analyze(fake, tmp_path):
     from the same server (no model to load), stopped by its pid."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FTP_", "LLM_", "EMBEDDING_"))}
-    env.update({
-        "OPENAI_API_KEY": OPENAI_KEY, "FTP_OPENAI_BASE_URL": fake.openai_base_url,
-        "EMBEDDING_PROVIDER": "openai", "FTP_RETRIEVAL__DIMENSIONS": "256",
-        "FTP_PATHS__DATA_ROOT": str(tmp_path / "data"), "LLM_PROVIDER": "openai",
-    })
+    env.update(
+        {
+            "OPENAI_API_KEY": OPENAI_KEY,
+            "FTP_OPENAI_BASE_URL": fake.openai_base_url,
+            "EMBEDDING_PROVIDER": "openai",
+            "FTP_RETRIEVAL__DIMENSIONS": "256",
+            "FTP_PATHS__DATA_ROOT": str(tmp_path / "data"),
+            "LLM_PROVIDER": "openai",
+        }
+    )
     process = subprocess.Popen(
         [sys.executable, "-m", "ft_pipeline.cli", "serve", "--port", str(port)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 40

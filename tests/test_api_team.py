@@ -65,11 +65,21 @@ def test_an_upload_over_the_limit_is_a_413(no_dotenv):
         with uvicorn_server(app) as url:
             response = post_upload(url, big)
             # Without a Content-Length (a chunked upload) the handler's own check answers.
-            chunked = httpx.post(url + "/analyze/upload", timeout=30,
-                                 headers={"content-type": "multipart/form-data; boundary=b"},
-                                 content=iter([(b"--b\r\nContent-Disposition: form-data; name=\"file\"; "
-                                                b"filename=\"x.png\"\r\nContent-Type: image/png\r\n\r\n"),
-                                               big, b"\r\n--b--\r\n"]))
+            chunked = httpx.post(
+                url + "/analyze/upload",
+                timeout=30,
+                headers={"content-type": "multipart/form-data; boundary=b"},
+                content=iter(
+                    [
+                        (
+                            b'--b\r\nContent-Disposition: form-data; name="file"; '
+                            b'filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+                        ),
+                        big,
+                        b"\r\n--b--\r\n",
+                    ]
+                ),
+            )
     finally:
         service.close()
     assert response.status_code == 413 and response.json()["error"] == "UploadTooLarge"
@@ -87,8 +97,9 @@ def test_a_multipart_request_without_the_file_field_is_a_422(reference_app):
 def test_the_json_form_is_unchanged_beside_the_upload(reference_app):
     with uvicorn_server(reference_app) as url:
         response = httpx.post(url + "/analyze", json={"topology": topology_json(0)}, timeout=30)
-        broken = httpx.post(url + "/analyze", content=b"{nope", timeout=30,
-                            headers={"content-type": "application/json"})
+        broken = httpx.post(
+            url + "/analyze", content=b"{nope", timeout=30, headers={"content-type": "application/json"}
+        )
     assert response.status_code == 200 and set(response.json()) == {"analysis", "meta"}
     assert broken.status_code == 422 and "not valid JSON" in broken.json()["message"]
 
@@ -99,9 +110,14 @@ def test_the_json_form_is_unchanged_beside_the_upload(reference_app):
 def runpod_app(runpod_server, fake=None, *, max_attempts: int = 1, **serving):
     from fakes.runpod_server import API_KEY
 
-    cv = {"source": "runpod", "runpod_endpoint_id": runpod_server.endpoint_id,
-          "runpod_base_url": runpod_server.base_url, "runpod_poll_interval_s": 0.05,
-          "runpod_timeout_s": 10, "runpod_max_attempts": max_attempts}
+    cv = {
+        "source": "runpod",
+        "runpod_endpoint_id": runpod_server.endpoint_id,
+        "runpod_base_url": runpod_server.base_url,
+        "runpod_poll_interval_s": 0.05,
+        "runpod_timeout_s": 10,
+        "runpod_max_attempts": max_attempts,
+    }
     return make_app(fake, cv=cv, runpod_api_key=API_KEY, serving=serving)
 
 
@@ -153,7 +169,7 @@ def test_an_upload_goes_through_the_endpoint_and_the_model_into_three_strings(
 
     prefix = "data:image/png;base64,"
     assert body["topology_image_url"].startswith(prefix)
-    overlay = base64.b64decode(body["topology_image_url"][len(prefix):])
+    overlay = base64.b64decode(body["topology_image_url"][len(prefix) :])
     assert overlay == runpod_server.overlay_png and overlay[:8] == b"\x89PNG\r\n\x1a\n"
 
     analysis = FloorPlanAnalysis.model_validate_json(body["llm_analysis_json"])

@@ -165,8 +165,13 @@ def test_expired_batch_and_bad_lines_are_finished_online(fake_provider, data, ca
     assert outcome.status == "done" and outcome.labeled == 1
     assert sorted(outcome.finished_online) == online
     assert {s: f["reason"] for s, f in outcome.failed.items()} == {
-        stems[1]: "invalid_output", stems[2]: "truncated", stems[3]: "server_error",
-        stems[4]: "refusal", stems[5]: "expired", stems[6]: "expired", stems[7]: "expired",
+        stems[1]: "invalid_output",
+        stems[2]: "truncated",
+        stems[3]: "server_error",
+        stems[4]: "refusal",
+        stems[5]: "expired",
+        stems[6]: "expired",
+        stems[7]: "expired",
     }
     # Exactly those items went online, once each; the refusal was not sent again.
     requests = chat_requests(fake_provider)
@@ -206,8 +211,10 @@ def test_cached_items_are_never_submitted_and_changed_prompts_are(fake_provider,
     assert sorted(line["custom_id"].rpartition("#")[0] for line in input_lines(fake_provider)) == stems[3:]
 
     # The prompt of one waiting item changes: only that item goes out again, in a new job.
-    items[4].messages = [*items[4].messages[:-1],
-                         {**items[4].messages[-1], "content": items[4].messages[-1]["content"] + "\n(v2)"}]
+    items[4].messages = [
+        *items[4].messages[:-1],
+        {**items[4].messages[-1], "content": items[4].messages[-1]["content"] + "\n(v2)"},
+    ]
     second = batch(settings, store, "openai", items)
     assert second.submitted == 1 and len(posts(fake_provider, "/v1/batches")) == 2
     assert [line["custom_id"].rpartition("#")[0] for line in input_lines(fake_provider)] == [stems[4]]
@@ -222,8 +229,10 @@ def test_cached_items_are_never_submitted_and_changed_prompts_are(fake_provider,
 def test_budget_limits_what_is_submitted(fake_provider, data):
     store, stems = data
     items = items_of(store, stems)
-    worst = [cost_usd(settings_for(fake_provider).teachers.prices["gpt-4o"],
-                      messages_tokens(i.messages) * 3 // 2, 4096, 0.5) for i in items]
+    worst = [
+        cost_usd(settings_for(fake_provider).teachers.prices["gpt-4o"], messages_tokens(i.messages) * 3 // 2, 4096, 0.5)
+        for i in items
+    ]
     # Room for the first three items' discounted worst case (at full price two would not fit).
     cap = sum(worst[:3]) + 1e-9
     assert 2 * (worst[0] + worst[1]) > cap
@@ -318,8 +327,10 @@ def test_gemini_batch_mode(fake_provider, data):
     assert outcome.unlabeled == []
 
     # Inlined requests are the online generateContent bodies; answers carry the online sidecar.
-    inlined = {r["metadata"]["custom_id"].rpartition("#")[0]: r["request"]
-               for r in creates[0].body["batch"]["inputConfig"]["requests"]["requests"]}
+    inlined = {
+        r["metadata"]["custom_id"].rpartition("#")[0]: r["request"]
+        for r in creates[0].body["batch"]["inputConfig"]["requests"]["requests"]
+    }
     for request in online:
         (stem,) = stems_in([request], stems)
         assert request.body == inlined[stem]
@@ -443,10 +454,16 @@ def test_the_phase3_task_finishes_a_failed_upload_online(prefect_api, fake_provi
     store, _ = data
     settings = load_settings(
         paths={"data_root": store.root},
-        teachers={**settings_for(fake_provider).teachers.model_dump(), "use_batch_api": True,
-                  "batch_poll_interval_s": 0.01, "batch_max_wait_s": 10.0},
-        openai_api_key=OPENAI_KEY, openai_base_url=fake_provider.openai_base_url,
-        gemini_api_key=GEMINI_KEY, gemini_base_url=fake_provider.gemini_base_url,
+        teachers={
+            **settings_for(fake_provider).teachers.model_dump(),
+            "use_batch_api": True,
+            "batch_poll_interval_s": 0.01,
+            "batch_max_wait_s": 10.0,
+        },
+        openai_api_key=OPENAI_KEY,
+        openai_base_url=fake_provider.openai_base_url,
+        gemini_api_key=GEMINI_KEY,
+        gemini_base_url=fake_provider.gemini_base_url,
     )
     fake_provider.push_batch(BatchPlan(upload_status=400))
 
@@ -557,8 +574,7 @@ def test_a_rerun_continues_the_split_submission_without_duplicates(fake_provider
 
 
 @pytest.mark.parametrize("provider", ["openai", "gemini"])
-def test_an_enqueued_token_limit_below_the_setting_is_learnt_and_labels_in_batch(fake_provider, data, provider,
-                                                                                caplog):
+def test_an_enqueued_token_limit_below_the_setting_is_learnt_and_labels_in_batch(fake_provider, data, provider, caplog):
     store, stems = data
     items = items_of(store, stems[:6])
     need = [messages_tokens(i.messages) + 1500 for i in items]
@@ -632,6 +648,10 @@ def load_unreachable(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
     base = settings_for.__globals__["FAST"]
-    return load_settings(teachers={**base, "request_timeout_s": 2.0}, openai_api_key=OPENAI_KEY,
-                         openai_base_url=f"http://127.0.0.1:{port}/v1", gemini_api_key=GEMINI_KEY,
-                         gemini_base_url=f"http://127.0.0.1:{port}")
+    return load_settings(
+        teachers={**base, "request_timeout_s": 2.0},
+        openai_api_key=OPENAI_KEY,
+        openai_base_url=f"http://127.0.0.1:{port}/v1",
+        gemini_api_key=GEMINI_KEY,
+        gemini_base_url=f"http://127.0.0.1:{port}",
+    )

@@ -78,25 +78,34 @@ def clean_blocks(prefect_api):
     """Blocks saved on the shared test API are deleted afterwards: other tests' flows must not
     pick up these keys."""
     yield
-    for cls, name in ((OpenAICredentials, "openai"), (GeminiCredentials, "gemini"),
-                      (RunPodCredentials, "runpod"), (DataRootStorage, "data-root")):
+    for cls, name in (
+        (OpenAICredentials, "openai"),
+        (GeminiCredentials, "gemini"),
+        (RunPodCredentials, "runpod"),
+        (DataRootStorage, "data-root"),
+    ):
         if load_block(cls, name) is not None:
             cls.delete(name, _sync=True)
 
 
 # --------------------------------------------------------------------------- data root block
 
+
 def test_data_root_from_s3_url_gives_url_and_fsspec_options():
     block = DataRootStorage.from_data_root(
-        "s3://vol-abc123/ft-data/", endpoint_url="https://s3api-eur-is-1.runpod.io",
-        region="EUR-IS-1", access_key_id=SecretStr("AKID-test-789"),
+        "s3://vol-abc123/ft-data/",
+        endpoint_url="https://s3api-eur-is-1.runpod.io",
+        region="EUR-IS-1",
+        access_key_id=SecretStr("AKID-test-789"),
         secret_access_key=SecretStr("s3-secret-000"),
     )
     assert (block.kind, block.bucket, block.prefix) == ("s3", "vol-abc123", "ft-data")
     assert block.data_root() == "s3://vol-abc123/ft-data"
     assert block.storage_options() == {
-        "endpoint_url": "https://s3api-eur-is-1.runpod.io", "key": "AKID-test-789",
-        "secret": "s3-secret-000", "client_kwargs": {"region_name": "EUR-IS-1"},
+        "endpoint_url": "https://s3api-eur-is-1.runpod.io",
+        "key": "AKID-test-789",
+        "secret": "s3-secret-000",
+        "client_kwargs": {"region_name": "EUR-IS-1"},
     }
     text = block.describe() + repr(block) + str(block)
     assert not any(s in text for s in SECRETS)
@@ -115,7 +124,9 @@ def test_configure_fsspec_makes_options_the_s3_default(fsspec_conf):
     from fsspec.config import apply_config
 
     DataRootStorage.from_data_root(
-        "s3://b/p", endpoint_url="http://127.0.0.1:9000", access_key_id=SecretStr("k"),
+        "s3://b/p",
+        endpoint_url="http://127.0.0.1:9000",
+        access_key_id=SecretStr("k"),
         secret_access_key=SecretStr("s"),
     ).configure_fsspec()
 
@@ -138,10 +149,12 @@ def test_blocks_from_env_describes_without_secrets():
     assert empty == {"openai": None, "gemini": None, "runpod": None, "data-root": None}
     assert planned["runpod"][0].api_key.get_secret_value() == "rp-test-runpod-321"
     assert {n: b.data_root() for n, b, _ in blocks_from_env({"FTP_PATHS__DATA_ROOT": "/srv/d"}) if b} == {
-        "data-root": "/srv/d"}
+        "data-root": "/srv/d"
+    }
 
 
 # --------------------------------------------------------------------------- apply_block_secrets
+
 
 def test_without_a_server_settings_come_back_unchanged(no_dotenv):
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -153,8 +166,7 @@ def test_without_a_server_settings_come_back_unchanged(no_dotenv):
 
 def test_missing_blocks_leave_settings_unchanged(prefect_api, no_dotenv):
     settings = load_settings(openai_api_key="from-settings")
-    assert apply_block_secrets(settings, openai_block="nope", gemini_block="nope",
-                               data_root_block="nope") is settings
+    assert apply_block_secrets(settings, openai_block="nope", gemini_block="nope", data_root_block="nope") is settings
 
 
 def test_unreachable_server_falls_back_to_settings(no_dotenv, block_log):
@@ -191,8 +203,12 @@ def test_blocks_override_keys_and_fill_the_default_data_root(clean_blocks, no_do
 
 def test_register_is_idempotent_and_updates_changed_blocks(clean_blocks):
     first = {o.ref: o.status for o in register_all(S3_ENV)}
-    assert first == {"ft-openai-credentials/openai": "created", "ft-gemini-credentials/gemini": "created",
-                     "ft-runpod-credentials/runpod": "created", "ft-data-root-storage/data-root": "created"}
+    assert first == {
+        "ft-openai-credentials/openai": "created",
+        "ft-gemini-credentials/gemini": "created",
+        "ft-runpod-credentials/runpod": "created",
+        "ft-data-root-storage/data-root": "created",
+    }
     assert {o.status for o in register_all(S3_ENV)} == {"unchanged"}
     changed = dict(S3_ENV, OPENAI_API_KEY="sk-test-rotated")
     statuses = {o.ref: o.status for o in register_all(changed)}
@@ -202,10 +218,15 @@ def test_register_is_idempotent_and_updates_changed_blocks(clean_blocks):
     assert {o.status for o in register_all({})} == {"skipped"}
     assert save_block(GeminiCredentials(api_key="gm-test-gemini-456"), "gemini") == "unchanged"
     assert {cls.get_block_type_slug() for cls in BLOCK_TYPES} == {
-        "ft-openai-credentials", "ft-gemini-credentials", "ft-runpod-credentials", "ft-data-root-storage"}
+        "ft-openai-credentials",
+        "ft-gemini-credentials",
+        "ft-runpod-credentials",
+        "ft-data-root-storage",
+    }
 
 
 # --------------------------------------------------------------------------- work pools
+
 
 def test_pool_templates_are_process_templates_with_the_flow_run_env():
     from prefect.workers.process import ProcessWorker
@@ -216,8 +237,13 @@ def test_pool_templates_are_process_templates_with_the_flow_run_env():
         assert template["job_configuration"] == default["job_configuration"]
         assert set(template["variables"]["properties"]) == set(default["variables"]["properties"])
         env = pools.template_env(template)
-        for key in ("FTP_PATHS__DATA_ROOT", "CUDA_VISIBLE_DEVICES", "HF_HOME", "TORCH_HOME",
-                    "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
+        for key in (
+            "FTP_PATHS__DATA_ROOT",
+            "CUDA_VISIBLE_DEVICES",
+            "HF_HOME",
+            "TORCH_HOME",
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH",
+        ):
             assert env.get(key), f"{pool}: {key} missing"
         assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"].startswith(env["FTP_PATHS__DATA_ROOT"])
         assert not any(k.endswith(("_KEY", "_SECRET", "_TOKEN")) for k in env)
@@ -231,8 +257,9 @@ def test_customise_moves_caches_and_results_beside_a_local_data_root(tmp_path):
     assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == f"{root}/.prefect/results"
     assert env["HF_HOME"] == f"{root}/.cache/huggingface"
 
-    url = pools.template_env(pools.customise(template, data_root="s3://vol/ft-data",
-                                             cache_root=str(tmp_path / "c"), env={"EXTRA": "1"}))
+    url = pools.template_env(
+        pools.customise(template, data_root="s3://vol/ft-data", cache_root=str(tmp_path / "c"), env={"EXTRA": "1"})
+    )
     assert url["FTP_PATHS__DATA_ROOT"] == "s3://vol/ft-data"
     assert url["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == f"{(tmp_path / 'c').resolve()}/prefect-results"
     assert url["EXTRA"] == "1"
@@ -254,8 +281,9 @@ def test_pools_create_is_idempotent(prefect_api, tmp_path):
             gpu_pool = client.read_work_pool("local-gpu")
         assert pool.type == "process"
         assert gpu_pool.concurrency_limit == 1 and pool.concurrency_limit is None
-        assert pool.base_job_template["variables"]["properties"]["env"]["default"][
-            "FTP_PATHS__DATA_ROOT"] == str((tmp_path / "other").resolve())
+        assert pool.base_job_template["variables"]["properties"]["env"]["default"]["FTP_PATHS__DATA_ROOT"] == str(
+            (tmp_path / "other").resolve()
+        )
     finally:
         with get_client(sync_client=True) as client:
             for pool in pools.POOLS:
@@ -264,6 +292,7 @@ def test_pools_create_is_idempotent(prefect_api, tmp_path):
 
 
 # --------------------------------------------------------------------------- pull step
+
 
 def test_project_root_from_argument_env_and_installed_package(tmp_path, monkeypatch):
     monkeypatch.delenv(ROOT_ENV, raising=False)
@@ -285,6 +314,7 @@ def test_set_project_root_changes_directory(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- prefect.yaml
 
+
 def _deployments() -> dict[str, dict]:
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     assert spec["pull"] == [{"ft_pipeline.deploy_steps.set_project_root": {}}]
@@ -303,8 +333,11 @@ def _flow_of(entrypoint: str):
 def test_deployment_file_matches_the_flows_and_pools():
     deployments = _deployments()
     assert set(deployments) == {"runpod", "local-gpu", "overnight"}
-    expected = {"runpod": ("ft-pipeline", "runpod"), "local-gpu": ("ft-pipeline", "local-gpu"),
-                "overnight": ("cv-batch", "local-gpu")}
+    expected = {
+        "runpod": ("ft-pipeline", "runpod"),
+        "local-gpu": ("ft-pipeline", "local-gpu"),
+        "overnight": ("cv-batch", "local-gpu"),
+    }
     for name, (flow_name, pool) in expected.items():
         spec = deployments[name]
         flow = _flow_of(spec["entrypoint"])
@@ -315,8 +348,7 @@ def test_deployment_file_matches_the_flows_and_pools():
     assert parse_steps(deployments["runpod"]["parameters"]["steps"]) == ["2", "3a", "3b", "4", "5", "6"]
     assert parse_steps(deployments["local-gpu"]["parameters"]["steps"]) == ["0", "1"]
     assert deployments["overnight"]["parameters"] == {"scope": "all"}
-    assert deployments["overnight"]["schedules"] == [
-        {"cron": "0 1 * * *", "timezone": "Asia/Seoul", "active": True}]
+    assert deployments["overnight"]["schedules"] == [{"cron": "0 1 * * *", "timezone": "Asia/Seoul", "active": True}]
     text = json.dumps(deployments)
     assert "api_key" not in text.lower() and "secret" not in text.lower()
 

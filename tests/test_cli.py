@@ -47,8 +47,9 @@ def test_a_failed_run_ends_on_one_clear_line(prefect_api, no_dotenv, tmp_path):
 def test_train_plan_for_the_production_profile(no_dotenv, tmp_path):
     import json
 
-    result = runner.invoke(app, ["train-plan", "--profile", "production", "--json",
-                                 "--set", f"paths.data_root={tmp_path / 'empty'}"])
+    result = runner.invoke(
+        app, ["train-plan", "--profile", "production", "--json", "--set", f"paths.data_root={tmp_path / 'empty'}"]
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     # 2,000 plans x 0.9 = 1,800 rows; batch 2 x accumulation 8: ceil(900 / 8) = 113 steps an epoch.
@@ -63,8 +64,11 @@ def test_train_plan_for_the_production_profile(no_dotenv, tmp_path):
     rtx3070 = gpus["NVIDIA RTX 3070 8GB"]
     assert not rtx3070["fits"] and rtx3070["hours"] is None and "local-8gb" in rtx3070["advice"]
 
-    local = json.loads(runner.invoke(app, ["train-plan", "--profile", "local-8gb", "--json",
-                                           "--set", f"paths.data_root={tmp_path / 'empty'}"]).output)
+    local = json.loads(
+        runner.invoke(
+            app, ["train-plan", "--profile", "local-8gb", "--json", "--set", f"paths.data_root={tmp_path / 'empty'}"]
+        ).output
+    )
     local_3070 = {g["device"]: g for g in local["gpus"]}["NVIDIA RTX 3070 8GB"]
     assert local_3070["fits"] and local_3070["tight"] and not a100["tight"]  # 6.7 of 7.6 usable GiB
     assert local["tokens_total"] == 1800 * 2048 * 3

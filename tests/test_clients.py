@@ -46,9 +46,7 @@ OPENAI_KEY = "sk-test-OPENAI-secret-0123456789"
 GEMINI_KEY = "AIzaTEST-gemini-secret-0123456789"
 UNREACHABLE = "http://127.0.0.1:1/v1"  # nothing listens on port 1
 
-MESSAGES = build_messages(
-    "C01_0001.png", {"nodes": [], "edges": [], "statistics": {"bay_count": 3}}
-)
+MESSAGES = build_messages("C01_0001.png", {"nodes": [], "edges": [], "statistics": {"bay_count": 3}})
 
 
 @pytest.fixture
@@ -59,18 +57,14 @@ def fake(fake_provider):
 
 @pytest.fixture
 def openai_client(fake):
-    client = OpenAIChatClient(
-        "gpt-4o", api_key=OPENAI_KEY, base_url=fake.openai_base_url, timeout_s=5
-    )
+    client = OpenAIChatClient("gpt-4o", api_key=OPENAI_KEY, base_url=fake.openai_base_url, timeout_s=5)
     yield client
     client.close()
 
 
 @pytest.fixture
 def gemini_client(fake):
-    client = GeminiChatClient(
-        "gemini-3-pro-preview", api_key=GEMINI_KEY, base_url=fake.gemini_base_url, timeout_s=5
-    )
+    client = GeminiChatClient("gemini-3-pro-preview", api_key=GEMINI_KEY, base_url=fake.gemini_base_url, timeout_s=5)
     yield client
     client.close()
 
@@ -100,18 +94,10 @@ def test_durations_and_retry_after():
     assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
     assert 0 <= parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) < 1
     assert parse_retry_after({}) is None
-    info = RateLimitInfo.from_headers(
-        {"x-ratelimit-remaining-tokens": "10", "x-ratelimit-reset-tokens": "1s"}
-    )
-    assert (
-        info.remaining_tokens == 10 and info.reset_tokens_s == 1.0 and info.limit_requests is None
-    )
+    info = RateLimitInfo.from_headers({"x-ratelimit-remaining-tokens": "10", "x-ratelimit-reset-tokens": "1s"})
+    assert info.remaining_tokens == 10 and info.reset_tokens_s == 1.0 and info.limit_requests is None
     assert RateLimitInfo.from_headers({"content-type": "application/json"}) is None
-    details = {
-        "error": {
-            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "36s"}]
-        }
-    }
+    details = {"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "36s"}]}}
     assert _retry_delay(details) == 36.0
 
 
@@ -146,9 +132,7 @@ def test_openai_structured_answer_usage_and_rate_limits(fake, openai_client):
     assert request.body["max_completion_tokens"] == 4096 and request.body["temperature"] == 0.2
     assert request.body["messages"] == MESSAGES
     assert request.header("authorization") == f"Bearer {OPENAI_KEY}"  # the key was sent ...
-    assert_no_secret(
-        repr(openai_client), json.dumps(openai_client.describe()), result.model_dump_json()
-    )
+    assert_no_secret(repr(openai_client), json.dumps(openai_client.describe()), result.model_dump_json())
 
 
 def test_openai_text_answer_without_schema(fake, openai_client):
@@ -210,9 +194,7 @@ def test_openai_auth_error_names_the_setting_and_hides_the_key(fake, openai_clie
 
 def test_openai_timeout_and_connection_failure(fake):
     fake.push(Reply.ok(delay_s=2.0))
-    slow = OpenAIChatClient(
-        "gpt-4o", api_key=OPENAI_KEY, base_url=fake.openai_base_url, timeout_s=0.3
-    )
+    slow = OpenAIChatClient("gpt-4o", api_key=OPENAI_KEY, base_url=fake.openai_base_url, timeout_s=0.3)
     with slow, pytest.raises(ProviderTimeout) as info:
         slow.chat(MESSAGES)
     assert info.value.retryable and fake.request_count == 1
@@ -251,9 +233,7 @@ def test_async_and_sync_calls_on_several_event_loops(fake, openai_client):
 def test_compatible_client_strips_think_block_and_disables_thinking(fake, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)  # must not leak to a third-party server
     fake.push(Reply.thinking())
-    with OpenAICompatibleChatClient(
-        fake.openai_base_url, "Qwen/Qwen3-8B", max_tokens=2048
-    ) as client:
+    with OpenAICompatibleChatClient(fake.openai_base_url, "Qwen/Qwen3-8B", max_tokens=2048) as client:
         result = client.chat(MESSAGES, FloorPlanAnalysis)
     assert isinstance(result.parsed, FloorPlanAnalysis)
     assert "<think>" not in result.text and result.provider == "openai-compatible"
@@ -261,9 +241,7 @@ def test_compatible_client_strips_think_block_and_disables_thinking(fake, monkey
     assert body["chat_template_kwargs"] == {"enable_thinking": False}
     assert body["max_tokens"] == 2048
     schema = body["response_format"]["json_schema"]["schema"]
-    assert (
-        schema == FloorPlanAnalysis.model_json_schema()
-    )  # length bounds kept for the server's grammar
+    assert schema == FloorPlanAnalysis.model_json_schema()  # length bounds kept for the server's grammar
     assert fake.last.header("authorization") != f"Bearer {OPENAI_KEY}"
 
     with OpenAICompatibleChatClient(fake.openai_base_url, "llama-3.2-3b") as client:
@@ -272,9 +250,7 @@ def test_compatible_client_strips_think_block_and_disables_thinking(fake, monkey
 
 
 def test_compatible_client_errors(fake):
-    with OpenAICompatibleChatClient(
-        fake.openai_base_url, "Qwen/Qwen3-8B", api_key="secret-vllm-key"
-    ) as client:
+    with OpenAICompatibleChatClient(fake.openai_base_url, "Qwen/Qwen3-8B", api_key="secret-vllm-key") as client:
         fake.push(Reply.unauthorized())
         with pytest.raises(AuthError) as info:
             client.chat(MESSAGES, FloorPlanAnalysis)
@@ -357,14 +333,10 @@ def test_gemini_auth_timeout_and_connection(fake, gemini_client):
     assert_error_hides_keys(info.value, gemini_client)
 
     fake.push(Reply.ok(delay_s=2.0))
-    slow = GeminiChatClient(
-        "gemini-x", api_key=GEMINI_KEY, base_url=fake.gemini_base_url, timeout_s=0.3
-    )
+    slow = GeminiChatClient("gemini-x", api_key=GEMINI_KEY, base_url=fake.gemini_base_url, timeout_s=0.3)
     with slow, pytest.raises(ProviderTimeout):
         slow.chat(MESSAGES)
-    nowhere = GeminiChatClient(
-        "gemini-x", api_key=GEMINI_KEY, base_url="http://127.0.0.1:1", timeout_s=2
-    )
+    nowhere = GeminiChatClient("gemini-x", api_key=GEMINI_KEY, base_url="http://127.0.0.1:1", timeout_s=2)
     with nowhere, pytest.raises(ConnectionFailed) as info:
         nowhere.chat(MESSAGES)
     assert_error_hides_keys(info.value)
@@ -389,9 +361,7 @@ def test_openai_embeddings_dimensions_batches_and_unit_rows(fake):
     np.testing.assert_allclose(docs[3], expected / np.linalg.norm(expected), rtol=1e-5)
     calls = fake.requests_to("/embeddings")
     assert [len(c.body["input"]) for c in calls] == [2, 2, 1]
-    assert all(
-        c.body["dimensions"] == 16 and c.body["model"] == "text-embedding-3-small" for c in calls
-    )
+    assert all(c.body["dimensions"] == 16 and c.body["model"] == "text-embedding-3-small" for c in calls)
     np.testing.assert_allclose(manager.embed_queries(texts[:1]), docs[:1])  # no instruction: same
     assert manager.identity() == "openai|text-embedding-3-small|16"
     assert manager.embed_documents([]).shape == (0, 16)
@@ -403,9 +373,7 @@ def test_compatible_embeddings_instruction_and_matryoshka_cut(fake):
         "Qwen/Qwen3-Embedding-0.6B", 16, base_url=fake.openai_base_url, provider="openai-compatible"
     )
     query = manager.embed_queries(["남향 거실"])
-    assert fake.last.body["input"][0].startswith("Instruct: ") and fake.last.body["input"][
-        0
-    ].endswith("남향 거실")
+    assert fake.last.body["input"][0].startswith("Instruct: ") and fake.last.body["input"][0].endswith("남향 거실")
     doc = manager.embed_documents(["남향 거실"])
     assert fake.last.body["input"] == ["남향 거실"]
     assert query.shape == doc.shape == (1, 16) and not np.allclose(query, doc)
@@ -439,9 +407,7 @@ def test_factory_picks_the_provider_from_llm_provider(fake, no_dotenv, monkeypat
         FTP_GEMINI_BASE_URL=fake.gemini_base_url,
     )
     with make_chat_client(settings) as client:
-        assert (
-            isinstance(client, GeminiChatClient) and client.model == settings.teachers.gemini_model
-        )
+        assert isinstance(client, GeminiChatClient) and client.model == settings.teachers.gemini_model
         assert client.chat(MESSAGES, FloorPlanAnalysis).parsed is not None
         assert_no_secret(repr(client), json.dumps(client.describe()))
 
@@ -458,23 +424,17 @@ def test_factory_picks_the_provider_from_llm_provider(fake, no_dotenv, monkeypat
             "model": "gpt-4o-mini",
             "base_url": fake.openai_base_url,
         }
-    with make_chat_client(
-        settings, "openai", settings.teachers.openai_model, timeout_s=120
-    ) as client:
+    with make_chat_client(settings, "openai", settings.teachers.openai_model, timeout_s=120) as client:
         assert client.model == "gpt-4o" and client.timeout_s == 120
 
     settings = settings_from_env(
         monkeypatch, LLM_PROVIDER="openai-compatible", FTP_SERVING__BASE_URL=fake.openai_base_url
     )
     with make_chat_client(settings) as client:
-        assert (
-            isinstance(client, OpenAICompatibleChatClient) and client.model == "fake-model"
-        )  # from /models
+        assert isinstance(client, OpenAICompatibleChatClient) and client.model == "fake-model"  # from /models
         assert [r.method for r in fake.requests if r.path == "/v1/models"] == ["GET"]
 
-    settings = settings_from_env(
-        monkeypatch, LLM_PROVIDER="local", FTP_SERVING__ADAPTER_PATH=str(no_dotenv)
-    )
+    settings = settings_from_env(monkeypatch, LLM_PROVIDER="local", FTP_SERVING__ADAPTER_PATH=str(no_dotenv))
     with pytest.raises(ConfigError, match="serving.adapter_path"):
         make_chat_client(settings)  # an empty directory is no model
 
@@ -492,20 +452,14 @@ def test_factory_fails_early_naming_the_setting(no_dotenv, monkeypatch):
     with pytest.raises(ConfigError, match="teachers.compatible_base_url"):
         make_chat_client(settings, "compatible")
 
-    settings = settings_from_env(
-        monkeypatch, LLM_PROVIDER="openai-compatible", FTP_SERVING__BASE_URL=UNREACHABLE
-    )
+    settings = settings_from_env(monkeypatch, LLM_PROVIDER="openai-compatible", FTP_SERVING__BASE_URL=UNREACHABLE)
     with pytest.raises(ConfigError, match="serving.base_url") as info:
         make_chat_client(settings, model="Qwen/Qwen3-8B")
     assert UNREACHABLE in str(info.value)
 
     settings = settings_from_env(monkeypatch, FTP_TEACHERS__COMPATIBLE_BASE_URL=UNREACHABLE)
-    with pytest.raises(
-        ConfigError, match="teachers.compatible_base_url"
-    ):  # how the teachers call it
-        make_chat_client(
-            settings, "openai-compatible", "m", base_url=settings.teachers.compatible_base_url
-        )
+    with pytest.raises(ConfigError, match="teachers.compatible_base_url"):  # how the teachers call it
+        make_chat_client(settings, "openai-compatible", "m", base_url=settings.teachers.compatible_base_url)
 
 
 def test_embedding_factory(fake, no_dotenv, monkeypatch):
@@ -590,9 +544,7 @@ def test_local_client_constrained_json_from_a_random_model(tiny_dirs):
     assert client.describe()["device"] == "cpu" and client.provider == "local"
 
     async def both():
-        return await asyncio.gather(
-            *(client.achat([{"role": "user", "content": p}], Small) for p in prompts[:2])
-        )
+        return await asyncio.gather(*(client.achat([{"role": "user", "content": p}], Small) for p in prompts[:2]))
 
     assert all(isinstance(r.parsed, Small) for r in asyncio.run(both()))  # the lock serialises them
 
@@ -641,9 +593,7 @@ def test_every_error_is_an_llm_error():
     ):
         assert issubclass(cls, LLMError)
     # Prefect pickles a failed task's exception: the fields a retry policy reads must survive.
-    error = pickle.loads(
-        pickle.dumps(RateLimitError(2.0, message="slow down", provider="openai", model="m"))
-    )
+    error = pickle.loads(pickle.dumps(RateLimitError(2.0, message="slow down", provider="openai", model="m")))
     assert (error.retry_after, error.retryable, str(error)) == (2.0, True, "openai/m: slow down")
     error = pickle.loads(pickle.dumps(InvalidOutput("{", "EOF", provider="gemini", model="m")))
     assert (error.text, error.detail, str(error)) == ("{", "EOF", "gemini/m: invalid answer: EOF")

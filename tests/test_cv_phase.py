@@ -106,13 +106,15 @@ def test_bad_images_are_listed_with_reasons_and_the_run_goes_on(prefect_api, pla
 
     # Fixing one input clears it from the ledger on the next run; good work is not redone.
     write_dataset(root / "fresh", count=12, complexes=3, seed=7)
-    (root / "annotations" / f"{stems[1]}.json").write_bytes((root / "fresh" / "annotations" / f"{stems[1]}.json").read_bytes())
+    (root / "annotations" / f"{stems[1]}.json").write_bytes(
+        (root / "fresh" / "annotations" / f"{stems[1]}.json").read_bytes()
+    )
     report = cv_batch(scope="all", overrides=_overrides(root))
     assert (report["built"], report["failed"], report["cached"]) == (1, 3, len(stems) - 4)
     assert stems[1] not in json.loads((root / "cv_failures.json").read_text())["failures"]
 
 
-PLUGIN = '''
+PLUGIN = """
 import json
 from pathlib import Path
 
@@ -141,7 +143,7 @@ class Detector:
 def make_detector(device="cpu"):
     CALLS["factory"] += 1
     return Detector(ANNOTATIONS, device)
-'''
+"""
 
 
 def test_plugin_source_loads_once_and_builds(tmp_path, monkeypatch):
@@ -155,8 +157,13 @@ def test_plugin_source_loads_once_and_builds(tmp_path, monkeypatch):
     module = tmp_path / "team_cv_plugin.py"
     module.write_text(textwrap.dedent(PLUGIN).replace("ANNOTATIONS", repr(str(root / "annotations"))))
     monkeypatch.syspath_prepend(str(tmp_path))
-    config = SourceConfig(kind="plugin", image_dir=str(root / "images"), plugin="team_cv_plugin:make_detector",
-                          device="cpu", clear_cache_every=2)
+    config = SourceConfig(
+        kind="plugin",
+        image_dir=str(root / "images"),
+        plugin="team_cv_plugin:make_detector",
+        device="cpu",
+        clear_cache_every=2,
+    )
     store = ArtifactStore(root / "out")
     outcomes = [process_image(store, config, stem) for stem in sizes.values()]
     assert all(o.status == "built" for o in outcomes), outcomes
@@ -205,12 +212,14 @@ def test_one_coco_file_for_the_whole_set(tmp_path):
     store = ArtifactStore(tmp_path / "out")
     for stem in stems:
         assert process_image(store, config, stem).status == "built"
-        graph = TopologyGraph.model_validate_json((tmp_path / "out" / "output" / stem / "topology_graph.json").read_text())
+        graph = TopologyGraph.model_validate_json(
+            (tmp_path / "out" / "output" / stem / "topology_graph.json").read_text()
+        )
         truth = json.loads((root / "truth" / f"{stem}.json").read_text())
         assert graph.statistics.bay_count == truth["bay_count"]
 
 
-FLAKY_PLUGIN = '''
+FLAKY_PLUGIN = """
 import json
 from pathlib import Path
 
@@ -233,7 +242,7 @@ class Detector:
 
 def make():
     return Detector()
-'''
+"""
 
 
 def test_unexpected_errors_are_retried_then_listed(prefect_api, tmp_path, monkeypatch):
@@ -242,15 +251,24 @@ def test_unexpected_errors_are_retried_then_listed(prefect_api, tmp_path, monkey
     root = tmp_path / "data"
     stems = write_dataset(root, count=3, complexes=1, seed=31)
     module = tmp_path / "flaky_cv_plugin.py"
-    module.write_text(textwrap.dedent(FLAKY_PLUGIN)
-                      .replace("ANNOTATIONS", repr(str(root / "annotations")))
-                      .replace("BROKEN", repr(stems[1])))
+    module.write_text(
+        textwrap.dedent(FLAKY_PLUGIN)
+        .replace("ANNOTATIONS", repr(str(root / "annotations")))
+        .replace("BROKEN", repr(stems[1]))
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cv_tasks, "build_topology_task",
-                        cv_tasks.build_topology_task.with_options(retry_delay_seconds=0))
-    report = cv_batch(scope="all", overrides={
-        "paths.data_root": str(root), "cv.source": "plugin", "cv.plugin": "flaky_cv_plugin:make",
-        "cv.chunk_size": 3})
+    monkeypatch.setattr(
+        cv_tasks, "build_topology_task", cv_tasks.build_topology_task.with_options(retry_delay_seconds=0)
+    )
+    report = cv_batch(
+        scope="all",
+        overrides={
+            "paths.data_root": str(root),
+            "cv.source": "plugin",
+            "cv.plugin": "flaky_cv_plugin:make",
+            "cv.chunk_size": 3,
+        },
+    )
     assert (report["built"], report["failed"]) == (2, 1)
     ledger = json.loads((root / "cv_failures.json").read_text())["failures"]
     assert list(ledger) == [stems[1]] and "device-side assert" in ledger[stems[1]]["reason"]

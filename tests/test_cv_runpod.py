@@ -32,15 +32,22 @@ def _plans(root: Path, server, count: int = 6, seed: int = 3) -> list[str]:
     for stem in stems:
         coco = json.loads((root / "annotations" / f"{stem}.json").read_text())
         graph = to_team_graph(build_topology(detections_from_coco(coco)))
-        server.register_plan((root / "images" / f"{stem}.png").read_bytes(), graph, {"annotations": coco["annotations"]})
+        server.register_plan(
+            (root / "images" / f"{stem}.png").read_bytes(), graph, {"annotations": coco["annotations"]}
+        )
     return stems
 
 
 def _settings(root: Path, server, key: str = API_KEY, **extra):
     overrides = {
-        "paths.data_root": str(root), "cv.source": "runpod", "cv.runpod_endpoint_id": server.endpoint_id,
-        "cv.runpod_base_url": server.base_url, "sampling.size_low_pct": 0, "sampling.size_high_pct": 100,
-        **FAST, **extra,
+        "paths.data_root": str(root),
+        "cv.source": "runpod",
+        "cv.runpod_endpoint_id": server.endpoint_id,
+        "cv.runpod_base_url": server.base_url,
+        "sampling.size_low_pct": 0,
+        "sampling.size_high_pct": 100,
+        **FAST,
+        **extra,
     }
     settings = load_settings(**nest_overrides(overrides))
     return settings.model_copy(update={"runpod_api_key": rp.SecretStr(key)}), overrides
@@ -74,7 +81,9 @@ def test_client_sends_the_team_request_and_polls_in_progress(runpod_server, tmp_
     post, *polls = runpod_server.requests
     assert post.method == "POST" and post.path == f"/v2/{runpod_server.endpoint_id}/runsync"
     assert post.headers["authorization"] == f"Bearer {API_KEY}"
-    assert post.body == {"input": {"action": "cv_inference", "image": base64.b64encode(png).decode(), "filename": "x.png"}}
+    assert post.body == {
+        "input": {"action": "cv_inference", "image": base64.b64encode(png).decode(), "filename": "x.png"}
+    }
     assert [p.method for p in polls] == ["GET"] * 3
     assert all(p.path.startswith(f"/v2/{runpod_server.endpoint_id}/status/job-") for p in polls)
 
@@ -165,8 +174,9 @@ def test_topology_from_image_errors(runpod_server, tmp_path):
     with pytest.raises(CVUnavailable) as err:
         topology_from_image(bad, png, "p.png")
     assert "RUNPOD_API_KEY" in str(err.value) and "rp_wrong_key_online" not in str(err.value)
-    unset = load_settings(**nest_overrides({"paths.data_root": str(tmp_path), "cv.source": "runpod",
-                                            "cv.runpod_endpoint_id": "e"}))
+    unset = load_settings(
+        **nest_overrides({"paths.data_root": str(tmp_path), "cv.source": "runpod", "cv.runpod_endpoint_id": "e"})
+    )
     with pytest.raises(CVUnavailable, match="RUNPOD_API_KEY"):
         topology_from_image(unset, png, "p.png")
     with pytest.raises(CVUnavailable, match="cv.source"):
@@ -191,10 +201,10 @@ def runpod_env(monkeypatch):
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
 
 
-
 @pytest.mark.prefect
-def test_phase1_through_the_endpoint_stores_what_it_sent_and_reruns_free(prefect_api, runpod_server, tmp_path,
-                                                                         runpod_env):
+def test_phase1_through_the_endpoint_stores_what_it_sent_and_reruns_free(
+    prefect_api, runpod_server, tmp_path, runpod_env
+):
     from flows.cv_batch import cv_batch_with_concurrency
 
     root = tmp_path / "data"
@@ -306,10 +316,25 @@ def test_cli_runs_steps_0_1_through_the_endpoint(prefect_api, runpod_server, no_
     monkeypatch.setenv("RUNPOD_ENDPOINT_ID", runpod_server.endpoint_id)
     root = no_dotenv / "data"
     _plans(root, runpod_server, count=4)
-    args = ["run", "--steps", "0,1", "--set", f"paths.data_root={root}", "--set", "cv.source=runpod",
-            "--set", f"cv.runpod_base_url={runpod_server.base_url}", "--set", "cv.runpod_poll_interval_s=0.05",
-            "--set", "sampling.sample_size=4", "--set", "sampling.size_low_pct=0",
-            "--set", "sampling.size_high_pct=100"]
+    args = [
+        "run",
+        "--steps",
+        "0,1",
+        "--set",
+        f"paths.data_root={root}",
+        "--set",
+        "cv.source=runpod",
+        "--set",
+        f"cv.runpod_base_url={runpod_server.base_url}",
+        "--set",
+        "cv.runpod_poll_interval_s=0.05",
+        "--set",
+        "sampling.sample_size=4",
+        "--set",
+        "sampling.size_low_pct=0",
+        "--set",
+        "sampling.size_high_pct=100",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output[-3000:]
     assert len(runpod_server.calls("cv_inference")) == 4
@@ -334,8 +359,13 @@ def test_runpod_embeddings_batch_through_embed_batch_at_1024_dims(runpod_server,
 
     manager = make_embedding_manager(_embedding_settings(tmp_path, runpod_server, **{"retrieval.batch_size": 2}))
     assert isinstance(manager, RunPodEmbeddingManager) and manager.dimensions == 1024
-    texts = ["판상형 건축물 3Bay 침실 3개", "판상형 건축물 3Bay 침실 2개", "타워형 건축물 2Bay 침실 1개",
-             "채광 기준", "환기 기준"]
+    texts = [
+        "판상형 건축물 3Bay 침실 3개",
+        "판상형 건축물 3Bay 침실 2개",
+        "타워형 건축물 2Bay 침실 1개",
+        "채광 기준",
+        "환기 기준",
+    ]
     docs = manager.embed_documents(texts)
     assert docs.shape == (5, 1024) and np.allclose(np.linalg.norm(docs, axis=1), 1.0, atol=1e-5)
     calls = runpod_server.calls("embed_batch")

@@ -79,13 +79,18 @@ def test_rows_are_the_teachers_prompt_and_answer_split_by_complex(data):
     train_c = {group_key(s) for s in stats["split"]["train"]["stems"]}
     val_c = {group_key(s) for s in stats["split"]["val"]["stems"]}
     assert train_c and val_c and not train_c & val_c
-    assert sorted(train_c) == stats["split"]["train"]["complexes"] and sorted(val_c) == stats["split"]["val"]["complexes"]
+    assert (
+        sorted(train_c) == stats["split"]["train"]["complexes"] and sorted(val_c) == stats["split"]["val"]["complexes"]
+    )
     assert len(rows["train"]) + len(rows["val"]) == N_PLANS
 
     # The val share is the closest to 10 % that whole complexes allow.
     sizes = Counter(group_key(s) for s in stems)
-    best = min(abs(sum(sizes[g] for g in sub) - 0.1 * N_PLANS)
-               for k in range(1, len(sizes)) for sub in itertools.combinations(sizes, k))
+    best = min(
+        abs(sum(sizes[g] for g in sub) - 0.1 * N_PLANS)
+        for k in range(1, len(sizes))
+        for sub in itertools.combinations(sizes, k)
+    )
     assert abs(len(rows["val"]) - 0.1 * N_PLANS) == best
     assert 0.05 <= stats["split"]["val_share"] <= 0.15
 
@@ -109,12 +114,14 @@ def test_exclusions_have_reasons_and_duplicates_are_dropped(data):
     twin = "C07_9999"
     shutil.copytree(root / "output" / stems[0], root / "output" / twin)
     store.delete(store.rag_context_path(stems[1]))
-    store.write_text(store.analysis_path(stems[2], "reference"), "{\"image_name\": 1}")
+    store.write_text(store.analysis_path(stems[2], "reference"), '{"image_name": 1}')
     store.delete(store.analysis_path(stems[3], "reference"))
     store.write_json(failures_path(store, "reference"), {"failures": {stems[3]: {"reason": "refusal"}}})
     wrong = json.loads(store.read_text(store.analysis_path(stems[5], "reference")))
-    store.write_text(store.analysis_path(stems[5], "reference"),
-                     json.dumps(wrong | {"bay_count": wrong["bay_count"] + 1}, ensure_ascii=False))
+    store.write_text(
+        store.analysis_path(stems[5], "reference"),
+        json.dumps(wrong | {"bay_count": wrong["bay_count"] + 1}, ensure_ascii=False),
+    )
     meta = store.read_json(meta_path(store, stems[4], "reference"))
     store.write_json(meta_path(store, stems[4], "reference"), meta | {"prompt_version": "old"})
 
@@ -128,15 +135,23 @@ def test_exclusions_have_reasons_and_duplicates_are_dropped(data):
     assert len(built.train) + len(built.val) == N_PLANS - 4
     assert built.stats["fact_mismatches"]["by_field"] == {"bay_count": 1}  # kept, reported
     assert built.stats["fact_mismatches"]["stems"] == [stems[5]]
-    assert built.stats["exclusions"] == {"duplicate": 1, "invalid_answer": 1, "missing_context": 1,
-                                         "no_answer": 1, "stale_prompt": 1}
+    assert built.stats["exclusions"] == {
+        "duplicate": 1,
+        "invalid_answer": 1,
+        "missing_context": 1,
+        "no_answer": 1,
+        "stale_prompt": 1,
+    }
 
 
 def _settings(max_length: int, drop: bool, **sampling):
     s = load_settings(sampling=sampling) if sampling else load_settings()
-    return SimpleNamespace(sampling=s.sampling, teachers=s.teachers,
-                           dataset=SimpleNamespace(train_ratio=0.9, seed=42, drop_overlong=drop),
-                           finetune=SimpleNamespace(max_length=max_length))
+    return SimpleNamespace(
+        sampling=s.sampling,
+        teachers=s.teachers,
+        dataset=SimpleNamespace(train_ratio=0.9, seed=42, drop_overlong=drop),
+        finetune=SimpleNamespace(max_length=max_length),
+    )
 
 
 class FakeTokenizer:
@@ -152,8 +167,10 @@ class FakeTokenizer:
 
 def test_token_lengths_flag_or_drop_overlong_rows(data):
     store, stems = data
-    lengths = sorted(count_tokens(r.messages, FakeTokenizer()) for r in
-                     build_training_data(store, stems, _settings(100_000, False)).train)
+    lengths = sorted(
+        count_tokens(r.messages, FakeTokenizer())
+        for r in build_training_data(store, stems, _settings(100_000, False)).train
+    )
     limit = lengths[len(lengths) // 2]
     flagged = build_training_data(store, stems, _settings(limit, False), tokenizer=FakeTokenizer())
     tok = flagged.stats["tokens"]
@@ -198,7 +215,12 @@ def test_group_split_is_deterministic_and_keeps_both_sides():
 
 
 def test_prompt_completion_form():
-    row = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                        {"role": "assistant", "content": "{}"}]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "{}"},
+        ]
+    }
     pc = to_prompt_completion(row)
     assert pc["prompt"] == row["messages"][:2] and pc["completion"] == [row["messages"][2]]

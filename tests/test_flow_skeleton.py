@@ -25,9 +25,13 @@ def test_selected_steps_run_and_unbuilt_are_reported(prefect_api, tmp_path, monk
     monkeypatch.delitem(PHASES, "6")
     report = ft_pipeline(
         steps="0,3b,6",
-        overrides={"paths.data_root": str(root), "sampling.sample_size": 6,
-                   "sampling.size_low_pct": 0, "sampling.size_high_pct": 100,
-                   "teachers.teachers": ["reference"]},
+        overrides={
+            "paths.data_root": str(root),
+            "sampling.sample_size": 6,
+            "sampling.size_low_pct": 0,
+            "sampling.size_high_pct": 100,
+            "teachers.teachers": ["reference"],
+        },
     )
     assert list(report) == ["0", "3b", "6"]
     assert report["0"]["status"] == "done" and report["0"]["sampled"] == 6
@@ -39,10 +43,19 @@ def test_selected_steps_run_and_unbuilt_are_reported(prefect_api, tmp_path, monk
 
 def test_flow_publishes_artifacts(prefect_api, tmp_path):
     root = _images(tmp_path / "data2")
-    ft_pipeline(steps="0", overrides={"paths.data_root": str(root), "sampling.sample_size": 3,
-                                      "sampling.size_low_pct": 0, "sampling.size_high_pct": 100})
+    ft_pipeline(
+        steps="0",
+        overrides={
+            "paths.data_root": str(root),
+            "sampling.sample_size": 3,
+            "sampling.size_low_pct": 0,
+            "sampling.size_high_pct": 100,
+        },
+    )
     assert {a.key for a in asyncio.run(_artifacts(["phase0-sample", "ft-pipeline-summary"]))} == {
-        "phase0-sample", "ft-pipeline-summary"}
+        "phase0-sample",
+        "ft-pipeline-summary",
+    }
 
 
 async def _artifacts(keys):

@@ -61,8 +61,12 @@ def team_dialect(answer: FloorPlanAnalysis, *, bad_ventilation: bool = False) ->
 
 
 def chroma_record(image_name: str, document: str, **metadata) -> dict:
-    return {"document_id": image_name, "metadata": {"image_name": image_name, **metadata},
-            "document": document, "embedding": {"dimension": 4, "first_10_values": [0.1, 0.2, 0.3, 0.4]}}
+    return {
+        "document_id": image_name,
+        "metadata": {"image_name": image_name, **metadata},
+        "document": document,
+        "embedding": {"dimension": 4, "first_10_values": [0.1, 0.2, 0.3, 0.4]},
+    }
 
 
 def write_export(store: ArtifactStore, stems: list[str], path: Path) -> dict:
@@ -71,17 +75,31 @@ def write_export(store: ArtifactStore, stems: list[str], path: Path) -> dict:
     records = []
     for i, stem in enumerate(stems[:5]):
         doc = team_dialect(reference_of(store, stem), bad_ventilation=i % 2 == 0)
-        records.append(chroma_record(f"{stem}.PNG", json.dumps(doc, ensure_ascii=False),
-                                     compliance_grade=doc["compliance"]["overall_grade"]))
+        records.append(
+            chroma_record(
+                f"{stem}.PNG", json.dumps(doc, ensure_ascii=False), compliance_grade=doc["compliance"]["overall_grade"]
+            )
+        )
     ref = reference_of(store, stems[5])
-    nl = (f"{ref.summary} lighting은(는) 우수. ventilation은(는) 미흡. family_harmony은(는) 보통. "
-          f"storage은(는) 미흡. 거실: 거실은 넓고 밝습니다. 욕실: 욕실은 창이 없습니다. "
-          f"사내 기준 적합성: 보통. 수납이 부족합니다. 부적합(수납): 수납 공간 - 팬트리를 둘 것")
-    records.append(chroma_record(f"{stems[5]}.PNG", nl, structure_type=ref.structure_type,
-                                 bay_count=ref.bay_count, room_count=ref.room_count,
-                                 bathroom_count=ref.bathroom_count, balcony_ratio=ref.balcony_ratio,
-                                 windowless_ratio=ref.windowless_ratio, ventilation_quality="불량",
-                                 compliance_grade="보통"))
+    nl = (
+        f"{ref.summary} lighting은(는) 우수. ventilation은(는) 미흡. family_harmony은(는) 보통. "
+        f"storage은(는) 미흡. 거실: 거실은 넓고 밝습니다. 욕실: 욕실은 창이 없습니다. "
+        f"사내 기준 적합성: 보통. 수납이 부족합니다. 부적합(수납): 수납 공간 - 팬트리를 둘 것"
+    )
+    records.append(
+        chroma_record(
+            f"{stems[5]}.PNG",
+            nl,
+            structure_type=ref.structure_type,
+            bay_count=ref.bay_count,
+            room_count=ref.room_count,
+            bathroom_count=ref.bathroom_count,
+            balcony_ratio=ref.balcony_ratio,
+            windowless_ratio=ref.windowless_ratio,
+            ventilation_quality="불량",
+            compliance_grade="보통",
+        )
+    )
     records.append(chroma_record(f"{stems[6]}.PNG", '{"summary": "잘림'))
     bad_grade = team_dialect(reference_of(store, stems[7]))
     bad_grade["compliance"]["overall_grade"] = "A+"
@@ -115,28 +133,44 @@ def test_their_looser_analysis_maps_onto_ours_with_every_change_named(data):
     loose = dict(theirs, structure_type="판상형 구조", ventilation_quality="양호 (맞통풍)", bay_count="3")
     analysis, notes = lenient_analysis(loose, "x.png")
     assert (analysis.structure_type, analysis.ventilation_quality, analysis.bay_count) == ("판상형", "양호", 3)
-    for field, value, message in (("structure_type", "판상 타워 혼용", "ambiguous"),
-                                  ("ventilation_quality", "최악", "unknown")):
+    for field, value, message in (
+        ("structure_type", "판상 타워 혼용", "ambiguous"),
+        ("ventilation_quality", "최악", "unknown"),
+    ):
         with pytest.raises(ValueError, match=f"{field} .*{message}"):
             lenient_analysis(dict(theirs, **{field: value}), "x.png")
 
 
 def test_the_natural_language_rendering_is_read_back_with_metadata():
-    doc = ("채광이 좋은 3베이 평면입니다. lighting은(는) 우수. ventilation은(는) 불량 (욕실 창 없음). "
-           "family_harmony은(는) 보통. storage은(는) 미흡. 거실: 거실은 남향입니다. 주방/식당: 환기창이 있습니다. "
-           "사내 기준 적합성: 미흡. 수납이 모자랍니다. 부적합(수납): 수납 공간 - 팬트리 추가 "
-           "부적합(환기): 욕실 환기창 - 욕실에 창을 둘 것")
-    meta = {"image_name": "APT_FP_OBJ_000000007.PNG", "structure_type": "타워형", "bay_count": 3, "room_count": 3,
-            "bathroom_count": 2, "balcony_ratio": 12.5, "windowless_ratio": 40.0, "ventilation_quality": "불량"}
+    doc = (
+        "채광이 좋은 3베이 평면입니다. lighting은(는) 우수. ventilation은(는) 불량 (욕실 창 없음). "
+        "family_harmony은(는) 보통. storage은(는) 미흡. 거실: 거실은 남향입니다. 주방/식당: 환기창이 있습니다. "
+        "사내 기준 적합성: 미흡. 수납이 모자랍니다. 부적합(수납): 수납 공간 - 팬트리 추가 "
+        "부적합(환기): 욕실 환기창 - 욕실에 창을 둘 것"
+    )
+    meta = {
+        "image_name": "APT_FP_OBJ_000000007.PNG",
+        "structure_type": "타워형",
+        "bay_count": 3,
+        "room_count": 3,
+        "bathroom_count": 2,
+        "balcony_ratio": 12.5,
+        "windowless_ratio": 40.0,
+        "ventilation_quality": "불량",
+    }
     analysis, notes, form = read_record(meta["image_name"], doc, meta)
     assert form == "natural-language"
     assert analysis.summary == "채광이 좋은 3베이 평면입니다."
     assert analysis.design_evaluation.환기 == "불량 (욕실 창 없음)" and analysis.design_evaluation.수납 == "미흡"
     assert [(s.space_name, s.evaluation_comment) for s in analysis.spaces] == [
-        ("거실", "거실은 남향입니다."), ("주방/식당", "환기창이 있습니다.")]
+        ("거실", "거실은 남향입니다."),
+        ("주방/식당", "환기창이 있습니다."),
+    ]
     assert analysis.compliance.overall_grade == "미흡" and analysis.compliance.summary == "수납이 모자랍니다."
     assert [(i.category, i.item, i.recommendation) for i in analysis.compliance.non_compliant_items] == [
-        ("수납", "수납 공간", "팬트리 추가"), ("환기", "욕실 환기창", "욕실에 창을 둘 것")]
+        ("수납", "수납 공간", "팬트리 추가"),
+        ("환기", "욕실 환기창", "욕실에 창을 둘 것"),
+    ]
     assert (analysis.structure_type, analysis.bay_count, analysis.ventilation_quality) == ("타워형", 3, "미흡")
     assert "structure_type: from metadata" in notes
 
@@ -180,18 +214,21 @@ def test_import_analyses_cli_writes_production_answers_and_reports_each_mapping(
         assert meta["source_file"] == str(export) and meta["mappings"]
     assert store.read_json(meta_path(store, parts["natural"], "production"))["source_form"] == "natural-language"
     json_answer = FloorPlanAnalysis.model_validate_json(
-        store.read_text(store.analysis_path(parts["json"][1], "production")))
+        store.read_text(store.analysis_path(parts["json"][1], "production"))
+    )
     assert json_answer.design_evaluation == reference_of(store, parts["json"][1]).design_evaluation
     for stem in parts["broken"]:
         assert not store.exists(store.analysis_path(stem, "production"))
     summary = store.read_json(store.path("import_analyses_production.json"))
     assert summary["imported"] == 6 and len(summary["rejects"]) == 3
 
-    missing = runner.invoke(app, ["import", "analyses", str(tmp_path / "nope.json"),
-                                  "--set", f"paths.data_root={store.root}"])
+    missing = runner.invoke(
+        app, ["import", "analyses", str(tmp_path / "nope.json"), "--set", f"paths.data_root={store.root}"]
+    )
     assert missing.exit_code == 2 and "nope.json: no such file" in missing.output
-    clash = runner.invoke(app, ["import", "analyses", str(export), "--teacher", "openai",
-                                "--set", f"paths.data_root={store.root}"])
+    clash = runner.invoke(
+        app, ["import", "analyses", str(export), "--teacher", "openai", "--set", f"paths.data_root={store.root}"]
+    )
     assert clash.exit_code == 2 and "teacher 'openai' is labeled in phase 3" in clash.output
 
 
@@ -205,9 +242,7 @@ def _write_labeled(store: ArtifactStore, stems: list[str], teacher: str, cost: f
 
 
 @pytest.mark.prefect
-def test_phase_4_compares_production_beside_the_labeled_teachers_and_never_picks_it(
-    prefect_api, data, tmp_path
-):
+def test_phase_4_compares_production_beside_the_labeled_teachers_and_never_picks_it(prefect_api, data, tmp_path):
     from flows.ft_pipeline import ft_pipeline
 
     store, stems = data
@@ -218,8 +253,13 @@ def test_phase_4_compares_production_beside_the_labeled_teachers_and_never_picks
     parts = write_export(store, stems, export)
     import_analyses(store, export)
 
-    overrides = {"paths.data_root": str(store.root), "quality.sample_size": 6, "quality.review_plans": 0,
-                 "quality.bootstrap_samples": 100, "quality.extra_teachers": ["production"]}
+    overrides = {
+        "paths.data_root": str(store.root),
+        "quality.sample_size": 6,
+        "quality.review_plans": 0,
+        "quality.bootstrap_samples": 100,
+        "quality.extra_teachers": ["production"],
+    }
     result = ft_pipeline(steps="4", profile="demo", overrides=overrides)
     assert result["4"]["status"] == "done"
     report = json.loads(Path(store.path("quality_report.json")).read_text())

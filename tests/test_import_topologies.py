@@ -68,8 +68,10 @@ def test_import_mixed_folder_then_phase_1_and_2_run_on_it(prefect_api, team_fold
     overrides = {"paths.data_root": str(root)}
     report = ft_pipeline(steps="1,2", profile="demo", overrides=overrides)
     assert report["1"]["failed"] == 0 and report["1"]["built"] == 0 and report["1"]["cached"] == 3
-    assert not (root / "cv_failures.json").exists() or json.loads(
-        (root / "cv_failures.json").read_text())["failures"] == {}
+    assert (
+        not (root / "cv_failures.json").exists()
+        or json.loads((root / "cv_failures.json").read_text())["failures"] == {}
+    )
     assert report["2"]["status"] == "done" and report["2"]["written"] == 3
     for stem, path in files.items():
         ctx = json.loads((root / "output" / stem / "rag_context.json").read_text())

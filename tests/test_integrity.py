@@ -66,8 +66,12 @@ def test_a_file_written_0600_before_gets_the_umask_mode_when_rewritten(tmp_path,
 def _pipeline(root: Path, steps: str) -> dict:
     from flows.ft_pipeline import ft_pipeline
 
-    overrides = {"paths.data_root": str(root), "sampling.sample_size": 6,
-                 "sampling.size_low_pct": 0, "sampling.size_high_pct": 100}
+    overrides = {
+        "paths.data_root": str(root),
+        "sampling.sample_size": 6,
+        "sampling.size_low_pct": 0,
+        "sampling.size_high_pct": 100,
+    }
     return ft_pipeline(steps=steps, profile="demo", overrides=overrides)
 
 
@@ -163,8 +167,11 @@ def test_a_second_ledger_run_keeps_entries_of_plans_outside_the_run(tmp_path):
     from floorplan_ft.retrieval.retrieve import update_retrieval_ledger
 
     store = ArtifactStore(tmp_path)
-    update_retrieval_ledger(store, {"A": {"reason": "bad_topology", "detail": "a: bad"},
-                                    "B": {"reason": "missing_topology", "detail": "b: none"}}, done=[])
+    update_retrieval_ledger(
+        store,
+        {"A": {"reason": "bad_topology", "detail": "a: bad"}, "B": {"reason": "missing_topology", "detail": "b: none"}},
+        done=[],
+    )
     ledger = update_retrieval_ledger(store, {}, done=["A"])
     assert set(ledger) == {"B"} and set(_ledger(tmp_path, "retrieval_failures.json")) == {"B"}
 

@@ -25,8 +25,13 @@ from floorplan_ft.teachers.labeling import LabelingRun, ledger_path, meta_path
 
 OPENAI_KEY = "sk-test-LABELING-secret-key-0123456789"
 GEMINI_KEY = "AIzaTEST-LABELING-secret-0123456789abcd"
-FAST = {"backoff_s": [0.01, 0.02, 0.04], "retry_after_cap_s": 0.2, "concurrency": 3, "requests_per_minute": 100_000,
-        "tokens_per_minute": 10_000_000}
+FAST = {
+    "backoff_s": [0.01, 0.02, 0.04],
+    "retry_after_cap_s": 0.2,
+    "concurrency": 3,
+    "requests_per_minute": 100_000,
+    "tokens_per_minute": 10_000_000,
+}
 
 
 def prepare(root: Path, count: int) -> tuple[ArtifactStore, list[str]]:
@@ -69,8 +74,7 @@ def test_labels_every_plan_then_a_rerun_sends_nothing(fake_provider, data):
     ledger = store.read_json(ledger_path(store, "openai"))
     assert ledger["requests"] == 10 and ledger["cost_usd"] == pytest.approx(summary.cost_usd, abs=1e-6)
     # Both teachers saw the same prompt: the user message is identical across providers.
-    openai_prompts = {m["content"] for r in fake_provider.requests_to("chat/completions")
-                      for m in r.body["messages"]}
+    openai_prompts = {m["content"] for r in fake_provider.requests_to("chat/completions") for m in r.body["messages"]}
 
     again = run_teacher(settings, store, "openai", stems)
     assert (again.labeled, again.cached) == (0, 10)
@@ -102,16 +106,20 @@ def test_failures_are_handled_by_class_within_bounds(fake_provider, data):
     assert fake_provider.request_count == sum(expected_attempts.values())
     failures = json.loads(Path(store.path("label_failures_openai.json")).read_text())["failures"]
     assert {s: f["reason"] for s, f in failures.items()} == {
-        stems[1]: "server_error", stems[3]: "truncated", stems[5]: "invalid_output",
-        stems[6]: "refusal", stems[7]: "refusal",
+        stems[1]: "server_error",
+        stems[3]: "truncated",
+        stems[5]: "invalid_output",
+        stems[6]: "refusal",
+        stems[7]: "refusal",
     }
     assert failures[stems[1]]["attempts"] == 4  # 1 + the 2 → 4 → 8 s backoff schedule
     assert (summary.labeled, summary.failed) == (5, 5)
     for i in (0, 2, 4, 8):
         assert store.read_json(meta_path(store, stems[i], "openai"))["attempts"] == expected_attempts[i]
 
-    requests = {i: [r for r in fake_provider.requests if name[i] in json.dumps(r.body, ensure_ascii=False)]
-                for i in (2, 4)}
+    requests = {
+        i: [r for r in fake_provider.requests if name[i] in json.dumps(r.body, ensure_ascii=False)] for i in (2, 4)
+    }
     budgets = [r.body["max_completion_tokens"] for r in requests[2]]
     assert budgets == [4096, 8192]  # one retry with a larger output budget
     reask = requests[4][1].body["messages"]
@@ -138,8 +146,7 @@ def test_budget_cap_is_never_exceeded(fake_provider, data):
     store, stems = data
     # Answers as big as the plan's (~3K in, 1.5K out ≈ $0.0225 each with gpt-4o); each attempt
     # reserves its worst case (the full 4,096-token output budget) before it is sent.
-    fake_provider.usage = {"prompt_tokens": 3000, "completion_tokens": 1500, "cached_tokens": 0,
-                           "reasoning_tokens": 0}
+    fake_provider.usage = {"prompt_tokens": 3000, "completion_tokens": 1500, "cached_tokens": 0, "reasoning_tokens": 0}
     settings = settings_for(fake_provider, budget_usd=0.15, concurrency=2)
     summary = run_teacher(settings, store, "openai", stems)
     spent = store.read_json(ledger_path(store, "openai"))["cost_usd"]
@@ -200,11 +207,18 @@ def test_killed_run_never_pays_twice_for_a_finished_item(fake_provider, data, tm
     fake_provider.latency_s = 0.4
     script = tmp_path / "run.py"
     here = str(Path(__file__).parent)
-    script.write_text(textwrap.dedent(KILLED_RUN.format(
-        paths=[str(Path(here).parent), here], key=OPENAI_KEY, url=fake_provider.openai_base_url,
-        root=str(store.root), stems=stems)))
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": ""})
+    script.write_text(
+        textwrap.dedent(
+            KILLED_RUN.format(
+                paths=[str(Path(here).parent), here],
+                key=OPENAI_KEY,
+                url=fake_provider.openai_base_url,
+                root=str(store.root),
+                stems=stems,
+            )
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         done = [s for s in stems if Path(meta_path(store, s, "openai")).exists()]
@@ -219,8 +233,11 @@ def test_killed_run_never_pays_twice_for_a_finished_item(fake_provider, data, tm
 
     fake_provider.latency_s = 0.0
     summary = run_teacher(settings_for(fake_provider), store, "openai", stems)
-    resent = [r for r in fake_provider.requests[before:]
-              if any(f"{s}.png" in json.dumps(r.body, ensure_ascii=False) for s in finished)]
+    resent = [
+        r
+        for r in fake_provider.requests[before:]
+        if any(f"{s}.png" in json.dumps(r.body, ensure_ascii=False) for s in finished)
+    ]
     assert resent == []
     assert summary.cached == len(finished) and summary.labeled == 10 - len(finished)
 
@@ -228,8 +245,9 @@ def test_killed_run_never_pays_twice_for_a_finished_item(fake_provider, data, tm
 def test_an_openai_compatible_server_can_be_a_teacher(fake_provider, data):
     store, stems = data
     fake_provider.models = ["Qwen/Qwen3-32B"]
-    settings = settings_for(fake_provider, compatible_base_url=fake_provider.openai_base_url,
-                            compatible_model="Qwen/Qwen3-32B")
+    settings = settings_for(
+        fake_provider, compatible_base_url=fake_provider.openai_base_url, compatible_model="Qwen/Qwen3-32B"
+    )
     summary = run_teacher(settings, store, "compatible", stems[:3])
     assert summary.labeled == 3 and summary.model == "Qwen/Qwen3-32B"
     body = fake_provider.requests_to("chat/completions")[0].body
@@ -252,10 +270,17 @@ def synthetic_items(n: int, tag: str = "F") -> list:
     """Items as the engine sees them; the plan's image name in the user turn identifies each."""
     from floorplan_ft.teachers.labeling import LabelItem
 
-    return [LabelItem(f"{tag}{i:04d}", f"{tag}{i:04d}.png",
-                      [{"role": "system", "content": "평면도 분석가입니다."},
-                       {"role": "user", "content": f"{tag}{i:04d}.png 평면을 분석하세요."}])
-            for i in range(n)]
+    return [
+        LabelItem(
+            f"{tag}{i:04d}",
+            f"{tag}{i:04d}.png",
+            [
+                {"role": "system", "content": "평면도 분석가입니다."},
+                {"role": "user", "content": f"{tag}{i:04d}.png 평면을 분석하세요."},
+            ],
+        )
+        for i in range(n)
+    ]
 
 
 # The fault mix's 429s are random, not a real limit: a one-second provider window lets an adaptive
@@ -265,9 +290,12 @@ FAULT_WINDOW = {"rate_window_s": 1.0} if "rate_window_s" in TeacherSettings.mode
 
 # Limits the fake announces in x-ratelimit-* headers, high enough that pacing plays no part.
 ROOMY_HEADERS = {
-    "x-ratelimit-limit-requests": "100000", "x-ratelimit-remaining-requests": "99999",
-    "x-ratelimit-reset-requests": "1ms", "x-ratelimit-limit-tokens": "100000000",
-    "x-ratelimit-remaining-tokens": "99999000", "x-ratelimit-reset-tokens": "1ms",
+    "x-ratelimit-limit-requests": "100000",
+    "x-ratelimit-remaining-requests": "99999",
+    "x-ratelimit-reset-requests": "1ms",
+    "x-ratelimit-limit-tokens": "100000000",
+    "x-ratelimit-remaining-tokens": "99999000",
+    "x-ratelimit-reset-tokens": "1ms",
 }
 
 
@@ -328,7 +356,7 @@ def test_invalid_and_cut_answers_escalate_in_order(fake_provider, tmp_path, no_d
     # 1st: a re-ask quoting the broken answer and the error; 2nd: the same with a larger budget.
     for reask in (invalid[1], invalid[2]):
         turns = reask.body["messages"]
-        assert turns[:len(original)] == original
+        assert turns[: len(original)] == original
         assert turns[-2] == {"role": "assistant", "content": broken}
         assert "스키마 검증" in turns[-1]["content"] and "오류:" in turns[-1]["content"]
         assert len(turns[-1]["content"]) > len("스키마 검증") + 40  # the validation error is quoted

@@ -64,14 +64,23 @@ def test_an_attempt_never_settled_stays_counted_at_its_worst_case(tmp_path):
     third = CostLedger(store, "openai")
     assert third.possibly_paid_twice == 1 and third.unsettled_requests == 1
     assert third.totals["requests"] == 4 and third.spent == pytest.approx(0.53)
-    assert [r["op"] for r in journal_lines(store, "openai")] == ["start", "start", "settle", "start", "settle",
-                                                                 "start", "settle"]
+    assert [r["op"] for r in journal_lines(store, "openai")] == [
+        "start",
+        "start",
+        "settle",
+        "start",
+        "settle",
+        "start",
+        "settle",
+    ]
 
 
 def test_a_ledger_from_before_the_journal_and_batch_bookings(tmp_path):
     store = ArtifactStore(tmp_path)
-    store.write_json(ledger_path(store, "gemini"),
-                     {"teacher": "gemini", "requests": 7, "input_tokens": 700, "output_tokens": 300, "cost_usd": 1.5})
+    store.write_json(
+        ledger_path(store, "gemini"),
+        {"teacher": "gemini", "requests": 7, "input_tokens": 700, "output_tokens": 300, "cost_usd": 1.5},
+    )
     ledger = CostLedger(store, "gemini")
     assert ledger.totals == {"requests": 7, "input_tokens": 700, "output_tokens": 300, "cost_usd": 1.5}
     ledger.add(Usage(input_tokens=10, output_tokens=5), 0.25, requests=3)  # the batch runner's way
@@ -157,8 +166,16 @@ def test_kill_9_leaves_no_billed_request_unrecorded_and_the_cap_holds(fake_provi
     items = synthetic_items(16, "K")
     here = Path(__file__).parent
     script = tmp_path / "killed.py"
-    script.write_text(textwrap.dedent(KILLED.format(paths=[str(here.parent), str(here)], key=OPENAI_KEY,
-                                                    url=fake_provider.openai_base_url, root=str(store.root))))
+    script.write_text(
+        textwrap.dedent(
+            KILLED.format(
+                paths=[str(here.parent), str(here)],
+                key=OPENAI_KEY,
+                url=fake_provider.openai_base_url,
+                root=str(store.root),
+            )
+        )
+    )
     proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
@@ -177,8 +194,12 @@ def test_kill_9_leaves_no_billed_request_unrecorded_and_the_cap_holds(fake_provi
     assert after_kill.totals["requests"] >= seen  # every request the provider saw is in the books
     server_bill = seen * per_answer
     assert after_kill.spent >= server_bill
-    orphans = [r for r in journal_lines(store, "openai") if r["op"] == "start"
-               and r["id"] not in {s["id"] for s in journal_lines(store, "openai") if s["op"] == "settle"}]
+    orphans = [
+        r
+        for r in journal_lines(store, "openai")
+        if r["op"] == "start"
+        and r["id"] not in {s["id"] for s in journal_lines(store, "openai") if s["op"] == "settle"}
+    ]
     assert len(orphans) == after_kill.unsettled_requests >= 1
     unanswered_orphans = {r["stem"] for r in orphans} - answered
 

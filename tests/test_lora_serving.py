@@ -51,17 +51,30 @@ def test_missing_target_module_fails_before_any_weight_is_loaded(short_store, ti
 def test_adapter_folder_holds_what_vllm_loads_and_the_serve_line(short_store, tiny_base):
     from floorplan_ft.training.sft import train
 
-    config = _config(short_store, tiny_base, student_name="served", max_steps=2, eval_steps=2, save_steps=2,
-                     lora_module_name="cv_agent", vllm_max_lora_rank=16)
+    config = _config(
+        short_store,
+        tiny_base,
+        student_name="served",
+        max_steps=2,
+        eval_steps=2,
+        save_steps=2,
+        lora_module_name="cv_agent",
+        vllm_max_lora_rank=16,
+    )
     result = train(config, short_store, force=True)
     adapter = Path(result.adapter_dir)
     names = {p.name for p in adapter.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
-    template = (adapter / "chat_template.jinja").read_text() if "chat_template.jinja" in names else \
-        json.loads((adapter / "tokenizer_config.json").read_text())["chat_template"]
+    template = (
+        (adapter / "chat_template.jinja").read_text()
+        if "chat_template.jinja" in names
+        else json.loads((adapter / "tokenizer_config.json").read_text())["chat_template"]
+    )
     assert "<|im_start|>" in template and "enable_thinking" in template
     line = result.vllm_serve
-    assert line.startswith(f"vllm serve {tiny_base.resolve()} --enable-lora --lora-modules cv_agent={adapter.resolve()}")
+    assert line.startswith(
+        f"vllm serve {tiny_base.resolve()} --enable-lora --lora-modules cv_agent={adapter.resolve()}"
+    )
     assert "--max-lora-rank 16" in line and f"--max-model-len {512 + 8000}" in line
     assert json.loads(Path(config.result_path).read_text())["vllm_serve"] == line
     assert line in (adapter / "README.md").read_text()
@@ -92,10 +105,13 @@ def test_a_missing_chat_template_is_written_from_the_tokenizer(tmp_path):
 
 
 def test_serve_line_rounds_the_rank_up_to_a_vllm_value(short_store, tiny_base):
-    line = vllm_serve_command(_config(short_store, tiny_base, lora_r=24, vllm_max_lora_rank=32), "Qwen/Qwen3-8B",
-                              "/srv/adapter_model")
-    assert line == ("vllm serve Qwen/Qwen3-8B --enable-lora --lora-modules cv_agent=/srv/adapter_model "
-                    "--max-lora-rank 32 --max-model-len 8512")
+    line = vllm_serve_command(
+        _config(short_store, tiny_base, lora_r=24, vllm_max_lora_rank=32), "Qwen/Qwen3-8B", "/srv/adapter_model"
+    )
+    assert line == (
+        "vllm serve Qwen/Qwen3-8B --enable-lora --lora-modules cv_agent=/srv/adapter_model "
+        "--max-lora-rank 32 --max-model-len 8512"
+    )
 
 
 def test_evaluation_sends_the_team_clients_request(plans_store, fake_provider, no_dotenv):
@@ -108,9 +124,16 @@ def test_evaluation_sends_the_team_clients_request(plans_store, fake_provider, n
     from floorplan_ft.training.evaluate import run_evaluation
 
     rows = read_rows(plans_store, "val")[:1]
-    settings = load_settings(profile="demo", paths={"data_root": plans_store.root}, finetune={
-        "student_name": "lora-served", "eval_base_url": fake_provider.openai_base_url, "eval_model": "cv_agent",
-        "eval_limit": 1})
+    settings = load_settings(
+        profile="demo",
+        paths={"data_root": plans_store.root},
+        finetune={
+            "student_name": "lora-served",
+            "eval_base_url": fake_provider.openai_base_url,
+            "eval_model": "cv_agent",
+            "eval_limit": 1,
+        },
+    )
     assert settings.finetune.eval_max_tokens == 8000
     fake_provider.push(Reply.truncated(), Reply.ok(rows[0]["messages"][-1]["content"]))
     out = run_evaluation(settings, plans_store)
@@ -134,8 +157,9 @@ def test_a_second_length_cut_is_reported_not_retried_again(fake_provider):
     from floorplan_ft.serving.base import OutputTruncated
     from floorplan_ft.serving.openai_client import OpenAICompatibleChatClient
 
-    client = OpenAICompatibleChatClient(fake_provider.openai_base_url, "cv_agent", enable_thinking=False,
-                                        length_retry_temperature=0.2, max_tokens=8000)
+    client = OpenAICompatibleChatClient(
+        fake_provider.openai_base_url, "cv_agent", enable_thinking=False, length_retry_temperature=0.2, max_tokens=8000
+    )
     fake_provider.push(Reply.truncated(), Reply.truncated())
     try:
         with pytest.raises(OutputTruncated):

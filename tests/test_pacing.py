@@ -34,8 +34,10 @@ GEMINI_KEY = "AIzaTEST-PACING-secret-0123456789abcd"
 def settings_for(fake, **teachers):
     return load_settings(
         teachers={"backoff_s": [0.01], "budget_usd": 1e6, **teachers},
-        openai_api_key=OPENAI_KEY, openai_base_url=fake.openai_base_url,
-        gemini_api_key=GEMINI_KEY, gemini_base_url=fake.gemini_base_url,
+        openai_api_key=OPENAI_KEY,
+        openai_base_url=fake.openai_base_url,
+        gemini_api_key=GEMINI_KEY,
+        gemini_base_url=fake.gemini_base_url,
     )
 
 
@@ -67,8 +69,9 @@ def test_per_provider_defaults_and_their_precedence(tmp_path, no_dotenv):
 
     # A config file overrides one field of one teacher; the rest keep their defaults.
     cfg = tmp_path / "c.toml"
-    cfg.write_text("[teachers.limits.gemini]\nrequests_per_minute = 150\n[teachers.limits.compatible]\n"
-                   "requests_per_minute = 300\n")
+    cfg.write_text(
+        "[teachers.limits.gemini]\nrequests_per_minute = 150\n[teachers.limits.compatible]\nrequests_per_minute = 300\n"
+    )
     t = load_settings(cfg).teachers
     gemini = teacher_limits(t, "gemini")
     assert (gemini.requests_per_minute, gemini.tokens_per_minute) == (150, 1_000_000)
@@ -86,10 +89,13 @@ def test_per_provider_defaults_and_their_precedence(tmp_path, no_dotenv):
 
 def test_limits_reach_the_labeling_run_and_the_estimate(fake_provider, data):
     store, _ = data
-    settings = settings_for(fake_provider, compatible_base_url=fake_provider.openai_base_url,
-                            compatible_model="Qwen/Qwen3-32B")
-    runs = {name: LabelingRun(make_teacher(settings, name), store, settings.teachers)
-            for name in ("openai", "gemini", "compatible", "reference")}
+    settings = settings_for(
+        fake_provider, compatible_base_url=fake_provider.openai_base_url, compatible_model="Qwen/Qwen3-32B"
+    )
+    runs = {
+        name: LabelingRun(make_teacher(settings, name), store, settings.teachers)
+        for name in ("openai", "gemini", "compatible", "reference")
+    }
     assert (runs["openai"].limiter.requests_per_minute, runs["openai"].limiter.tokens_per_minute) == (500, 30_000)
     assert (runs["gemini"].limiter.requests_per_minute, runs["gemini"].limiter.tokens_per_minute) == (60, 1_000_000)
     assert runs["compatible"].limiter.tokens_per_minute == UNLIMITED
@@ -130,8 +136,9 @@ def test_requests_arrive_evenly_spaced(fake_provider, data):
     store, stems = data
     fake_provider.rate_limit_headers = {}
     # 12 per 3 s window: one every 0.25 s, however many are in flight.
-    settings = settings_for(fake_provider, concurrency=5, rate_window_s=3.0,
-                            limits={"gemini": {"requests_per_minute": 12}})
+    settings = settings_for(
+        fake_provider, concurrency=5, rate_window_s=3.0, limits={"gemini": {"requests_per_minute": 12}}
+    )
     run = LabelingRun(make_teacher(settings, "gemini"), store, settings.teachers)
     admitted = record_admissions(run, time.monotonic)
     summary = asyncio.run(run.run(items_of(store, stems[:10])))
@@ -157,8 +164,13 @@ def test_bare_429s_slow_the_teacher_down_and_no_item_is_lost(fake_provider, data
     fake_provider.rpm_limit, fake_provider.rpm_window_s, fake_provider.rpm_retry_after = 12, 10.0, False
     fake_provider.latency_s = 0.05
     settings = settings_for(
-        fake_provider, concurrency=5, rate_window_s=10.0, retry_after_cap_s=10.0,
-        max_rate_limit_retries=1, rate_limit_max_wait_s=40.0, limits={"gemini": {"requests_per_minute": 36}},
+        fake_provider,
+        concurrency=5,
+        rate_window_s=10.0,
+        retry_after_cap_s=10.0,
+        max_rate_limit_retries=1,
+        rate_limit_max_wait_s=40.0,
+        limits={"gemini": {"requests_per_minute": 36}},
     )
     run = LabelingRun(make_teacher(settings, "gemini"), store, settings.teachers)
     summary = asyncio.run(run.run(items_of(store, stems)))
@@ -176,9 +188,15 @@ def test_bare_429s_slow_the_teacher_down_and_no_item_is_lost(fake_provider, data
 def test_an_item_rate_limited_past_the_window_is_kept(fake_provider, data):
     store, stems = data
     fake_provider.rate_limit_headers = {}
-    settings = settings_for(fake_provider, concurrency=2, rate_window_s=4.0, max_rate_limit_retries=1,
-                            rate_limit_max_wait_s=30.0, retry_after_cap_s=5.0,
-                            limits={"gemini": {"requests_per_minute": 600}})
+    settings = settings_for(
+        fake_provider,
+        concurrency=2,
+        rate_window_s=4.0,
+        max_rate_limit_retries=1,
+        rate_limit_max_wait_s=30.0,
+        retry_after_cap_s=5.0,
+        limits={"gemini": {"requests_per_minute": 600}},
+    )
 
     def sent_for(stem):
         return [r.at for r in fake_provider.requests if f"{stem}.png" in json.dumps(r.body, ensure_ascii=False)]
@@ -186,16 +204,18 @@ def test_an_item_rate_limited_past_the_window_is_kept(fake_provider, data):
     # Three 429s, 2 s apart: the item waits 6 s, longer than the provider's 4 s window, although
     # by count it may have only one retry.
     fake_provider.push_for(f"{stems[0]}.png", *[Reply.rate_limited(retry_after=2)] * 3)
-    summary = asyncio.run(LabelingRun(make_teacher(settings, "gemini"), store, settings.teachers)
-                          .run(items_of(store, stems[:1])))
+    summary = asyncio.run(
+        LabelingRun(make_teacher(settings, "gemini"), store, settings.teachers).run(items_of(store, stems[:1]))
+    )
     assert summary.labeled == 1
     kept = sent_for(stems[0])
     assert len(kept) == 4 and kept[-1] - kept[0] >= 4.0
 
     # An item refused for good is given up once it had its retry and the window + 25% (5 s).
     fake_provider.push_for(f"{stems[1]}.png", *[Reply.rate_limited(retry_after=1)] * 50)
-    summary = asyncio.run(LabelingRun(make_teacher(settings, "gemini"), store, settings.teachers)
-                          .run(items_of(store, stems[1:2])))
+    summary = asyncio.run(
+        LabelingRun(make_teacher(settings, "gemini"), store, settings.teachers).run(items_of(store, stems[1:2]))
+    )
     assert summary.failures[stems[1]]["reason"] == "rate_limited"
     given_up = sent_for(stems[1])
     # (the rate falls to its floor, one request per window, so the last retries are 4 s apart)
@@ -224,8 +244,9 @@ class Clocks:
 
 def labeled_with_clocks(settings, store, items, clocks):
     run = LabelingRun(make_teacher(settings, "gemini"), store, settings.teachers, sleep=clocks.sleep)
-    run.limiter = limiter_for("gemini", True, settings.teachers, store=store, sleep=clocks.sleep,
-                              clock=clocks.clock, wall=clocks.time)
+    run.limiter = limiter_for(
+        "gemini", True, settings.teachers, store=store, sleep=clocks.sleep, clock=clocks.clock, wall=clocks.time
+    )
     admitted = record_admissions(run, clocks.time)
     summary = asyncio.run(run.run(items))
     return run, summary, admitted
@@ -271,8 +292,9 @@ def test_a_broken_history_file_is_a_fresh_start(fake_provider, data, caplog):
     Path(history_path(store, "gemini")).write_text("{not json")
     settings = settings_for(fake_provider, limits={"gemini": {"requests_per_minute": 600}})
     with caplog.at_level("WARNING"):
-        summary = asyncio.run(LabelingRun(make_teacher(settings, "gemini"), store, settings.teachers)
-                              .run(items_of(store, stems[:2])))
+        summary = asyncio.run(
+            LabelingRun(make_teacher(settings, "gemini"), store, settings.teachers).run(items_of(store, stems[:2]))
+        )
     assert summary.labeled == 2
     assert "rate_window_gemini.json" in caplog.text
     assert json.loads(Path(history_path(store, "gemini")).read_text())["version"] == 1

@@ -19,9 +19,13 @@ def test_steps_0_to_5_offline_then_a_rerun_does_no_work(prefect_api, tmp_path, n
     teacher = root / "models" / "tiny-teacher"
     model, tokenizer = build_tiny_causal_lm(teacher, seed=0)
     bias_towards_short_json(model, tokenizer, teacher)
-    overrides = {"paths.data_root": str(root), "sampling.sample_size": 12,
-                 "teachers.local_model_path": str(teacher), "quality.sample_size": 8,
-                 "quality.review_plans": 4}
+    overrides = {
+        "paths.data_root": str(root),
+        "sampling.sample_size": 12,
+        "teachers.local_model_path": str(teacher),
+        "quality.sample_size": 8,
+        "quality.review_plans": 4,
+    }
     threads = torch.get_num_threads()
     try:
         first = ft_pipeline(steps="0-5", profile="demo", overrides=overrides)
@@ -36,8 +40,12 @@ def test_steps_0_to_5_offline_then_a_rerun_does_no_work(prefect_api, tmp_path, n
     assert first["5"]["train_rows"] + first["5"]["val_rows"] == 12
     for stem in json.loads((root / "sampled_images.json").read_text())["stems"]:
         out = root / "output" / stem
-        for name in ("topology_graph.json", "rag_context.json", "llm_analysis_reference.json",
-                     "llm_analysis_local.json"):
+        for name in (
+            "topology_graph.json",
+            "rag_context.json",
+            "llm_analysis_reference.json",
+            "llm_analysis_local.json",
+        ):
             assert (out / name).is_file(), out / name
     assert (root / "selected_model.txt").read_text().strip() == "reference"
     assert (root / "review" / "review.html").is_file() and (root / "quality_chart.png").is_file()

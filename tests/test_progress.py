@@ -18,8 +18,9 @@ class Clock:
 
 def test_line_has_done_total_failures_rate_eta_and_dollars():
     clock = Clock()
-    progress = Progress("phase 3 openai", 200, clock=clock, start_thread=False,
-                        logger=logging.getLogger("test.progress"))
+    progress = Progress(
+        "phase 3 openai", 200, clock=clock, start_thread=False, logger=logging.getLogger("test.progress")
+    )
     clock.now += 60.0
     progress.update(50, failed=2, dollars=1.23456, labeled=48, cached=0)
     line = progress.line()
@@ -33,8 +34,9 @@ def test_line_has_done_total_failures_rate_eta_and_dollars():
 
 def test_flush_prints_only_when_something_changed(caplog):
     clock = Clock()
-    progress = Progress("phase 1", 10, unit="images", clock=clock, start_thread=False,
-                        logger=logging.getLogger("test.progress"))
+    progress = Progress(
+        "phase 1", 10, unit="images", clock=clock, start_thread=False, logger=logging.getLogger("test.progress")
+    )
     with caplog.at_level(logging.INFO, logger="test.progress"):
         assert progress.flush() is not None  # the first line: the step has started
         assert progress.flush() is None  # nothing new since
@@ -80,15 +82,19 @@ def test_phase3_progress_artifact_carries_the_console_figures(prefect_api, no_do
 
     store, stems = prepare_plans(tmp_path / "data", count=3, complexes=1, seed=11)
     store.write_json(store.run_file("sample"), {"stems": stems, "n": len(stems)})
-    report = ft_pipeline(steps="3a", overrides={"paths.data_root": str(tmp_path / "data"),
-                                                "teachers.teachers": ["reference"]})
+    report = ft_pipeline(
+        steps="3a", overrides={"paths.data_root": str(tmp_path / "data"), "teachers.teachers": ["reference"]}
+    )
     assert report["3a"]["labeled"] == 3
 
     async def latest():
         async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["phase3-progress-reference"]),
-                type=ArtifactFilterType(any_=["progress"])))
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=["phase3-progress-reference"]),
+                    type=ArtifactFilterType(any_=["progress"]),
+                )
+            )
             return max(found, key=lambda a: a.updated)
 
     artifact = asyncio.run(latest())
@@ -122,8 +128,9 @@ def test_domain_warnings_reach_the_run_log_in_prefect(prefect_api, no_dotenv, tm
 
     async def messages() -> list[str]:
         async with get_client() as client:
-            logs = await client.read_logs(log_filter=LogFilter(
-                flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+            logs = await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+            )
             return [log.message for log in logs]
 
     lines = [m for m in asyncio.run(messages()) if "rate history ignored" in m]

@@ -8,24 +8,47 @@ from floorplan_ft.retrieval.corpus import corpus_hash, load_corpus
 
 def _topology():
     node = {
-        "node_id": "space_0", "node_type": "space", "category_id": 1, "category_name": "공간_거실",
-        "label": "거실", "space_type": "공통공간", "is_outside": False,
-        "bbox": [10, 20, 300, 200], "segmentation": [[10, 20, 310, 20, 310, 220, 10, 220]],
-        "area": 60000.0, "area_ratio": 40.0, "centroid": [160.0, 120.0],
+        "node_id": "space_0",
+        "node_type": "space",
+        "category_id": 1,
+        "category_name": "공간_거실",
+        "label": "거실",
+        "space_type": "공통공간",
+        "is_outside": False,
+        "bbox": [10, 20, 300, 200],
+        "segmentation": [[10, 20, 310, 20, 310, 220, 10, 220]],
+        "area": 60000.0,
+        "area_ratio": 40.0,
+        "centroid": [160.0, 120.0],
         "contains": {
             "objects": [{"object_id": "o1", "category_name": "객체_싱크대", "bbox": [1, 2, 3, 4]}],
             "ocr_labels": ["거실"],
-            "structures": {"doors": [], "walls": [],
-                           "windows": [{"structure_id": "w1", "category_name": "구조_창호", "bbox": [50, 215, 120, 10]}]},
+            "structures": {
+                "doors": [],
+                "walls": [],
+                "windows": [{"structure_id": "w1", "category_name": "구조_창호", "bbox": [50, 215, 120, 10]}],
+            },
         },
     }
     return {
         "image_info": {"file_name": "C01_0001.png", "width": 800, "height": 600},
         "nodes": [node],
-        "edges": [{"edge_id": "edge_0", "source_node": "space_0", "target_node": "space_0",
-                   "connection_type": "open", "connection_id": None}],
-        "statistics": {"total_image_area": 480000.0, "total_inside_area": 150000.0,
-                       "room_count": 0, "bay_count": 1, "structure_type": "혼합형"},
+        "edges": [
+            {
+                "edge_id": "edge_0",
+                "source_node": "space_0",
+                "target_node": "space_0",
+                "connection_type": "open",
+                "connection_id": None,
+            }
+        ],
+        "statistics": {
+            "total_image_area": 480000.0,
+            "total_inside_area": 150000.0,
+            "room_count": 0,
+            "bay_count": 1,
+            "structure_type": "혼합형",
+        },
     }
 
 

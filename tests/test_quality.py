@@ -90,8 +90,12 @@ def plan(base):
         g = graph_of(store, stem)
         ref = reference_analysis(g.image_info.file_name, g)
         cats = {i.category for i in ref.compliance.non_compliant_items}
-        if (ref.compliance.overall_grade != "불합격" and len(cats) >= 2 and ref.bay_count <= 5
-                and score_answer(ref.model_dump_json(), g, ref).metrics["analysis_depth"] == 1.0):
+        if (
+            ref.compliance.overall_grade != "불합격"
+            and len(cats) >= 2
+            and ref.bay_count <= 5
+            and score_answer(ref.model_dump_json(), g, ref).metrics["analysis_depth"] == 1.0
+        ):
             return g, ref
     pytest.fail("no suitable plan in the synthetic set")
 
@@ -121,14 +125,17 @@ def test_a_wrong_bay_count_lowers_exactly_that_metric(plan, delta, expected):
     assert bad.valid
     assert bad.metrics["bay_count_consistency"] == expected
     assert {m: v for m, v in bad.metrics.items() if m != "bay_count_consistency"} == {
-        m: v for m, v in good.metrics.items() if m != "bay_count_consistency"}
+        m: v for m, v in good.metrics.items() if m != "bay_count_consistency"
+    }
     assert bad.checks["bay_count_agreement"] == 0.0
     assert {c: v for c, v in bad.checks.items() if c != "bay_count_agreement"} == {
-        c: v for c, v in good.checks.items() if c != "bay_count_agreement"}
+        c: v for c, v in good.checks.items() if c != "bay_count_agreement"
+    }
 
 
-@pytest.mark.parametrize("raw", [None, "{\"image_name\": \"x.png\", \"bay_count\": 3", "[1, 2]",
-                                 "```json\n{}\n```", b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "raw", [None, '{"image_name": "x.png", "bay_count": 3', "[1, 2]", "```json\n{}\n```", b"\xff\xfe"]
+)
 def test_missing_or_unparseable_answers_score_zero_on_everything(plan, raw):
     graph, ref = plan
     s = score_answer(raw, graph, ref)
@@ -179,9 +186,17 @@ def test_space_counts_and_names(plan):
 
     answer = ref.model_dump(mode="json")
     claimed = sum(len(s["connected_spaces"]) for s in answer["spaces"])
-    answer["spaces"].append({"space_name": "침실9", "space_type": "특화공간", "area_ratio": 2.0, "has_window": False,
-                             "features": ["무창"], "connected_spaces": ["거실"],
-                             "evaluation_comment": "평면에 없는 공간을 지어낸 예시입니다."})
+    answer["spaces"].append(
+        {
+            "space_name": "침실9",
+            "space_type": "특화공간",
+            "area_ratio": 2.0,
+            "has_window": False,
+            "features": ["무창"],
+            "connected_spaces": ["거실"],
+            "evaluation_comment": "평면에 없는 공간을 지어낸 예시입니다.",
+        }
+    )
     s = scores_of(plan, answer)
     n = len(answer["spaces"])
     assert s.checks["spaces_exist"] == pytest.approx((n - 1) / n)
@@ -344,18 +359,31 @@ def test_a_teacher_under_the_compliance_floor_cannot_win(data):
     assert c["invalid_reasons"] == {"invalid_json": 2}
     assert report.winner == "d" and "c" in report.decision.disqualified and "c cannot win" in report.decision.reason
 
-    forced = compare_teachers(store, stems, ["c", "d"],
-                              load_settings(quality={"bootstrap_samples": 200, "force_teacher": "c"}))
+    forced = compare_teachers(
+        store, stems, ["c", "d"], load_settings(quality={"bootstrap_samples": 200, "force_teacher": "c"})
+    )
     assert forced.winner == "c" and forced.decision.rule == "forced"
     assert forced.decision.automatic["winner"] == "d"
 
 
 def test_failures_count_as_invalid_and_skipped_plans_are_left_out(data):
     store, stems = data
-    write_teacher(store, stems, "a", 0.02, lambda i, a: None if i == 0 else a,
-                  failures={stems[0]: {"reason": "refusal", "cost_usd": 0.005}})
-    write_teacher(store, stems, "b", 0.01, lambda i, a: None if i == 1 else a,
-                  failures={stems[1]: {"reason": "budget", "cost_usd": 0.0}})
+    write_teacher(
+        store,
+        stems,
+        "a",
+        0.02,
+        lambda i, a: None if i == 0 else a,
+        failures={stems[0]: {"reason": "refusal", "cost_usd": 0.005}},
+    )
+    write_teacher(
+        store,
+        stems,
+        "b",
+        0.01,
+        lambda i, a: None if i == 1 else a,
+        failures={stems[1]: {"reason": "budget", "cost_usd": 0.0}},
+    )
     report = compare_teachers(store, stems, ["a", "b"], load_settings(quality={"bootstrap_samples": 200}))
     assert report.sample["eligible"] == N_PLANS - 1 and report.sample["excluded"] == {"not_labeled_by_all": 1}
     assert stems[1] not in report.sample["stems"] and stems[0] in report.sample["stems"]
@@ -383,8 +411,10 @@ def test_bad_inputs_give_clear_errors(data):
 def test_bootstrap_depends_only_on_the_seed(data):
     store, stems = data
     write_teacher(store, stems, "a", 0.01, lambda i, a: a | {"bay_count": a["bay_count"] + (i % 3)})
-    runs = [compare_teachers(store, stems, ["a"], load_settings(quality={"bootstrap_samples": 400, "seed": s}))
-            for s in (1, 1, 2)]
+    runs = [
+        compare_teachers(store, stems, ["a"], load_settings(quality={"bootstrap_samples": 400, "seed": s}))
+        for s in (1, 1, 2)
+    ]
     ci = [r.teacher_stats["a"]["metrics"]["bay_count_consistency"] for r in runs]
     assert ci[0] == ci[1]
     assert runs[0].winner == "a" and runs[0].decision.rule == "single_teacher"
@@ -412,8 +442,13 @@ def test_review_page_and_preferences(data):
     assert len(shown) == 6
 
     assert load_preferences(store) == {}
-    prefs = {"format": "ftp-review-preferences/1", "teachers": ["a", "b"], "reviewer": "kim",
-             "preferences": {shown[0]: "a", shown[1]: "a", shown[2]: "b", shown[3]: "tie"}, "notes": {shown[2]: "?"}}
+    prefs = {
+        "format": "ftp-review-preferences/1",
+        "teachers": ["a", "b"],
+        "reviewer": "kim",
+        "preferences": {shown[0]: "a", shown[1]: "a", shown[2]: "b", shown[3]: "tie"},
+        "notes": {shown[2]: "?"},
+    }
     store.write_json(store.path("review", "preferences.json"), prefs)
     report = compare_teachers(store, stems, ["a", "b"], load_settings(quality={"bootstrap_samples": 100}))
     p = report.preferences

@@ -28,7 +28,11 @@ def test_every_answer_validates_and_agrees_with_the_topology(plans):
         again = FloorPlanAnalysis.model_validate_json(answer.model_dump_json())
         st = graph.statistics
         assert (again.structure_type, again.bay_count, again.room_count, again.bathroom_count) == (
-            st.structure_type, st.bay_count, st.room_count, st.bathroom_count)
+            st.structure_type,
+            st.bay_count,
+            st.room_count,
+            st.bathroom_count,
+        )
         assert again.total_spaces == st.inside_space_count == len(again.spaces)
         assert {s.space_name for s in again.spaces} == {n.label for n in graph.nodes if not n.is_outside}
         assert again.design_evaluation is not None and again.compliance is not None

@@ -66,9 +66,7 @@ class HashManager(BaseEmbeddingManager):
     def _vec(self, texts: list[str]) -> np.ndarray:
         rows = []
         for t in texts:
-            seed = int.from_bytes(
-                hashlib.sha256(f"{self.model}|{t}".encode()).digest()[:8], "little"
-            )
+            seed = int.from_bytes(hashlib.sha256(f"{self.model}|{t}".encode()).digest()[:8], "little")
             rows.append(np.random.default_rng(seed).standard_normal(self.dimensions))
         return normalise_rows(np.array(rows, dtype=np.float32).reshape(len(texts), self.dimensions))
 
@@ -94,9 +92,7 @@ class KeywordManager(BaseEmbeddingManager):
 
     def _vec(self, texts):
         counts = [[t.count(k) for k in self.vocab] for t in texts]
-        return normalise_rows(
-            np.array(counts, dtype=np.float32).reshape(len(texts), self.dimensions)
-        )
+        return normalise_rows(np.array(counts, dtype=np.float32).reshape(len(texts), self.dimensions))
 
     embed_documents = _vec
     embed_queries = _vec
@@ -163,9 +159,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     )
     out = root / "st"
     st.save(str(out))
-    assert (
-        json.loads((out / "1_Pooling" / "config.json").read_text())["pooling_mode"] == "lasttoken"
-    )
+    assert json.loads((out / "1_Pooling" / "config.json").read_text())["pooling_mode"] == "lasttoken"
     return out
 
 
@@ -348,19 +342,14 @@ def test_corpus_vectors_are_cached_and_reused(corpus, tmp_path):
     key = corpus_cache_key(manager, corpus)
     assert files == [f"{key}.json", f"{key}.npy"]  # no temp files left behind
     meta = json.loads((tmp_path / "cache" / f"{key}.json").read_text())
-    assert (
-        meta["corpus_hash"] == corpus_hash(corpus)
-        and meta["embedding_identity"] == manager.identity()
-    )
+    assert meta["corpus_hash"] == corpus_hash(corpus) and meta["embedding_identity"] == manager.identity()
 
 
 def test_changed_chunk_content_invalidates_the_cache(corpus, tmp_path):
     manager = HashManager()
     embed_corpus(manager, corpus, tmp_path)
     edited = list(corpus)
-    edited[10] = edited[10].model_copy(
-        update={"content": edited[10].content + " 붙박이장도 포함한다."}
-    )
+    edited[10] = edited[10].model_copy(update={"content": edited[10].content + " 붙박이장도 포함한다."})
     vectors = embed_corpus(manager, edited, tmp_path)
     assert len(manager.document_calls) == 2
     assert not np.allclose(vectors[10], embed_corpus(manager, corpus, tmp_path)[10])
@@ -470,9 +459,7 @@ def test_context_text_is_exactly_what_the_prompt_includes(corpus, synthetic_topo
         top_k=5,
         query=ctx.query,
     )
-    assert not ctx.is_current(
-        embedding_identity=manager.identity(), dimensions=16, corpus_hash="other", top_k=5
-    )
+    assert not ctx.is_current(embedding_identity=manager.identity(), dimensions=16, corpus_hash="other", top_k=5)
 
     store = ArtifactStore(tmp_path)
     path = write_context(store, stem, ctx)
@@ -535,9 +522,7 @@ def _topk_ids(manager, corpus, topologies, top_k=5):
     return {stem: [c.id for c in ctx.chunks] for stem, ctx in contexts.items()}
 
 
-def test_query_wording_finds_storage_and_master_window_chunks_with_keyword_embedder(
-    corpus, synthetic_topologies
-):
+def test_query_wording_finds_storage_and_master_window_chunks_with_keyword_embedder(corpus, synthetic_topologies):
     """With an embedder that only knows the corpus keywords (not MiniLM: see the next test), the
     query of a low-storage plan retrieves a storage chunk, and of a plan whose master bedroom has
     no window the master-window chunk daylight-03; plans without those problems do not get them
@@ -556,25 +541,17 @@ def test_query_wording_finds_storage_and_master_window_chunks_with_keyword_embed
     storage_hit = {s: any(i.startswith("storage-") for i in ids[s]) for s in stats}
     assert storage_hit[low_storage[0]]
     assert np.mean([storage_hit[s] for s in low_storage]) >= 0.8
-    assert np.mean([storage_hit[s] for s in low_storage]) > np.mean(
-        [storage_hit[s] for s in ok_storage]
-    )
+    assert np.mean([storage_hit[s] for s in low_storage]) > np.mean([storage_hit[s] for s in ok_storage])
 
 
-def test_minilm_misses_the_master_window_chunk_on_full_korean_queries(
-    minilm, corpus, synthetic_topologies
-):
+def test_minilm_misses_the_master_window_chunk_on_full_korean_queries(minilm, corpus, synthetic_topologies):
     """Documents a limitation, not a feature: with MiniLM the full Korean plan queries are ranked by
     jamo overlap, and the master-window chunk that the keyword embedder always finds for plans
     whose master bedroom has no window is mostly missed (0 of 162 such plans in 2,000 when this was
     written). The demo's retrieval with MiniLM is mechanics only. If this fails, the model got
     better at Korean: revisit these tests."""
     ids = _topk_ids(minilm, corpus, synthetic_topologies)
-    no_master_window = [
-        s
-        for s, t in synthetic_topologies.items()
-        if t.statistics.master_bedroom_has_window is False
-    ]
+    no_master_window = [s for s, t in synthetic_topologies.items() if t.statistics.master_bedroom_has_window is False]
     assert no_master_window
     assert np.mean(["daylight-03" in ids[s] for s in no_master_window]) < 0.5
 
@@ -592,9 +569,7 @@ def test_retrieval_health_summarises_a_run(corpus):
     top1 = [ctx.chunks[0].similarity for ctx in contexts.values()]
     assert health["mean_top1_similarity"] == pytest.approx(np.mean(top1), abs=1e-6)
     assert health["mean_topk_similarity"] <= health["mean_top1_similarity"]
-    assert set(health["never_retrieved"]) == {
-        k for k, v in health["chunk_frequency"].items() if v == 0
-    }
+    assert set(health["never_retrieved"]) == {k for k, v in health["chunk_frequency"].items() if v == 0}
     assert retrieval_health({}, corpus)["mean_top1_similarity"] is None
 
 

@@ -127,10 +127,7 @@ def test_allocation_property_many_random_configurations():
 def test_sample_images_exact_total_many_random_configurations():
     for seed in range(150):
         rnd = random.Random(1000 + seed)
-        groups = {
-            f"{chr(65 + i)}{chr(65 + i)}{chr(65 + i)}": rnd.randint(1, 25)
-            for i in range(rnd.randint(1, 9))
-        }
+        groups = {f"{chr(65 + i)}{chr(65 + i)}{chr(65 + i)}": rnd.randint(1, 25) for i in range(rnd.randint(1, 9))}
         files = mem_files(groups)
         n = rnd.randint(1, len(files))
         result = sample_images(files, n, seed=seed, **NO_FILTER)
@@ -233,13 +230,10 @@ def test_draw_in_one_group_unaffected_by_other_groups():
     assert a.stems == b.stems
     # BBB's files change, AAA's allocation (5) stays: AAA's draw is the same.
     c_files = mem_files({"AAA": 20}) + [
-        ImageFile(name=f"BBBx{i}.png", stem=f"BBBx{i}", size=1000, path=Path(f"BBBx{i}"))
-        for i in range(20)
+        ImageFile(name=f"BBBx{i}.png", stem=f"BBBx{i}", size=1000, path=Path(f"BBBx{i}")) for i in range(20)
     ]
     c = sample_images(c_files, 10, seed=5, **NO_FILTER)
-    assert [s for s in a.stems if s.startswith("AAA")] == [
-        s for s in c.stems if s.startswith("AAA")
-    ]
+    assert [s for s in a.stems if s.startswith("AAA")] == [s for s in c.stems if s.startswith("AAA")]
 
 
 # --------------------------------------------------------------------------- listing

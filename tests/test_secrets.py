@@ -99,8 +99,7 @@ def test_key_from_the_environment_is_stored_nowhere(prefect_api, no_dotenv, tmp_
     monkeypatch.setenv("FTP_OPENAI_BASE_URL", fake_provider.openai_base_url)
     store, stems = prepare_plans(tmp_path / "data", count=2, complexes=1, seed=7)
     store.write_json(store.run_file("sample"), {"stems": stems, "n": len(stems)})
-    state = ft_pipeline(steps="3a", overrides={"paths.data_root": str(tmp_path / "data")},
-                        return_state=True)
+    state = ft_pipeline(steps="3a", overrides={"paths.data_root": str(tmp_path / "data")}, return_state=True)
     assert state.is_completed(), state
     report = state.result()
     assert report["3a"]["teacher"] == "openai" and report["3a"]["labeled"] == 2
@@ -110,15 +109,19 @@ def test_key_from_the_environment_is_stored_nowhere(prefect_api, no_dotenv, tmp_
 
     async def stored() -> str:
         async with get_client() as client:
-            run = (await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))))[0]
+            run = (await client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))))[
+                0
+            ]
             logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
             artifacts = await client.read_artifacts()
-            return json.dumps({
-                "parameters": run.parameters,
-                "logs": [log.message for log in logs],
-                "artifacts": [str(a.data) for a in artifacts],
-            }, default=str)
+            return json.dumps(
+                {
+                    "parameters": run.parameters,
+                    "logs": [log.message for log in logs],
+                    "artifacts": [str(a.data) for a in artifacts],
+                },
+                default=str,
+            )
 
     stored_text = asyncio.run(stored())
     assert "paths.data_root" in stored_text and "Phase 3" in stored_text  # parameters, artifacts read

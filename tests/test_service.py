@@ -188,8 +188,7 @@ def test_local_student_answers_with_a_schema_valid_analysis(no_dotenv, tmp_path_
     student = tiny_student_dir(str(tmp_path_factory.getbasetemp()))
     settings = service_settings(
         None,
-        serving={"llm_provider": "local", "adapter_path": str(student), "max_new_tokens": 1500,
-                 "cpu_threads": 1},
+        serving={"llm_provider": "local", "adapter_path": str(student), "max_new_tokens": 1500, "cpu_threads": 1},
     )
     with single_torch_thread(), AnalysisService(settings, embedding_manager=minilm_manager()) as service:
         assert service.health()["llm"]["provider"] == "local"

@@ -43,9 +43,15 @@ LONG_BUDGET = 40_000
 
 
 def local_service(student, **serving) -> AnalysisService:
-    settings = service_settings(None, serving={
-        "llm_provider": "local", "adapter_path": str(student), "cpu_threads": 1, **serving,
-    })
+    settings = service_settings(
+        None,
+        serving={
+            "llm_provider": "local",
+            "adapter_path": str(student),
+            "cpu_threads": 1,
+            **serving,
+        },
+    )
     service = AnalysisService(settings, embedding_manager=minilm_manager())
     service.warm_up()
     return service
@@ -63,8 +69,15 @@ def big_topology(copies: int) -> dict:
     for k in range(copies):
         ids = {n["node_id"]: f"{n['node_id']}_r{k}" for n in base["nodes"]}
         nodes += [{**n, "node_id": ids[n["node_id"]]} for n in base["nodes"]]
-        edges += [{**e, "edge_id": f"{e['edge_id']}_r{k}", "source_node": ids[e["source_node"]],
-                   "target_node": ids[e["target_node"]]} for e in base["edges"]]
+        edges += [
+            {
+                **e,
+                "edge_id": f"{e['edge_id']}_r{k}",
+                "source_node": ids[e["source_node"]],
+                "target_node": ids[e["target_node"]],
+            }
+            for e in base["edges"]
+        ]
     return {**base, "nodes": nodes, "edges": edges}
 
 
@@ -85,11 +98,19 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(no_dotenv):
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "method": "POST", "path": "/analyze", "raw_path": b"/analyze",
-                 "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
-                 "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
-                 "headers": [(b"content-type", b"application/json"),
-                             (b"content-length", str(20 * 1024 * 1024).encode())]}
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/analyze",
+            "raw_path": b"/analyze",
+            "query_string": b"",
+            "root_path": "",
+            "scheme": "http",
+            "http_version": "1.1",
+            "server": ("127.0.0.1", 80),
+            "client": ("127.0.0.1", 1),
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(20 * 1024 * 1024).encode())],
+        }
         asyncio.run(app(scope, receive, send))
     assert received == []  # nothing of the body was read
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
@@ -106,9 +127,11 @@ def test_a_20_mb_analyze_is_refused_at_once_and_the_next_request_is_served(no_do
     assert settings.serving.max_request_mb == 2.0
     padding = "x" * (20 * 1024 * 1024)
     huge = json.dumps({"topology": {**topology_json(0), "padding": padding}}).encode()
-    with (AnalysisService(settings, embedding_manager=minilm_manager()) as service,
-          uvicorn_server(create_app(service)) as url,
-          httpx.Client(base_url=url, timeout=60) as http):
+    with (
+        AnalysisService(settings, embedding_manager=minilm_manager()) as service,
+        uvicorn_server(create_app(service)) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
         started = time.monotonic()
         response = http.post("/analyze", content=huge, headers={"content-type": "application/json"})
         elapsed = time.monotonic() - started
@@ -119,7 +142,7 @@ def test_a_20_mb_analyze_is_refused_at_once_and_the_next_request_is_served(no_do
 
         def chunks():
             for i in range(0, len(huge), 256 * 1024):
-                yield huge[i:i + 256 * 1024]
+                yield huge[i : i + 256 * 1024]
 
         chunked = http.post("/analyze", content=chunks(), headers={"content-type": "application/json"})
         assert chunked.status_code == 413 and chunked.json()["error"] == "RequestTooLarge"
@@ -130,8 +153,9 @@ def test_a_20_mb_analyze_is_refused_at_once_and_the_next_request_is_served(no_do
 
         # Under the limit, chunked or not, the body reaches the app intact.
         small = json.dumps({"topology": topology_json(0)}).encode()
-        ok = http.post("/analyze", content=iter([small[:1000], small[1000:]]),
-                       headers={"content-type": "application/json"})
+        ok = http.post(
+            "/analyze", content=iter([small[:1000], small[1000:]]), headers={"content-type": "application/json"}
+        )
         assert ok.status_code == 200, ok.text
         assert http.post("/analyze", json={"topology": topology_json(1)}).status_code == 200
 
@@ -139,8 +163,7 @@ def test_a_20_mb_analyze_is_refused_at_once_and_the_next_request_is_served(no_do
 # =========================================================================== prompt bound
 
 
-def test_a_topology_whose_prompt_exceeds_the_model_context_is_413_without_decoding(
-        no_dotenv, tmp_path_factory):
+def test_a_topology_whose_prompt_exceeds_the_model_context_is_413_without_decoding(no_dotenv, tmp_path_factory):
     student = tiny_student_dir(str(tmp_path_factory.getbasetemp()))  # 8192 positions
     with single_torch_thread():
         service = local_service(student, max_new_tokens=1500, timeout_s=120)
@@ -174,8 +197,7 @@ def test_a_topology_whose_prompt_exceeds_the_model_context_is_413_without_decodi
 
 def test_a_timed_out_local_generation_stops_and_the_next_request_is_served(no_dotenv, rambling):
     with single_torch_thread():
-        service = local_service(rambling, max_new_tokens=LONG_BUDGET, timeout_s=2.0,
-                                chat_max_tokens=16)
+        service = local_service(rambling, max_new_tokens=LONG_BUDGET, timeout_s=2.0, chat_max_tokens=16)
         try:
             with uvicorn_server(create_app(service)) as url, httpx.Client(base_url=url, timeout=120) as http:
                 started = time.monotonic()
@@ -209,10 +231,10 @@ def test_a_timed_out_local_generation_stops_and_the_next_request_is_served(no_do
 
 def test_a_full_queue_answers_503_with_retry_after_at_once(no_dotenv, rambling):
     with single_torch_thread():
-        service = local_service(rambling, max_new_tokens=LONG_BUDGET, timeout_s=300,
-                                max_concurrency=1, max_queue=2)
+        service = local_service(rambling, max_new_tokens=LONG_BUDGET, timeout_s=300, max_concurrency=1, max_queue=2)
         try:
             with uvicorn_server(create_app(service)) as url:
+
                 def post(_i):
                     started = time.monotonic()
                     r = httpx.post(url + "/analyze", json={"topology": topology_json(2)}, timeout=120)
@@ -249,9 +271,9 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(no_dotenv, rambling):
 
 def test_a_wait_longer_than_the_timeout_is_503_and_the_slot_is_not_lost(no_dotenv, rambling):
     with single_torch_thread():
-        service = local_service(rambling, max_new_tokens=LONG_BUDGET, timeout_s=3.0,
-                                max_concurrency=1, max_queue=4)
+        service = local_service(rambling, max_new_tokens=LONG_BUDGET, timeout_s=3.0, max_concurrency=1, max_queue=4)
         try:
+
             async def three():
                 # One slot: the first call holds it until its 3 s deadline, the second waits and
                 # then runs for 3 s more, the third's wait passes 3 s before a slot frees.
@@ -263,8 +285,9 @@ def test_a_wait_longer_than_the_timeout_is_503_and_the_slot_is_not_lost(no_doten
 
             started = time.monotonic()
             outcomes = asyncio.run(three())
-            assert [type(o).__name__ for o in outcomes] == ["ProviderTimeout", "ProviderTimeout",
-                                                           "ServiceBusy"], outcomes
+            assert [type(o).__name__ for o in outcomes] == ["ProviderTimeout", "ProviderTimeout", "ServiceBusy"], (
+                outcomes
+            )
             assert "no model slot within 3 s" in str(outcomes[2])
             assert outcomes[2].retry_after >= 1
             assert time.monotonic() - started < 15
@@ -319,10 +342,11 @@ class SilentServer:
                     buffer += chunk
                 head, _, buffer = buffer.partition(b"\r\n\r\n")
                 if head.startswith(b"GET "):
-                    body = json.dumps({"object": "list",
-                                       "data": [{"id": "silent", "object": "model"}]}).encode()
-                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                                 b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                    body = json.dumps({"object": "list", "data": [{"id": "silent", "object": "model"}]}).encode()
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                    )
                     continue
                 posted = True  # never answered: wait until the client hangs up
                 self.posts.append(time.monotonic())
@@ -345,14 +369,17 @@ class SilentServer:
 def test_a_cancelled_http_provider_call_closes_its_request(no_dotenv, provider):
     silent = SilentServer()
     try:
-        extra = {"openai": {"openai_api_key": OPENAI_KEY, "openai_base_url": silent.url + "/v1"},
-                 "gemini": {"gemini_api_key": "AIza-test-key-0123456789", "gemini_base_url": silent.url},
-                 "openai-compatible": {}}[provider]
+        extra = {
+            "openai": {"openai_api_key": OPENAI_KEY, "openai_base_url": silent.url + "/v1"},
+            "gemini": {"gemini_api_key": "AIza-test-key-0123456789", "gemini_base_url": silent.url},
+            "openai-compatible": {},
+        }[provider]
         serving = {"llm_provider": provider, "timeout_s": 60.0}
         if provider == "openai-compatible":
             serving["base_url"] = silent.url + "/v1"
         settings = service_settings(None, serving=serving, **extra)
         with AnalysisService(settings, embedding_manager=minilm_manager()) as service:
+
             async def cancel_while_waiting():
                 task = asyncio.create_task(service.aanalyze_detailed(topology_json(0)))
                 deadline = time.monotonic() + 20
@@ -387,16 +414,26 @@ def test_sigterm_stops_ft_pipeline_serve_within_seconds_during_a_generation(fake
     generation (the request answers 503) and the process exits within 10 s."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FTP_", "LLM_", "EMBEDDING_"))}
-    env.update({
-        "OPENAI_API_KEY": OPENAI_KEY, "FTP_OPENAI_BASE_URL": fake_provider.openai_base_url,
-        "EMBEDDING_PROVIDER": "openai", "FTP_RETRIEVAL__DIMENSIONS": "256",
-        "FTP_PATHS__DATA_ROOT": str(tmp_path / "data"), "LLM_PROVIDER": "local",
-        "FTP_SERVING__ADAPTER_PATH": str(rambling), "FTP_SERVING__MAX_NEW_TOKENS": str(LONG_BUDGET),
-        "FTP_SERVING__TIMEOUT_S": "300", "FTP_SERVING__CPU_THREADS": "1",
-    })
+    env.update(
+        {
+            "OPENAI_API_KEY": OPENAI_KEY,
+            "FTP_OPENAI_BASE_URL": fake_provider.openai_base_url,
+            "EMBEDDING_PROVIDER": "openai",
+            "FTP_RETRIEVAL__DIMENSIONS": "256",
+            "FTP_PATHS__DATA_ROOT": str(tmp_path / "data"),
+            "LLM_PROVIDER": "local",
+            "FTP_SERVING__ADAPTER_PATH": str(rambling),
+            "FTP_SERVING__MAX_NEW_TOKENS": str(LONG_BUDGET),
+            "FTP_SERVING__TIMEOUT_S": "300",
+            "FTP_SERVING__CPU_THREADS": "1",
+        }
+    )
     process = subprocess.Popen(
         [sys.executable, "-m", "ft_pipeline.cli", "serve", "--port", str(port)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -410,8 +447,7 @@ def test_sigterm_stops_ft_pipeline_serve_within_seconds_during_a_generation(fake
                 assert time.monotonic() < deadline, "serve did not come up"
                 time.sleep(0.2)
         with ThreadPoolExecutor(1) as pool:
-            long = pool.submit(httpx.post, base + "/analyze", json={"topology": topology_json(2)},
-                               timeout=120)
+            long = pool.submit(httpx.post, base + "/analyze", json={"topology": topology_json(2)}, timeout=120)
             deadline = time.monotonic() + 60
             while httpx.get(base + "/health", timeout=5).json()["limits"]["running"] < 1:
                 assert time.monotonic() < deadline and not long.done()

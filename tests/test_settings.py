@@ -41,7 +41,7 @@ def test_every_setting_has_a_description():
 
 def test_file_then_env_precedence(tmp_path, monkeypatch):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[sampling]\nsample_size = 10\nseed = 7\n[teachers]\nconcurrency = 3\n')
+    cfg.write_text("[sampling]\nsample_size = 10\nseed = 7\n[teachers]\nconcurrency = 3\n")
     s = load_settings(cfg)
     assert (s.sampling.sample_size, s.sampling.seed, s.teachers.concurrency) == (10, 7, 3)
     monkeypatch.setenv("FTP_SAMPLING__SAMPLE_SIZE", "55")

@@ -84,18 +84,14 @@ def dataset(tmp_path_factory) -> tuple[Path, list[str]]:
 
 @pytest.fixture(scope="module")
 def many_plans() -> list[synth.SynthPlan]:
-    return [
-        synth.generate_plan(np.random.default_rng([2024, i]), f"C00_{i:04d}") for i in range(220)
-    ]
+    return [synth.generate_plan(np.random.default_rng([2024, i]), f"C00_{i:04d}") for i in range(220)]
 
 
 # --------------------------------------------------------------------------- determinism
 
 
 def _all_files(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_same_seed_gives_byte_identical_files(dataset, tmp_path):
@@ -217,11 +213,7 @@ def test_windows_agree_with_truth(dataset):
     for stem in stems:
         coco, truth = load_plan(root, stem)
         ann = {a["id"]: a for a in by_cat(coco, vocab.SPACE_PREFIX)}
-        windows = [
-            rect_of(a)
-            for a in coco["annotations"]
-            if a["category_id"] == vocab.CATEGORY_IDS[vocab.WINDOW]
-        ]
+        windows = [rect_of(a) for a in coco["annotations"] if a["category_id"] == vocab.CATEGORY_IDS[vocab.WINDOW]]
         for sp in truth["spaces"]:
             srect = rect_of(ann[sp["annotation_id"]])
             mine = [w for w in windows if overlap(w, srect)]
@@ -243,19 +235,12 @@ def test_ratios_recomputed_from_polygons(dataset):
     for stem in stems:
         coco, truth = load_plan(root, stem)
         ann = {a["id"]: a for a in by_cat(coco, vocab.SPACE_PREFIX)}
-        area = {
-            sp["annotation_id"]: shoelace(ann[sp["annotation_id"]]["segmentation"][0])
-            for sp in truth["spaces"]
-        }
+        area = {sp["annotation_id"]: shoelace(ann[sp["annotation_id"]]["segmentation"][0]) for sp in truth["spaces"]}
         inside = [sp for sp in truth["spaces"] if not sp["is_outside"]]
         total = sum(area[sp["annotation_id"]] for sp in inside)
 
         def pct(names, area=area, inside=inside, total=total) -> float:
-            return (
-                100.0
-                * sum(area[sp["annotation_id"]] for sp in inside if sp["name"] in names)
-                / total
-            )
+            return 100.0 * sum(area[sp["annotation_id"]] for sp in inside if sp["name"] in names) / total
 
         assert abs(pct({"발코니"}) - truth["balcony_ratio"]) <= 0.01
         assert abs(pct(vocab.LDK_NAMES) - truth["ldk_ratio"]) <= 0.01
@@ -277,11 +262,7 @@ def test_truth_rules_follow_domain_definitions(dataset, many_plans):
         assert len(living) == 1 and len(kitchen) == 1
         lm, km = living[0]["main_window_direction"], kitchen[0]["main_window_direction"]
         assert lm is not None
-        bay = sum(
-            1
-            for s in t["spaces"]
-            if s["name"] in ("거실", "침실") and s["main_window_direction"] == lm
-        )
+        bay = sum(1 for s in t["spaces"] if s["name"] in ("거실", "침실") and s["main_window_direction"] == lm)
         assert t["bay_count"] == bay
         ld = set(living[0]["window_directions"])
         two_sides = bool(ld & {"N", "S"}) and bool(ld & {"E", "W"})
@@ -336,11 +317,7 @@ def test_walls_doors_and_open_connections(dataset):
                 for j, b in spaces.items():
                     if j == i or b[k] != line:
                         continue
-                    s_lo, s_hi = (
-                        (max(lo, b[0]), min(hi, b[2]))
-                        if o == "h"
-                        else (max(lo, b[1]), min(hi, b[3]))
-                    )
+                    s_lo, s_hi = (max(lo, b[0]), min(hi, b[2])) if o == "h" else (max(lo, b[1]), min(hi, b[3]))
                     if s_hi <= s_lo:
                         continue
                     outer = [g for u in outer for g in covered(u[0], u[1], [(s_lo, s_hi)])]
@@ -375,29 +352,17 @@ def test_ocr_and_objects_inside_their_space(dataset):
         coco, truth = load_plan(root, stem)
         ann = {a["id"]: rect_of(a) for a in by_cat(coco, vocab.SPACE_PREFIX)}
         label_of = {sp["annotation_id"]: sp["label"] for sp in truth["spaces"]}
-        texts = [
-            a
-            for a in coco["annotations"]
-            if a["category_id"] == vocab.CATEGORY_IDS[vocab.OCR_CATEGORY]
-        ]
+        texts = [a for a in coco["annotations"] if a["category_id"] == vocab.CATEGORY_IDS[vocab.OCR_CATEGORY]]
         for a in texts:
             r = rect_of(a)
-            home = [
-                i
-                for i, s in ann.items()
-                if s[0] <= r[0] and s[1] <= r[1] and r[2] <= s[2] and r[3] <= s[3]
-            ]
+            home = [i for i, s in ann.items() if s[0] <= r[0] and s[1] <= r[1] and r[2] <= s[2] and r[3] <= s[3]]
             assert len(home) == 1
             assert label_of[home[0]] == a["attributes"]["text"]
         labelled = {label_of[i] for i in ann if label_of[i] != "기타"}
         assert labelled == {a["attributes"]["text"] for a in texts} | labelled
         for a in by_cat(coco, vocab.OBJECT_PREFIX):
             r = rect_of(a)
-            home = [
-                i
-                for i, s in ann.items()
-                if s[0] <= r[0] and s[1] <= r[1] and r[2] <= s[2] and r[3] <= s[3]
-            ]
+            home = [i for i, s in ann.items() if s[0] <= r[0] and s[1] <= r[1] and r[2] <= s[2] and r[3] <= s[3]]
             assert len(home) == 1
             canon = vocab.canonical_name(label_of[home[0]])
             if ID_TO_NAME[a["category_id"]] in ("객체_싱크대", "객체_가스레인지"):
@@ -474,9 +439,7 @@ def test_stems_unique_and_grouped(tmp_path):
     stems = synth.write_dataset(tmp_path, count=9, complexes=9, seed=1)
     assert sorted({s[:3] for s in stems}) == [f"C{i:02d}" for i in range(9)]
     assert [int(s[4:]) for s in stems] == list(range(9))
-    assert sorted((tmp_path / "images").iterdir()) == sorted(
-        tmp_path / "images" / f"{s}.png" for s in stems
-    )
+    assert sorted((tmp_path / "images").iterdir()) == sorted(tmp_path / "images" / f"{s}.png" for s in stems)
 
 
 # --------------------------------------------------------------------------- rendering

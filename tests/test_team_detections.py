@@ -6,8 +6,7 @@ from floorplan_ft import vocab
 from floorplan_ft.cv import build_topology, detections_from_coco
 
 # Their category ids (detector config), a few of them; the file is hand-written, ours.
-CATEGORIES = [{"id": i, "name": n} for n, i in vocab.TEAM_CATEGORY_IDS.items()] + [
-    {"id": 99, "name": "공간_옥상정원"}]
+CATEGORIES = [{"id": i, "name": n} for n, i in vocab.TEAM_CATEGORY_IDS.items()] + [{"id": 99, "name": "공간_옥상정원"}]
 
 
 def _rect(x0, y0, x1, y1):
@@ -16,29 +15,43 @@ def _rect(x0, y0, x1, y1):
 
 def _ann(i, cat, bbox, seg=None, **attrs):
     x, y, w, h = bbox
-    return {"id": i, "image_id": 1, "category_id": vocab.TEAM_CATEGORY_IDS.get(cat, 99),
-            "bbox": bbox, "segmentation": seg if seg is not None else _rect(x, y, x + w, y + h),
-            "attributes": attrs}
+    return {
+        "id": i,
+        "image_id": 1,
+        "category_id": vocab.TEAM_CATEGORY_IDS.get(cat, 99),
+        "bbox": bbox,
+        "segmentation": seg if seg is not None else _rect(x, y, x + w, y + h),
+        "attributes": attrs,
+    }
 
 
 def team_coco():
     # Each of their four models numbers from 0: ids repeat across OBJ, OCR, STR and SPA.
     obj = [_ann(0, "객체_싱크대", [320, 40, 40, 20], seg=[])]
-    ocr = [_ann(0, "OCR", [120, 90, 40, 20], seg=[], OCR="거실"),
-           _ann(1, "OCR", [380, 90, 40, 20], seg=[], OCR="주방"),
-           _ann(2, "OCR", [560, 30, 40, 20], seg=[], OCR="EV")]
-    structures = [_ann(0, "구조_창호", [50, 196, 200, 8], subcat="이중창"),  # living, S
-                  _ann(1, "구조_창호", [-4, 50, 8, 100], subcat="고정창"),  # living, W
-                  _ann(2, "구조_창호", [350, -4, 100, 8], subcat="이중창"),  # kitchen, N
-                  _ann(3, "구조_벽체", [296, 0, 8, 200]),
-                  _ann(4, "구조_출입문", [500, 80, 8, 40], subcat="여닫이문")]
-    spaces = [_ann(0, "공간_거실", [0, 0, 300, 200]),
-              _ann(1, "공간_주방", [300, 0, 200, 200]),
-              _ann(2, "공간_엘리베이터", [500, 0, 120, 120]),
-              _ann(3, "background", [0, 0, 700, 300]),
-              _ann(4, "공간_옥상정원", [620, 0, 50, 50])]
-    return {"images": [{"id": 1, "file_name": "APT_FP_SPA_000000001.PNG", "width": 700, "height": 300}],
-            "categories": CATEGORIES, "annotations": obj + ocr + structures + spaces}
+    ocr = [
+        _ann(0, "OCR", [120, 90, 40, 20], seg=[], OCR="거실"),
+        _ann(1, "OCR", [380, 90, 40, 20], seg=[], OCR="주방"),
+        _ann(2, "OCR", [560, 30, 40, 20], seg=[], OCR="EV"),
+    ]
+    structures = [
+        _ann(0, "구조_창호", [50, 196, 200, 8], subcat="이중창"),  # living, S
+        _ann(1, "구조_창호", [-4, 50, 8, 100], subcat="고정창"),  # living, W
+        _ann(2, "구조_창호", [350, -4, 100, 8], subcat="이중창"),  # kitchen, N
+        _ann(3, "구조_벽체", [296, 0, 8, 200]),
+        _ann(4, "구조_출입문", [500, 80, 8, 40], subcat="여닫이문"),
+    ]
+    spaces = [
+        _ann(0, "공간_거실", [0, 0, 300, 200]),
+        _ann(1, "공간_주방", [300, 0, 200, 200]),
+        _ann(2, "공간_엘리베이터", [500, 0, 120, 120]),
+        _ann(3, "background", [0, 0, 700, 300]),
+        _ann(4, "공간_옥상정원", [620, 0, 50, 50]),
+    ]
+    return {
+        "images": [{"id": 1, "file_name": "APT_FP_SPA_000000001.PNG", "width": 700, "height": 300}],
+        "categories": CATEGORIES,
+        "annotations": obj + ocr + structures + spaces,
+    }
 
 
 def test_team_dialect_builds_a_graph():

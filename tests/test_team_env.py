@@ -61,8 +61,13 @@ def test_their_env_maps_onto_ours(team_dir, caplog):
     lines = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
     assert len(lines) == 1, lines
     line = lines[0]
-    for key in ("EMBEDDING_MODEL", "OPENAI_TEMPERATURE", "VLLM_SEARCH_MODEL_NAME", "MAX_CONTEXT_LENGTH",
-                "SOME_FRONTEND_FLAG"):
+    for key in (
+        "EMBEDDING_MODEL",
+        "OPENAI_TEMPERATURE",
+        "VLLM_SEARCH_MODEL_NAME",
+        "MAX_CONTEXT_LENGTH",
+        "SOME_FRONTEND_FLAG",
+    ):
         assert key in line
     for mapped in ("LLM_BACKEND", "VLLM_BASE_URL", "POSTGRES_PASSWORD", "TOP_K"):
         assert mapped not in line
@@ -98,7 +103,8 @@ def test_the_environment_beats_their_dotenv(team_dir, monkeypatch):
 
 def test_ours_win_over_theirs(team_dir, monkeypatch, tmp_path):
     (team_dir / ".env").write_text(
-        TEAM_ENV + "FTP_RETRIEVAL__TOP_K=9\nFTP_SERVING__LLM_MODEL=student_v3\n", encoding="utf-8")
+        TEAM_ENV + "FTP_RETRIEVAL__TOP_K=9\nFTP_SERVING__LLM_MODEL=student_v3\n", encoding="utf-8"
+    )
     monkeypatch.setenv("FTP_SERVING__BASE_URL", "http://127.0.0.1:9/v1")
     s = load_settings()
     assert s.retrieval.top_k == 9  # FTP_ in .env beats TOP_K
@@ -107,7 +113,7 @@ def test_ours_win_over_theirs(team_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("LLM_PROVIDER", "openai")  # our switch beats their LLM_BACKEND
     assert load_settings().serving.llm_provider == "openai"
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[retrieval]\ndimensions = 512\n')
+    cfg.write_text("[retrieval]\ndimensions = 512\n")
     assert load_settings(cfg).retrieval.dimensions == 512  # a config file beats EMBEDDING_DIM
     assert load_settings(profile="demo").retrieval.dimensions == 384  # so does a profile
 
@@ -163,7 +169,9 @@ def test_mask_url():
     assert mask_url("https://tok3n@host/v1") == "https://****@host/v1"
     assert mask_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
     assert mask_url("host=db user=u password=secret") == "host=db user=u password=****"
-    assert "abc" not in mask_url("https://h/x?api_key=abc&page=2") and "page=2" in mask_url("https://h/x?api_key=abc&page=2")
+    assert "abc" not in mask_url("https://h/x?api_key=abc&page=2") and "page=2" in mask_url(
+        "https://h/x?api_key=abc&page=2"
+    )
     assert mask_secret(SecretStr("sk-123")) == "****"
     assert mask_secret(SecretStr("postgresql://u:pw@h:5432/db")) == "postgresql://u:****@h:5432/db"
 
@@ -190,6 +198,6 @@ def test_config_show_masks_dsn_url_and_keys(team_dir, monkeypatch, as_json):
     for secret in (*SECRETS, "hunter2", "gem-secret-222"):
         assert secret not in out
     if as_json:
-        data = json.loads(out[out.index("{"):])
+        data = json.loads(out[out.index("{") :])
         assert data["openai_api_key"] == "****" and data["runpod_api_key"] == "****"
         assert data["gemini_api_key"] == "****"

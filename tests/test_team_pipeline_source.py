@@ -44,8 +44,14 @@ def _fixture_module():
 
 
 def _overrides(root, **extra):
-    return {"paths.data_root": str(root), "cv.source": "team-pipeline", "paths.team_code": str(TEAM_CODE),
-            "sampling.size_low_pct": 0, "sampling.size_high_pct": 100, **extra}
+    return {
+        "paths.data_root": str(root),
+        "cv.source": "team-pipeline",
+        "paths.team_code": str(TEAM_CODE),
+        "sampling.size_low_pct": 0,
+        "sampling.size_high_pct": 100,
+        **extra,
+    }
 
 
 @pytest.mark.prefect
@@ -53,8 +59,9 @@ def test_phase1_keeps_their_graph_and_loads_models_once(prefect_api, fresh_pipel
     from flows.ft_pipeline import ft_pipeline
 
     root, stems, module = fresh_pipeline
-    report = ft_pipeline(steps="0,1", overrides=_overrides(root, **{"sampling.sample_size": 5, "cv.concurrency": 2,
-                                                                     "cv.chunk_size": 2}))
+    report = ft_pipeline(
+        steps="0,1", overrides=_overrides(root, **{"sampling.sample_size": 5, "cv.concurrency": 2, "cv.chunk_size": 2})
+    )
     assert report["1"]["built"] == 5 and report["1"]["failed"] == 0, report
     assert module.LOAD_CALLS == 1 and sorted(module.RUN_CALLS) == sorted(f"{s}.png" for s in stems)
     assert not (root.parent / "their-output").exists()  # their run() was told not to write files
@@ -62,8 +69,9 @@ def test_phase1_keeps_their_graph_and_loads_models_once(prefect_api, fresh_pipel
         out = root / "output" / stem
         graph = json.loads((out / "topology_graph.json").read_text())
         assert graph["nodes"][0]["area_ratio"] is None or graph["nodes"][0]["area_ratio"] <= 1  # their format
-        assert all(s["structure_id"].startswith("str_") for n in graph["nodes"]
-                   for s in n["contains"]["structures"]["doors"])
+        assert all(
+            s["structure_id"].startswith("str_") for n in graph["nodes"] for s in n["contains"]["structures"]["doors"]
+        )
         read_topology_bytes((out / "topology_graph.json").read_bytes(), origin=stem)
         assert json.loads((out / "low_result.json").read_text())["annotations"]
         meta = json.loads((out / "topology_graph.meta.json").read_text())
@@ -118,5 +126,6 @@ def test_online_upload_through_their_pipeline(fresh_pipeline):
     assert result.overlay_png[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.source.startswith("team-pipeline:") and module.LOAD_CALLS == 1
     with pytest.raises(CVUnavailable, match="paths.team_code"):
-        topology_from_image(load_settings(**nest_overrides({"paths.data_root": str(root),
-                                                            "cv.source": "team-pipeline"})), png, "x.png")
+        topology_from_image(
+            load_settings(**nest_overrides({"paths.data_root": str(root), "cv.source": "team-pipeline"})), png, "x.png"
+        )

@@ -27,14 +27,14 @@ from floorplan_ft.topology_io import read_topology_dict
 
 TEAM_CODE = Path(__file__).parent / "fixtures" / "team_code"
 OPENAI_KEY = "sk-test-TEAMPROMPT-secret-0123456789"
-FAST = {"backoff_s": [0.01, 0.02, 0.04], "retry_after_cap_s": 0.2, "concurrency": 3,
-        "tokens_per_minute": 10_000_000}
+FAST = {"backoff_s": [0.01, 0.02, 0.04], "retry_after_cap_s": 0.2, "concurrency": 3, "tokens_per_minute": 10_000_000}
 
 
 def fixture_module():
     """The fixture prompt module, loaded from its file on its own (not through our loader)."""
     spec = importlib.util.spec_from_file_location(
-        "team_prompts_fixture_copy", TEAM_CODE / "CV" / "rag_system" / "prompts.py")
+        "team_prompts_fixture_copy", TEAM_CODE / "CV" / "rag_system" / "prompts.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -56,14 +56,18 @@ def fill_internal_eval(dsn_: str, manager) -> list[dict]:
     vectors = manager.embed_documents([c.content for c in chunks])
     with connect(dsn_) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        conn.execute("CREATE TABLE internal_eval (id serial PRIMARY KEY, document text, "
-                     "metadata jsonb, embedding vector(1024))")
+        conn.execute(
+            "CREATE TABLE internal_eval (id serial PRIMARY KEY, document text, metadata jsonb, embedding vector(1024))"
+        )
         for chunk, vector in zip(chunks, vectors, strict=True):
-            conn.execute("INSERT INTO internal_eval (document, metadata, embedding) VALUES (%s, %s, %s::vector)",
-                         (chunk.content, json.dumps({"source": chunk.source}, ensure_ascii=False),
-                          vector_literal(vector)))
-    return [{"id": str(i), "document": c.content, "vector": np.asarray(v, dtype=np.float32)}
-            for i, (c, v) in enumerate(zip(chunks, vectors, strict=True), start=1)]
+            conn.execute(
+                "INSERT INTO internal_eval (document, metadata, embedding) VALUES (%s, %s, %s::vector)",
+                (chunk.content, json.dumps({"source": chunk.source}, ensure_ascii=False), vector_literal(vector)),
+            )
+    return [
+        {"id": str(i), "document": c.content, "vector": np.asarray(v, dtype=np.float32)}
+        for i, (c, v) in enumerate(zip(chunks, vectors, strict=True), start=1)
+    ]
 
 
 def expected_query(raw: dict) -> str:
@@ -84,7 +88,8 @@ def chat_messages(requests) -> list[list[dict]]:
 
 @pytest.mark.prefect
 def test_teachers_rows_evaluation_and_service_send_the_same_team_prompt(
-        prefect_api, fake_provider, dsn, tmp_path, no_dotenv, monkeypatch):
+    prefect_api, fake_provider, dsn, tmp_path, no_dotenv, monkeypatch
+):
     from floorplan_ft.serving.service import AnalysisService
     from floorplan_ft.training.evaluate import run_evaluation
     from flows.ft_pipeline import ft_pipeline
@@ -99,17 +104,22 @@ def test_teachers_rows_evaluation_and_service_send_the_same_team_prompt(
     store.write_json(store.run_file("sample"), {"stems": stems, "n": len(stems)})
     store.write_text(store.run_file("selected_model"), "openai\n")
     # Their table, filled by the embedding backend this test runs with (an OpenAI-compatible server).
-    embedder = OpenAIEmbeddingManager("Qwen/Qwen3-Embedding-0.6B", 1024, base_url=fake_provider.openai_base_url,
-                                      provider="openai-compatible")
+    embedder = OpenAIEmbeddingManager(
+        "Qwen/Qwen3-Embedding-0.6B", 1024, base_url=fake_provider.openai_base_url, provider="openai-compatible"
+    )
     table_rows = fill_internal_eval(dsn, embedder)
 
     # The DSN is a secret: it comes from the environment, never from a flow parameter.
     monkeypatch.setenv("FTP_SERVING__PG_DSN", dsn)
     overrides = {
-        "paths.data_root": str(root), "paths.team_code": str(TEAM_CODE), "prompts.style": "team",
-        "retrieval.provider": "openai-compatible", "retrieval.base_url": fake_provider.openai_base_url,
+        "paths.data_root": str(root),
+        "paths.team_code": str(TEAM_CODE),
+        "prompts.style": "team",
+        "retrieval.provider": "openai-compatible",
+        "retrieval.base_url": fake_provider.openai_base_url,
         "retrieval.corpus": "pgvector:internal_eval",
-        "openai_base_url": fake_provider.openai_base_url, "teachers.teachers": ["openai", "gemini"],
+        "openai_base_url": fake_provider.openai_base_url,
+        "teachers.teachers": ["openai", "gemini"],
         **{f"teachers.{k}": v for k, v in FAST.items()},
     }
     report = ft_pipeline(steps="2,3a,5", overrides=overrides)
@@ -131,8 +141,10 @@ def test_teachers_rows_evaluation_and_service_send_the_same_team_prompt(
         assert ctx.context_text == "\n".join(f"[참고 {i}]\n{documents[d]}\n" for i, d in enumerate(top, start=1))
         on_disk = json.loads((root / "output" / stem / "rag_context.json").read_text())
         assert on_disk["context_text"] == ctx.context_text and on_disk["context_format"] == "team"
-        expected[stem] = [{"role": "system", "content": team.SYSTEM_PROMPT},
-                          {"role": "user", "content": team.build_analysis_prompt(raw, ctx.context_text)}]
+        expected[stem] = [
+            {"role": "system", "content": team.SYSTEM_PROMPT},
+            {"role": "user", "content": team.build_analysis_prompt(raw, ctx.context_text)},
+        ]
         assert team.SYSTEM_MARKER in expected[stem][0]["content"]
         assert team.RUBRIC_MARKER in expected[stem][1]["content"]
         assert "[참고 1]" in expected[stem][1]["content"]
@@ -142,8 +154,9 @@ def test_teachers_rows_evaluation_and_service_send_the_same_team_prompt(
         return stem
 
     # Phase 3: what the teacher sent to the provider.
-    teacher_sent = chat_messages(r for r in fake_provider.requests_to("/chat/completions")
-                                 if r.body["model"] != "cv_agent")
+    teacher_sent = chat_messages(
+        r for r in fake_provider.requests_to("/chat/completions") if r.body["model"] != "cv_agent"
+    )
     assert len(teacher_sent) == len(stems)
     by_stem = {stem_of(m): m for m in teacher_sent}
     assert by_stem == expected
@@ -152,8 +165,9 @@ def test_teachers_rows_evaluation_and_service_send_the_same_team_prompt(
     assert meta["prompt_version"].startswith("team-")
 
     # Phase 5: the rows are that prompt plus the answer.
-    rows = [json.loads(line) for split in ("train", "val")
-            for line in (root / f"{split}.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for split in ("train", "val") for line in (root / f"{split}.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == len(stems)
     for row in rows:
         assert row["messages"][:2] == expected[stem_of(row["messages"])]
@@ -162,9 +176,14 @@ def test_teachers_rows_evaluation_and_service_send_the_same_team_prompt(
 
     # Phase 6: the evaluation sends the val rows' prompts to the served student.
     settings = team_settings(
-        root, finetune={"eval_base_url": fake_provider.openai_base_url, "eval_model": "cv_agent",
-                        "student_name": "team-student"},
-        openai_api_key=OPENAI_KEY)
+        root,
+        finetune={
+            "eval_base_url": fake_provider.openai_base_url,
+            "eval_model": "cv_agent",
+            "student_name": "team-student",
+        },
+        openai_api_key=OPENAI_KEY,
+    )
     val_rows = [json.loads(x) for x in (root / "val.jsonl").read_text().splitlines()]
     assert val_rows
     before = len(fake_provider.requests_to("/chat/completions"))
@@ -177,10 +196,20 @@ def test_teachers_rows_evaluation_and_service_send_the_same_team_prompt(
     # The service: the same plan through its openai-compatible provider (the same fake server),
     # retrieving from the team's table.
     service_settings = team_settings(
-        root, retrieval={"provider": "openai-compatible", "base_url": fake_provider.openai_base_url,
-                         "corpus": "pgvector:internal_eval"},
-        serving={"llm_provider": "openai-compatible", "base_url": fake_provider.openai_base_url,
-                 "llm_model": "cv_agent", "pg_dsn": dsn, "timeout_s": 10.0})
+        root,
+        retrieval={
+            "provider": "openai-compatible",
+            "base_url": fake_provider.openai_base_url,
+            "corpus": "pgvector:internal_eval",
+        },
+        serving={
+            "llm_provider": "openai-compatible",
+            "base_url": fake_provider.openai_base_url,
+            "llm_model": "cv_agent",
+            "pg_dsn": dsn,
+            "timeout_s": 10.0,
+        },
+    )
     service = AnalysisService(service_settings)
     try:
         assert service.health()["prompt_version"] == meta["prompt_version"]
@@ -207,14 +236,18 @@ def test_project_style_is_unchanged_by_the_builder(tmp_path, no_dotenv):
         graph = store.read_topology(stem)
         ctx = store.read_json(store.rag_context_path(stem))
         assert prompts.build_messages_for(settings, store.read_topology_raw(stem), ctx) == prompts.build_messages(
-            graph.image_info.file_name, graph, ctx["chunks"])
+            graph.image_info.file_name, graph, ctx["chunks"]
+        )
 
 
 def test_team_context_and_query_text_are_exact():
     assert prompts.team_context_text(["가 기준", "나 기준"]) == "[참고 1]\n가 기준\n\n[참고 2]\n나 기준\n"
     assert prompts.team_context_text([]) == ""
     assert prompts.format_context([{"content": "x", "source": "s"}], "team") == "[참고 1]\nx\n"
-    assert prompts.team_query({"structure_type": "타워형", "bay_count": 3, "room_count": 2}) == "타워형 건축물 3Bay 침실 2개"
+    assert (
+        prompts.team_query({"structure_type": "타워형", "bay_count": 3, "room_count": 2})
+        == "타워형 건축물 3Bay 침실 2개"
+    )
     assert prompts.team_query({}) == "혼합형 건축물 0Bay 침실 0개"  # their defaults
 
 
@@ -248,8 +281,10 @@ def test_a_missing_team_module_fails_early_naming_the_setting(case, tmp_path, no
         (team_code / "mine" / "__init__.py").write_text("")
         (team_code / "mine" / "prompts.py").write_text('SYSTEM_PROMPT = "x"\n')
     module = "mine.nothing" if case == "no_module" else "mine.prompts"
-    settings = load_settings(paths={"data_root": str(tmp_path / "data"), "team_code": str(team_code)},
-                             prompts={"style": "team", "module": module})
+    settings = load_settings(
+        paths={"data_root": str(tmp_path / "data"), "team_code": str(team_code)},
+        prompts={"style": "team", "module": module},
+    )
     expected = {"no_folder": "paths.team_code", "no_module": "prompts.module", "no_builder": "build_analysis_prompt"}
     with pytest.raises(prompts.PromptModuleError, match=expected[case]):
         prompts.check_prompts(settings)
@@ -264,8 +299,9 @@ def test_team_table_retrieval_ranks_like_their_service(dsn, fake_provider):
     """retrieval.corpus = pgvector:internal_eval: top-k by <=> over their rows, metadata as source."""
     from floorplan_ft.retrieval.team_table import TeamTableStore, corpus_table
 
-    embedder = OpenAIEmbeddingManager("Qwen/Qwen3-Embedding-0.6B", 1024, base_url=fake_provider.openai_base_url,
-                                      provider="openai-compatible")
+    embedder = OpenAIEmbeddingManager(
+        "Qwen/Qwen3-Embedding-0.6B", 1024, base_url=fake_provider.openai_base_url, provider="openai-compatible"
+    )
     rows = fill_internal_eval(dsn, embedder)
     assert corpus_table("pgvector:internal_eval") == "internal_eval" and corpus_table("shipped") is None
     store = TeamTableStore(dsn, "internal_eval")

@@ -53,9 +53,7 @@ class Plan:
     def poly_space(self, name, pts) -> int:
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         seg = [[v for p in pts for v in p]]
-        return self._add(
-            f"공간_{name}", [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)], seg
-        )
+        return self._add(f"공간_{name}", [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)], seg)
 
     def _struct(self, cat, x0, y0, x1, y1, extend=0.0, **attrs) -> int:
         """A thin rectangle centred on the segment (x0,y0)-(x1,y1) (horizontal or vertical),
@@ -84,8 +82,7 @@ class Plan:
         return {
             "images": [self.image],
             "categories": [
-                {"id": i, "name": n, "supercategory": n.split("_")[0]}
-                for n, i in vocab.CATEGORY_IDS.items()
+                {"id": i, "name": n, "supercategory": n.split("_")[0]} for n, i in vocab.CATEGORY_IDS.items()
             ],
             "annotations": copy.deepcopy(self.anns),
         }
@@ -374,9 +371,7 @@ def test_outside_spaces_excluded_from_ratios():
     e = edges_between(g, entry, hall)
     assert [x.connection_type for x in e] == ["door"] and e[0].connection_id == str(d)
     # 거실 and 현관 touch along x=400, y 200..300 with no wall: open
-    assert [x.connection_type for x in edges_between(g, node_by_label(g, "거실"), entry)] == [
-        "open"
-    ]
+    assert [x.connection_type for x in edges_between(g, node_by_label(g, "거실"), entry)] == ["open"]
 
 
 def test_ocr_synonyms_refine_classes():

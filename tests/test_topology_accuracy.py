@@ -104,9 +104,7 @@ def test_spaces_and_connections_agree_with_truth(results):
             if want != got:
                 edge_miss.append(truth["stem"])
     n = len(results)
-    print(
-        f"\nspace agreement misses: {len(space_miss)}, plans with edge mismatches: {len(edge_miss)}"
-    )
+    print(f"\nspace agreement misses: {len(space_miss)}, plans with edge mismatches: {len(edge_miss)}")
     assert len({m.split(":")[0] for m in space_miss}) <= (1 - MIN_AGREEMENT) * n, space_miss[:5]
     assert len(edge_miss) <= (1 - MIN_AGREEMENT) * n, edge_miss[:5]
 

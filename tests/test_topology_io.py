@@ -49,8 +49,7 @@ def test_team_graph_normalises_to_our_numbers(graphs):
                 assert theirs.area_ratio == pytest.approx(mine.area_ratio, abs=0.01)  # fraction → %
         assert sum(n.area_ratio for n in got.nodes) == pytest.approx(100.0, abs=0.1)
         doors = [d for n in got.nodes for d in n.contains.structures.doors]
-        assert doors and all(d.category_name == "구조_출입문" and d.structure_id.startswith("str_")
-                             for d in doors)
+        assert doors and all(d.category_name == "구조_출입문" and d.structure_id.startswith("str_") for d in doors)
 
 
 def test_type_or_category_name_and_extra_keys(graphs):
@@ -59,7 +58,8 @@ def test_type_or_category_name_and_extra_keys(graphs):
     window = node["contains"]["structures"]["windows"][0]
     window["type"] = "고정창"
     node["contains"]["structures"]["doors"] = [
-        {"structure_id": "str_900", "category_name": "구조_출입문", "subtype": "미닫이", "bbox": [1, 2, 3, 4]}]
+        {"structure_id": "str_900", "category_name": "구조_출입문", "subtype": "미닫이", "bbox": [1, 2, 3, 4]}
+    ]
     team["version"] = "x"
     team["nodes"][0]["confidence"] = 0.9
     team["statistics"]["floor_plan_type"] = "4룸"
@@ -103,12 +103,18 @@ def test_frontend_graph_keeps_the_team_definitions(graphs):
         st = got.statistics
         assert got.image_info.file_name == "APT_FP_OBJ_1.png" and st.total_image_area is None
         assert (st.room_count, st.bathroom_count, st.balcony_count, st.bay_count) == (
-            g.statistics.room_count, g.statistics.bathroom_count, g.statistics.balcony_count,
-            g.statistics.bay_count)
+            g.statistics.room_count,
+            g.statistics.bathroom_count,
+            g.statistics.balcony_count,
+            g.statistics.bay_count,
+        )
         assert st.space_count == len(g.nodes)
         assert sum(n.area_ratio for n in got.nodes) == pytest.approx(100.0, abs=0.1)
-        assert all(n.contains.structures.windows for n in got.nodes
-                   if next(m for m in g.nodes if m.node_id == n.node_id).contains.structures.windows)
+        assert all(
+            n.contains.structures.windows
+            for n in got.nodes
+            if next(m for m in g.nodes if m.node_id == n.node_id).contains.structures.windows
+        )
     # 엘베홀 is inside for the team (their outside test matches 엘리베이터홀 literally), outside for us.
     g = graphs[3]
     assert any(n.label == "엘베홀" and n.is_outside for n in g.nodes)

@@ -61,20 +61,31 @@ def _row(i: int, long_user: bool = False) -> dict:
         user += " 거실 주방 발코니 현관 드레스룸" * 40
     answer = json.dumps(
         {"image_name": f"C0{i % 3}_{i:04d}.png", "structure_type": STRUCTURES[i % 3], "room_count": i % 4 + 1},
-        ensure_ascii=False, separators=(",", ":"),
+        ensure_ascii=False,
+        separators=(",", ":"),
     )
-    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
-                         {"role": "assistant", "content": answer}]}
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
 def _write_rows(root: Path, train: list[dict], val: list[dict], train_stems: list[str], val_stems: list[str]):
     store = ArtifactStore(root)
     store.write_jsonl(store.run_file("train"), train)
     store.write_jsonl(store.run_file("val"), val)
-    store.write_json(store.run_file("stats_report"), {
-        "teacher": "reference", "prompt_version": "test", "schema_hash": "test",
-        "split": {"train": {"stems": train_stems}, "val": {"stems": val_stems}},
-    })
+    store.write_json(
+        store.run_file("stats_report"),
+        {
+            "teacher": "reference",
+            "prompt_version": "test",
+            "schema_hash": "test",
+            "split": {"train": {"stems": train_stems}, "val": {"stems": val_stems}},
+        },
+    )
     return store
 
 
@@ -89,12 +100,31 @@ def short_store(tmp_path_factory):
 
 def _config(store: ArtifactStore, base: Path, **changes) -> TrainConfig:
     values = {
-        "base_model": str(base), "data_root": store.root, "train_path": store.run_file("train"),
-        "val_path": store.run_file("val"), "stats_path": store.run_file("stats_report"),
-        "student_name": "student", "device": "cpu", "load_in_4bit": False, "optim": "adamw_torch",
-        "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "learning_rate": 2e-2, "lr_scheduler": "constant",
-        "warmup_ratio": 0.0, "batch_size": 2, "grad_accum": 1, "epochs": 1, "max_steps": 20, "max_length": 512,
-        "logging_steps": 1, "eval_steps": 5, "save_steps": 10, "early_stopping_patience": 3, "seed": 0,
+        "base_model": str(base),
+        "data_root": store.root,
+        "train_path": store.run_file("train"),
+        "val_path": store.run_file("val"),
+        "stats_path": store.run_file("stats_report"),
+        "student_name": "student",
+        "device": "cpu",
+        "load_in_4bit": False,
+        "optim": "adamw_torch",
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "learning_rate": 2e-2,
+        "lr_scheduler": "constant",
+        "warmup_ratio": 0.0,
+        "batch_size": 2,
+        "grad_accum": 1,
+        "epochs": 1,
+        "max_steps": 20,
+        "max_length": 512,
+        "logging_steps": 1,
+        "eval_steps": 5,
+        "save_steps": 10,
+        "early_stopping_patience": 3,
+        "seed": 0,
     }
     values.update(changes)
     return TrainConfig(**values)
@@ -161,8 +191,10 @@ def test_loss_goes_down_and_outputs_are_written(trained, short_store):
     saved = json.loads(Path(config.result_path).read_text())
     assert saved["fingerprint"] == result.fingerprint and saved["global_step"] == 20
     assert (Path(config.adapter_dir) / "tokenizer.json").is_file()
-    assert sorted(p.name for p in Path(config.checkpoints_dir).glob("checkpoint-*")) == ["checkpoint-10",
-                                                                                          "checkpoint-20"]
+    assert sorted(p.name for p in Path(config.checkpoints_dir).glob("checkpoint-*")) == [
+        "checkpoint-10",
+        "checkpoint-20",
+    ]
 
 
 def test_adapter_saves_reloads_and_gives_the_same_logits(trained, tiny_base):
@@ -230,10 +262,22 @@ def test_training_killed_after_a_checkpoint_resumes_at_the_right_step(short_stor
 
     from floorplan_ft.training.sft import train
 
-    config = _config(short_store, tiny_base, student_name="student-resume", max_steps=4, save_steps=2,
-                     eval_steps=2, early_stopping_patience=0)
-    proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP_3, json.dumps(dataclasses.asdict(config))],
-                          capture_output=True, text=True, timeout=300, check=False)
+    config = _config(
+        short_store,
+        tiny_base,
+        student_name="student-resume",
+        max_steps=4,
+        save_steps=2,
+        eval_steps=2,
+        early_stopping_patience=0,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AT_STEP_3, json.dumps(dataclasses.asdict(config))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpts = sorted(p.name for p in Path(config.checkpoints_dir).glob("checkpoint-*"))
     assert ckpts == ["checkpoint-2"] and not Path(config.adapter_dir).exists()
@@ -264,13 +308,22 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tiny_base):
         row["messages"][-1]["content"] = "QXJVWKZ qxjvwkz 0987 " * 6
         return row
 
-    store = _write_rows(tmp_path / "data", [_row(i) for i in range(6)], [unseen_answer(i) for i in range(2)],
-                        [f"T{i}" for i in range(6)], ["V0", "V1"])
-    config = _config(store, tiny_base, student_name="student-es", max_steps=40, eval_steps=2, save_steps=2,
-                     early_stopping_patience=2)
+    store = _write_rows(
+        tmp_path / "data",
+        [_row(i) for i in range(6)],
+        [unseen_answer(i) for i in range(2)],
+        [f"T{i}" for i in range(6)],
+        ["V0", "V1"],
+    )
+    config = _config(
+        store, tiny_base, student_name="student-es", max_steps=40, eval_steps=2, save_steps=2, early_stopping_patience=2
+    )
     result = train(config, store)
-    evals = [(r["step"], r["eval_loss"]) for r in json.loads(Path(config.log_path).read_text())["history"]
-             if r["eval_loss"] is not None]
+    evals = [
+        (r["step"], r["eval_loss"])
+        for r in json.loads(Path(config.log_path).read_text())["history"]
+        if r["eval_loss"] is not None
+    ]
     assert [s for s, _ in evals] == [2, 4, 6] and evals[0][1] < evals[1][1] < evals[2][1], evals
     assert result.stopped_early and result.global_step == 6 and result.max_steps == 40
     assert Path(result.best_checkpoint).name == "checkpoint-2" and result.best_eval_loss == evals[0][1]
@@ -320,10 +373,24 @@ def test_unsloth_backend_trains_and_writes_an_adapter_plain_peft_loads(short_sto
     from floorplan_ft.training.sft import merge_adapter
 
     base = tiny_base_64
-    config = _config(short_store, base, student_name="student-unsloth", backend="unsloth", load_in_4bit=True,
-                     gradient_checkpointing=True, max_steps=12, eval_steps=4, save_steps=4)
-    proc = subprocess.run([sys.executable, "-c", UNSLOTH_RUN, json.dumps(dataclasses.asdict(config))],
-                          capture_output=True, text=True, timeout=600, check=False)
+    config = _config(
+        short_store,
+        base,
+        student_name="student-unsloth",
+        backend="unsloth",
+        load_in_4bit=True,
+        gradient_checkpointing=True,
+        max_steps=12,
+        eval_steps=4,
+        save_steps=4,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", UNSLOTH_RUN, json.dumps(dataclasses.asdict(config))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     out = json.loads(line.removeprefix("RESULT "))
@@ -356,22 +423,48 @@ def test_production_profile_qlora_path_runs_on_the_cpu(short_store, tiny_base_64
 
     base = tiny_base_64
     production = load_settings(profile="production")
-    settings = load_settings(profile="production", paths={"data_root": short_store.root}, finetune={
-        "base_model": str(base), "student_name": "student-qlora", "device": "cpu", "max_length": 512,
-        "max_steps": 8, "eval_steps": 4, "save_steps": 4, "logging_steps": 1, "grad_accum": 2,
-        "learning_rate": 2e-2, "gradient_checkpointing": True,
-    })
+    settings = load_settings(
+        profile="production",
+        paths={"data_root": short_store.root},
+        finetune={
+            "base_model": str(base),
+            "student_name": "student-qlora",
+            "device": "cpu",
+            "max_length": 512,
+            "max_steps": 8,
+            "eval_steps": 4,
+            "save_steps": 4,
+            "logging_steps": 1,
+            "grad_accum": 2,
+            "learning_rate": 2e-2,
+            "gradient_checkpointing": True,
+        },
+    )
     ft, prod = settings.finetune, production.finetune
-    for name in ("load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr_scheduler",
-                 "warmup_ratio", "batch_size", "optim", "merge", "backend"):
+    for name in (
+        "load_in_4bit",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "lr_scheduler",
+        "warmup_ratio",
+        "batch_size",
+        "optim",
+        "merge",
+        "backend",
+    ):
         assert getattr(ft, name) == getattr(prod, name), name
     assert ft.load_in_4bit and ft.optim == "adamw_8bit" and ft.lora_r == 64 and ft.merge
 
     config = TrainConfig.from_settings(settings, short_store)
     prepared = prepare(config)
     peft_model = prepared.trainer.model
-    layers = {type(m).__name__ for n, m in peft_model.named_modules() if n.endswith(("q_proj.base_layer",
-                                                                                      "down_proj.base_layer"))}
+    layers = {
+        type(m).__name__
+        for n, m in peft_model.named_modules()
+        if n.endswith(("q_proj.base_layer", "down_proj.base_layer"))
+    }
     assert layers == {"Linear4bit"} and prepared.backend == "trl"
     assert peft_model.is_gradient_checkpointing and prepared.memory.assumptions["load_in_4bit"]
     prepared = peft_model = None
@@ -411,8 +504,9 @@ def test_loss_mask_covers_only_the_answer_tokens(short_store, tiny_base):
     tok = prepared.tokenizer
     expected = {}  # full token sequence -> (prompt length, answer), computed from the template here
     for row in read_rows(short_store, "train"):
-        prompt = tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False,
-                                         enable_thinking=False)
+        prompt = tok.apply_chat_template(
+            row["messages"][:-1], add_generation_prompt=True, tokenize=False, enable_thinking=False
+        )
         assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # non-thinking mode
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         answer = row["messages"][-1]["content"]
@@ -450,14 +544,19 @@ def test_max_length_warning_names_the_overlong_rows(tmp_path, tiny_base):
 
 
 def test_config_errors_name_the_setting_and_the_fix(short_store, tiny_base, tmp_path):
-    with pytest.raises(TrainConfigError, match=r"finetune.load_in_4bit=true needs bitsandbytes, which is not installed.*"
-                                               r"finetune.load_in_4bit=false"):
+    with pytest.raises(
+        TrainConfigError,
+        match=r"finetune.load_in_4bit=true needs bitsandbytes, which is not installed.*"
+        r"finetune.load_in_4bit=false",
+    ):
         _config(short_store, tiny_base, load_in_4bit=True).validate(cuda_available=False, bnb_version=None)
     with pytest.raises(TrainConfigError, match=r"finetune.optim='adamw_8bit' needs bitsandbytes.*adamw_torch"):
         _config(short_store, tiny_base, optim="adamw_8bit").validate(cuda_available=False, bnb_version=None)
     with pytest.raises(TrainConfigError, match=r"on the CPU needs bitsandbytes >= 0.50 \(CPU kernels\), but 0.45.5"):
         _config(short_store, tiny_base, load_in_4bit=True).validate(cuda_available=False, bnb_version="0.45.5")
-    _config(short_store, tiny_base, load_in_4bit=True, device="auto").validate(cuda_available=True, bnb_version="0.45.5")
+    _config(short_store, tiny_base, load_in_4bit=True, device="auto").validate(
+        cuda_available=True, bnb_version="0.45.5"
+    )
     with pytest.raises(TrainConfigError, match=r"save_steps=15 must be a multiple of finetune.eval_steps=10"):
         _config(short_store, tiny_base, eval_steps=10, save_steps=15).validate(cuda_available=False)
     with pytest.raises(TrainConfigError, match="finetune.device=cuda but CUDA is not available"):
@@ -502,7 +601,8 @@ def test_memory_check_refuses_an_impossible_profile_with_advice(tiny_base, no_do
     assert shape.source == "config.json"
     assert shape.params == AutoModelForCausalLM.from_pretrained(tiny_base).num_parameters()
     assert estimate_memory(8_000_000_000, load_in_4bit=True, lora_r=64, batch=2, max_length=4096) < estimate_memory(
-        8_000_000_000, load_in_4bit=False, lora_r=64, batch=2, max_length=4096)
+        8_000_000_000, load_in_4bit=False, lora_r=64, batch=2, max_length=4096
+    )
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -515,8 +615,13 @@ def test_rouge_l_and_field_agreement():
     assert rouge_l("채광이 좋습니다", "채광이좋습니다") == 1.0  # whitespace ignored
     assert rouge_l("가나다라", "가다") == pytest.approx(2 * 0.5 * 1.0 / 1.5)
     assert rouge_l("", "") == 1.0 and rouge_l("가", "") == 0.0
-    teacher = {"structure_type": "판상형", "bay_count": 3, "balcony_ratio": 10.0, "summary": "3베이 판상형",
-               "compliance": {"overall_grade": "우수", "summary": "양호"}}
+    teacher = {
+        "structure_type": "판상형",
+        "bay_count": 3,
+        "balcony_ratio": 10.0,
+        "summary": "3베이 판상형",
+        "compliance": {"overall_grade": "우수", "summary": "양호"},
+    }
     same = field_agreement(teacher, teacher)
     assert same["scalar_exact_match"] == 1.0 and same["rouge_l"] == 1.0
     other = field_agreement({**teacher, "bay_count": 2, "balcony_ratio": 10.04, "summary": "판상형"}, teacher)
@@ -545,8 +650,20 @@ def plans_store(tmp_path_factory):
     for i, stem in enumerate(stems):
         assert process_image(store, config, stem).status == "built"
         picks = [(i + j) % len(chunks) for j in range(3)]
-        write_context(store, stem, make_context(f"q{i}", chunks, picks, [0.9, 0.8, 0.7], embedding_identity="test",
-                                                dimensions=8, corpus_hash_=corpus_hash(chunks), top_k=3))
+        write_context(
+            store,
+            stem,
+            make_context(
+                f"q{i}",
+                chunks,
+                picks,
+                [0.9, 0.8, 0.7],
+                embedding_identity="test",
+                dimensions=8,
+                corpus_hash_=corpus_hash(chunks),
+                top_k=3,
+            ),
+        )
     items, _ = build_items(store, stems)
     settings = load_settings()
     asyncio.run(LabelingRun(ReferenceTeacher(), store, settings.teachers).run(items))
@@ -591,10 +708,21 @@ def test_demo_profile_finetune_and_evaluation_end_to_end(plans_store, no_dotenv)
 
     base = ensure_demo_base(Path(plans_store.root) / "models" / "tiny-student-base")
     assert ensure_demo_base(base) == base  # built once
-    settings = load_settings(profile="demo", paths={"data_root": plans_store.root}, finetune={
-        "base_model": base, "student_name": "demo-student", "max_steps": 2, "eval_steps": 2, "save_steps": 2,
-        "logging_steps": 1, "max_length": 16384, "merge": True, "learning_rate": 5e-3,
-    })
+    settings = load_settings(
+        profile="demo",
+        paths={"data_root": plans_store.root},
+        finetune={
+            "base_model": base,
+            "student_name": "demo-student",
+            "max_steps": 2,
+            "eval_steps": 2,
+            "save_steps": 2,
+            "logging_steps": 1,
+            "max_length": 16384,
+            "merge": True,
+            "learning_rate": 5e-3,
+        },
+    )
     out = run_finetune(settings, plans_store)
     assert out["global_step"] == 2 and out["merged_dir"] and out["backend"] == "trl"
     assert "Phase 6: student fine-tune" in out["markdown"]
@@ -612,8 +740,9 @@ def test_train_plan_counts_the_rows_with_the_base_models_tokenizer(plans_store, 
     from floorplan_ft.training.sft import encode_row, ensure_demo_base
 
     base = ensure_demo_base(Path(plans_store.root) / "models" / "tiny-student-base")
-    settings = load_settings(profile="demo", paths={"data_root": plans_store.root},
-                             finetune={"base_model": base, "max_length": 4096})
+    settings = load_settings(
+        profile="demo", paths={"data_root": plans_store.root}, finetune={"base_model": base, "max_length": 4096}
+    )
     plan = plan_training(settings, plans_store)
     rows = read_rows(plans_store, "train")
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -638,9 +767,16 @@ def test_evaluation_through_an_openai_compatible_server(plans_store, fake_provid
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-reach-the-student-server-0123")
     rows = read_rows(plans_store, "val")
-    settings = load_settings(profile="demo", paths={"data_root": plans_store.root}, finetune={
-        "student_name": "served-student", "eval_base_url": fake_provider.openai_base_url,
-        "eval_model": "floorplan-student", "base_model": "Qwen/Qwen3-8B"})
+    settings = load_settings(
+        profile="demo",
+        paths={"data_root": plans_store.root},
+        finetune={
+            "student_name": "served-student",
+            "eval_base_url": fake_provider.openai_base_url,
+            "eval_model": "floorplan-student",
+            "base_model": "Qwen/Qwen3-8B",
+        },
+    )
     stems = split_stems(TrainConfig.from_settings(settings, plans_store), "val", len(rows))
     for stem, row in zip(stems, rows, strict=True):
         fake_provider.push_for(stem, Reply.ok(row["messages"][-1]["content"]))
@@ -674,9 +810,17 @@ def test_ft_pipeline_run_steps_6_trains_evaluates_and_publishes(prefect_api, pla
     from ft_pipeline.cli import app
 
     base = ensure_demo_base(Path(plans_store.root) / "models" / "tiny-student-base")
-    sets = {"paths.data_root": plans_store.root, "finetune.base_model": base, "finetune.student_name": "cli-student",
-            "finetune.max_steps": 3, "finetune.eval_steps": 3, "finetune.save_steps": 3, "finetune.logging_steps": 1,
-            "finetune.max_length": 16384, "finetune.eval_limit": 1}
+    sets = {
+        "paths.data_root": plans_store.root,
+        "finetune.base_model": base,
+        "finetune.student_name": "cli-student",
+        "finetune.max_steps": 3,
+        "finetune.eval_steps": 3,
+        "finetune.save_steps": 3,
+        "finetune.logging_steps": 1,
+        "finetune.max_length": 16384,
+        "finetune.eval_limit": 1,
+    }
     args = ["run", "--profile", "demo", "--steps", "6"]
     for key, value in sets.items():
         args += ["--set", f"{key}={value}"]
@@ -685,15 +829,28 @@ def test_ft_pipeline_run_steps_6_trains_evaluates_and_publishes(prefect_api, pla
     (line,) = [x for x in result.output.splitlines() if x.strip().startswith("step  6:")]
     assert "done" in line and '"steps": 3' in line and '"schema_compliance": 1.0' in line
     student = Path(plans_store.root) / "cli-student"
-    for name in ("adapter_model/adapter_model.safetensors", "adapter_model/README.md", "merged_model/config.json",
-                 "training_log.json", "training_curves.png", "train_result.json", "eval_report.json"):
+    for name in (
+        "adapter_model/adapter_model.safetensors",
+        "adapter_model/README.md",
+        "merged_model/config.json",
+        "training_log.json",
+        "training_curves.png",
+        "train_result.json",
+        "eval_report.json",
+    ):
         assert (student / name).is_file(), name
 
     from prefect.settings import PREFECT_API_URL
 
-    response = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", json={
-        "artifacts": {"key": {"any_": ["phase6-training", "phase6-loss-curve", "phase6-evaluation"]}},
-        "limit": 20, "offset": 0, "sort": "CREATED_DESC"})
+    response = httpx.post(
+        f"{PREFECT_API_URL.value()}/artifacts/filter",
+        json={
+            "artifacts": {"key": {"any_": ["phase6-training", "phase6-loss-curve", "phase6-evaluation"]}},
+            "limit": 20,
+            "offset": 0,
+            "sort": "CREATED_DESC",
+        },
+    )
     latest = {}
     for artifact in response.json():
         latest.setdefault(artifact["key"], artifact)

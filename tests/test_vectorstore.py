@@ -51,14 +51,14 @@ def corpus():
 
 def openai_512(fake):
     """The service's current store: text-embedding-3-small at 512 dims (from the fake server)."""
-    return OpenAIEmbeddingManager("text-embedding-3-small", 512, api_key=OPENAI_KEY,
-                                  base_url=fake.openai_base_url)
+    return OpenAIEmbeddingManager("text-embedding-3-small", 512, api_key=OPENAI_KEY, base_url=fake.openai_base_url)
 
 
 def compatible_768(fake):
     """The new local model (Qwen3-Embedding at 768) behind an OpenAI-compatible server (the fake)."""
-    return OpenAIEmbeddingManager("Qwen/Qwen3-Embedding-0.6B", 768, base_url=fake.openai_base_url,
-                                  provider="openai-compatible")
+    return OpenAIEmbeddingManager(
+        "Qwen/Qwen3-Embedding-0.6B", 768, base_url=fake.openai_base_url, provider="openai-compatible"
+    )
 
 
 def live_and_previous(dsn):
@@ -87,7 +87,8 @@ def test_memory_store_ranks_like_phase_two(corpus):
         hits = store.search(manager.embed_queries([query]), 5)[0]
         ref = contexts[stem].chunks  # phase 2 embeds the queries in one batch: floats differ ~1e-6
         assert [h.model_dump(exclude={"similarity"}) for h in hits] == [
-            c.model_dump(exclude={"similarity"}) for c in ref]
+            c.model_dump(exclude={"similarity"}) for c in ref
+        ]
         assert np.allclose([h.similarity for h in hits], [c.similarity for c in ref], atol=1e-5)
 
 
@@ -140,8 +141,9 @@ def test_migration_512_to_768_checks_switches_rolls_back_and_drops(dsn, fake, co
     # The service on the new table, with the new embedding settings, sends the same prompt as on
     # the in-memory store with the same model.
     settings = service_settings(None, fake)
-    pg_service = AnalysisService(settings, embedding_manager=compatible_768(fake),
-                                 vector_store=PgVectorStore(dsn), chat_client=None)
+    pg_service = AnalysisService(
+        settings, embedding_manager=compatible_768(fake), vector_store=PgVectorStore(dsn), chat_client=None
+    )
     memory_service = AnalysisService(settings, embedding_manager=compatible_768(fake))
     graph = sample_graphs()[0]
     messages = []
@@ -190,8 +192,9 @@ def test_a_failed_re_embed_or_write_changes_nothing(dsn, fake, corpus):
             vectors[-1, 0] = np.nan
             return vectors
 
-    broken = NaNAfterWrite("Qwen/Qwen3-Embedding-0.6B", 768, base_url=fake.openai_base_url,
-                           provider="openai-compatible")
+    broken = NaNAfterWrite(
+        "Qwen/Qwen3-Embedding-0.6B", 768, base_url=fake.openai_base_url, provider="openai-compatible"
+    )
     with pytest.raises(MigrationError, match="nothing was changed"):
         migrate_vectors(dsn, None, broken, corpus)
     assert live_and_previous(dsn) == (old_table, None) and tables(dsn) == {old_table}
@@ -212,8 +215,10 @@ def test_a_legacy_table_is_migrated_and_can_be_rolled_back_to(dsn, fake, corpus)
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         conn.execute("CREATE TABLE rag_chunks (id text PRIMARY KEY, content text, embedding vector(512))")
         for chunk, vector in zip(corpus, vectors, strict=True):
-            conn.execute("INSERT INTO rag_chunks VALUES (%s, %s, %s::vector)",
-                         (chunk.id, chunk.content, "[" + ",".join(map(str, vector)) + "]"))
+            conn.execute(
+                "INSERT INTO rag_chunks VALUES (%s, %s, %s::vector)",
+                (chunk.id, chunk.content, "[" + ",".join(map(str, vector)) + "]"),
+            )
 
     with pytest.raises(MigrationError, match="does not exist"):
         migrate_vectors(dsn, "no_such_table", compatible_768(fake), corpus)
@@ -238,8 +243,14 @@ def test_vectors_cli_migrate_rollback_drop_status(dsn, fake, corpus, no_dotenv, 
     old_table = migrate_vectors(dsn, None, openai_512(fake), corpus).new_table
     # The new embedding, as the settings name it: Qwen3-Embedding at 768 behind a compatible server.
     monkeypatch.setenv("EMBEDDING_PROVIDER", "openai-compatible")
-    args = ["--set", f"retrieval.base_url={fake.openai_base_url}", "--set", "retrieval.dimensions=768",
-            "--set", "retrieval.model=Qwen/Qwen3-Embedding-0.6B"]
+    args = [
+        "--set",
+        f"retrieval.base_url={fake.openai_base_url}",
+        "--set",
+        "retrieval.dimensions=768",
+        "--set",
+        "retrieval.model=Qwen/Qwen3-Embedding-0.6B",
+    ]
     runner = CliRunner()
 
     result = runner.invoke(app, ["vectors", "migrate", "--dsn", dsn, *args])

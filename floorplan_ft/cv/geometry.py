@@ -143,9 +143,7 @@ def clip_polygon_to_rect(poly: Sequence[Point], rect: Rect) -> list[Point]:
     return pts
 
 
-def rect_polygon_overlap(
-    rect: Rect, poly: Sequence[Point], poly_bounds: Rect | None = None
-) -> float:
+def rect_polygon_overlap(rect: Rect, poly: Sequence[Point], poly_bounds: Rect | None = None) -> float:
     """Area of the intersection of an axis-aligned rectangle and a simple polygon."""
     if poly_bounds is not None and not rects_touch(rect, poly_bounds):
         return 0.0
@@ -175,9 +173,7 @@ def segment_in_rect(p: Point, q: Point, rect: Rect) -> tuple[float, float] | Non
     return (t0, t1)
 
 
-def shared_segments(
-    a: Sequence[Point], b: Sequence[Point], tol: float
-) -> list[tuple[Point, Point]]:
+def shared_segments(a: Sequence[Point], b: Sequence[Point], tol: float) -> list[tuple[Point, Point]]:
     """Boundary pieces of polygon `a` that run along the boundary of polygon `b`.
 
     Two edges are shared where they are parallel, lie within `tol` of each other and their
@@ -210,9 +206,7 @@ def shared_segments(
     return out
 
 
-def merge_intervals(
-    intervals: list[tuple[float, float]], gap: float = 1e-6
-) -> list[tuple[float, float]]:
+def merge_intervals(intervals: list[tuple[float, float]], gap: float = 1e-6) -> list[tuple[float, float]]:
     merged: list[tuple[float, float]] = []
     for lo, hi in sorted(intervals):
         if merged and lo <= merged[-1][1] + gap:

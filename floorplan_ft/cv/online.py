@@ -143,8 +143,9 @@ def _plugin(settings: Any, image_bytes: bytes, name: str, size: tuple[int, int])
     graph = build_topology(result)
     graph.builder_version = BUILDER_VERSION
     topology = graph.model_dump(mode="json")
-    return OnlineCVResult(topology=topology, overlay_png=_render(topology, _as_png(image_bytes)),
-                          source=f"plugin:{settings.cv.plugin}")
+    return OnlineCVResult(
+        topology=topology, overlay_png=_render(topology, _as_png(image_bytes)), source=f"plugin:{settings.cv.plugin}"
+    )
 
 
 def _as_png(image_bytes: bytes) -> bytes:

@@ -33,9 +33,7 @@ def _font(size: int) -> ImageFont.FreeTypeFont | None:
     return None
 
 
-def render_overlay(
-    graph: TopologyGraph | dict, image_path: str | Path | None, out_path: str | Path
-) -> Path:
+def render_overlay(graph: TopologyGraph | dict, image_path: str | Path | None, out_path: str | Path) -> Path:
     """Draw node centroids, labels and edges (coloured by type) on the plan; write `out_path`.
 
     With no image (``image_path`` None or missing) a white canvas of the plan's size is used.

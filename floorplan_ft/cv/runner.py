@@ -101,8 +101,7 @@ def mark_stale(store: ArtifactStore, stem: str, reason: str | None, error_type: 
     if not store.exists(store.topology_path(stem)):
         return False
     meta = _read_meta(store, stem) or {}
-    meta["stale"] = {"reason": reason, "error_type": error_type,
-                     "at": datetime.now(UTC).isoformat(timespec="seconds")}
+    meta["stale"] = {"reason": reason, "error_type": error_type, "at": datetime.now(UTC).isoformat(timespec="seconds")}
     store.write_json(sidecar_path(store, stem), meta)
     return True
 
@@ -119,7 +118,8 @@ def is_imported(store: ArtifactStore, stem: str) -> bool:
     """An imported graph (sidecar source "import") is done: never rebuilt, never a missing image."""
     try:
         return store.exists(store.topology_path(stem)) and (
-            store.read_json(sidecar_path(store, stem)).get("source") == IMPORT_SOURCE)
+            store.read_json(sidecar_path(store, stem)).get("source") == IMPORT_SOURCE
+        )
     except (ValueError, OSError, AttributeError):
         return False
 
@@ -161,7 +161,10 @@ def process_image(
     except ValueError as exc:  # AnnotationError, ImageError, bad plugin output, a failed CV job
         reason = str(exc) if imported_problem is None else f"{imported_problem}; rebuilding it: {exc}"
         return ImageOutcome(
-            stem=stem, status="failed", reason=reason, error_type=type(exc).__name__,
+            stem=stem,
+            status="failed",
+            reason=reason,
+            error_type=type(exc).__name__,
             stale_graph=mark_stale(store, stem, reason, type(exc).__name__),
             seconds=time.perf_counter() - start,
         )
@@ -227,8 +230,9 @@ def stale_stems(store: ArtifactStore, config: SourceConfig, stems: list[str]) ->
     return fresh, todo
 
 
-def update_failure_ledger(store: ArtifactStore, outcomes: list[ImageOutcome],
-                          fresh: list[str] | tuple[str, ...] = ()) -> dict[str, dict]:
+def update_failure_ledger(
+    store: ArtifactStore, outcomes: list[ImageOutcome], fresh: list[str] | tuple[str, ...] = ()
+) -> dict[str, dict]:
     """Merge this run's results into cv_failures.json: failures added (with whether an older graph
     is kept, marked stale), successes cleared, and so are the `fresh` stems (found current without
     a build, e.g. their inputs were restored): the ledger is the current state."""
@@ -242,8 +246,7 @@ def update_failure_ledger(store: ArtifactStore, outcomes: list[ImageOutcome],
     now = datetime.now(UTC).isoformat(timespec="seconds")
     for o in outcomes:
         if o.status == "failed":
-            ledger[o.stem] = {"reason": o.reason, "error_type": o.error_type, "at": now,
-                              "stale_graph": o.stale_graph}
+            ledger[o.stem] = {"reason": o.reason, "error_type": o.error_type, "at": now, "stale_graph": o.stale_graph}
         else:
             ledger.pop(o.stem, None)
     for stem in fresh:

@@ -77,8 +77,11 @@ def endpoint_from_settings(settings: Any) -> RunPodEndpoint:
     if not cv.runpod_endpoint_id:
         raise RunPodAuthError("no RunPod endpoint: set cv.runpod_endpoint_id (RUNPOD_ENDPOINT_ID)")
     return RunPodEndpoint(
-        endpoint_id=cv.runpod_endpoint_id, base_url=cv.runpod_base_url, timeout_s=cv.runpod_timeout_s,
-        poll_interval_s=cv.runpod_poll_interval_s, max_attempts=cv.runpod_max_attempts,
+        endpoint_id=cv.runpod_endpoint_id,
+        base_url=cv.runpod_base_url,
+        timeout_s=cv.runpod_timeout_s,
+        poll_interval_s=cv.runpod_poll_interval_s,
+        max_attempts=cv.runpod_max_attempts,
         concurrency=cv.concurrency,
     )
 
@@ -197,15 +200,18 @@ class RunPodClient:
 
     def _attempt(self, action: str, payload: dict) -> dict:
         deadline = time.monotonic() + self.endpoint.timeout_s
-        body = self._request("POST", f"{self.endpoint.url}/runsync", deadline,
-                             json={"input": {"action": action, **payload}})
+        body = self._request(
+            "POST", f"{self.endpoint.url}/runsync", deadline, json={"input": {"action": action, **payload}}
+        )
         while body.get("status") in _PENDING:
             job = body.get("id")
             if not job:
                 raise _Retryable(f"status {body.get('status')} without a job id")
             if time.monotonic() + self.endpoint.poll_interval_s > deadline:
-                raise _Retryable(f"job {job} still {body.get('status')} after {self.endpoint.timeout_s:g} s "
-                                 "(cv.runpod_timeout_s)", transient=True)
+                raise _Retryable(
+                    f"job {job} still {body.get('status')} after {self.endpoint.timeout_s:g} s (cv.runpod_timeout_s)",
+                    transient=True,
+                )
             time.sleep(self.endpoint.poll_interval_s)
             body = self._request("GET", f"{self.endpoint.url}/status/{job}", deadline)
         status = body.get("status")
@@ -233,15 +239,16 @@ class RunPodClient:
         code = response.status_code
         if code in (401, 403):
             self._auth_failure = (
-                f"{self.endpoint.url} refused the key (HTTP {code}): check {KEY_SETTING} "
-                "and cv.runpod_endpoint_id"
+                f"{self.endpoint.url} refused the key (HTTP {code}): check {KEY_SETTING} and cv.runpod_endpoint_id"
             )
             raise RunPodAuthError(self._auth_failure)
         if code == 429 or code >= 500:
             raise _Retryable(f"{method} {self._path(url)}: HTTP {code}", transient=True)
         if code >= 400:
-            raise RunPodError(f"{self.endpoint.url}: {method} {self._path(url)} answered HTTP {code}: "
-                              f"{self._clean(response.text)[:200]}")
+            raise RunPodError(
+                f"{self.endpoint.url}: {method} {self._path(url)} answered HTTP {code}: "
+                f"{self._clean(response.text)[:200]}"
+            )
         try:
             body = response.json()
         except ValueError:
@@ -251,7 +258,7 @@ class RunPodClient:
         return body
 
     def _path(self, url: str) -> str:
-        return url[len(self.endpoint.base_url.rstrip("/")):]
+        return url[len(self.endpoint.base_url.rstrip("/")) :]
 
     def _clean(self, text: str) -> str:
         from floorplan_ft.serving.base import redact
@@ -312,8 +319,12 @@ def finished_from_output(output: dict, where: str) -> FinishedTopology:
     """A cv_inference output → the topology to store (as it came), validated, plus low_result."""
     text, graph = decode_topology(output.get("topology_json"), where)
     validate_team_topology(graph, where)
-    return FinishedTopology(text=text, graph=graph, low_result=output.get("low_result"),
-                            overlay_png=decode_overlay(output.get("topology_image_base64")))
+    return FinishedTopology(
+        text=text,
+        graph=graph,
+        low_result=output.get("low_result"),
+        overlay_png=decode_overlay(output.get("topology_image_base64")),
+    )
 
 
 class RunPodSource:
@@ -326,9 +337,12 @@ class RunPodSource:
             raise CVConfigError("cv.source is 'runpod' but cv.runpod_endpoint_id (RUNPOD_ENDPOINT_ID) is not set")
         self.config = config
         self.endpoint = RunPodEndpoint(
-            endpoint_id=config.runpod_endpoint_id, base_url=config.runpod_base_url,
-            timeout_s=config.runpod_timeout_s, poll_interval_s=config.runpod_poll_interval_s,
-            max_attempts=config.runpod_max_attempts, concurrency=config.concurrency,
+            endpoint_id=config.runpod_endpoint_id,
+            base_url=config.runpod_base_url,
+            timeout_s=config.runpod_timeout_s,
+            poll_interval_s=config.runpod_poll_interval_s,
+            max_attempts=config.runpod_max_attempts,
+            concurrency=config.concurrency,
         )
         self.identity = self.endpoint.identity
         self.client = get_client(self.endpoint, config.runpod_key_ref)

@@ -156,14 +156,16 @@ class AnnotationSource:
         if coco is None:
             raise AnnotationError(f"{ann}: annotation file not found (setting paths.annotation_dir)")
         try:
-            det = detections_from_coco(coco, image.name if self.config.annotation_file else None,
-                                       strict_categories=self.config.strict_categories)
+            det = detections_from_coco(
+                coco,
+                image.name if self.config.annotation_file else None,
+                strict_categories=self.config.strict_categories,
+            )
         except AnnotationError as exc:
             raise AnnotationError(f"{ann}: {exc}") from None
         if (det.image.width, det.image.height) != (width, height):
             raise AnnotationError(
-                f"{ann}: image size {det.image.width}x{det.image.height} does not match "
-                f"{image.name} ({width}x{height})"
+                f"{ann}: image size {det.image.width}x{det.image.height} does not match {image.name} ({width}x{height})"
             )
         return det
 
@@ -236,12 +238,13 @@ class PluginSource:
             return result
         if isinstance(result, dict):
             if "images" not in result:
-                result = {**result, "images": [{"id": 1, "file_name": path.name,
-                                                "width": array.shape[1], "height": array.shape[0]}]}
+                result = {
+                    **result,
+                    "images": [{"id": 1, "file_name": path.name, "width": array.shape[1], "height": array.shape[0]}],
+                }
             return detections_from_coco(result, None, strict_categories=self.config.strict_categories)
         raise AnnotationError(
-            f"{path}: plugin {self.config.plugin} returned {type(result).__name__}, "
-            "expected Detections or a COCO dict"
+            f"{path}: plugin {self.config.plugin} returned {type(result).__name__}, expected Detections or a COCO dict"
         )
 
     def _after_prediction(self) -> None:

@@ -63,8 +63,7 @@ def load_team_pipeline(team_code: str | None) -> tuple[Any, str]:
             pipeline.load_models()
         except Exception as exc:  # noqa: BLE001
             raise CVConfigError(
-                f"paths.team_code = {team_code}: InferencePipeline.load_models() failed "
-                f"({type(exc).__name__}: {exc})"
+                f"paths.team_code = {team_code}: InferencePipeline.load_models() failed ({type(exc).__name__}: {exc})"
             ) from None
         source_file = Path(getattr(module, "__file__", "") or "")
         digest = sha256_file(source_file)[:16] if source_file.is_file() else "unknown"
@@ -84,7 +83,8 @@ def run_team_pipeline(pipeline: Any, image_path: Path, lock: threading.Lock) -> 
         result = pipeline.run(str(image_path), **kwargs)
     if not isinstance(result, dict):
         raise ValueError(  # noqa: TRY004 - bad CV output is a per-image failure, ledgered like bad input
-            f"{image_path}: InferencePipeline.run returned {type(result).__name__}, expected a dict")
+            f"{image_path}: InferencePipeline.run returned {type(result).__name__}, expected a dict"
+        )
     return result
 
 

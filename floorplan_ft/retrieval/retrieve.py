@@ -117,8 +117,7 @@ def embed_corpus(
     vectors = normalise_rows(np.asarray(vectors, dtype=np.float32))
     if vectors.shape != (len(chunks), dims):
         raise EmbeddingError(
-            f"{manager.identity()}: expected corpus vectors of shape {(len(chunks), dims)}, "
-            f"got {vectors.shape}"
+            f"{manager.identity()}: expected corpus vectors of shape {(len(chunks), dims)}, got {vectors.shape}"
         )
     if store is not None:
         store.write_bytes(npy_path, _npy_bytes(vectors))
@@ -176,9 +175,7 @@ def _as_statistics(stats: TopologyStatistics | TopologyGraph | Mapping[str, Any]
     return stats
 
 
-def build_query(
-    stats: TopologyStatistics | TopologyGraph | Mapping[str, Any], *, include_counts: bool = False
-) -> str:
+def build_query(stats: TopologyStatistics | TopologyGraph | Mapping[str, Any], *, include_counts: bool = False) -> str:
     """A Korean retrieval query from a plan's statistics (deterministic).
 
     The query states where the plan stands on each of the four values, in the criteria's own words
@@ -214,9 +211,7 @@ def build_query(
 
     # Mandatory condition: the master bedroom's exterior window.
     if master_window is False:
-        problems.append(
-            "안방 창 없음: 안방(가장 큰 침실)에 외기에 면한 창이 없어 필수 조건 미충족, 불합격."
-        )
+        problems.append("안방 창 없음: 안방(가장 큰 침실)에 외기에 면한 창이 없어 필수 조건 미충족, 불합격.")
     elif master_window is True:
         fine.append("안방 창 있음")
 
@@ -244,9 +239,7 @@ def build_query(
     elif float(ldk) < 30:
         problems.append("가족융화 부족: LDK(거실·주방·식당) 비율 30% 미만으로 공용 공간이 작음.")
     elif float(ldk) > 40:
-        problems.append(
-            "가족융화: LDK(거실·주방·식당) 비율 40% 초과로 과다, 개인 공간과 수납 감소."
-        )
+        problems.append("가족융화: LDK(거실·주방·식당) 비율 40% 초과로 과다, 개인 공간과 수납 감소.")
     else:
         fine.append("LDK 비율 30~40% 적정")
 
@@ -323,9 +316,7 @@ def embed_query_batch(manager: BaseEmbeddingManager, distinct: Sequence[str], pl
 # ============================================================================ ranking
 
 
-def rank(
-    chunk_vectors: np.ndarray, query_vectors: np.ndarray, top_k: int
-) -> tuple[np.ndarray, np.ndarray]:
+def rank(chunk_vectors: np.ndarray, query_vectors: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     """Cosine top-k of every query against every chunk with one matrix product.
 
     Returns (indices, similarities), each (n_queries, min(top_k, n_chunks)), best first; equal
@@ -433,8 +424,15 @@ def make_context(
         )
         for r, (i, s) in enumerate(zip(indices, similarities, strict=True), start=1)
     ]
-    return context_from_hits(query, hits, embedding_identity=embedding_identity, dimensions=dimensions,
-                             corpus_hash_=corpus_hash_, top_k=top_k, style=style)
+    return context_from_hits(
+        query,
+        hits,
+        embedding_identity=embedding_identity,
+        dimensions=dimensions,
+        corpus_hash_=corpus_hash_,
+        top_k=top_k,
+        style=style,
+    )
 
 
 def context_from_hits(
@@ -469,9 +467,7 @@ def _distinct_query_vectors(
     if query_vectors is None:
         return distinct, embed_query_batch(manager, distinct, plain)
     if np.asarray(query_vectors).shape[0] != len(distinct):
-        raise ValueError(
-            f"{len(distinct)} distinct queries but {np.asarray(query_vectors).shape[0]} vectors"
-        )
+        raise ValueError(f"{len(distinct)} distinct queries but {np.asarray(query_vectors).shape[0]} vectors")
     return distinct, query_vectors
 
 
@@ -542,8 +538,15 @@ def retrieve_contexts_from_store(
     hits = store.search(np.asarray(query_vectors, dtype=np.float32), top_k)
     identity, dims = manager.identity(), int(manager.dimensions)
     by_query = {
-        q: context_from_hits(q, hits[r], embedding_identity=identity, dimensions=dims,
-                             corpus_hash_=store.corpus_hash or "", top_k=top_k, style=style)
+        q: context_from_hits(
+            q,
+            hits[r],
+            embedding_identity=identity,
+            dimensions=dims,
+            corpus_hash_=store.corpus_hash or "",
+            top_k=top_k,
+            style=style,
+        )
         for r, q in enumerate(distinct)
     }
     return {stem: by_query[queries[stem]].model_copy(deep=True) for stem in sorted(queries)}
@@ -589,8 +592,10 @@ def topology_queries(
             continue
         mark = store.topology_stale(stem)
         if mark is not None:
-            skipped[stem] = {"reason": "stale_topology",
-                             "detail": f"{path}: marked stale by phase 1 ({mark.get('reason')})"}
+            skipped[stem] = {
+                "reason": "stale_topology",
+                "detail": f"{path}: marked stale by phase 1 ({mark.get('reason')})",
+            }
             continue
         try:
             graph = read_topology_bytes(store.read_bytes(path), origin=path)
@@ -598,8 +603,10 @@ def topology_queries(
             skipped[stem] = {"reason": "bad_topology", "detail": str(exc)}
             continue
         except OSError as exc:
-            skipped[stem] = {"reason": "bad_topology",
-                             "detail": f"{path}: cannot be read ({type(exc).__name__}: {exc})"}
+            skipped[stem] = {
+                "reason": "bad_topology",
+                "detail": f"{path}: cannot be read ({type(exc).__name__}: {exc})",
+            }
             continue
         queries[stem] = query(graph.statistics)
     return queries, skipped
@@ -634,11 +641,7 @@ def retrieval_health(
     plans_without_topology: int | Sequence[str] = 0,
 ) -> dict[str, Any]:
     """Summary numbers for a retrieval run (for a table artifact / the stats report)."""
-    missing = (
-        int(plans_without_topology)
-        if isinstance(plans_without_topology, int)
-        else len(plans_without_topology)
-    )
+    missing = int(plans_without_topology) if isinstance(plans_without_topology, int) else len(plans_without_topology)
     frequency = {c.id: 0 for c in chunks}
     top1: list[float] = []
     topk: list[float] = []

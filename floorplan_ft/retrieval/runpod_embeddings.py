@@ -19,8 +19,15 @@ TEAM_EMBEDDING_MODEL = "Qwen/Qwen3-Embedding-0.6B"
 class RunPodEmbeddingManager(BaseEmbeddingManager):
     provider = "runpod"
 
-    def __init__(self, endpoint: RunPodEndpoint, api_key, *, dimensions: int = 1024, batch_size: int = 32,
-                 model: str = TEAM_EMBEDDING_MODEL):
+    def __init__(
+        self,
+        endpoint: RunPodEndpoint,
+        api_key,
+        *,
+        dimensions: int = 1024,
+        batch_size: int = 32,
+        model: str = TEAM_EMBEDDING_MODEL,
+    ):
         self.endpoint = endpoint
         self.dimensions = dimensions
         self.batch_size = batch_size
@@ -37,8 +44,12 @@ class RunPodEmbeddingManager(BaseEmbeddingManager):
         return self._embed(texts)
 
     def describe(self) -> dict:
-        return {"provider": self.provider, "model": self.model, "dimensions": self.dimensions,
-                "endpoint": self.endpoint.url}
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "dimensions": self.dimensions,
+            "endpoint": self.endpoint.url,
+        }
 
     def __repr__(self) -> str:
         return f"RunPodEmbeddingManager({self.describe()})"
@@ -72,11 +83,15 @@ def runpod_embedding_manager(settings) -> RunPodEmbeddingManager:
 
     cv = settings.cv
     if not cv.runpod_endpoint_id:
-        raise ConfigError("retrieval.provider is 'runpod' but no endpoint is set: set cv.runpod_endpoint_id "
-                          "(RUNPOD_ENDPOINT_ID)")
+        raise ConfigError(
+            "retrieval.provider is 'runpod' but no endpoint is set: set cv.runpod_endpoint_id (RUNPOD_ENDPOINT_ID)"
+        )
     key = settings.runpod_api_key
     if key is None or not key.get_secret_value().strip():
         raise ConfigError(f"retrieval.provider is 'runpod' but no key is set: set {KEY_SETTING}")
-    return RunPodEmbeddingManager(endpoint_from_settings(settings), key,
-                                  dimensions=settings.retrieval.dimensions,
-                                  batch_size=settings.retrieval.batch_size)
+    return RunPodEmbeddingManager(
+        endpoint_from_settings(settings),
+        key,
+        dimensions=settings.retrieval.dimensions,
+        batch_size=settings.retrieval.batch_size,
+    )

@@ -42,7 +42,7 @@ def corpus_table(corpus: str | None) -> str | None:
         raise VectorStoreError(
             f"retrieval.corpus = {corpus!r}: use 'shipped' or 'pgvector:TABLE' (e.g. pgvector:internal_eval)"
         )
-    return check_identifier(corpus[len(PREFIX):], "retrieval.corpus table")
+    return check_identifier(corpus[len(PREFIX) :], "retrieval.corpus table")
 
 
 def _dsn_of(settings: Any) -> SecretStr:
@@ -150,11 +150,18 @@ class TeamTableStore(VectorStore):
         try:
             for row in queries:
                 hits = self._conn.execute(statement, {"q": vector_literal(row), "k": int(top_k)}).fetchall()
-                out.append([
-                    RetrievedChunk(rank=r, id=str(i), content=str(doc or ""), source=self._source(meta),
-                                   similarity=round(1.0 - float(dist), 6))
-                    for r, (i, doc, meta, dist) in enumerate(hits, start=1)
-                ])
+                out.append(
+                    [
+                        RetrievedChunk(
+                            rank=r,
+                            id=str(i),
+                            content=str(doc or ""),
+                            source=self._source(meta),
+                            similarity=round(1.0 - float(dist), 6),
+                        )
+                        for r, (i, doc, meta, dist) in enumerate(hits, start=1)
+                    ]
+                )
         except _psycopg().Error as exc:
             raise VectorStoreError(
                 f"search in the team table {self.table} failed: {type(exc).__name__}: {_first_line(str(exc))}"
@@ -165,8 +172,7 @@ class TeamTableStore(VectorStore):
         return self.rows
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "table": self.table, "rows": self.rows,
-                "database": describe_dsn(self._dsn)}
+        return {**super().describe(), "table": self.table, "rows": self.rows, "database": describe_dsn(self._dsn)}
 
     def close(self) -> None:
         if self._conn is not None and not self._conn.closed:

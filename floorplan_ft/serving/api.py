@@ -141,18 +141,32 @@ class _RequestGuard:
         kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         request_limit, upload_limit = self.limits()
         if kind == b"multipart/form-data":
-            limit, shown, error, setting, what = (upload_limit + MULTIPART_ENVELOPE_BYTES, upload_limit,
-                                                  "UploadTooLarge", "serving.max_upload_mb", "upload")
+            limit, shown, error, setting, what = (
+                upload_limit + MULTIPART_ENVELOPE_BYTES,
+                upload_limit,
+                "UploadTooLarge",
+                "serving.max_upload_mb",
+                "upload",
+            )
             if scope.get("method") == "POST" and scope.get("path") in ("/analyze", UPLOAD_PATH):
                 scope = {**scope, "path": UPLOAD_PATH, "raw_path": UPLOAD_PATH.encode()}
         else:
-            limit, shown, error, setting, what = (request_limit, request_limit, "RequestTooLarge",
-                                                  "serving.max_request_mb", "request")
+            limit, shown, error, setting, what = (
+                request_limit,
+                request_limit,
+                "RequestTooLarge",
+                "serving.max_request_mb",
+                "request",
+            )
 
         def too_large(size: str) -> JSONResponse:
             return _error_response(
-                413, error, f"the {what} body is {size}; {setting} is {shown / 1048576:g} MiB",
-                "upload" if what == "upload" else "request", retryable=False, limit_bytes=shown,
+                413,
+                error,
+                f"the {what} body is {size}; {setting} is {shown / 1048576:g} MiB",
+                "upload" if what == "upload" else "request",
+                retryable=False,
+                limit_bytes=shown,
             )
 
         length = headers.get(b"content-length")
@@ -320,8 +334,7 @@ def create_app(source: Any = None, *, warm_up: bool = False) -> FastAPI:
             service.begin_shutdown()
 
     app.state.begin_shutdown = begin_shutdown
-    app.add_middleware(_RequestGuard,
-                       limits=lambda: (service.max_request_bytes, service.max_upload_bytes))
+    app.add_middleware(_RequestGuard, limits=lambda: (service.max_request_bytes, service.max_upload_bytes))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -338,37 +351,55 @@ def create_app(source: Any = None, *, warm_up: bool = False) -> FastAPI:
         status = error_status(exc)
         log.warning("provider failure -> %d: %s", status, exc)
         return _error_response(
-            status, type(exc).__name__, str(exc), "llm",
-            provider=exc.provider or service.provider, retryable=bool(exc.retryable),
+            status,
+            type(exc).__name__,
+            str(exc),
+            "llm",
+            provider=exc.provider or service.provider,
+            retryable=bool(exc.retryable),
             retry_after=getattr(exc, "retry_after", None),
         )
 
     @app.exception_handler(RetrievalUnavailable)
     async def _retrieval_failed(_request: Request, exc: RetrievalUnavailable) -> JSONResponse:
         log.warning("retrieval failure -> 503: %s", exc)
-        return _error_response(503, "RetrievalUnavailable", str(exc), "retrieval",
-                               provider=service.provider, retryable=True)
+        return _error_response(
+            503, "RetrievalUnavailable", str(exc), "retrieval", provider=service.provider, retryable=True
+        )
 
     @app.exception_handler(ServiceBusy)
     async def _busy(_request: Request, exc: ServiceBusy) -> JSONResponse:
         log.warning("busy -> 503: %s", exc)
-        return _error_response(503, "ServiceBusy", str(exc), "queue", provider=service.provider,
-                               retryable=True, retry_after=exc.retry_after)
+        return _error_response(
+            503,
+            "ServiceBusy",
+            str(exc),
+            "queue",
+            provider=service.provider,
+            retryable=True,
+            retry_after=exc.retry_after,
+        )
 
     @app.exception_handler(PromptTooLarge)
     async def _prompt_too_large(_request: Request, exc: PromptTooLarge) -> JSONResponse:
         log.warning("prompt too large -> 413: %s", exc)
-        return _error_response(413, "PromptTooLarge", str(exc), "prompt", provider=service.provider,
-                               retryable=False, prompt_tokens=exc.prompt_tokens, context=exc.context)
+        return _error_response(
+            413,
+            "PromptTooLarge",
+            str(exc),
+            "prompt",
+            provider=service.provider,
+            retryable=False,
+            prompt_tokens=exc.prompt_tokens,
+            context=exc.context,
+        )
 
     @app.post("/analyze", response_model=AnalyzeResponse)
     async def analyze(body: AnalyzeRequest) -> JSONResponse:
         """Topology in, validated FloorPlanAnalysis out, with per-stage timings."""
         outcome = await service.aanalyze_detailed(body.topology, body.image_name)
         content = {"analysis": outcome.analysis.model_dump(mode="json"), "meta": outcome.meta()}
-        return JSONResponse(
-            content, headers=_timing_headers(outcome.timings, outcome.provider, outcome.model)
-        )
+        return JSONResponse(content, headers=_timing_headers(outcome.timings, outcome.provider, outcome.model))
 
     @app.exception_handler(InvalidImage)
     async def _invalid_image(_request: Request, exc: InvalidImage) -> JSONResponse:
@@ -381,8 +412,9 @@ def create_app(source: Any = None, *, warm_up: bool = False) -> FastAPI:
     @app.exception_handler(CVFailed)
     async def _cv_failed(_request: Request, exc: CVFailed) -> JSONResponse:
         log.warning("CV failure -> %d: %s", exc.status, exc)
-        return _error_response(exc.status, "CVFailed", str(exc), "cv",
-                               source=service.settings.cv.source, retryable=exc.retryable)
+        return _error_response(
+            exc.status, "CVFailed", str(exc), "cv", source=service.settings.cv.source, retryable=exc.retryable
+        )
 
     @app.post(UPLOAD_PATH, response_model=BackendAnalyzeResponse)
     async def analyze_upload(file: Annotated[UploadFile, File(description="The plan image (PNG).")]) -> JSONResponse:
@@ -391,9 +423,7 @@ def create_app(source: Any = None, *, warm_up: bool = False) -> FastAPI:
         limit = service.max_upload_bytes
         data = await file.read(limit + 1)
         if len(data) > limit:
-            raise UploadTooLarge(
-                f"the upload is over serving.max_upload_mb ({limit / 1048576:g} MiB)"
-            )
+            raise UploadTooLarge(f"the upload is over serving.max_upload_mb ({limit / 1048576:g} MiB)")
         upload = await service.aanalyze_upload(data, file.filename)
         outcome = upload.outcome
         return JSONResponse(
@@ -404,9 +434,7 @@ def create_app(source: Any = None, *, warm_up: bool = False) -> FastAPI:
     @app.post("/chat", response_model=ChatResponse)
     async def chat(body: ChatRequest) -> JSONResponse:
         """A Korean answer about a stored analysis, grounded in it and the criteria."""
-        outcome = await service.achat_detailed(
-            body.analysis, body.question, [t.model_dump() for t in body.history]
-        )
+        outcome = await service.achat_detailed(body.analysis, body.question, [t.model_dump() for t in body.history])
         return JSONResponse(
             {"answer": outcome.answer, "meta": outcome.meta()},
             headers=_timing_headers(outcome.timings, outcome.provider, outcome.model),
@@ -420,8 +448,7 @@ def create_app(source: Any = None, *, warm_up: bool = False) -> FastAPI:
     return app
 
 
-def serve(settings: Any = None, *, host: str | None = None, port: int | None = None,
-          log_level: str = "info") -> None:
+def serve(settings: Any = None, *, host: str | None = None, port: int | None = None, log_level: str = "info") -> None:
     """Run the API on uvicorn (blocking); host and port default to ``serving.host`` / ``.port``.
     SIGTERM / SIGINT: the service stops taking model calls and cancels local generations at once
     (their requests answer 503), then uvicorn drains within ``serving.shutdown_grace_s`` and exits."""
@@ -464,8 +491,9 @@ def _server_class() -> type:
 
 
 @contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
-                    start_timeout_s: float = 30.0) -> Iterator[str]:
+def serve_in_thread(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0
+) -> Iterator[str]:
     """Run `app` on uvicorn in a background thread on a real socket (port 0: a free one); yields
     the base URL and stops the server on exit. For tests, benchmarks and notebooks."""
     import uvicorn
@@ -475,8 +503,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
     sock.bind((host, port))
     bound = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
-                              name="uvicorn-api")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn-api")
     thread.start()
     deadline = time.monotonic() + start_timeout_s
     while not server.started:

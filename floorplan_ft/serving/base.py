@@ -164,9 +164,7 @@ class LLMError(Exception):
         self.provider = provider
         self.model = model
         self.usage: Usage | None = None  # set when tokens were spent (truncated, invalid, refused)
-        prefix = (
-            f"{provider}/{model}: " if provider and model else (f"{provider}: " if provider else "")
-        )
+        prefix = f"{provider}/{model}: " if provider and model else (f"{provider}: " if provider else "")
         # A base URL with a password in it (a proxy, a tunnel) never reaches a log or a result.
         super().__init__(redact(prefix + message))
 
@@ -235,9 +233,7 @@ class OutputTruncated(LLMError):
     """The answer hit the output-token limit (finish_reason length / MAX_TOKENS). `text` is the
     partial answer; retrying unchanged gives the same cut, so raise the limit instead."""
 
-    def __init__(
-        self, message: str = "the answer hit the output-token limit", *, text: str = "", **kw: Any
-    ):
+    def __init__(self, message: str = "the answer hit the output-token limit", *, text: str = "", **kw: Any):
         self.text = text
         super().__init__(message, **kw)
 
@@ -304,9 +300,7 @@ def error_from_status(
             **kw,
         )
     if status == 429:
-        error = RateLimitError(
-            parse_retry_after(headers), message=f"rate limited (HTTP 429){said}", **kw
-        )
+        error = RateLimitError(parse_retry_after(headers), message=f"rate limited (HTTP 429){said}", **kw)
         if quota_exhausted:  # out of credit: waiting does not help
             error.retryable = False
         return error
@@ -351,10 +345,7 @@ def parse_structured(text: str, schema: type[BaseModel], *, provider: str, model
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        detail = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors())
         raise InvalidOutput(
             text,
             detail,
@@ -394,9 +385,7 @@ class LLMClient(ABC):
         temperature: float | None = None,
     ) -> ChatResult:
         """Blocking `achat`, from plain sync code or from inside a running loop (which it blocks)."""
-        return _run_sync(
-            self.achat(messages, schema, max_tokens=max_tokens, temperature=temperature)
-        )
+        return _run_sync(self.achat(messages, schema, max_tokens=max_tokens, temperature=temperature))
 
     def describe(self) -> dict[str, Any]:
         """What the client talks to, for logs and provenance. Never contains secrets."""

@@ -59,9 +59,7 @@ def make_chat_client(
             f"unknown LLM provider {provider!r}: set LLM_PROVIDER (serving.llm_provider) to one of "
             f"{', '.join(p for p in CHAT_PROVIDERS if p != 'compatible')}"
         )
-    serving_model = (
-        serving.llm_model if _explicit(serving, "llm_model") or provider == "openai" else None
-    )
+    serving_model = serving.llm_model if _explicit(serving, "llm_model") or provider == "openai" else None
 
     if provider == "openai":
         from floorplan_ft.serving.openai_client import OpenAIChatClient
@@ -94,21 +92,21 @@ def make_chat_client(
             model = model or serving_model
         setting = _url_setting(settings, base_url, provider)
         if not base_url:
-            raise ConfigError(
-                f"provider {provider!r} needs a server: set {setting} (e.g. http://host:8000/v1)"
-            )
+            raise ConfigError(f"provider {provider!r} needs a server: set {setting} (e.g. http://host:8000/v1)")
         if probe or not model:
             offered = list_models(base_url, timeout_s=PROBE_TIMEOUT_S, setting=setting)
             if not model:
                 if not offered:
-                    raise ConfigError(
-                        f"the server at {setting}={base_url} lists no models; set the model name"
-                    )
+                    raise ConfigError(f"the server at {setting}={base_url} lists no models; set the model name")
                 model = offered[0]
         if enable_thinking is None and provider == "openai-compatible":
             enable_thinking = serving.enable_thinking
         return OpenAICompatibleChatClient(
-            base_url, model, timeout_s=timeout, max_tokens=max_tokens, base_url_setting=setting,
+            base_url,
+            model,
+            timeout_s=timeout,
+            max_tokens=max_tokens,
+            base_url_setting=setting,
             enable_thinking=enable_thinking,
             # The team's vLLM client asks once more at 0.2 after a length cut; teachers own their retries.
             length_retry_temperature=LENGTH_RETRY_TEMPERATURE if provider == "openai-compatible" else None,
@@ -121,9 +119,7 @@ def make_chat_client(
         raise ConfigError("provider 'local' needs a model directory: set serving.adapter_path")
     # A LoRA adapter runs on the base it was trained on (4-bit for QLoRA); merged weights load
     # unquantised. 4-bit only ever applies on CUDA.
-    is_adapter = (Path(path) / "adapter_config.json").is_file() and not (
-        Path(path) / "config.json"
-    ).is_file()
+    is_adapter = (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
     return LocalChatClient(
         path,
         device="auto",
@@ -154,13 +150,8 @@ def make_embedding_manager(settings: Any, *, probe: bool = True) -> BaseEmbeddin
     from floorplan_ft.serving.openai_embeddings import OpenAIEmbeddingManager
 
     if retrieval.provider == "openai":
-        if (
-            settings.openai_api_key is None
-            or not settings.openai_api_key.get_secret_value().strip()
-        ):
-            raise ConfigError(
-                "retrieval.provider is 'openai' but no key is set: set OPENAI_API_KEY"
-            )
+        if settings.openai_api_key is None or not settings.openai_api_key.get_secret_value().strip():
+            raise ConfigError("retrieval.provider is 'openai' but no key is set: set OPENAI_API_KEY")
         model = retrieval.model if _explicit(retrieval, "model") else "text-embedding-3-small"
         try:
             return OpenAIEmbeddingManager(
@@ -176,9 +167,7 @@ def make_embedding_manager(settings: Any, *, probe: bool = True) -> BaseEmbeddin
         from floorplan_ft.serving.openai_client import list_models
 
         if not retrieval.base_url:
-            raise ConfigError(
-                "retrieval.provider is 'openai-compatible' but no server is set: set retrieval.base_url"
-            )
+            raise ConfigError("retrieval.provider is 'openai-compatible' but no server is set: set retrieval.base_url")
         if probe:
             list_models(retrieval.base_url, timeout_s=PROBE_TIMEOUT_S, setting="retrieval.base_url")
         return OpenAIEmbeddingManager(

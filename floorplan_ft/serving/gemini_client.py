@@ -63,9 +63,7 @@ class GeminiChatClient(RemoteLLMClient):
         if isinstance(api_key, str):
             api_key = SecretStr(api_key)
         if api_key is None or not api_key.get_secret_value().strip():
-            raise ConfigError(
-                f"no API key: set {key_setting} (environment or .env)", provider=self.provider
-            )
+            raise ConfigError(f"no API key: set {key_setting} (environment or .env)", provider=self.provider)
         self.model = model
         self.base_url = base_url
         self.timeout_s = timeout_s
@@ -100,9 +98,7 @@ class GeminiChatClient(RemoteLLMClient):
         )
         started = time.perf_counter()
         response = await self._send(sdk, contents, config)
-        return self.parse_generate_content(
-            response, schema, latency_s=time.perf_counter() - started
-        )
+        return self.parse_generate_content(response, schema, latency_s=time.perf_counter() - started)
 
     # ------------------------------------------------------------------ also used by the batch API
 
@@ -153,9 +149,7 @@ class GeminiChatClient(RemoteLLMClient):
 
         kw = {"provider": self.provider, "model": self.model}
         try:
-            return await sdk.aio.models.generate_content(
-                model=self.model, contents=contents, config=config
-            )
+            return await sdk.aio.models.generate_content(model=self.model, contents=contents, config=config)
         except errors.APIError as exc:
             headers = getattr(getattr(exc, "response", None), "headers", None)
             error = error_from_status(
@@ -169,9 +163,7 @@ class GeminiChatClient(RemoteLLMClient):
             if exc.code == 429 and getattr(error, "retry_after", None) is None:
                 error.retry_after = _retry_delay(exc.details)
         except json.JSONDecodeError as exc:
-            error = InvalidOutput(
-                exc.doc[:2000], exc.msg, message="the response body is not JSON", **kw
-            )
+            error = InvalidOutput(exc.doc[:2000], exc.msg, message="the response body is not JSON", **kw)
         except Exception as exc:
             error = _transport_error(exc, self.timeout_s, self.base_url, **kw)
             if error is None:
@@ -245,9 +237,7 @@ def _name(value: Any) -> str:
 def _candidate_text(candidate: Any) -> str:
     content = getattr(candidate, "content", None)
     parts = getattr(content, "parts", None) or []
-    return "".join(
-        p.text for p in parts if getattr(p, "text", None) and not getattr(p, "thought", False)
-    )
+    return "".join(p.text for p in parts if getattr(p, "text", None) and not getattr(p, "thought", False))
 
 
 def _usage(meta: Any, latency: float) -> Usage:
@@ -272,17 +262,13 @@ def _retry_delay(details: Any) -> float | None:
     return None
 
 
-def _transport_error(
-    exc: Exception, timeout_s: float, base_url: str | None, **kw: Any
-) -> LLMError | None:
+def _transport_error(exc: Exception, timeout_s: float, base_url: str | None, **kw: Any) -> LLMError | None:
     """Timeouts and connection failures of httpx, httpx2 or aiohttp (whichever google-genai uses)."""
     import asyncio
 
     names = {cls.__name__ for cls in type(exc).__mro__}
     where = base_url or "the Gemini API"
-    if names & {"TimeoutException", "ServerTimeoutError"} or isinstance(
-        exc, (TimeoutError, asyncio.TimeoutError)
-    ):
+    if names & {"TimeoutException", "ServerTimeoutError"} or isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return ProviderTimeout(f"no answer within {timeout_s:g} s", **kw)
     if names & {
         "ConnectError",

@@ -79,8 +79,7 @@ def _cancel_criteria(flag: threading.Event) -> Any:
 
     class CancelFlag(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            return torch.full((input_ids.shape[0],), flag.is_set(), dtype=torch.bool,
-                              device=input_ids.device)
+            return torch.full((input_ids.shape[0],), flag.is_set(), dtype=torch.bool, device=input_ids.device)
 
     return CancelFlag()
 
@@ -110,9 +109,7 @@ class LocalChatClient(LLMClient):
                 provider=self.provider,
             )
         if device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(
-                f"device must be auto, cpu or cuda, not {device!r}", provider=self.provider
-            )
+            raise ConfigError(f"device must be auto, cpu or cuda, not {device!r}", provider=self.provider)
         self.model = str(path)
         self.model_path = path
         self.requested_device = device
@@ -158,9 +155,7 @@ class LocalChatClient(LLMClient):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(
-                "device 'cuda' requested but CUDA is not available", provider=self.provider
-            )
+            raise ConfigError("device 'cuda' requested but CUDA is not available", provider=self.provider)
         if device == "cpu" and self.cpu_threads:
             # Small models on a busy CPU run many times faster on one thread (less contention).
             torch.set_num_threads(self.cpu_threads)
@@ -193,9 +188,7 @@ class LocalChatClient(LLMClient):
             tokenizer_dir = self.model_path if _has_tokenizer(self.model_path) else base
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"cannot load the model from {self.model_path}: {exc}", provider=self.provider
-            ) from None
+            raise ConfigError(f"cannot load the model from {self.model_path}: {exc}", provider=self.provider) from None
         if "device_map" not in kwargs:
             model.to(device)
         model.eval()
@@ -204,9 +197,7 @@ class LocalChatClient(LLMClient):
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop_ids:
             stop_ids.append(tokenizer.eos_token_id)
         if not stop_ids:
-            raise ConfigError(
-                f"{self.model_path}: the tokenizer has no eos token", provider=self.provider
-            )
+            raise ConfigError(f"{self.model_path}: the tokenizer has no eos token", provider=self.provider)
         self._model, self._tokenizer, self._device, self._stop_ids = (
             model,
             tokenizer,
@@ -251,9 +242,7 @@ class LocalChatClient(LLMClient):
         """Greedy decoding in a worker thread; `temperature` is ignored. Cancelling the awaiting
         task stops the decoding (within one token) and returns once the worker is done."""
         flag = threading.Event()
-        worker = asyncio.ensure_future(
-            asyncio.to_thread(self._generate, messages, schema, max_tokens, flag)
-        )
+        worker = asyncio.ensure_future(asyncio.to_thread(self._generate, messages, schema, max_tokens, flag))
         try:
             return await asyncio.shield(worker)
         except asyncio.CancelledError:
@@ -286,7 +275,10 @@ class LocalChatClient(LLMClient):
         return len(flags)
 
     def _generate(
-        self, messages: Messages, schema: type[BaseModel] | None, max_tokens: int | None,
+        self,
+        messages: Messages,
+        schema: type[BaseModel] | None,
+        max_tokens: int | None,
         cancel: threading.Event | None = None,
     ) -> ChatResult:
         cancel = cancel or threading.Event()
@@ -300,11 +292,17 @@ class LocalChatClient(LLMClient):
 
     def _cancelled(self) -> GenerationCancelled:
         self.cancelled_generations += 1
-        return GenerationCancelled("the generation was cancelled (its request timed out or the "
-                                   "service is stopping)", provider=self.provider, model=self.model)
+        return GenerationCancelled(
+            "the generation was cancelled (its request timed out or the service is stopping)",
+            provider=self.provider,
+            model=self.model,
+        )
 
     def _generate_flagged(
-        self, messages: Messages, schema: type[BaseModel] | None, max_tokens: int | None,
+        self,
+        messages: Messages,
+        schema: type[BaseModel] | None,
+        max_tokens: int | None,
         cancel: threading.Event,
     ) -> ChatResult:
         limit = max_tokens or self.max_new_tokens
@@ -320,9 +318,7 @@ class LocalChatClient(LLMClient):
                 self._load_locked()
             tokenizer, model = self._tokenizer, self._model
             if not getattr(tokenizer, "chat_template", None):
-                raise ConfigError(
-                    f"the tokenizer of {self.model} has no chat template", provider=self.provider
-                )
+                raise ConfigError(f"the tokenizer of {self.model} has no chat template", provider=self.provider)
             # Templates that know `enable_thinking` (Qwen3) honour it; others ignore the variable.
             prompt = tokenizer.apply_chat_template(
                 messages,
@@ -330,9 +326,7 @@ class LocalChatClient(LLMClient):
                 tokenize=False,
                 enable_thinking=self.enable_thinking,
             )
-            encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(
-                self._device
-            )
+            encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self._device)
             prompt_tokens = int(encoded["input_ids"].shape[1])
             context = self.context_window
             if context is not None and prompt_tokens + limit > context:
@@ -340,30 +334,31 @@ class LocalChatClient(LLMClient):
                     f"the prompt is {prompt_tokens} tokens; with an output budget of {limit} tokens "
                     f"it does not fit the model's context of {context} tokens (send a smaller "
                     "topology, or lower serving.max_new_tokens)",
-                    prompt_tokens=prompt_tokens, max_tokens=limit, context=context,
-                    provider=self.provider, model=self.model,
+                    prompt_tokens=prompt_tokens,
+                    max_tokens=limit,
+                    context=context,
+                    provider=self.provider,
+                    model=self.model,
                 )
             processors = LogitsProcessorList()
             if schema is not None:
                 import xgrammar as xgr
 
-                processors.append(
-                    xgr.contrib.hf.LogitsProcessor(self._grammar(schema))
-                )  # one per call
+                processors.append(xgr.contrib.hf.LogitsProcessor(self._grammar(schema)))  # one per call
             config = GenerationConfig(
                 max_new_tokens=limit,
                 do_sample=False,
                 eos_token_id=self._stop_ids,
-                pad_token_id=tokenizer.pad_token_id
-                if tokenizer.pad_token_id is not None
-                else self._stop_ids[0],
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._stop_ids[0],
             )
             started = time.perf_counter()
             self.generating = True
             try:
                 with torch.inference_mode():
                     output = model.generate(
-                        **encoded, generation_config=config, logits_processor=processors,
+                        **encoded,
+                        generation_config=config,
+                        logits_processor=processors,
                         stopping_criteria=StoppingCriteriaList([_cancel_criteria(cancel)]),
                     )
             finally:
@@ -435,7 +430,4 @@ class LocalChatClient(LLMClient):
 
 
 def _has_tokenizer(directory: Path) -> bool:
-    return any(
-        (directory / name).is_file()
-        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    )
+    return any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

@@ -95,9 +95,7 @@ class OpenAIChatClient(RemoteLLMClient):
         self._key_setting = key_setting
         self._api_key = _secret(api_key)
         if self._api_key is None or not self._api_key.get_secret_value().strip():
-            raise ConfigError(
-                f"no API key: set {key_setting} (environment or .env)", provider=self.provider
-            )
+            raise ConfigError(f"no API key: set {key_setting} (environment or .env)", provider=self.provider)
 
     # ------------------------------------------------------------------ hooks for subclasses
 
@@ -202,11 +200,13 @@ class OpenAIChatClient(RemoteLLMClient):
         kw = {"provider": self.provider, "model": self.model}
         text = json.dumps(body, ensure_ascii=False)[:2000] if isinstance(body, dict) else str(body)[:2000]
         choices = body.get("choices") if isinstance(body, dict) else None
-        if not (choices and isinstance(choices, list) and isinstance(choices[0], dict)
-                and isinstance(choices[0].get("message"), dict)):
-            raise InvalidOutput(
-                text, "no choices", message="the response body is not a chat completion", **kw
-            )
+        if not (
+            choices
+            and isinstance(choices, list)
+            and isinstance(choices[0], dict)
+            and isinstance(choices[0].get("message"), dict)
+        ):
+            raise InvalidOutput(text, "no choices", message="the response body is not a chat completion", **kw)
         completion = ChatCompletion.construct(**body)  # lenient, like the SDK's own parsing
         return self._checked_result(completion, latency_s, schema, None)
 
@@ -246,9 +246,7 @@ class OpenAIChatClient(RemoteLLMClient):
                 body, str(exc)[:300], message="the response body is not a chat completion", **kw
             ) from None
         if isinstance(completion, str) or not getattr(completion, "choices", None):
-            raise InvalidOutput(
-                body, "no choices", message="the response body is not a chat completion", **kw
-            )
+            raise InvalidOutput(body, "no choices", message="the response body is not a chat completion", **kw)
         return completion
 
     def _result(
@@ -421,13 +419,10 @@ def list_models(
         response = httpx.get(url, headers=headers, timeout=timeout_s)
     except httpx.HTTPError as exc:
         raise ConfigError(
-            f"cannot reach the server at {setting}={base_url} ({type(exc).__name__}); "
-            f"start it or fix {setting}"
+            f"cannot reach the server at {setting}={base_url} ({type(exc).__name__}); start it or fix {setting}"
         ) from None
     if response.status_code in (401, 403):
-        raise ConfigError(
-            f"the server at {setting}={base_url} rejected the request (HTTP {response.status_code})"
-        )
+        raise ConfigError(f"the server at {setting}={base_url} rejected the request (HTTP {response.status_code})")
     try:
         response.raise_for_status()
         return [str(item["id"]) for item in response.json().get("data", [])]

@@ -19,9 +19,7 @@ from floorplan_ft.serving.openai_client import NO_KEY
 
 # Qwen3-Embedding is trained with this query instruction (its sentence-transformers "query" prompt);
 # documents get none. Used by default when the model name says Qwen3-Embedding.
-QWEN3_QUERY_INSTRUCTION = (
-    "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
-)
+QWEN3_QUERY_INSTRUCTION = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
 
 
 class OpenAIEmbeddingManager(BaseEmbeddingManager):
@@ -52,17 +50,13 @@ class OpenAIEmbeddingManager(BaseEmbeddingManager):
         self.base_url = base_url
         self.batch_size = batch_size
         if query_instruction == "auto":
-            query_instruction = (
-                QWEN3_QUERY_INSTRUCTION if "qwen3-embedding" in model.lower() else None
-            )
+            query_instruction = QWEN3_QUERY_INSTRUCTION if "qwen3-embedding" in model.lower() else None
         self.query_instruction = query_instruction
         self.document_instruction = document_instruction
         self.send_dimensions = send_dimensions
         self._key = api_key
         self._where = (
-            f"{base_url_setting}={base_url}"
-            if base_url and provider != "openai"
-            else (base_url or "the OpenAI API")
+            f"{base_url_setting}={base_url}" if base_url and provider != "openai" else (base_url or "the OpenAI API")
         )
         self._auth_hint = key_setting if provider == "openai" else f"the API key of {self._where}"
         self._client = openai.OpenAI(
@@ -110,9 +104,7 @@ class OpenAIEmbeddingManager(BaseEmbeddingManager):
     def _embed_batch(self, batch: list[str]) -> np.ndarray:
         extra = {"dimensions": self.dimensions} if self.send_dimensions else {}
         try:
-            response = self._client.embeddings.create(
-                model=self.model, input=batch, encoding_format="float", **extra
-            )
+            response = self._client.embeddings.create(model=self.model, input=batch, encoding_format="float", **extra)
         except openai.APIStatusError as exc:
             if exc.status_code in (401, 403):
                 message = f"{self._where} rejected the credentials (HTTP {exc.status_code}); check {self._auth_hint}"
@@ -124,9 +116,7 @@ class OpenAIEmbeddingManager(BaseEmbeddingManager):
             raise EmbeddingError(f"cannot reach {self._where} ({type(exc).__name__})") from None
         data = sorted(response.data, key=lambda item: item.index)
         if len(data) != len(batch):
-            raise EmbeddingError(
-                f"{self._where} returned {len(data)} vectors for {len(batch)} texts"
-            )
+            raise EmbeddingError(f"{self._where} returned {len(data)} vectors for {len(batch)} texts")
         vectors = np.asarray([item.embedding for item in data], dtype=np.float32)
         if vectors.shape[1] < self.dimensions:
             raise EmbeddingError(

@@ -140,9 +140,7 @@ class InvalidInput(ServiceError):
 
     def __init__(self, errors: list[dict[str, Any]]):
         self.errors = errors
-        super().__init__(
-            "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
-        )
+        super().__init__("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors))
 
 
 class RetrievalUnavailable(ServiceError):
@@ -295,9 +293,7 @@ def _serving(settings: Any, name: str, default: Any) -> Any:
     return getattr(settings.serving, name, default)
 
 
-def open_vector_store(
-    settings: Any, manager: BaseEmbeddingManager, chunks: Sequence[CriteriaChunk]
-) -> VectorStore:
+def open_vector_store(settings: Any, manager: BaseEmbeddingManager, chunks: Sequence[CriteriaChunk]) -> VectorStore:
     """``serving.vector_store``: ``memory`` (the corpus embedded at start-up, cached like phase 2
     under ``{data_root}/cache/embeddings``) or ``pgvector`` (``serving.pg_dsn``, table
     ``serving.vector_table`` or the live one)."""
@@ -310,11 +306,11 @@ def open_vector_store(
         dsn = _serving(settings, "pg_dsn", None)
         if dsn is None or not (dsn.get_secret_value() if hasattr(dsn, "get_secret_value") else str(dsn)):
             raise ConfigError(
-                "serving.vector_store is 'pgvector' but no database is set: set serving.pg_dsn "
-                "(FTP_SERVING__PG_DSN)"
+                "serving.vector_store is 'pgvector' but no database is set: set serving.pg_dsn (FTP_SERVING__PG_DSN)"
             )
-        return PgVectorStore(dsn, _serving(settings, "vector_table", None),
-                             statement_timeout_s=settings.serving.timeout_s)
+        return PgVectorStore(
+            dsn, _serving(settings, "vector_table", None), statement_timeout_s=settings.serving.timeout_s
+        )
     if kind != "memory":
         raise ConfigError(f"serving.vector_store = {kind!r}: use memory or pgvector")
     cache_dir = "/".join([settings.paths.data_root.rstrip("/"), *CACHE_SUBDIR])
@@ -358,32 +354,45 @@ def validate_topology(topology: TopologyGraph | Mapping[str, Any]) -> TopologyGr
         graph = topology
     else:
         if not isinstance(topology, Mapping):
-            raise InvalidInput([{"loc": ["topology"], "msg": "expected a JSON object",
-                                 "type": "model_type"}])
+            raise InvalidInput([{"loc": ["topology"], "msg": "expected a JSON object", "type": "model_type"}])
         # One normalising reader for every dialect (ours, the team aggregator's, their frontend's).
         try:
             graph = read_topology_dict(dict(topology), origin="topology")
         except TopologyFormatError as exc:
-            raise InvalidInput([
-                {"loc": ["topology", *(int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", loc))],
-                 "msg": msg, "type": "value_error"}
-                for loc, msg in exc.problems
-            ]) from None
+            raise InvalidInput(
+                [
+                    {
+                        "loc": ["topology", *(int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", loc))],
+                        "msg": msg,
+                        "type": "value_error",
+                    }
+                    for loc, msg in exc.problems
+                ]
+            ) from None
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
     for i, node in enumerate(graph.nodes):
         if node.node_id in seen:
-            errors.append({"loc": ["topology", "nodes", i, "node_id"],
-                           "msg": f"duplicate node id {node.node_id!r}", "type": "value_error"})
+            errors.append(
+                {
+                    "loc": ["topology", "nodes", i, "node_id"],
+                    "msg": f"duplicate node id {node.node_id!r}",
+                    "type": "value_error",
+                }
+            )
         seen.add(node.node_id)
     for i, edge in enumerate(graph.edges):
         for end in ("source_node", "target_node"):
             if getattr(edge, end) not in seen:
-                errors.append({"loc": ["topology", "edges", i, end],
-                               "msg": f"unknown node {getattr(edge, end)!r}", "type": "value_error"})
+                errors.append(
+                    {
+                        "loc": ["topology", "edges", i, end],
+                        "msg": f"unknown node {getattr(edge, end)!r}",
+                        "type": "value_error",
+                    }
+                )
     if not any(not n.is_outside for n in graph.nodes):
-        errors.append({"loc": ["topology", "nodes"], "msg": "no space inside the unit",
-                       "type": "value_error"})
+        errors.append({"loc": ["topology", "nodes"], "msg": "no space inside the unit", "type": "value_error"})
     if errors:
         raise InvalidInput(errors)
     return graph
@@ -401,7 +410,7 @@ def build_chat_messages(
         criteria_block=format_criteria(criteria),
     )
     messages = [{"role": "system", "content": CHAT_SYSTEM_PROMPT + "\n\n" + context}]
-    for turn in list(history)[-2 * CHAT_HISTORY_TURNS:]:
+    for turn in list(history)[-2 * CHAT_HISTORY_TURNS :]:
         messages.append({"role": turn["role"], "content": turn["content"]})
     messages.append({"role": "user", "content": question})
     return messages
@@ -415,9 +424,7 @@ _TOPIC_KEYS = (
 )
 
 
-def reference_chat_answer(
-    analysis: FloorPlanAnalysis, question: str, criteria: Sequence[RetrievedChunk]
-) -> str:
+def reference_chat_answer(analysis: FloorPlanAnalysis, question: str, criteria: Sequence[RetrievedChunk]) -> str:
     """What the rule-based provider answers: the parts of the stored analysis the question names
     (criteria topics, spaces, grade, recommendations), quoted, plus the top criteria. No LLM."""
     q = question.lower()
@@ -501,8 +508,8 @@ class AdmissionGate:
                     waiter.cancel()  # the pending hand-over sees it and passes the slot on
             if isinstance(exc, TimeoutError):
                 raise self._busy(
-                    f"no model slot within {wait_s:g} s (serving.timeout_s): the queue is not "
-                    "moving fast enough", retry_after,
+                    f"no model slot within {wait_s:g} s (serving.timeout_s): the queue is not moving fast enough",
+                    retry_after,
                 ) from None
             raise
 
@@ -533,16 +540,19 @@ class AdmissionGate:
         for loop, waiter in waiters:
             error = self._busy(reason, retry_after)
             try:
-                loop.call_soon_threadsafe(
-                    lambda w=waiter, e=error: w.done() or w.set_exception(e)
-                )
+                loop.call_soon_threadsafe(lambda w=waiter, e=error: w.done() or w.set_exception(e))
             except RuntimeError:
                 pass
         return len(waiters)
 
     def describe(self) -> dict[str, int]:
-        return {"max_concurrency": self.slots, "max_queue": self.queue, "running": self.running,
-                "waiting": self.waiting, "rejected": self.rejected}
+        return {
+            "max_concurrency": self.slots,
+            "max_queue": self.queue,
+            "running": self.running,
+            "waiting": self.waiting,
+            "rejected": self.rejected,
+        }
 
 
 # ============================================================================ the service
@@ -673,9 +683,12 @@ class AnalysisService:
             "prompt_version": self.prompt_version,
             "schema_hash": schema_hash(),
             "timeout_s": self.timeout_s,
-            "limits": {**self.gate.describe(), "max_request_mb": self.max_request_bytes / 1048576,
-                       "max_upload_mb": self.max_upload_bytes / 1048576,
-                       "stopping": self.stopping},
+            "limits": {
+                **self.gate.describe(),
+                "max_request_mb": self.max_request_bytes / 1048576,
+                "max_upload_mb": self.max_upload_bytes / 1048576,
+                "stopping": self.stopping,
+            },
             "warnings": list(self.warnings),
         }
 
@@ -713,7 +726,8 @@ class AnalysisService:
         """Top-k criteria for one query (blocking), as a phase-2 `RagContext`."""
         hits = self.vector_store.search(self._query_vectors(query), self.top_k)[0]
         return context_from_hits(
-            query, hits,
+            query,
+            hits,
             embedding_identity=self.embeddings.identity(),
             dimensions=int(self.embeddings.dimensions),
             corpus_hash_=self.vector_store.corpus_hash or "",
@@ -725,9 +739,7 @@ class AnalysisService:
         try:
             return await asyncio.wait_for(asyncio.to_thread(self.retrieve, query), self.timeout_s)
         except TimeoutError:
-            raise RetrievalUnavailable(
-                f"retrieval took longer than {self.timeout_s:g} s (serving.timeout_s)"
-            ) from None
+            raise RetrievalUnavailable(f"retrieval took longer than {self.timeout_s:g} s (serving.timeout_s)") from None
         except (EmbeddingError, VectorStoreError) as exc:
             raise RetrievalUnavailable(f"retrieval failed: {exc}") from None
 
@@ -736,8 +748,7 @@ class AnalysisService:
     def retry_after_s(self) -> float:
         """A guess of when a slot frees: the mean call time × the calls ahead per slot."""
         ahead = self.gate.running + self.gate.waiting
-        return float(max(1, min(math.ceil(self._llm_s * max(1, ahead) / self.gate.slots),
-                                math.ceil(self.timeout_s))))
+        return float(max(1, min(math.ceil(self._llm_s * max(1, ahead) / self.gate.slots), math.ceil(self.timeout_s))))
 
     async def _call(
         self, messages: list[dict[str, str]], schema: type[BaseModel] | None, max_tokens: int
@@ -763,20 +774,21 @@ class AnalysisService:
             # On the deadline wait_for cancels the call: a local generation stops within a token
             # (and returns once its thread is free), an HTTP request is closed.
             return await asyncio.wait_for(
-                self.client.achat(messages, schema, max_tokens=max_tokens,
-                                  temperature=self.temperature),
+                self.client.achat(messages, schema, max_tokens=max_tokens, temperature=self.temperature),
                 deadline,
             )
         except TimeoutError:
             raise ProviderTimeout(
                 f"no answer within {self.timeout_s:g} s (serving.timeout_s); the call was cancelled",
-                provider=self.client.provider, model=self.client.model,
+                provider=self.client.provider,
+                model=self.client.model,
             ) from None
         except PromptTooLong as exc:
             raise PromptTooLarge(str(exc), prompt_tokens=exc.prompt_tokens, context=exc.context) from None
         except GenerationCancelled:
-            raise ServiceBusy("the service is stopping; the generation was cancelled",
-                              retry_after=SHUTDOWN_RETRY_AFTER_S) from None
+            raise ServiceBusy(
+                "the service is stopping; the generation was cancelled", retry_after=SHUTDOWN_RETRY_AFTER_S
+            ) from None
 
     def begin_shutdown(self) -> dict[str, int]:
         """Stop taking model calls: new and waiting ones get `ServiceBusy`, local generations under
@@ -791,8 +803,11 @@ class AnalysisService:
     # ------------------------------------------------------------------ analyze
 
     async def aanalyze_detailed(
-        self, topology: TopologyGraph | Mapping[str, Any], image_name: str | None = None,
-        *, raw_topology: Mapping[str, Any] | None = None,
+        self,
+        topology: TopologyGraph | Mapping[str, Any],
+        image_name: str | None = None,
+        *,
+        raw_topology: Mapping[str, Any] | None = None,
     ) -> AnalysisOutcome:
         """``raw_topology``: the graph as the client or the CV source gave it, when ``topology`` is
         its normalised form (the team prompt style sends the graph as production does)."""
@@ -800,8 +815,7 @@ class AnalysisService:
         graph = validate_topology(topology)
         image_name = image_name or graph.image_info.file_name
         if len(image_name) > 200:
-            raise InvalidInput([{"loc": ["image_name"], "msg": "at most 200 characters",
-                                 "type": "string_too_long"}])
+            raise InvalidInput([{"loc": ["image_name"], "msg": "at most 200 characters", "type": "string_too_long"}])
         t0 = time.perf_counter()
         context = await self.aretrieve(query_for(self.settings, graph.statistics))
         retrieval_s = time.perf_counter() - t0
@@ -827,8 +841,9 @@ class AnalysisService:
             "total_ms": _ms(time.perf_counter() - started),
         }
         log.info("analyze %s: %s/%s %s", image_name, self.provider, self.model, timings)
-        return AnalysisOutcome(analysis, timings, context, messages, self.provider, self.model,
-                               self.is_llm, usage, self.prompt_version)
+        return AnalysisOutcome(
+            analysis, timings, context, messages, self.provider, self.model, self.is_llm, usage, self.prompt_version
+        )
 
     async def aanalyze(
         self, topology: TopologyGraph | Mapping[str, Any], image_name: str | None = None
@@ -877,8 +892,7 @@ class AnalysisService:
         graph = await asyncio.to_thread(self.topology_from_image, path)
         cv_s = time.perf_counter() - t0
         outcome = await self.aanalyze_detailed(graph, Path(path).name)
-        outcome.timings = {"cv_ms": _ms(cv_s), **outcome.timings,
-                           "total_ms": _ms(time.perf_counter() - t0)}
+        outcome.timings = {"cv_ms": _ms(cv_s), **outcome.timings, "total_ms": _ms(time.perf_counter() - t0)}
         return outcome
 
     # ------------------------------------------------------------------ uploads (the backend's /analyze)
@@ -917,9 +931,12 @@ class AnalysisService:
                 self.cv_timeout_s,
             )
         except TimeoutError:
-            raise CVFailed(f"the CV source ({self.settings.cv.source}) gave no topology within "
-                           f"{self.cv_timeout_s:g} s (serving.cv_timeout_s)",
-                           status=503, retryable=True) from None
+            raise CVFailed(
+                f"the CV source ({self.settings.cv.source}) gave no topology within "
+                f"{self.cv_timeout_s:g} s (serving.cv_timeout_s)",
+                status=503,
+                retryable=True,
+            ) from None
         cv_s = time.perf_counter() - t0
         raw, overlay = cv_result_parts(result)
         from floorplan_ft.topology_io import TopologyFormatError, read_topology_dict
@@ -931,8 +948,7 @@ class AnalysisService:
         outcome = await self.aanalyze_detailed(graph, filename, raw_topology=raw)
         if overlay is None:
             overlay = await asyncio.to_thread(render_upload_overlay, graph, image_bytes, size)
-        outcome.timings = {"cv_ms": _ms(cv_s), **outcome.timings,
-                           "total_ms": _ms(time.perf_counter() - started)}
+        outcome.timings = {"cv_ms": _ms(cv_s), **outcome.timings, "total_ms": _ms(time.perf_counter() - started)}
         return UploadOutcome(raw, overlay, outcome)
 
     def analyze_image(self, path: str | Path) -> tuple[FloorPlanAnalysis, dict[str, float]]:
@@ -972,8 +988,9 @@ class AnalysisService:
             "llm_ms": _ms(time.perf_counter() - t1),
             "total_ms": _ms(time.perf_counter() - started),
         }
-        return ChatOutcome(answer, timings, list(context.chunks), self.provider, self.model,
-                           self.is_llm, truncated, usage, messages)
+        return ChatOutcome(
+            answer, timings, list(context.chunks), self.provider, self.model, self.is_llm, truncated, usage, messages
+        )
 
     def chat(
         self,
@@ -1044,21 +1061,25 @@ def run_cv_on_upload(settings: Any, image_bytes: bytes, filename: str) -> Any:
     except CVUnavailable as exc:
         # The source says whether a retry may help; other sources' errors are read by their words.
         later = exc.retry_later or _RETRY_LATER.search(str(exc)) is not None
-        raise CVFailed(f"the CV source ({settings.cv.source}) failed: {exc}",
-                       status=503 if later else 502, retryable=later) from None
+        raise CVFailed(
+            f"the CV source ({settings.cv.source}) failed: {exc}", status=503 if later else 502, retryable=later
+        ) from None
     except (TimeoutError, ConnectionError) as exc:
-        raise CVFailed(f"the CV source ({settings.cv.source}) is unreachable or slow: {exc}",
-                       status=503, retryable=True) from None
+        raise CVFailed(
+            f"the CV source ({settings.cv.source}) is unreachable or slow: {exc}", status=503, retryable=True
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any source failure is a 5xx with its reason
         status = 503 if getattr(exc, "retryable", False) else 502
-        raise CVFailed(f"the CV source ({settings.cv.source}) failed: {exc}", status=status,
-                       retryable=status == 503) from None
+        raise CVFailed(
+            f"the CV source ({settings.cv.source}) failed: {exc}", status=status, retryable=status == 503
+        ) from None
 
 
 def cv_result_parts(result: Any) -> tuple[dict[str, Any], bytes | None]:
     """(graph dict, overlay PNG or None) from what the CV source returned: a graph (dict or
     `TopologyGraph`), or an object/dict that holds one (``topology``/``topology_json``/``graph``)
     and maybe the overlay (``overlay_png`` bytes or ``topology_image_base64``)."""
+
     def pick(*names: str) -> Any:
         for name in names:
             value = result.get(name) if isinstance(result, Mapping) else getattr(result, name, None)
@@ -1127,11 +1148,11 @@ def _validate_analysis(analysis: FloorPlanAnalysis | Mapping[str, Any]) -> Floor
 
 def _validate_question(question: Any) -> str:
     if not isinstance(question, str) or not question.strip():
-        raise InvalidInput([{"loc": ["question"], "msg": "ask a non-empty question",
-                             "type": "value_error"}])
+        raise InvalidInput([{"loc": ["question"], "msg": "ask a non-empty question", "type": "value_error"}])
     if len(question) > CHAT_QUESTION_MAX:
-        raise InvalidInput([{"loc": ["question"], "msg": f"at most {CHAT_QUESTION_MAX} characters",
-                             "type": "string_too_long"}])
+        raise InvalidInput(
+            [{"loc": ["question"], "msg": f"at most {CHAT_QUESTION_MAX} characters", "type": "string_too_long"}]
+        )
     return question.strip()
 
 
@@ -1141,13 +1162,25 @@ def _validate_history(history: Sequence[Mapping[str, str]]) -> list[dict[str, st
         role = turn.get("role") if isinstance(turn, Mapping) else None
         content = turn.get("content") if isinstance(turn, Mapping) else None
         if role not in ("user", "assistant") or not isinstance(content, str):
-            raise InvalidInput([{"loc": ["history", i],
-                                 "msg": "each turn is {role: user|assistant, content: text}",
-                                 "type": "value_error"}])
+            raise InvalidInput(
+                [
+                    {
+                        "loc": ["history", i],
+                        "msg": "each turn is {role: user|assistant, content: text}",
+                        "type": "value_error",
+                    }
+                ]
+            )
         if len(content) > CHAT_TURN_MAX:
-            raise InvalidInput([{"loc": ["history", i, "content"],
-                                 "msg": f"at most {CHAT_TURN_MAX} characters",
-                                 "type": "string_too_long"}])
+            raise InvalidInput(
+                [
+                    {
+                        "loc": ["history", i, "content"],
+                        "msg": f"at most {CHAT_TURN_MAX} characters",
+                        "type": "string_too_long",
+                    }
+                ]
+            )
         out.append({"role": role, "content": content})
     return out
 

@@ -56,12 +56,33 @@ _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 # Plans the migration's sample check asks about (query text from `build_query`, as in serving).
 SAMPLE_STATISTICS: tuple[dict[str, Any], ...] = (
-    {"structure_type": "판상형", "bay_count": 4, "windowless_ratio": 10.0, "balcony_ratio": 8.0,
-     "ldk_ratio": 35.0, "storage_ratio": 12.0, "master_bedroom_has_window": True},
-    {"structure_type": "타워형", "bay_count": 2, "windowless_ratio": 40.0, "balcony_ratio": 0.0,
-     "ldk_ratio": 25.0, "storage_ratio": 3.0, "master_bedroom_has_window": False},
-    {"structure_type": "혼합형", "bay_count": 3, "windowless_ratio": 20.0, "balcony_ratio": 5.0,
-     "ldk_ratio": 45.0, "storage_ratio": 7.0, "master_bedroom_has_window": True},
+    {
+        "structure_type": "판상형",
+        "bay_count": 4,
+        "windowless_ratio": 10.0,
+        "balcony_ratio": 8.0,
+        "ldk_ratio": 35.0,
+        "storage_ratio": 12.0,
+        "master_bedroom_has_window": True,
+    },
+    {
+        "structure_type": "타워형",
+        "bay_count": 2,
+        "windowless_ratio": 40.0,
+        "balcony_ratio": 0.0,
+        "ldk_ratio": 25.0,
+        "storage_ratio": 3.0,
+        "master_bedroom_has_window": False,
+    },
+    {
+        "structure_type": "혼합형",
+        "bay_count": 3,
+        "windowless_ratio": 20.0,
+        "balcony_ratio": 5.0,
+        "ldk_ratio": 45.0,
+        "storage_ratio": 7.0,
+        "master_bedroom_has_window": True,
+    },
 )
 SAMPLE_CHUNK_QUERIES = 5  # plus the text of the first N chunks as queries
 
@@ -129,9 +150,7 @@ class MemoryVectorStore(VectorStore):
         self.chunks = tuple(chunks)
         self.vectors = normalise_rows(np.asarray(vectors, dtype=np.float32))
         if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.chunks):
-            raise VectorStoreError(
-                f"{len(self.chunks)} chunks but vectors of shape {self.vectors.shape}"
-            )
+            raise VectorStoreError(f"{len(self.chunks)} chunks but vectors of shape {self.vectors.shape}")
         self.dimensions = int(self.vectors.shape[1])
         self.embedding_identity = embedding_identity
         self.corpus_hash = corpus_hash(list(self.chunks))
@@ -177,9 +196,7 @@ def _psycopg():
     try:
         import psycopg
     except ImportError:  # pragma: no cover - a missing optional dependency
-        raise VectorStoreError(
-            "the pgvector store needs psycopg: pip install 'psycopg[binary]'"
-        ) from None
+        raise VectorStoreError("the pgvector store needs psycopg: pip install 'psycopg[binary]'") from None
     return psycopg
 
 
@@ -224,9 +241,7 @@ def _first_line(text: str) -> str:
 
 def check_identifier(name: str, what: str = "table") -> str:
     if not _IDENT.match(name or ""):
-        raise VectorStoreError(
-            f"{what} name {name!r}: use lowercase letters, digits and _ (at most 63 characters)"
-        )
+        raise VectorStoreError(f"{what} name {name!r}: use lowercase letters, digits and _ (at most 63 characters)")
     return name
 
 
@@ -243,9 +258,9 @@ def table_name_for(
     dims = int(dimensions if dimensions is not None else manager.dimensions)
     identity = identity if identity is not None else (manager.identity() if manager else model)
     slug = re.sub(r"[^a-z0-9]+", "_", Path(str(model).split(":")[-1]).name.lower()).strip("_")
-    digest = hashlib.sha256(
-        f"{identity}\n{dims}\n{corpus_hash(list(chunks)) if chunks else ''}".encode()
-    ).hexdigest()[:6]
+    digest = hashlib.sha256(f"{identity}\n{dims}\n{corpus_hash(list(chunks)) if chunks else ''}".encode()).hexdigest()[
+        :6
+    ]
     return f"{TABLE_PREFIX}{dims}_{slug[:28].strip('_') or 'model'}_{digest}"
 
 
@@ -327,9 +342,7 @@ def active_table(conn, name: str = STORE_NAME) -> tuple[str | None, str | None]:
     """(live table, previous table) of a logical store; (None, None) before the first load."""
     if not _table_exists(conn, POINTER_TABLE):
         return None, None
-    row = conn.execute(
-        f"SELECT table_name, previous_table FROM {POINTER_TABLE} WHERE name = %s", (name,)
-    ).fetchone()
+    row = conn.execute(f"SELECT table_name, previous_table FROM {POINTER_TABLE} WHERE name = %s", (name,)).fetchone()
     return (row[0], row[1]) if row else (None, None)
 
 
@@ -364,9 +377,7 @@ def table_info(conn, table: str) -> TableInfo:
         dims = int(match.group(1))
     else:  # an untyped vector column: read one row
         one = conn.execute(
-            sql.SQL("SELECT vector_dims({}) FROM {} LIMIT 1").format(
-                sql.Identifier(column), sql.Identifier(table)
-            )
+            sql.SQL("SELECT vector_dims({}) FROM {} LIMIT 1").format(sql.Identifier(column), sql.Identifier(table))
         ).fetchone()
         dims = int(one[0]) if one else 0
     info = TableInfo(
@@ -380,8 +391,7 @@ def table_info(conn, table: str) -> TableInfo:
     )
     if _table_exists(conn, REGISTRY_TABLE):
         reg = conn.execute(
-            f"SELECT embedding_identity, corpus_hash, legacy FROM {REGISTRY_TABLE} "
-            "WHERE table_name = %s",
+            f"SELECT embedding_identity, corpus_hash, legacy FROM {REGISTRY_TABLE} WHERE table_name = %s",
             (table,),
         ).fetchone()
         if reg:
@@ -423,7 +433,10 @@ def _search(conn, info: TableInfo, query_vectors: np.ndarray, top_k: int) -> lis
         out.append(
             [
                 RetrievedChunk(
-                    rank=r, id=str(i), content=str(c or ""), similarity=round(float(s), 6),
+                    rank=r,
+                    id=str(i),
+                    content=str(c or ""),
+                    similarity=round(float(s), 6),
                     source=str(src or ""),
                 )
                 for r, (i, c, src, s) in enumerate(hits, start=1)
@@ -496,8 +509,7 @@ class PgVectorStore(VectorStore):
                         ) from None
                 except psycopg.Error as exc:
                     raise VectorStoreError(
-                        f"pgvector search in {self.table} failed: {type(exc).__name__}: "
-                        f"{_first_line(str(exc))}"
+                        f"pgvector search in {self.table} failed: {type(exc).__name__}: {_first_line(str(exc))}"
                     ) from None
 
     def search(self, query_vectors: np.ndarray, top_k: int) -> list[list[RetrievedChunk]]:
@@ -507,9 +519,9 @@ class PgVectorStore(VectorStore):
         from psycopg import sql
 
         return self._run(
-            lambda conn: conn.execute(
-                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(self.table))
-            ).fetchone()[0]
+            lambda conn: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(self.table))).fetchone()[
+                0
+            ]
         )
 
     def describe(self) -> dict[str, Any]:
@@ -585,8 +597,10 @@ def _point(conn, name: str, table: str, previous: str | None) -> str | None:
     info = table_info(conn, table)
     conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(sql.Identifier(VIEW_NAME)))
     conn.execute(
-        sql.SQL("CREATE VIEW {view} AS SELECT {id} AS id, {content} AS content, {source} AS source, "
-                "{col} AS embedding FROM {table}").format(
+        sql.SQL(
+            "CREATE VIEW {view} AS SELECT {id} AS id, {content} AS content, {source} AS source, "
+            "{col} AS embedding FROM {table}"
+        ).format(
             view=sql.Identifier(VIEW_NAME),
             id=sql.SQL("id::text") if info.has_id else sql.SQL("ctid::text"),
             content=sql.SQL("content") if info.has_content else sql.SQL("''::text"),
@@ -614,15 +628,13 @@ def _insert_rows(conn, table: str, chunks: Sequence[CriteriaChunk], vectors: np.
     from psycopg import sql
 
     statement = sql.SQL(
-        "INSERT INTO {} (id, ord, content, source, keywords, embedding) "
-        "VALUES (%s, %s, %s, %s, %s::jsonb, %s::vector)"
+        "INSERT INTO {} (id, ord, content, source, keywords, embedding) VALUES (%s, %s, %s, %s, %s::jsonb, %s::vector)"
     ).format(sql.Identifier(table))
     with conn.cursor() as cur:
         cur.executemany(
             statement,
             [
-                (c.id, i, c.content, c.source, json.dumps(c.keywords, ensure_ascii=False),
-                 vector_literal(v))
+                (c.id, i, c.content, c.source, json.dumps(c.keywords, ensure_ascii=False), vector_literal(v))
                 for i, (c, v) in enumerate(zip(chunks, vectors, strict=True))
             ],
         )
@@ -662,12 +674,20 @@ def _verify(
     n, distinct = conn.execute(
         sql.SQL("SELECT count(*), count(DISTINCT id) FROM {}").format(sql.Identifier(table))
     ).fetchone()
-    checks.append(CheckResult(name="new row count", ok=n == distinct == len(chunks),
-                              detail=f"{n} rows, {distinct} distinct ids, corpus {len(chunks)}"))
+    checks.append(
+        CheckResult(
+            name="new row count",
+            ok=n == distinct == len(chunks),
+            detail=f"{n} rows, {distinct} distinct ids, corpus {len(chunks)}",
+        )
+    )
     ids = {r[0] for r in conn.execute(sql.SQL("SELECT id FROM {}").format(sql.Identifier(table)))}
     missing = sorted({c.id for c in chunks} - ids)
-    checks.append(CheckResult(name="new ids", ok=not missing,
-                              detail="all corpus ids present" if not missing else f"missing {missing[:5]}"))
+    checks.append(
+        CheckResult(
+            name="new ids", ok=not missing, detail="all corpus ids present" if not missing else f"missing {missing[:5]}"
+        )
+    )
     top_k = min(5, len(chunks))
     expected_idx, _ = rank(vectors, query_vectors, top_k)
     got = _search(conn, info, query_vectors, top_k)
@@ -675,11 +695,13 @@ def _verify(
         expected_ids = [chunks[int(i)].id for i in exp_row]
         got_ids = [h.id for h in hits]
         short = q if len(q) <= 40 else q[:40] + "…"
-        checks.append(CheckResult(
-            name=f"sample query top-1: {short}",
-            ok=bool(got_ids) and got_ids[0] == expected_ids[0],
-            detail=f"pgvector {got_ids[:3]} vs in-memory {expected_ids[:3]}",
-        ))
+        checks.append(
+            CheckResult(
+                name=f"sample query top-1: {short}",
+                ok=bool(got_ids) and got_ids[0] == expected_ids[0],
+                detail=f"pgvector {got_ids[:3]} vs in-memory {expected_ids[:3]}",
+            )
+        )
     return checks
 
 
@@ -687,8 +709,7 @@ def _fail_on(checks: list[CheckResult]) -> None:
     failed = [c for c in checks if not c.ok]
     if failed:
         raise MigrationError(
-            "verification failed, nothing was changed: "
-            + "; ".join(f"{c.name}: {c.detail}" for c in failed)
+            "verification failed, nothing was changed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed)
         )
 
 
@@ -741,17 +762,19 @@ def migrate_vectors(
                     info = table_info(conn, target)
                     if info.embedding_identity == identity and info.corpus_hash == c_hash:
                         report = MigrationReport(
-                            action="already-current", old_table=previous, new_table=target,
-                            new_rows=info.rows, new_dimensions=info.dimensions,
-                            embedding_identity=identity, switched=False,
+                            action="already-current",
+                            old_table=previous,
+                            new_table=target,
+                            new_rows=info.rows,
+                            new_dimensions=info.dimensions,
+                            embedding_identity=identity,
+                            switched=False,
                         )
                         if drop_old and previous:
                             report.dropped = _drop_previous(conn, name)
                         return report
                 if old_table == target:
-                    raise MigrationError(
-                        f"old and new table are both {target!r}: nothing to migrate to"
-                    )
+                    raise MigrationError(f"old and new table are both {target!r}: nothing to migrate to")
         except psycopg.Error as exc:
             raise MigrationError(f"reading the vector store failed: {_first_line(str(exc))}") from None
 
@@ -762,19 +785,19 @@ def migrate_vectors(
 
         report = MigrationReport(
             action="migrated" if old_table else "loaded",
-            old_table=old_table, new_table=target,
+            old_table=old_table,
+            new_table=target,
             old_rows=old_info.rows if old_info else None,
             old_dimensions=old_info.dimensions if old_info else None,
-            new_dimensions=dims, embedding_identity=identity,
+            new_dimensions=dims,
+            embedding_identity=identity,
         )
         try:
             with conn.transaction():
                 _lock_store(conn, name)
                 live_now, _ = active_table(conn, name)
                 if live_now != live:
-                    raise MigrationError(
-                        f"the live table changed to {live_now!r} during the migration; run it again"
-                    )
+                    raise MigrationError(f"the live table changed to {live_now!r} during the migration; run it again")
                 if _table_exists(conn, target):  # a staged (--no-switch) or abandoned copy
                     if target == live_now:
                         raise MigrationError(f"{target!r} is live; refusing to rebuild it")
@@ -783,36 +806,54 @@ def migrate_vectors(
                     conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(target)))
                 _create_table(conn, target, dims)
                 _insert_rows(conn, target, chunks, vectors)
-                conn.execute(
-                    f"DELETE FROM {REGISTRY_TABLE} WHERE table_name = %s", (target,)
-                )
+                conn.execute(f"DELETE FROM {REGISTRY_TABLE} WHERE table_name = %s", (target,))
                 conn.execute(
                     f"INSERT INTO {REGISTRY_TABLE} (table_name, embedding_identity, provider, model, "
                     "dimensions, corpus_hash, rows, verified_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now())",
-                    (target, identity, getattr(new_manager, "provider", None),
-                     getattr(new_manager, "model", None), dims, c_hash, len(chunks)),
+                    (
+                        target,
+                        identity,
+                        getattr(new_manager, "provider", None),
+                        getattr(new_manager, "model", None),
+                        dims,
+                        c_hash,
+                        len(chunks),
+                    ),
                 )
                 checks = _verify(conn, target, chunks, vectors, queries, query_vectors)
                 if old_info is not None:
                     same = old_info.rows == len(chunks)
-                    checks.append(CheckResult(
-                        name="old vs new row count",
-                        ok=same or allow_count_change,
-                        detail=f"old {old_info.rows}, new {len(chunks)}"
-                        + ("" if same else " (corpus changed; allowed)" if allow_count_change
-                           else " (pass --allow-count-change if the corpus changed on purpose)"),
-                    ))
+                    checks.append(
+                        CheckResult(
+                            name="old vs new row count",
+                            ok=same or allow_count_change,
+                            detail=f"old {old_info.rows}, new {len(chunks)}"
+                            + (
+                                ""
+                                if same
+                                else " (corpus changed; allowed)"
+                                if allow_count_change
+                                else " (pass --allow-count-change if the corpus changed on purpose)"
+                            ),
+                        )
+                    )
                     if old_info.has_id:
                         from psycopg import sql
 
-                        old_ids = {r[0] for r in conn.execute(
-                            sql.SQL("SELECT id::text FROM {}").format(sql.Identifier(old_table)))}
+                        old_ids = {
+                            r[0]
+                            for r in conn.execute(sql.SQL("SELECT id::text FROM {}").format(sql.Identifier(old_table)))
+                        }
                         lost = sorted(old_ids - {c.id for c in chunks})
-                        checks.append(CheckResult(
-                            name="old ids kept", ok=not lost or allow_count_change,
-                            detail="every old id is in the new table" if not lost
-                            else f"{len(lost)} old ids not in the corpus: {lost[:5]}",
-                        ))
+                        checks.append(
+                            CheckResult(
+                                name="old ids kept",
+                                ok=not lost or allow_count_change,
+                                detail="every old id is in the new table"
+                                if not lost
+                                else f"{len(lost)} old ids not in the corpus: {lost[:5]}",
+                            )
+                        )
                     if old_info.registered is False and old_info.embedding_identity is None:
                         # Adopt a legacy table so that a rollback can point back to it.
                         conn.execute(
@@ -826,17 +867,25 @@ def migrate_vectors(
                 if switch:
                     report.view = _point(conn, name, target, old_table)
                     report.switched = True
-                _log(conn, report.action if switch else "staged", old_table, target,
-                     {"rows": len(chunks), "dimensions": dims, "identity": identity,
-                      "checks": [c.model_dump() for c in checks]})
+                _log(
+                    conn,
+                    report.action if switch else "staged",
+                    old_table,
+                    target,
+                    {
+                        "rows": len(chunks),
+                        "dimensions": dims,
+                        "identity": identity,
+                        "checks": [c.model_dump() for c in checks],
+                    },
+                )
         except MigrationError:
             raise
         except VectorStoreError as exc:
             raise MigrationError(f"{exc}; nothing was changed") from None
         except psycopg.Error as exc:
             raise MigrationError(
-                f"writing {target} failed, nothing was changed: {type(exc).__name__}: "
-                f"{_first_line(str(exc))}"
+                f"writing {target} failed, nothing was changed: {type(exc).__name__}: {_first_line(str(exc))}"
             ) from None
 
         if drop_old and switch and old_table:
@@ -901,14 +950,16 @@ def rollback_vectors(dsn: str | SecretStr, *, name: str = STORE_NAME) -> Migrati
         _lock_store(conn, name)
         live, previous = active_table(conn, name)
         if not previous:
-            raise MigrationError(
-                f"no previous table to roll back to (live: {live!r}); it was dropped or never existed"
-            )
+            raise MigrationError(f"no previous table to roll back to (live: {live!r}); it was dropped or never existed")
         if _rolled_back_from(conn, live, previous):
             info = table_info(conn, live)
             return MigrationReport(
-                action="already-rolled-back", old_table=previous, new_table=live, new_rows=info.rows,
-                new_dimensions=info.dimensions, embedding_identity=info.embedding_identity,
+                action="already-rolled-back",
+                old_table=previous,
+                new_table=live,
+                new_rows=info.rows,
+                new_dimensions=info.dimensions,
+                embedding_identity=info.embedding_identity,
                 switched=False,
             )
         if not _table_exists(conn, previous):
@@ -917,9 +968,14 @@ def rollback_vectors(dsn: str | SecretStr, *, name: str = STORE_NAME) -> Migrati
         view = _point(conn, name, previous, live)
         _log(conn, "rollback", live, previous, {"rows": info.rows, "dimensions": info.dimensions})
         return MigrationReport(
-            action="rolled-back", old_table=live, new_table=previous, new_rows=info.rows,
-            new_dimensions=info.dimensions, embedding_identity=info.embedding_identity,
-            switched=True, view=view,
+            action="rolled-back",
+            old_table=live,
+            new_table=previous,
+            new_rows=info.rows,
+            new_dimensions=info.dimensions,
+            embedding_identity=info.embedding_identity,
+            switched=True,
+            view=view,
         )
 
 
@@ -927,8 +983,7 @@ def vector_status(dsn: str | SecretStr, *, name: str = STORE_NAME) -> dict[str, 
     """The live and previous tables, every registered table, and the last log entries."""
     with connect(dsn) as conn:
         if not _meta_exists(conn):
-            return {"live": None, "previous": None, "tables": [], "log": [],
-                    "database": describe_dsn(dsn)}
+            return {"live": None, "previous": None, "tables": [], "log": [], "database": describe_dsn(dsn)}
         live, previous = active_table(conn, name)
         tables = []
         for (table,) in conn.execute(f"SELECT table_name FROM {REGISTRY_TABLE} ORDER BY created_at"):
@@ -965,10 +1020,12 @@ def check_identity(store: VectorStore, manager: BaseEmbeddingManager) -> Identit
         )
     stored = store.embedding_identity
     if stored is None or stored.startswith("legacy"):
-        return IdentityCheck(True, f"the vector table's embedding is unknown ({stored or 'unregistered'}); "
-                                   "only its width was checked")
+        return IdentityCheck(
+            True, f"the vector table's embedding is unknown ({stored or 'unregistered'}); only its width was checked"
+        )
     if stored == manager.identity():
         return IdentityCheck(True)
+
     def head(text: str) -> str:  # provider|model|dims
         return "|".join(text.split("|")[:3])
 
@@ -978,5 +1035,4 @@ def check_identity(store: VectorStore, manager: BaseEmbeddingManager) -> Identit
             f"{head(manager.identity())}: fix retrieval.provider/model (EMBEDDING_PROVIDER) or "
             "migrate the table"
         )
-    return IdentityCheck(True, f"same model, different fingerprint: table {stored}, service "
-                               f"{manager.identity()}")
+    return IdentityCheck(True, f"same model, different fingerprint: table {stored}, service {manager.identity()}")

@@ -277,8 +277,9 @@ class OpenAIBatchRunner(BatchRunner):
     endpoint = "/v1/chat/completions"
     max_requests = 50_000
     max_bytes = 190 * 1024 * 1024  # the limit is 200 MB per input file
-    states = frozenset({"validating", "in_progress", "finalizing", "completed", "expired", "cancelling",
-                        "cancelled", "failed"})
+    states = frozenset(
+        {"validating", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled", "failed"}
+    )
     terminal = frozenset({"completed", "expired", "cancelled", "failed"})
     upload_timeout_s = 600.0
 
@@ -302,8 +303,11 @@ class OpenAIBatchRunner(BatchRunner):
 
         if isinstance(exc, openai.APIStatusError):
             return error_from_status(
-                exc.status_code, exc.response.headers, getattr(exc, "message", None),
-                auth_hint="check OPENAI_API_KEY", **self._kw,
+                exc.status_code,
+                exc.response.headers,
+                getattr(exc, "message", None),
+                auth_hint="check OPENAI_API_KEY",
+                **self._kw,
             )
         if isinstance(exc, openai.APITimeoutError):
             return ProviderTimeout("the batch API did not answer in time", **self._kw)
@@ -325,9 +329,11 @@ class OpenAIBatchRunner(BatchRunner):
         data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
         # A file is no job: retrying its upload cannot start anything twice.
         sdk = self._sdk.with_options(timeout=self.upload_timeout_s, max_retries=2)
-        upload = await self._call(sdk.files.create(
-            file=(f"ftp-{job['teacher']}-{job['token']}.jsonl", data, "application/jsonl"), purpose="batch"
-        ))
+        upload = await self._call(
+            sdk.files.create(
+                file=(f"ftp-{job['teacher']}-{job['token']}.jsonl", data, "application/jsonl"), purpose="batch"
+            )
+        )
         file_id = getattr(upload, "id", None)
         if not _valid_id(file_id):
             raise UnusableReply(f"the upload reply has no file id (got {type(file_id).__name__})")
@@ -336,24 +342,31 @@ class OpenAIBatchRunner(BatchRunner):
     def _view(self, batch: Any) -> JobView:
         metadata = getattr(batch, "metadata", None)
         metadata = metadata if isinstance(metadata, dict) else {}
-        return JobView(getattr(batch, "id", None), getattr(batch, "status", None),
-                       token=metadata.get("ftp_token"), teacher=metadata.get("ftp_teacher"),
-                       input_file_id=getattr(batch, "input_file_id", None))
+        return JobView(
+            getattr(batch, "id", None),
+            getattr(batch, "status", None),
+            token=metadata.get("ftp_token"),
+            teacher=metadata.get("ftp_teacher"),
+            input_file_id=getattr(batch, "input_file_id", None),
+        )
 
     async def create(self, job: dict[str, Any], lines: list[dict]) -> JobView:
-        batch = await self._call(self._sdk.batches.create(
-            input_file_id=job["input_file_id"],
-            endpoint=self.endpoint,
-            completion_window="24h",
-            metadata={"ftp_token": job["token"], "ftp_teacher": job["teacher"]},
-        ))
+        batch = await self._call(
+            self._sdk.batches.create(
+                input_file_id=job["input_file_id"],
+                endpoint=self.endpoint,
+                completion_window="24h",
+                metadata={"ftp_token": job["token"], "ftp_teacher": job["teacher"]},
+            )
+        )
         return self._view(batch)
 
     async def list_jobs(self, teacher: str) -> list[JobView]:
         try:
             # The SDK's async pager fetches the next page as the loop goes on.
-            out = await _own_jobs(self._sdk.with_options(max_retries=2).batches.list(limit=100),
-                                  self._view, teacher, self.list_limit)
+            out = await _own_jobs(
+                self._sdk.with_options(max_retries=2).batches.list(limit=100), self._view, teacher, self.list_limit
+            )
         except Exception as exc:
             error = self._error(exc)
             if error is None:
@@ -386,8 +399,9 @@ class OpenAIBatchRunner(BatchRunner):
             job["request_counts"] = counts.model_dump()
         errors = getattr(getattr(batch, "errors", None), "data", None) or []
         if errors:
-            job["errors"] = [redact(f"{getattr(e, 'code', None)}: {getattr(e, 'message', None)}")[:300]
-                             for e in errors[:5]]
+            job["errors"] = [
+                redact(f"{getattr(e, 'code', None)}: {getattr(e, 'message', None)}")[:300] for e in errors[:5]
+            ]
             job["error_codes"] = sorted({str(getattr(e, "code", "")) for e in errors})
         return self._view(batch)
 
@@ -424,8 +438,11 @@ class OpenAIBatchRunner(BatchRunner):
             return line
         if response is not None:
             body = response.get("body") or {}
-            message = (body.get("error") or {}).get("message") if isinstance(body, dict) and isinstance(
-                body.get("error"), dict) else None
+            message = (
+                (body.get("error") or {}).get("message")
+                if isinstance(body, dict) and isinstance(body.get("error"), dict)
+                else None
+            )
             try:
                 status = int(response.get("status_code") or 0)
             except (TypeError, ValueError):
@@ -458,15 +475,30 @@ class GeminiBatchRunner(BatchRunner):
     provider = "gemini"
     max_requests = 50_000
     max_bytes = 19 * 1024 * 1024  # inlined requests: ~20 MB per job
-    states = frozenset({
-        "JOB_STATE_QUEUED", "JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED",
-        "JOB_STATE_FAILED", "JOB_STATE_CANCELLING", "JOB_STATE_CANCELLED", "JOB_STATE_PAUSED",
-        "JOB_STATE_EXPIRED", "JOB_STATE_UPDATING", "JOB_STATE_PARTIALLY_SUCCEEDED",
-    })
-    terminal = frozenset({
-        "JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED",
-        "JOB_STATE_PARTIALLY_SUCCEEDED",
-    })
+    states = frozenset(
+        {
+            "JOB_STATE_QUEUED",
+            "JOB_STATE_PENDING",
+            "JOB_STATE_RUNNING",
+            "JOB_STATE_SUCCEEDED",
+            "JOB_STATE_FAILED",
+            "JOB_STATE_CANCELLING",
+            "JOB_STATE_CANCELLED",
+            "JOB_STATE_PAUSED",
+            "JOB_STATE_EXPIRED",
+            "JOB_STATE_UPDATING",
+            "JOB_STATE_PARTIALLY_SUCCEEDED",
+        }
+    )
+    terminal = frozenset(
+        {
+            "JOB_STATE_SUCCEEDED",
+            "JOB_STATE_FAILED",
+            "JOB_STATE_CANCELLED",
+            "JOB_STATE_EXPIRED",
+            "JOB_STATE_PARTIALLY_SUCCEEDED",
+        }
+    )
 
     def __init__(self, client: Any, **kw: Any):
         super().__init__(client, **kw)
@@ -516,10 +548,13 @@ class GeminiBatchRunner(BatchRunner):
     async def create(self, job: dict[str, Any], lines: list[Any]) -> JobView:
         from google.genai import types
 
-        created = await self._call(self._sdk.aio.batches.create(
-            model=self.model, src=lines,
-            config=types.CreateBatchJobConfig(display_name=self.display_name(job["teacher"], job["token"])),
-        ))
+        created = await self._call(
+            self._sdk.aio.batches.create(
+                model=self.model,
+                src=lines,
+                config=types.CreateBatchJobConfig(display_name=self.display_name(job["teacher"], job["token"])),
+            )
+        )
         return self._view(created)
 
     async def list_jobs(self, teacher: str) -> list[JobView]:
@@ -557,7 +592,9 @@ class GeminiBatchRunner(BatchRunner):
                 detail = redact(f"{answer.error.code}: {answer.error.message}")[:500]
                 out.append(LineResult(cid, reason="batch_error", detail=detail))
             elif answer.response is not None:
-                out.append(_validated(lambda r=answer.response: self.client.parse_generate_content(r, FloorPlanAnalysis), cid))
+                out.append(
+                    _validated(lambda r=answer.response: self.client.parse_generate_content(r, FloorPlanAnalysis), cid)
+                )
             else:
                 out.append(LineResult(cid, reason="bad_row", detail="neither response nor error"))
         return out
@@ -676,7 +713,8 @@ class BatchLabeling:
         self.max_wait_s = max_wait_s
         self.finish_online = finish_online
         self.max_enqueued = max_enqueued_tokens or (
-            settings.batch_max_enqueued_tokens_gemini if runner.provider == "gemini"
+            settings.batch_max_enqueued_tokens_gemini
+            if runner.provider == "gemini"
             else settings.batch_max_enqueued_tokens
         )
         self.on_progress = on_progress
@@ -743,8 +781,7 @@ class BatchLabeling:
         state, problem = self._load()
         closed = False
         o.cached = sum(
-            cached_answer(self.store, item.stem, self.teacher.name, self.keys[item.stem]) is not None
-            for item in items
+            cached_answer(self.store, item.stem, self.teacher.name, self.keys[item.stem]) is not None for item in items
         )
         try:
             if state is None:
@@ -763,9 +800,9 @@ class BatchLabeling:
         o.total_spent_usd = round(CostLedger(self.store, self.teacher.name).spent, 6)
         waiting = set(o.waiting) | set(o.queued)
         o.unlabeled = sorted(
-            s for s in self.items
-            if s not in waiting
-            and cached_answer(self.store, s, self.teacher.name, self.keys[s]) is None
+            s
+            for s in self.items
+            if s not in waiting and cached_answer(self.store, s, self.teacher.name, self.keys[s]) is None
         )
         o.seconds = round(time.monotonic() - start, 3)
         return o
@@ -777,7 +814,8 @@ class BatchLabeling:
         await self._submit_ready()
         self._progress()
         while (self._active() or self.queue or self.deferred) and (
-                remaining := self.max_wait_s - (time.monotonic() - start)) > 0:
+            remaining := self.max_wait_s - (time.monotonic() - start)
+        ) > 0:
             await self.sleep(min(self.poll_interval_s, remaining))
             self.queue.extend(self.deferred)
             self.deferred.clear()
@@ -801,8 +839,11 @@ class BatchLabeling:
         o.status = "pending" if active or o.queued else "done"
         queued = set(o.queued)
         online_items = [
-            self.items[s] for s in dict.fromkeys(self.online)
-            if s in self.items and s not in waiting and s not in queued
+            self.items[s]
+            for s in dict.fromkeys(self.online)
+            if s in self.items
+            and s not in waiting
+            and s not in queued
             and cached_answer(self.store, s, self.teacher.name, self.keys[s]) is None
         ]
         o.finished_online = [item.stem for item in online_items]
@@ -833,14 +874,24 @@ class BatchLabeling:
         be read (then nothing is submitted or sent online; the record is left as it is)."""
         o, teacher = self.outcome, self.teacher.name
         o.record_problem = f"{self.path}: {problem}"
-        log.error("%s: the batch job record %s is unusable (%s); looking up this teacher's jobs at the "
-                  "provider before submitting anything", teacher, self.path, problem)
+        log.error(
+            "%s: the batch job record %s is unusable (%s); looking up this teacher's jobs at the "
+            "provider before submitting anything",
+            teacher,
+            self.path,
+            problem,
+        )
         try:
             views = await self.runner.list_jobs(teacher)
         except LLMError as exc:
             o.record_problem += f"; the provider's job list could not be read ({exc}): nothing submitted"
-            log.error("%s: cannot list the provider's batch jobs (%s): nothing is submitted or labeled "
-                      "online until a run can; %s is left as it is", teacher, exc, self.path)
+            log.error(
+                "%s: cannot list the provider's batch jobs (%s): nothing is submitted or labeled "
+                "online until a run can; %s is left as it is",
+                teacher,
+                exc,
+                self.path,
+            )
             return None
         jobs = []
         for view in views:
@@ -852,30 +903,53 @@ class BatchLabeling:
                 ids = None
             job_items = self._items_from_ids(ids) if ids is not None else {}
             current = [self.items[s] for s, k in job_items.items() if s in self.items and self.keys[s] == k]
-            jobs.append({
-                "id": view.id, "token": view.token, "teacher": teacher, "provider": self.runner.provider,
-                "model": self.teacher.model, "created_at": _now_iso(),
-                "status": view.state if view.state in self.runner.states else "submitted",
-                "input_file_id": view.input_file_id if _valid_id(view.input_file_id) else None,
-                "max_tokens": self.cfg.max_output_tokens,
-                "reserved_usd": round(sum(self._worst_case(i) for i in current), 8),
-                "enqueued_tokens": sum(self._tokens(i) for i in current),
-                "items": job_items, "items_unknown": ids is None, "recovered": True, "ingested_at": None,
-            })
+            jobs.append(
+                {
+                    "id": view.id,
+                    "token": view.token,
+                    "teacher": teacher,
+                    "provider": self.runner.provider,
+                    "model": self.teacher.model,
+                    "created_at": _now_iso(),
+                    "status": view.state if view.state in self.runner.states else "submitted",
+                    "input_file_id": view.input_file_id if _valid_id(view.input_file_id) else None,
+                    "max_tokens": self.cfg.max_output_tokens,
+                    "reserved_usd": round(sum(self._worst_case(i) for i in current), 8),
+                    "enqueued_tokens": sum(self._tokens(i) for i in current),
+                    "items": job_items,
+                    "items_unknown": ids is None,
+                    "recovered": True,
+                    "ingested_at": None,
+                }
+            )
         backup = f"{self.path}.corrupt-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
         try:
             self.store.write_bytes(backup, self.store.read_bytes(self.path))
         except OSError as exc:
             backup = f"(not kept: {exc})"
-        state = {"version": STATE_VERSION, "teacher": teacher, "jobs": jobs, "submissions_failed": [],
-                 "rebuilt": {"at": _now_iso(), "problem": problem, "old_record": backup}}
+        state = {
+            "version": STATE_VERSION,
+            "teacher": teacher,
+            "jobs": jobs,
+            "submissions_failed": [],
+            "rebuilt": {"at": _now_iso(), "problem": problem, "old_record": backup},
+        }
         self.state = state
         self._save()
         live = sum(1 for j in jobs if j["status"] not in self.runner.terminal)
-        o.record_problem += (f"; rebuilt from the provider's list: {len(jobs)} job(s) adopted ({live} running), "
-                             f"the old record kept as {backup}")
-        log.warning("%s: rebuilt %s from the provider's job list: %d job(s) adopted (%d running); the "
-                    "unusable record is kept as %s", teacher, self.path, len(jobs), live, backup)
+        o.record_problem += (
+            f"; rebuilt from the provider's list: {len(jobs)} job(s) adopted ({live} running), "
+            f"the old record kept as {backup}"
+        )
+        log.warning(
+            "%s: rebuilt %s from the provider's job list: %d job(s) adopted (%d running); the "
+            "unusable record is kept as %s",
+            teacher,
+            self.path,
+            len(jobs),
+            live,
+            backup,
+        )
         return state
 
     # -------------------------------------------------------------- classify and submit
@@ -883,8 +957,11 @@ class BatchLabeling:
         active = self._active()
         self._blocked = any(j.get("items_unknown") for j in active)
         if self._blocked:
-            log.warning("%s: a running job adopted from the provider has items not known yet: nothing new "
-                        "is submitted until it ends", self.teacher.name)
+            log.warning(
+                "%s: a running job adopted from the provider has items not known yet: nothing new "
+                "is submitted until it ends",
+                self.teacher.name,
+            )
             return
         active_keys: dict[str, set[str]] = {}
         for job in active:
@@ -923,8 +1000,11 @@ class BatchLabeling:
             if not chunk:
                 if self.queue and not self._active():
                     # Nothing running and still no room: the estimate of what is enqueued is stale.
-                    log.warning("%s: no room under batch_max_enqueued_tokens (%d) with no job running",
-                                self.teacher.name, self.max_enqueued)
+                    log.warning(
+                        "%s: no room under batch_max_enqueued_tokens (%d) with no job running",
+                        self.teacher.name,
+                        self.max_enqueued,
+                    )
                 return
             await self._submit_job(chunk)
 
@@ -939,14 +1019,18 @@ class BatchLabeling:
             need = self._tokens(item)
             if need > self.max_enqueued:
                 self.queue.popleft()
-                self._to_online(item.stem, "too_large_for_batch",
-                                f"about {need} tokens: more than batch_max_enqueued_tokens ({self.max_enqueued})")
+                self._to_online(
+                    item.stem,
+                    "too_large_for_batch",
+                    f"about {need} tokens: more than batch_max_enqueued_tokens ({self.max_enqueued})",
+                )
                 continue
             if tokens + need > room or len(chunk) >= self.runner.max_requests:
                 break
             key = self.keys[item.stem]
-            line = self.runner.build_line(custom_id(item.stem, key), item, self.cfg.max_output_tokens,
-                                          self.teacher.temperature)
+            line = self.runner.build_line(
+                custom_id(item.stem, key), item, self.cfg.max_output_tokens, self.teacher.temperature
+            )
             line_size = self.runner.line_size(line)
             if chunk and size + line_size > self.runner.max_bytes:
                 break
@@ -955,10 +1039,23 @@ class BatchLabeling:
                 skipped = [it.stem for it in self.queue]
                 self.queue.clear()
                 self.outcome.skipped_budget += skipped
-                self._record_failures({s: {"reason": "budget", "detail": "skipped: the batch would exceed the budget",
-                                           "attempts": 0, "cost_usd": 0.0} for s in skipped})
-                log.warning("%s: %d item(s) not submitted: the budget cap ($%.2f) would be exceeded",
-                            self.teacher.name, len(skipped), self.cfg.budget_usd)
+                self._record_failures(
+                    {
+                        s: {
+                            "reason": "budget",
+                            "detail": "skipped: the batch would exceed the budget",
+                            "attempts": 0,
+                            "cost_usd": 0.0,
+                        }
+                        for s in skipped
+                    }
+                )
+                log.warning(
+                    "%s: %d item(s) not submitted: the budget cap ($%.2f) would be exceeded",
+                    self.teacher.name,
+                    len(skipped),
+                    self.cfg.budget_usd,
+                )
                 break
             self.queue.popleft()
             chunk.append((item, worst, line, need))
@@ -1005,14 +1102,20 @@ class BatchLabeling:
             self._submission_failed(job, "token_limit", f"the create was refused for now: {exc}", requeue=True)
             return
         except Exception as exc:  # noqa: BLE001  (5xx, timeout, an unreadable reply: the job may exist)
-            log.warning("%s: creating a batch failed (%s); it may exist: looking it up by its token",
-                        teacher, redact(str(exc))[:300])
+            log.warning(
+                "%s: creating a batch failed (%s); it may exist: looking it up by its token",
+                teacher,
+                redact(str(exc))[:300],
+            )
             await self._resolve(job, "create_failed")
             return
         problem = self.runner.reply_problem(view)
         if not _valid_id(view.id):
-            log.warning("%s: the create reply is unusable (%s): not recorded as a job; looking it up by its token",
-                        teacher, problem)
+            log.warning(
+                "%s: the create reply is unusable (%s): not recorded as a job; looking it up by its token",
+                teacher,
+                problem,
+            )
             await self._resolve(job, "no_job_id")
             return
         self._adopt(job, view, "create reply")
@@ -1024,13 +1127,23 @@ class BatchLabeling:
         job["status"] = view.state if problem is None else "submitted"
         self._save()
         if problem:
-            log.warning("%s: the %s for batch %s has %s: kept (the job exists) and polled until it reports a "
-                        "known state", self.teacher.name, where, view.id, problem)
+            log.warning(
+                "%s: the %s for batch %s has %s: kept (the job exists) and polled until it reports a known state",
+                self.teacher.name,
+                where,
+                view.id,
+                problem,
+            )
         if job["token"] in self._mine:
             self.outcome.submitted += len(job["items"])
             self.outcome.jobs_submitted.append(view.id)
-            log.info("%s: submitted batch %s with %d item(s) (~%d tokens enqueued)", self.teacher.name, view.id,
-                     len(job["items"]), job.get("enqueued_tokens", 0))
+            log.info(
+                "%s: submitted batch %s with %d item(s) (~%d tokens enqueued)",
+                self.teacher.name,
+                view.id,
+                len(job["items"]),
+                job.get("enqueued_tokens", 0),
+            )
         else:
             log.info("%s: found batch %s created by an interrupted run", self.teacher.name, view.id)
 
@@ -1042,19 +1155,30 @@ class BatchLabeling:
         except Exception as exc:  # noqa: BLE001  (cannot tell: its items wait, never resubmitted)
             job["lookup_error"] = redact(str(exc))[:300]
             self._save()
-            log.warning("%s: cannot look up submission %s yet (%s): its %d item(s) wait (neither resubmitted nor "
-                        "sent online); looked up again at the next poll and by a rerun", self.teacher.name,
-                        job["token"], redact(str(exc))[:300], len(job["items"]))
+            log.warning(
+                "%s: cannot look up submission %s yet (%s): its %d item(s) wait (neither resubmitted nor "
+                "sent online); looked up again at the next poll and by a rerun",
+                self.teacher.name,
+                job["token"],
+                redact(str(exc))[:300],
+                len(job["items"]),
+            )
             return
         if found is not None and _valid_id(found.id):
             job.pop("lookup_error", None)
             self._adopt(job, found, "job list")
             return
-        detail = ("the provider lists no job with this submission's token" if found is None
-                  else "the provider lists the job without an id (it cannot be polled)")
+        detail = (
+            "the provider lists no job with this submission's token"
+            if found is None
+            else "the provider lists the job without an id (it cannot be polled)"
+        )
         if found is not None:
-            log.error("%s: submission %s exists at the provider without an id: it may be billed without being "
-                      "read", self.teacher.name, job["token"])
+            log.error(
+                "%s: submission %s exists at the provider without an id: it may be billed without being read",
+                self.teacher.name,
+                job["token"],
+            )
         self._submission_failed(job, reason, detail)
 
     def _lower_limit(self, job: dict[str, Any]) -> None:
@@ -1065,19 +1189,31 @@ class BatchLabeling:
         size = int(job.get("enqueued_tokens") or 0)
         lower = others + size - 1 if others > 0 else size // 2
         if 0 < lower < self.max_enqueued:
-            log.warning("%s: the provider's enqueued-token limit is below %d (a job of ~%d tokens was refused "
-                        "with ~%d enqueued): using %d for the rest of this run; set teachers.%s to the "
-                        "account's limit", self.teacher.name, self.max_enqueued, size, others, lower,
-                        "batch_max_enqueued_tokens_gemini" if self.runner.provider == "gemini"
-                        else "batch_max_enqueued_tokens")
+            log.warning(
+                "%s: the provider's enqueued-token limit is below %d (a job of ~%d tokens was refused "
+                "with ~%d enqueued): using %d for the rest of this run; set teachers.%s to the "
+                "account's limit",
+                self.teacher.name,
+                self.max_enqueued,
+                size,
+                others,
+                lower,
+                "batch_max_enqueued_tokens_gemini" if self.runner.provider == "gemini" else "batch_max_enqueued_tokens",
+            )
             self.max_enqueued = lower
 
     def _submission_failed(self, job: dict[str, Any], reason: str, detail: str, requeue: bool = False) -> None:
         """An upload or create that made no usable job: dropped from the jobs (never polled, nothing
         reserved), kept under ``submissions_failed``; its items go online or into a later job."""
         self.state["jobs"].remove(job)
-        record = {"token": job["token"], "at": _now_iso(), "reason": reason, "detail": detail[:500],
-                  "items": job["items"], "input_file_id": job.get("input_file_id")}
+        record = {
+            "token": job["token"],
+            "at": _now_iso(),
+            "reason": reason,
+            "detail": detail[:500],
+            "items": job["items"],
+            "input_file_id": job.get("input_file_id"),
+        }
         self.state["submissions_failed"] = [*(self.state.get("submissions_failed") or []), record][-50:]
         self._save()
         self.outcome.submissions_failed.append({"reason": reason, "detail": detail[:500], "items": len(job["items"])})
@@ -1091,9 +1227,15 @@ class BatchLabeling:
                 later.append(stem)
             else:
                 self._to_online(stem, reason, detail)
-        log.warning("%s: batch submission of %d item(s) made no job (%s: %s): %d to submit again later, "
-                    "%d to finish online", self.teacher.name, len(job["items"]), reason, detail[:200],
-                    len(later), len(job["items"]) - len(later))
+        log.warning(
+            "%s: batch submission of %d item(s) made no job (%s: %s): %d to submit again later, %d to finish online",
+            self.teacher.name,
+            len(job["items"]),
+            reason,
+            detail[:200],
+            len(later),
+            len(job["items"]) - len(later),
+        )
 
     async def _recover(self) -> None:
         """Submissions recorded without a job id (a run died creating them, or a lookup failed):
@@ -1110,8 +1252,12 @@ class BatchLabeling:
             try:
                 view = await self.runner.poll(job)
                 if view.state not in self.runner.states:
-                    log.warning("%s: batch %s reports an unknown state %r: still waiting for it", self.teacher.name,
-                                job["id"], str(view.state)[:60])
+                    log.warning(
+                        "%s: batch %s reports an unknown state %r: still waiting for it",
+                        self.teacher.name,
+                        job["id"],
+                        str(view.state)[:60],
+                    )
                     continue
                 job["status"] = view.state
                 if view.state in self.runner.terminal:
@@ -1120,8 +1266,9 @@ class BatchLabeling:
                 log.warning("%s: polling batch %s failed (%s); trying again later", self.teacher.name, job["id"], exc)
             except BadRequest as exc:
                 if exc.status != 404:
-                    log.warning("%s: polling batch %s was refused (%s); trying again later", self.teacher.name,
-                                job["id"], exc)
+                    log.warning(
+                        "%s: polling batch %s was refused (%s); trying again later", self.teacher.name, job["id"], exc
+                    )
                     continue
                 # The provider no longer knows the job (deleted): its items are finished online.
                 log.warning("%s: batch %s not found at the provider", self.teacher.name, job["id"])
@@ -1149,8 +1296,9 @@ class BatchLabeling:
             usable += line.result is not None and known
             # An adopted job (rebuilt record) may have been read before: its lines with an answer on
             # disk were booked then.
-            booked_before = bool(job.get("recovered")) and known and cached_answer(
-                self.store, stem, teacher, job_key) is not None
+            booked_before = (
+                bool(job.get("recovered")) and known and cached_answer(self.store, stem, teacher, job_key) is not None
+            )
             line_cost = 0.0
             if line.usage is not None:
                 line_cost = cost_usd(self.price, line.usage.input_tokens, line.usage.output_tokens, self.discount)
@@ -1161,8 +1309,12 @@ class BatchLabeling:
                     output_tokens += line.usage.output_tokens
                 cost += line_cost
             if not known:
-                log.warning("%s: batch %s returned an unusable row (%s)", teacher, job["id"],
-                            line.detail or f"unknown custom_id {str(line.custom_id)[:80]!r}")
+                log.warning(
+                    "%s: batch %s returned an unusable row (%s)",
+                    teacher,
+                    job["id"],
+                    line.detail or f"unknown custom_id {str(line.custom_id)[:80]!r}",
+                )
                 continue
             answered.add(stem)
             if line.result is None:
@@ -1176,19 +1328,42 @@ class BatchLabeling:
             if cached_answer(self.store, stem, teacher, job_key) is not None:
                 continue  # written by an earlier, interrupted ingest
             usage = line.usage or Usage()
-            write_answer(self.store, self.teacher, stem, job_key, line.result,
-                         ItemOutcome(stem, "labeled", attempts=1, cost_usd=line_cost,
-                                     input_tokens=usage.input_tokens, output_tokens=usage.output_tokens),
-                         elapsed, getattr(self.items.get(stem), "prompt_version", PROMPT_VERSION))
+            write_answer(
+                self.store,
+                self.teacher,
+                stem,
+                job_key,
+                line.result,
+                ItemOutcome(
+                    stem,
+                    "labeled",
+                    attempts=1,
+                    cost_usd=line_cost,
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                ),
+                elapsed,
+                getattr(self.items.get(stem), "prompt_version", PROMPT_VERSION),
+            )
             labeled.append(stem)
         status = job.get("status")
         if status in SUCCEEDED and job["items"] and usable == 0:
-            log.warning("%s: batch %s reported %s but none of its %d row(s) was usable: its items are finished "
-                        "online", teacher, job["id"], status, len(lines))
+            log.warning(
+                "%s: batch %s reported %s but none of its %d row(s) was usable: its items are finished online",
+                teacher,
+                job["id"],
+                status,
+                len(lines),
+            )
             job["unusable"] = True
-        gone = {"expired": "expired", "cancelled": "cancelled", "failed": "job_failed",
-                "JOB_STATE_EXPIRED": "expired", "JOB_STATE_CANCELLED": "cancelled",
-                "JOB_STATE_FAILED": "job_failed"}.get(status, "missing")
+        gone = {
+            "expired": "expired",
+            "cancelled": "cancelled",
+            "failed": "job_failed",
+            "JOB_STATE_EXPIRED": "expired",
+            "JOB_STATE_CANCELLED": "cancelled",
+            "JOB_STATE_FAILED": "job_failed",
+        }.get(status, "missing")
         if gone == "job_failed" and "token_limit_exceeded" in (job.get("error_codes") or []):
             gone = "token_limit"  # OpenAI's enqueued-token limit: room comes back as jobs finish
             self._lower_limit(job)
@@ -1201,10 +1376,16 @@ class BatchLabeling:
 
         # Answers are on disk; now book the job once, then mark it ingested.
         if requests or cost:
-            self.ledger.add(Usage(input_tokens=input_tokens, output_tokens=output_tokens), cost,
-                            requests=requests)
-        job.update(ingested_at=_now_iso(), reserved_usd=0.0, failed=failed, labeled=len(labeled),
-                   cost_usd=round(cost, 6), input_tokens=input_tokens, output_tokens=output_tokens)
+            self.ledger.add(Usage(input_tokens=input_tokens, output_tokens=output_tokens), cost, requests=requests)
+        job.update(
+            ingested_at=_now_iso(),
+            reserved_usd=0.0,
+            failed=failed,
+            labeled=len(labeled),
+            cost_usd=round(cost, 6),
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+        )
         self._save()
 
         o = self.outcome
@@ -1222,13 +1403,22 @@ class BatchLabeling:
             if failure["reason"] not in NO_RETRY:
                 self.online.append(stem)
         self._record_failures(
-            {s: {"reason": f["reason"], "detail": f["detail"], "attempts": 1, "cost_usd": f["cost_usd"]}
-             for s, f in mine.items() if f["reason"] in NO_RETRY},
+            {
+                s: {"reason": f["reason"], "detail": f["detail"], "attempts": 1, "cost_usd": f["cost_usd"]}
+                for s, f in mine.items()
+                if f["reason"] in NO_RETRY
+            },
             labeled=labeled,
         )
-        log.info("%s: batch %s ended %s: %d labeled, %d to submit again, %d to finish online", teacher, job["id"],
-                 status, len(labeled), later,
-                 sum(1 for s, f in mine.items() if f["reason"] not in NO_RETRY) - later)
+        log.info(
+            "%s: batch %s ended %s: %d labeled, %d to submit again, %d to finish online",
+            teacher,
+            job["id"],
+            status,
+            len(labeled),
+            later,
+            sum(1 for s, f in mine.items() if f["reason"] not in NO_RETRY) - later,
+        )
 
     def _record_failures(self, add: dict[str, dict], labeled: list[str] = ()) -> None:
         """The teacher's failure ledger (shared with the online engine): add final failures, drop
@@ -1299,8 +1489,14 @@ async def label_in_batches(
         await teacher.aclose()
         raise
     run = BatchLabeling(
-        teacher, runner, store, settings.teachers,
-        poll_interval_s=poll_interval_s, max_wait_s=max_wait_s,
-        finish_online=finish_online, max_enqueued_tokens=max_enqueued_tokens, on_progress=on_progress,
+        teacher,
+        runner,
+        store,
+        settings.teachers,
+        poll_interval_s=poll_interval_s,
+        max_wait_s=max_wait_s,
+        finish_online=finish_online,
+        max_enqueued_tokens=max_enqueued_tokens,
+        on_progress=on_progress,
     )
     return await run.run(items)

@@ -47,22 +47,32 @@ def estimate_teacher(settings: Settings, name: str, items: int, input_tokens: in
     else:
         limits = teacher_limits(t, name)  # explicit > teachers.limits > built-in per provider
         candidates = {
-            f"{t.concurrency} in flight at ~{SECONDS_PER_ANSWER:.0f} s per answer": t.concurrency * 60.0 / SECONDS_PER_ANSWER,
+            f"{t.concurrency} in flight at ~{SECONDS_PER_ANSWER:.0f} s per answer": t.concurrency
+            * 60.0
+            / SECONDS_PER_ANSWER,
         }
         if limits.requests_per_minute < UNLIMITED:
             candidates[f"{limits.requests_per_minute} requests/min"] = float(limits.requests_per_minute)
         if limits.tokens_per_minute < UNLIMITED:
-            candidates[f"{limits.tokens_per_minute} tokens/min"] = limits.tokens_per_minute / max(1, tokens_in + tokens_out)
+            candidates[f"{limits.tokens_per_minute} tokens/min"] = limits.tokens_per_minute / max(
+                1, tokens_in + tokens_out
+            )
         limit, rate = min(candidates.items(), key=lambda kv: kv[1])
     hours = 0.0 if rate == float("inf") else items / rate / 60.0
     online = None if per_item is None else round(per_item * items, 2)
     return TeacherEstimate(
-        teacher=name, model=model, items=items, input_tokens_per_item=tokens_in,
+        teacher=name,
+        model=model,
+        items=items,
+        input_tokens_per_item=tokens_in,
         output_tokens_per_item=tokens_out,
         input_tokens_source="measured from the prompts" if input_tokens else "the plan's ~3K",
-        usd_online=online, usd_batch=None if online is None else round(online * t.batch_discount, 2),
-        items_per_minute=round(rate, 2) if rate != float("inf") else float("inf"), limited_by=limit,
-        hours=round(hours, 2), budget_usd=t.budget_usd,
+        usd_online=online,
+        usd_batch=None if online is None else round(online * t.batch_discount, 2),
+        items_per_minute=round(rate, 2) if rate != float("inf") else float("inf"),
+        limited_by=limit,
+        hours=round(hours, 2),
+        budget_usd=t.budget_usd,
         over_budget=online is not None and online > t.budget_usd,
     )
 

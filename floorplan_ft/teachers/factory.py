@@ -34,25 +34,27 @@ def make_teacher(settings: Settings, name: str) -> Teacher:
         if not (t.compatible_base_url and t.compatible_model):
             from floorplan_ft.serving.base import ConfigError
 
-            raise ConfigError(
-                "teacher 'compatible' needs teachers.compatible_base_url and teachers.compatible_model"
-            )
+            raise ConfigError("teacher 'compatible' needs teachers.compatible_base_url and teachers.compatible_model")
         client = make_chat_client(
-            settings, provider="openai-compatible", model=t.compatible_model,
-            base_url=t.compatible_base_url, timeout_s=t.request_timeout_s,
+            settings,
+            provider="openai-compatible",
+            model=t.compatible_model,
+            base_url=t.compatible_base_url,
+            timeout_s=t.request_timeout_s,
         )
     elif name == "local":
         if not t.local_model_path:
             from floorplan_ft.serving.base import ConfigError
 
             raise ConfigError("teacher 'local' needs teachers.local_model_path (a model directory)")
-        client = make_chat_client(settings, provider="local", model=t.local_model_path,
-                                  max_tokens=t.max_output_tokens)
+        client = make_chat_client(settings, provider="local", model=t.local_model_path, max_tokens=t.max_output_tokens)
     elif name == "production":
         raise ValueError(
             "setting teachers.teachers: 'production' is the team's imported answer set (ft-pipeline import "
             "analyses), never labeled in phase 3: list it in quality.extra_teachers instead"
         )
     else:
-        raise ValueError(f"setting teachers.teachers: unknown teacher {name!r} (choose from {', '.join(TEACHER_NAMES)})")
+        raise ValueError(
+            f"setting teachers.teachers: unknown teacher {name!r} (choose from {', '.join(TEACHER_NAMES)})"
+        )
     return LLMTeacher(name, client, t.temperature)

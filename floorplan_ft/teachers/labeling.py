@@ -112,9 +112,7 @@ class LLMTeacher(Teacher):
         self.remote = client.provider != "local"
 
     async def answer(self, item: LabelItem, messages: list[dict], max_tokens: int) -> ChatResult:
-        return await self.client.achat(
-            messages, FloorPlanAnalysis, max_tokens=max_tokens, temperature=self.temperature
-        )
+        return await self.client.achat(messages, FloorPlanAnalysis, max_tokens=max_tokens, temperature=self.temperature)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -424,27 +422,53 @@ class CostLedger:
         """Record an attempt's worst case durably; call before its request is sent."""
         self._seq += 1
         attempt = f"{self.run_id}-{self._seq}"
-        self._append({"op": "start", "id": attempt, "run": self.run_id, "stem": stem,
-                      "cost_usd": round(worst_usd, 8), "input_tokens": int(input_tokens),
-                      "output_tokens": int(output_tokens), "at": round(time.time(), 3)}, durable=True)
+        self._append(
+            {
+                "op": "start",
+                "id": attempt,
+                "run": self.run_id,
+                "stem": stem,
+                "cost_usd": round(worst_usd, 8),
+                "input_tokens": int(input_tokens),
+                "output_tokens": int(output_tokens),
+                "at": round(time.time(), 3),
+            },
+            durable=True,
+        )
         return attempt
 
     def settle(self, attempt: str, stem: str, usage: Usage | None, cost: float, ok: bool = False) -> None:
         """Replace a begun attempt's worst case by what it really cost (`ok`: an answer was stored).
         Not fsync'd: a settle line lost to a power cut leaves the worst case counted, never less."""
-        self._append({"op": "settle", "id": attempt, "run": self.run_id, "stem": stem,
-                      "input_tokens": usage.input_tokens if usage else 0,
-                      "output_tokens": usage.output_tokens if usage else 0,
-                      "cost_usd": round(cost, 8), "ok": bool(ok)}, durable=False)
+        self._append(
+            {
+                "op": "settle",
+                "id": attempt,
+                "run": self.run_id,
+                "stem": stem,
+                "input_tokens": usage.input_tokens if usage else 0,
+                "output_tokens": usage.output_tokens if usage else 0,
+                "cost_usd": round(cost, 8),
+                "ok": bool(ok),
+            },
+            durable=False,
+        )
         if time.monotonic() - self._view_at >= self.VIEW_INTERVAL_S:
             self._write_view()
 
     def add(self, usage: Usage | None, cost: float, requests: int = 1) -> None:
         """Book settled work at once (the batch runner's finished jobs)."""
-        self._append({"op": "add", "run": self.run_id, "requests": int(requests),
-                      "input_tokens": usage.input_tokens if usage else 0,
-                      "output_tokens": usage.output_tokens if usage else 0,
-                      "cost_usd": round(cost, 8)}, durable=True)
+        self._append(
+            {
+                "op": "add",
+                "run": self.run_id,
+                "requests": int(requests),
+                "input_tokens": usage.input_tokens if usage else 0,
+                "output_tokens": usage.output_tokens if usage else 0,
+                "cost_usd": round(cost, 8),
+            },
+            durable=True,
+        )
         self._write_view()
 
     def flush(self) -> None:
@@ -577,9 +601,19 @@ class LabelingRun:
             {"teacher": self.teacher.name, "failures": dict(sorted(self._failures.items()))},
         )
 
-    def _record_answer(self, item: LabelItem, key: str, result: ChatResult, outcome: ItemOutcome, started: float) -> None:
-        write_answer(self.store, self.teacher, item.stem, key, result, outcome, time.perf_counter() - started,
-                     item.prompt_version)
+    def _record_answer(
+        self, item: LabelItem, key: str, result: ChatResult, outcome: ItemOutcome, started: float
+    ) -> None:
+        write_answer(
+            self.store,
+            self.teacher,
+            item.stem,
+            key,
+            result,
+            outcome,
+            time.perf_counter() - started,
+            item.prompt_version,
+        )
 
     def _charge(self, outcome: ItemOutcome, usage: Usage | None, worst: float | None = None) -> float:
         """An attempt's cost on the item's own totals (before its answer is written with them).
@@ -593,8 +627,16 @@ class LabelingRun:
             outcome.output_tokens += usage.output_tokens
         return spent
 
-    def _settle(self, outcome: ItemOutcome, attempt: str, reserved: float, estimated_tokens: int,
-                usage: Usage | None, spent: float, ok: bool = False) -> None:
+    def _settle(
+        self,
+        outcome: ItemOutcome,
+        attempt: str,
+        reserved: float,
+        estimated_tokens: int,
+        usage: Usage | None,
+        spent: float,
+        ok: bool = False,
+    ) -> None:
         """Book one finished attempt: budget, limiter and the write-ahead ledger's settle line."""
         self.budget.settle(reserved, spent)
         self.limiter.settle(estimated_tokens, usage.input_tokens + usage.output_tokens if usage else 0)
@@ -626,12 +668,16 @@ class LabelingRun:
             # Budget: the worst case of this attempt (a generous input estimate, the full output budget).
             worst = cost_usd(self.price, input_est * 3 // 2, max_tokens)
             if answered >= self.cfg.max_attempts_per_item:
-                return self._fail(outcome, "max_attempts",
-                                  f"{answered} attempts (teachers.max_attempts_per_item); last: {error}")
+                return self._fail(
+                    outcome, "max_attempts", f"{answered} attempts (teachers.max_attempts_per_item); last: {error}"
+                )
             if outcome.cost_usd + worst > self.cfg.max_item_cost_usd + 1e-12:
-                return self._fail(outcome, "item_budget",
-                                  f"${outcome.cost_usd:.4f} spent, the next attempt may cost ${worst:.4f}: over "
-                                  f"teachers.max_item_cost_usd (${self.cfg.max_item_cost_usd:.2f}); last: {error}")
+                return self._fail(
+                    outcome,
+                    "item_budget",
+                    f"${outcome.cost_usd:.4f} spent, the next attempt may cost ${worst:.4f}: over "
+                    f"teachers.max_item_cost_usd (${self.cfg.max_item_cost_usd:.2f}); last: {error}",
+                )
             if not self.budget.reserve(worst):
                 self._stop = self._stop or "budget"
                 outcome.status, outcome.reason = "skipped", "budget"
@@ -665,9 +711,12 @@ class LabelingRun:
                 spent = self._charge(outcome, result.usage)
                 if result.rate_limit is not None:
                     info = result.rate_limit
-                    self.limiter.adopt(info.limit_requests, info.limit_tokens,
-                                       remaining_requests=info.remaining_requests,
-                                       remaining_tokens=info.remaining_tokens)
+                    self.limiter.adopt(
+                        info.limit_requests,
+                        info.limit_tokens,
+                        remaining_requests=info.remaining_requests,
+                        remaining_tokens=info.remaining_tokens,
+                    )
                 outcome.status = "labeled"
                 # The answer first, then the settle line: a kill in between leaves the attempt
                 # counted at its worst case with its answer kept (never re-asked).
@@ -707,8 +756,9 @@ class LabelingRun:
             else:
                 return self._fail(outcome, _reason(error), str(error))
 
-    def _escalate(self, item: LabelItem, kind: str, n: int, messages: list[dict[str, str]], max_tokens: int,
-                  error: LLMError) -> tuple[list[dict[str, str]], int]:
+    def _escalate(
+        self, item: LabelItem, kind: str, n: int, messages: list[dict[str, str]], max_tokens: int, error: LLMError
+    ) -> tuple[list[dict[str, str]], int]:
         """The next ask after the `n`-th invalid or cut-off answer of this item.
 
         invalid: 1st, a re-ask quoting the answer and its validation error; 2nd, the same with a
@@ -720,8 +770,11 @@ class LabelingRun:
         larger = min(cap, max(max_tokens + 1, int(max_tokens * self.cfg.truncation_budget_factor)))
         s = self.summary
         if kind == "invalid" and n <= 2:
-            reask = [*item.messages, {"role": "assistant", "content": (getattr(error, "text", "") or "")[:6000]},
-                     {"role": "user", "content": REASK.format(detail=getattr(error, "detail", str(error))[:1500])}]
+            reask = [
+                *item.messages,
+                {"role": "assistant", "content": (getattr(error, "text", "") or "")[:6000]},
+                {"role": "user", "content": REASK.format(detail=getattr(error, "detail", str(error))[:1500])},
+            ]
             s.reasked += 1
             if n == 2 and max_tokens < cap:
                 s.larger_budget += 1
@@ -745,9 +798,13 @@ class LabelingRun:
             # Earlier failures stay listed until their item is labeled.
             self._failures = dict(self.store.read_json(failures_path(self.store, self.teacher.name))["failures"])
         if self.ledger.recovered_unsettled:
-            log.warning("%s: %d request(s) of an interrupted run were never settled; counted at their worst case "
-                        "($%.4f) in %s", self.teacher.name, self.ledger.recovered_unsettled,
-                        self.ledger.view()["unsettled_cost_usd"], self.ledger.path)
+            log.warning(
+                "%s: %d request(s) of an interrupted run were never settled; counted at their worst case ($%.4f) in %s",
+                self.teacher.name,
+                self.ledger.recovered_unsettled,
+                self.ledger.view()["unsettled_cost_usd"],
+                self.ledger.path,
+            )
         # Spent so far includes those: the cap holds across crashes.
         self.budget = Budget(self.cfg.budget_usd, self.ledger.spent)
         sem = asyncio.Semaphore(self.cfg.concurrency)

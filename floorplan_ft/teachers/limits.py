@@ -95,8 +95,7 @@ def teacher_limits(settings: Any, teacher: str, remote: bool = True) -> TeacherL
             value, source = 0, "built-in"  # an unknown teacher name: no client-side limit
         values[field] = UNLIMITED if not value else int(value)
         sources.append(source)
-    return TeacherLimits(values["requests_per_minute"], values["tokens_per_minute"],
-                         " / ".join(dict.fromkeys(sources)))
+    return TeacherLimits(values["requests_per_minute"], values["tokens_per_minute"], " / ".join(dict.fromkeys(sources)))
 
 
 def rate_limit_exhausted(settings: Any, retries: int, waited_s: float) -> bool:
@@ -321,9 +320,14 @@ class RateLimiter:
         """Take the limits the provider announces (its headers are the truth; the settings are
         only the starting point until the first answer arrives). With the remaining counts: when
         both limits have plenty left, a 429 in the next seconds is transient, not our rate."""
-        if (requests_limit and tokens_limit and remaining_requests is not None and remaining_tokens is not None
-                and remaining_requests >= ROOM_SHARE * requests_limit
-                and remaining_tokens >= ROOM_SHARE * tokens_limit):
+        if (
+            requests_limit
+            and tokens_limit
+            and remaining_requests is not None
+            and remaining_tokens is not None
+            and remaining_requests >= ROOM_SHARE * requests_limit
+            and remaining_tokens >= ROOM_SHARE * tokens_limit
+        ):
             self._room_at = self._clock()
         elif remaining_requests is not None or remaining_tokens is not None:
             self._room_at = -math.inf
@@ -355,7 +359,8 @@ class RateLimiter:
             "last_decrease_at": to_wall(self._last_decrease),
             "recovery_step_at": to_wall(self._step_at),
             "observed_since": to_wall(self._observed_since),
-            "peak": self._peak, "peak_at": to_wall(self._peak_at),
+            "peak": self._peak,
+            "peak_at": to_wall(self._peak_at),
             "paused_until": to_wall(self._paused_until) if self._paused_until > now else None,
             "next_at": to_wall(self._next_at) if self._next_at > now else None,
             "rate_limited": self.rate_limited_count,
@@ -366,7 +371,9 @@ class RateLimiter:
         """Start from a predecessor's history (see `state`); returns how many of its admissions are
         still inside the window. The rate never exceeds this run's ceiling."""
         if not isinstance(data, dict) or data.get("version") != HISTORY_VERSION:
-            raise ValueError(f"unknown rate history format (version {data.get('version') if isinstance(data, dict) else None!r})")
+            raise ValueError(
+                f"unknown rate history format (version {data.get('version') if isinstance(data, dict) else None!r})"
+            )
         now, wall = self._clock(), self._wall()
 
         def to_mono(t: Any) -> float | None:
@@ -459,7 +466,11 @@ def limiter_for(
     limits = teacher_limits(settings, teacher, remote)
     history = StoredHistory(store, teacher) if (store is not None and remote) else None
     limiter = RateLimiter(
-        limits.requests_per_minute, limits.tokens_per_minute, clock=clock, sleep=sleep, wall=wall,
+        limits.requests_per_minute,
+        limits.tokens_per_minute,
+        clock=clock,
+        sleep=sleep,
+        wall=wall,
         window_s=float(getattr(settings, "rate_window_s", PROVIDER_WINDOW_S)),
         pause_cap_s=float(getattr(settings, "retry_after_cap_s", PROVIDER_WINDOW_S)),
         save=history.save if history is not None else None,

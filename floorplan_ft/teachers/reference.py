@@ -38,8 +38,9 @@ def _space_comment(space: dict, a: Assessment) -> str:
         light = f"{DIRECTION_KO[space['main_direction']]} 창이 있어 채광과 환기가 가능합니다."
     else:
         light = "창이 없는 무창실로 자연 채광이 어렵습니다."
-    if name == "침실" and space is max((s for s in a.facts["spaces"] if s["name"] == "침실"),
-                                      key=lambda s: s["area"], default=None):
+    if name == "침실" and space is max(
+        (s for s in a.facts["spaces"] if s["name"] == "침실"), key=lambda s: s["area"], default=None
+    ):
         role = f"{label}은(는) 가장 큰 침실로 안방 역할을 합니다. "
     elif name == "거실":
         role = "가족 공용 공간의 중심입니다. "

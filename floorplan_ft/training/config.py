@@ -32,8 +32,16 @@ from typing import Any
 
 # transformers' SchedulerType values (kept here so validation needs no heavy import).
 LR_SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
     "warmup_stable_decay",
 )
 CPU_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
@@ -181,8 +189,15 @@ class TrainConfig:
             "seed": getattr(ft, "seed", getattr(settings.dataset, "seed", 42)),
         }
         # Settings this module reads when they exist (asked for; absent in older settings files).
-        for name in ("gradient_checkpointing", "cpu_threads", "eval_limit", "save_total_limit", "trust_remote_code",
-                     "vllm_max_lora_rank", "eval_max_tokens"):
+        for name in (
+            "gradient_checkpointing",
+            "cpu_threads",
+            "eval_limit",
+            "save_total_limit",
+            "trust_remote_code",
+            "vllm_max_lora_rank",
+            "eval_max_tokens",
+        ):
             if hasattr(ft, name):
                 values[name] = getattr(ft, name)
         if getattr(ft, "eval_model", None):
@@ -248,10 +263,27 @@ class TrainConfig:
 
     def training_parameters(self) -> dict[str, Any]:
         """What determines the trained weights (the model card's parameters and the resume key)."""
-        keys = ("base_model", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
-                "learning_rate", "lr_scheduler", "warmup_ratio", "epochs", "max_steps", "batch_size",
-                "grad_accum", "max_length", "optim", "seed", "enable_thinking", "eval_steps",
-                "early_stopping_patience")
+        keys = (
+            "base_model",
+            "load_in_4bit",
+            "lora_r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "learning_rate",
+            "lr_scheduler",
+            "warmup_ratio",
+            "epochs",
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "optim",
+            "seed",
+            "enable_thinking",
+            "eval_steps",
+            "early_stopping_patience",
+        )
         out = {k: getattr(self, k) for k in keys}
         out["target_modules"] = list(self.target_modules)
         return out
@@ -263,8 +295,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self, *, cuda_available: bool | None = None, bnb_version: Any = _PROBE,
-                 unsloth: Any = _PROBE) -> None:
+    def validate(self, *, cuda_available: bool | None = None, bnb_version: Any = _PROBE, unsloth: Any = _PROBE) -> None:
         """Raise ``TrainConfigError`` naming the setting and the fix; loads nothing.
 
         ``cuda_available`` / ``bnb_version`` / ``unsloth`` replace what this machine has (tests):
@@ -288,8 +319,9 @@ class TrainConfig:
                     "finetune.backend=unsloth but unsloth is not installed. Install the gpu extra "
                     "(pip install 'ft-pipeline[gpu]') or set finetune.backend=trl (or auto)"
                 )
-            elif device != "cuda" and (_version_tuple(installed) < UNSLOTH_CPU_MIN
-                                       or os.environ.get("UNSLOTH_DISABLE_CPU_FALLBACK") == "1"):
+            elif device != "cuda" and (
+                _version_tuple(installed) < UNSLOTH_CPU_MIN or os.environ.get("UNSLOTH_DISABLE_CPU_FALLBACK") == "1"
+            ):
                 errors.append(
                     f"finetune.backend=unsloth on the CPU needs Unsloth's CPU fallback (unsloth >= "
                     f"{'.'.join(map(str, UNSLOTH_CPU_MIN))}, UNSLOTH_DISABLE_CPU_FALLBACK unset); unsloth {installed} "
@@ -316,8 +348,16 @@ class TrainConfig:
             )
         if self.max_steps == 0 or self.max_steps < -1:
             errors.append(f"finetune.max_steps={self.max_steps}: use a positive number, or -1 to train by epochs")
-        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "logging_steps",
-                     "eval_steps", "save_steps"):
+        for name in (
+            "lora_r",
+            "lora_alpha",
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "logging_steps",
+            "eval_steps",
+            "save_steps",
+        ):
             if getattr(self, name) <= 0:
                 errors.append(f"finetune.{name}={getattr(self, name)} must be positive")
         if not 0 <= self.lora_dropout < 1:
@@ -325,8 +365,10 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             errors.append(f"finetune.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if not self.target_modules:
-            errors.append("finetune.target_modules is empty: list the projections that get adapters "
-                          "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+            errors.append(
+                "finetune.target_modules is empty: list the projections that get adapters "
+                "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+            )
         if self.early_stopping_patience < 0:
             errors.append(f"finetune.early_stopping_patience={self.early_stopping_patience} must be 0 (off) or more")
         if self.early_stopping_patience > 0 and self.eval_steps > 0 and self.save_steps % self.eval_steps:

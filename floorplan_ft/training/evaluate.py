@@ -46,12 +46,25 @@ REPORT_FORMAT_VERSION = 1
 LATENCY_TARGET_S = 30.0
 COMPLIANCE_TARGET = 0.95
 SCALAR_FIELDS: tuple[str, ...] = (
-    "image_name", "structure_type", "bay_count", "total_spaces", "room_count", "bathroom_count",
-    "balcony_ratio", "windowless_ratio", "ventilation_quality", "compliance.overall_grade",
+    "image_name",
+    "structure_type",
+    "bay_count",
+    "total_spaces",
+    "room_count",
+    "bathroom_count",
+    "balcony_ratio",
+    "windowless_ratio",
+    "ventilation_quality",
+    "compliance.overall_grade",
 )
 TEXT_FIELDS: tuple[str, ...] = (
-    "summary", "design_evaluation.채광", "design_evaluation.환기", "design_evaluation.가족융화",
-    "design_evaluation.수납", "recommendations", "compliance.summary",
+    "summary",
+    "design_evaluation.채광",
+    "design_evaluation.환기",
+    "design_evaluation.가족융화",
+    "design_evaluation.수납",
+    "recommendations",
+    "compliance.summary",
 )
 FLOAT_TOLERANCE = 0.05
 # (largest parameter count, expected student/teacher quality band, what the plan said)
@@ -122,8 +135,10 @@ def field_agreement(student: Any, teacher: Any) -> dict[str, Any]:
     """Scalar exact matches and text ROUGE-L between two answers (dicts; anything else: no fields)."""
     s = student if isinstance(student, dict) else {}
     t = teacher if isinstance(teacher, dict) else {}
-    scalars = {f: float(_same_scalar(_get(s, f), _get(t, f))) if _get(t, f) is not None or _get(s, f) is not None
-               else None for f in SCALAR_FIELDS}
+    scalars = {
+        f: float(_same_scalar(_get(s, f), _get(t, f))) if _get(t, f) is not None or _get(s, f) is not None else None
+        for f in SCALAR_FIELDS
+    }
     texts: dict[str, float | None] = {}
     for f in TEXT_FIELDS:
         a, b = _as_text(_get(s, f)), _as_text(_get(t, f))
@@ -183,21 +198,28 @@ class EvalReport:
         lines = [
             "## Phase 6: student evaluation",
             "",
-            (f"Student `{self.model_dir}` (base `{self.base_model}`) on {s['rows']} validation plans · "
-             f"device {self.device.get('kind')} ({self.device.get('name')})"),
+            (
+                f"Student `{self.model_dir}` (base `{self.base_model}`) on {s['rows']} validation plans · "
+                f"device {self.device.get('kind')} ({self.device.get('name')})"
+            ),
             "",
             "| measure | student | target / teacher |",
             "|---|---|---|",
-            (f"| schema compliance | {pct(s['schema_compliance'])}{mark(s['meets_compliance_target'])} | "
-             f"≥ {pct(s['compliance_target'])} |"),
+            (
+                f"| schema compliance | {pct(s['schema_compliance'])}{mark(s['meets_compliance_target'])} | "
+                f"≥ {pct(s['compliance_target'])} |"
+            ),
             f"| JSON validity | {pct(s['json_validity'])} | |",
             f"| weighted quality | {num(q['student'])} | teacher {num(q['teacher'])} |",
             f"| quality relative to the teacher | {pct(q['ratio'])}{mark(q.get('meets_expected_band'))} | "
-            + (f"{pct(band[0])}–{pct(band[1])} expected" if band else "—") + " |",
+            + (f"{pct(band[0])}–{pct(band[1])} expected" if band else "—")
+            + " |",
             f"| scalar fields equal to the teacher's | {pct(s['field_agreement']['scalar_exact_match'])} | |",
             f"| ROUGE-L (char) on text fields | {num(s['field_agreement']['rouge_l'])} | |",
-            (f"| latency p50 / p95 | {num(lat['p50_s'], '{:.2f}')} / {num(lat['p95_s'], '{:.2f}')} s"
-             f"{mark(lat['meets_target'])} | ≤ {lat['target_s']:.0f} s |"),
+            (
+                f"| latency p50 / p95 | {num(lat['p50_s'], '{:.2f}')} / {num(lat['p95_s'], '{:.2f}')} s"
+                f"{mark(lat['meets_target'])} | ≤ {lat['target_s']:.0f} s |"
+            ),
             f"| output tokens / s | {num(lat['tokens_per_s'], '{:.1f}')} | |",
         ]
         if q.get("note"):
@@ -226,12 +248,22 @@ def describe_device(kind: str | None) -> dict[str, Any]:
 
     if kind == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return {"kind": "cuda", "name": props.name, "memory_gib": round(props.total_memory / 1024**3, 1),
-                "torch": torch.__version__}
+        return {
+            "kind": "cuda",
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 1024**3, 1),
+            "torch": torch.__version__,
+        }
     from floorplan_ft.training.memory import cpu_name
 
-    return {"kind": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "machine": platform.machine(), "torch": torch.__version__}
+    return {
+        "kind": "cpu",
+        "name": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+    }
 
 
 def _base_of(model_dir: Path) -> str | None:
@@ -310,9 +342,13 @@ def evaluate_student(
     own_client = client is None
     if own_client:
         client = LocalChatClient(
-            model_dir, device=config.device,
-            load_in_4bit=False, max_new_tokens=max_new, enable_thinking=config.enable_thinking,
-            path_setting="finetune.student_name", cpu_threads=config.cpu_threads or settings.serving.cpu_threads,
+            model_dir,
+            device=config.device,
+            load_in_4bit=False,
+            max_new_tokens=max_new,
+            enable_thinking=config.enable_thinking,
+            path_setting="finetune.student_name",
+            cpu_threads=config.cpu_threads or settings.serving.cpu_threads,
         )
     weights = settings.quality.weights
     warnings: list[str] = []
@@ -426,8 +462,11 @@ def evaluate_student(
     }
     server = getattr(client, "base_url", None) if getattr(client, "provider", None) == "openai-compatible" else None
     if server:
-        device = {"kind": "server", "name": f"OpenAI-compatible server at {server}",
-                  "model": getattr(client, "model", None)}
+        device = {
+            "kind": "server",
+            "name": f"OpenAI-compatible server at {server}",
+            "model": getattr(client, "model", None),
+        }
     else:
         try:
             kind = client.describe().get("device") or config.resolved_device()
@@ -435,8 +474,14 @@ def evaluate_student(
             kind = config.resolved_device()
         device = describe_device(kind)
     report = EvalReport(
-        model_dir=str(model_dir), base_model=base, params=params, device=device, rows=out_rows,
-        summary=summary, created_at=datetime.now(UTC).isoformat(timespec="seconds"), warnings=warnings,
+        model_dir=str(model_dir),
+        base_model=base,
+        params=params,
+        device=device,
+        rows=out_rows,
+        summary=summary,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        warnings=warnings,
     )
     if write:
         report.path = store.write_json(config.eval_report_path, report.to_dict())
@@ -472,10 +517,14 @@ def run_evaluation(settings: Any, store: ArtifactStore | None = None) -> dict[st
         # the server's json_schema response format, Qwen3 thinking off, the key never sent.
         from floorplan_ft.serving.factory import make_chat_client
 
-        client = make_chat_client(settings, "openai-compatible", settings.finetune.eval_model,
-                                  base_url=settings.finetune.eval_base_url,
-                                  max_tokens=settings.finetune.eval_max_tokens,  # the team client's 8000
-                                  enable_thinking=config.enable_thinking)  # as trained, whatever its name
+        client = make_chat_client(
+            settings,
+            "openai-compatible",
+            settings.finetune.eval_model,
+            base_url=settings.finetune.eval_base_url,
+            max_tokens=settings.finetune.eval_max_tokens,  # the team client's 8000
+            enable_thinking=config.enable_thinking,
+        )  # as trained, whatever its name
     try:
         try:
             model_dir = student_model_dir(config)
@@ -483,10 +532,20 @@ def run_evaluation(settings: Any, store: ArtifactStore | None = None) -> dict[st
             if client is None:
                 raise
             model_dir = Path(config.student_dir)  # served from elsewhere: the report names the base model
-        report = evaluate_student(store, model_dir, settings=settings, client=client,
-                                  max_new_tokens=settings.finetune.eval_max_tokens if client is not None else None)
+        report = evaluate_student(
+            store,
+            model_dir,
+            settings=settings,
+            client=client,
+            max_new_tokens=settings.finetune.eval_max_tokens if client is not None else None,
+        )
     finally:
         if client is not None:
             client.close()
-    return {"path": report.path, "summary": report.summary, "device": report.device,
-            "model_dir": report.model_dir, "markdown": report.markdown()}
+    return {
+        "path": report.path,
+        "summary": report.summary,
+        "device": report.device,
+        "model_dir": report.model_dir,
+        "markdown": report.markdown(),
+    }

@@ -88,15 +88,39 @@ class ModelShape:
         kv = self.kv_heads * self.head_dim
         h, i = self.hidden, self.intermediate
         return {
-            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
         }
 
 
-def _shape(name: str, layers: int, hidden: int, intermediate: int, vocab: int, heads: int, kv: int,
-           head_dim: int | None = None, tied: bool = False) -> ModelShape:
-    return ModelShape(name, layers, hidden, intermediate, vocab, heads, kv, head_dim or hidden // heads, tied,
-                      qk_norm=name.startswith("Qwen/Qwen3"))
+def _shape(
+    name: str,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    vocab: int,
+    heads: int,
+    kv: int,
+    head_dim: int | None = None,
+    tied: bool = False,
+) -> ModelShape:
+    return ModelShape(
+        name,
+        layers,
+        hidden,
+        intermediate,
+        vocab,
+        heads,
+        kv,
+        head_dim or hidden // heads,
+        tied,
+        qk_norm=name.startswith("Qwen/Qwen3"),
+    )
 
 
 # The profiles' models and their neighbours (public config.json values).
@@ -157,8 +181,9 @@ def shape_from_params(params: int, name: str = "model") -> ModelShape:
     hidden = int((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a))
     hidden = max(64, hidden - hidden % 64)
     heads = max(1, hidden // 128)
-    return ModelShape(name, layers, hidden, int(hidden * 8 / 3), vocab, heads, heads, hidden // heads,
-                      source="parameters")
+    return ModelShape(
+        name, layers, hidden, int(hidden * 8 / 3), vocab, heads, heads, hidden // heads, source="parameters"
+    )
 
 
 def _cached_config(repo_id: str) -> str | None:
@@ -350,9 +375,15 @@ def memory_breakdown(
         parts=parts,
         shape=shape,
         assumptions={
-            "device": device, "load_in_4bit": load_in_4bit, "lora_r": lora_r, "batch": batch,
-            "max_length": max_length, "optim": optim, "gradient_checkpointing": gradient_checkpointing,
-            "lora_params": lora_params, "target_modules": targets,
+            "device": device,
+            "load_in_4bit": load_in_4bit,
+            "lora_r": lora_r,
+            "batch": batch,
+            "max_length": max_length,
+            "optim": optim,
+            "gradient_checkpointing": gradient_checkpointing,
+            "lora_params": lora_params,
+            "target_modules": targets,
         },
     )
 
@@ -376,8 +407,14 @@ def _local_8gb_estimate(device: str) -> MemoryEstimate:
 
     ft = PROFILES["local-8gb"]["finetune"]
     return memory_breakdown(
-        KNOWN_MODELS[_LOCAL_8GB.lower()], load_in_4bit=True, lora_r=ft["lora_r"], batch=ft["batch_size"],
-        max_length=ft["max_length"], device=device, optim="adamw_8bit", gradient_checkpointing=True,
+        KNOWN_MODELS[_LOCAL_8GB.lower()],
+        load_in_4bit=True,
+        lora_r=ft["lora_r"],
+        batch=ft["batch_size"],
+        max_length=ft["max_length"],
+        device=device,
+        optim="adamw_8bit",
+        gradient_checkpointing=True,
     )
 
 
@@ -392,10 +429,15 @@ def check_memory(
     device = device or device_info(config.resolved_device())
     shape = shape or model_shape(config.base_model)
     kw = {
-        "load_in_4bit": config.load_in_4bit, "lora_r": config.lora_r, "batch": config.batch_size,
-        "max_length": config.max_length, "device": device.kind, "target_modules": config.target_modules,
+        "load_in_4bit": config.load_in_4bit,
+        "lora_r": config.lora_r,
+        "batch": config.batch_size,
+        "max_length": config.max_length,
+        "device": device.kind,
+        "target_modules": config.target_modules,
         "optim": config.optim,
-        "gradient_checkpointing": config.gradient_checkpointing if config.gradient_checkpointing is not None
+        "gradient_checkpointing": config.gradient_checkpointing
+        if config.gradient_checkpointing is not None
         else device.kind == "cuda",
     }
     est = memory_breakdown(shape, **kw)
@@ -420,24 +462,28 @@ def check_memory(
         if e.total_bytes <= usable:
             accum = config.grad_accum * config.batch_size // b
             extra = " and finetune.load_in_4bit=true" if four and not config.load_in_4bit else ""
-            options.append(f"set finetune.batch_size={b} with finetune.grad_accum={accum}{extra} "
-                           f"(same effective batch, ~{e.total_gib:.1f} GiB)")
+            options.append(
+                f"set finetune.batch_size={b} with finetune.grad_accum={accum}{extra} "
+                f"(same effective batch, ~{e.total_gib:.1f} GiB)"
+            )
             break
     if shape.name.lower() != _LOCAL_8GB.lower() and device.kind == "cuda":
         e = _local_8gb_estimate(device.kind)
         if e.total_bytes <= usable:
-            options.append(f"use the local-8gb profile (EXAONE 2.4B QLoRA, --profile local-8gb, ~{e.total_gib:.1f} GiB)")
+            options.append(
+                f"use the local-8gb profile (EXAONE 2.4B QLoRA, --profile local-8gb, ~{e.total_gib:.1f} GiB)"
+            )
     if device.kind == "cpu":
         options.append("train on a CUDA machine (the production profile targets an A100 80 GB)")
     if not options:
-        options.append("use a larger GPU (the production profile targets an A100 80 GB) or a smaller "
-                       "finetune.base_model")
-    mode = "4-bit QLoRA" if kw["load_in_4bit"] else (
-        "bf16" if device.kind == "cuda" else "fp32")
+        options.append(
+            "use a larger GPU (the production profile targets an A100 80 GB) or a smaller finetune.base_model"
+        )
+    mode = "4-bit QLoRA" if kw["load_in_4bit"] else ("bf16" if device.kind == "cuda" else "fp32")
     raise MemoryCheckError(
         f"finetune.base_model={config.base_model} ({shape.params / 1e9:.1f}B parameters, {mode}, LoRA r "
         f"{config.lora_r}, batch {config.batch_size} x {config.max_length} tokens) needs {est.describe()} "
         f"to train, but {device.describe()} offers {usable / GiB:.1f} GiB. Options: " + "; ".join(options),
-        est, device,
+        est,
+        device,
     )
-

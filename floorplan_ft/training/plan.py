@@ -88,13 +88,17 @@ class TrainPlan:
 
     def markdown(self) -> str:
         lines = [
-            (f"Base model {self.base_model} ({self.parameters_b:.1f}B parameters, "
-            f"{'4-bit QLoRA' if self.load_in_4bit else '16-bit LoRA'})"),
+            (
+                f"Base model {self.base_model} ({self.parameters_b:.1f}B parameters, "
+                f"{'4-bit QLoRA' if self.load_in_4bit else '16-bit LoRA'})"
+            ),
             f"Rows: {self.rows} ({self.rows_source}); tokens per epoch: {self.tokens_per_epoch:,} ({self.tokens_source})"
             + (f"; longest row {self.longest_row}" if self.longest_row is not None else ""),
-            (f"{self.epochs:g} epochs x {self.steps_per_epoch} optimizer steps (effective batch {self.effective_batch})"
-            f" = {self.total_steps} steps, {self.evaluations} validation passes, {self.checkpoints} checkpoints; "
-            f"{self.tokens_total:,} training tokens"),
+            (
+                f"{self.epochs:g} epochs x {self.steps_per_epoch} optimizer steps (effective batch {self.effective_batch})"
+                f" = {self.total_steps} steps, {self.evaluations} validation passes, {self.checkpoints} checkpoints; "
+                f"{self.tokens_total:,} training tokens"
+            ),
         ]
         lines += [f"Warning: {w}" for w in self.warnings]
         lines += ["", "| GPU | memory estimate | fits | hours (25-45 % of bf16 peak) |", "|---|---|---|---|"]
@@ -145,10 +149,20 @@ def plan_training(settings: Any, store: ArtifactStore | None = None) -> TrainPla
     total = config.max_steps if config.max_steps > 0 else math.ceil(per_epoch * config.epochs)
     shape = model_shape(config.base_model)
     plan = TrainPlan(
-        base_model=config.base_model, parameters_b=shape.params / 1e9, load_in_4bit=config.load_in_4bit,
-        rows=n_rows, rows_source=rows_source, tokens_per_epoch=int(tokens_per_epoch), tokens_source=tokens_source,
-        longest_row=longest, rows_over_max_length=over, epochs=config.epochs, effective_batch=effective,
-        steps_per_epoch=per_epoch, total_steps=total, evaluations=total // config.eval_steps,
+        base_model=config.base_model,
+        parameters_b=shape.params / 1e9,
+        load_in_4bit=config.load_in_4bit,
+        rows=n_rows,
+        rows_source=rows_source,
+        tokens_per_epoch=int(tokens_per_epoch),
+        tokens_source=tokens_source,
+        longest_row=longest,
+        rows_over_max_length=over,
+        epochs=config.epochs,
+        effective_batch=effective,
+        steps_per_epoch=per_epoch,
+        total_steps=total,
+        evaluations=total // config.eval_steps,
         checkpoints=total // config.save_steps,
     )
     if over:
@@ -157,8 +171,11 @@ def plan_training(settings: Any, store: ArtifactStore | None = None) -> TrainPla
             "will be cut, losing the end of their answers: raise finetune.max_length or set dataset.drop_overlong=true"
         )
     elif not train_path.is_file() and PLAN_ROW_TOKENS > config.max_length:
-        what = ("the prompt alone (~3,000) leaves no room for the answer, so such rows would be dropped"
-                if PLAN_PROMPT_TOKENS >= config.max_length else "their answers would be cut")
+        what = (
+            "the prompt alone (~3,000) leaves no room for the answer, so such rows would be dropped"
+            if PLAN_PROMPT_TOKENS >= config.max_length
+            else "their answers would be cut"
+        )
         plan.warnings.append(
             f"the plan's rows (~{PLAN_ROW_TOKENS:,} tokens) are longer than finetune.max_length={config.max_length}: "
             f"{what}. Measure real rows after step 5 (this command counts them) before training"
@@ -174,6 +191,14 @@ def plan_training(settings: Any, store: ArtifactStore | None = None) -> TrainPla
         flops = FLOPS_PER_PARAM_TOKEN * shape.params * tokens
         hours = (flops / (peak * UTILISATION[1]) / 3600, flops / (peak * UTILISATION[0]) / 3600) if fits else None
         tight = fits and est.total_bytes * TIGHT_MARGIN > device.usable_bytes
-        plan.gpus.append(GpuPlan(device.name, round(est.total_gib, 1), fits, advice, tight,
-                                 None if hours is None else (round(hours[0], 2), round(hours[1], 2))))
+        plan.gpus.append(
+            GpuPlan(
+                device.name,
+                round(est.total_gib, 1),
+                fits,
+                advice,
+                tight,
+                None if hours is None else (round(hours[0], 2), round(hours[1], 2)),
+            )
+        )
     return plan

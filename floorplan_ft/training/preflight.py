@@ -35,8 +35,11 @@ def vllm_lora_errors(config: TrainConfig) -> list[str]:
         )
     elif config.lora_r > limit:
         need = next((r for r in VLLM_LORA_RANKS if r >= config.lora_r), None)
-        start = f"start vLLM with --max-lora-rank {need} (and set finetune.vllm_max_lora_rank={need})" if need \
+        start = (
+            f"start vLLM with --max-lora-rank {need} (and set finetune.vllm_max_lora_rank={need})"
+            if need
             else f"no vLLM rank reaches {config.lora_r}"
+        )
         errors.append(
             f"finetune.lora_r={config.lora_r} exceeds the serving vLLM's --max-lora-rank {limit} "
             f"(finetune.vllm_max_lora_rank): {start} or set finetune.lora_r <= {limit}"
@@ -82,16 +85,24 @@ def preflight(config: TrainConfig, base_path: str | Path) -> None:
     check_target_modules(config, base_path)
 
 
-def vllm_serve_command(config: TrainConfig, base_ref: str, adapter_dir: str | Path,
-                       module: str | None = None) -> str:
+def vllm_serve_command(config: TrainConfig, base_ref: str, adapter_dir: str | Path, module: str | None = None) -> str:
     """The ``vllm serve`` line that serves this adapter by name beside its base model. The context
     holds a training-length prompt plus the evaluation's ``max_tokens``."""
     module = module or config.lora_module_name or DEFAULT_LORA_MODULE
     rank = next((r for r in VLLM_LORA_RANKS if r >= max(config.lora_r, 1)), config.lora_r)
     rank = max(rank, config.vllm_max_lora_rank) if config.vllm_max_lora_rank in VLLM_LORA_RANKS else rank
-    parts = ["vllm", "serve", str(base_ref), "--enable-lora", "--lora-modules",
-             f"{module}={Path(adapter_dir).resolve()}", "--max-lora-rank", str(rank),
-             "--max-model-len", str(config.max_length + config.eval_max_tokens)]
+    parts = [
+        "vllm",
+        "serve",
+        str(base_ref),
+        "--enable-lora",
+        "--lora-modules",
+        f"{module}={Path(adapter_dir).resolve()}",
+        "--max-lora-rank",
+        str(rank),
+        "--max-model-len",
+        str(config.max_length + config.eval_max_tokens),
+    ]
     if config.trust_remote_code:
         parts.append("--trust-remote-code")
     return shlex.join(parts)
@@ -103,9 +114,13 @@ def finish_adapter(adapter_dir: str | Path, tokenizer: Any) -> list[str]:
     adapter = Path(adapter_dir)
     cfg_path = adapter / "adapter_config.json"
     if not cfg_path.is_file():
-        raise TrainConfigError(f"{adapter}: adapter_config.json is missing: the adapter was not saved; train again (step 6)")
+        raise TrainConfigError(
+            f"{adapter}: adapter_config.json is missing: the adapter was not saved; train again (step 6)"
+        )
     if not any(adapter.glob("adapter_model.*")):
-        raise TrainConfigError(f"{adapter}: no adapter_model.safetensors: the adapter was not saved; train again (step 6)")
+        raise TrainConfigError(
+            f"{adapter}: no adapter_model.safetensors: the adapter was not saved; train again (step 6)"
+        )
     if not ((adapter / "tokenizer.json").is_file() or (adapter / "tokenizer_config.json").is_file()):
         tokenizer.save_pretrained(str(adapter))
     template_file = adapter / "chat_template.jinja"

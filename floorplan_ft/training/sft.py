@@ -253,8 +253,11 @@ def measure_peak_memory(device: str) -> dict[str, Any]:
     if device == "cuda":
         import torch
 
-        return {"device": "cuda", "allocated_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 2),
-                "reserved_gib": round(torch.cuda.max_memory_reserved() / 1024**3, 2)}
+        return {
+            "device": "cuda",
+            "allocated_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 2),
+            "reserved_gib": round(torch.cuda.max_memory_reserved() / 1024**3, 2),
+        }
     import resource
 
     return {"device": "cpu", "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)}
@@ -273,10 +276,17 @@ def history_records(log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any
         step = int(entry.get("step", 0))
         if not any(k in entry for k in ("loss", "eval_loss")):
             continue
-        rec = by_step.setdefault(step, {"step": step, "epoch": None, "loss": None, "eval_loss": None,
-                                        "learning_rate": None, "grad_norm": None})
-        for src, dst in (("loss", "loss"), ("eval_loss", "eval_loss"), ("learning_rate", "learning_rate"),
-                         ("grad_norm", "grad_norm"), ("epoch", "epoch")):
+        rec = by_step.setdefault(
+            step,
+            {"step": step, "epoch": None, "loss": None, "eval_loss": None, "learning_rate": None, "grad_norm": None},
+        )
+        for src, dst in (
+            ("loss", "loss"),
+            ("eval_loss", "eval_loss"),
+            ("learning_rate", "learning_rate"),
+            ("grad_norm", "grad_norm"),
+            ("epoch", "epoch"),
+        ):
             v = entry.get(src)
             if isinstance(v, int | float) and math.isfinite(v):
                 rec[dst] = float(v)
@@ -359,21 +369,21 @@ tags: [lora, sft, trl, floor-plan-analysis, korean]
 # {config.student_name}: floor-plan analysis student (LoRA)
 
 A LoRA adapter on **{base}** trained to write `FloorPlanAnalysis` JSON (Korean) from a floor plan's
-topology graph and the retrieved evaluation criteria, on the answers of teacher `{data.get('teacher') or 'unknown'}`.
+topology graph and the retrieved evaluation criteria, on the answers of teacher `{data.get("teacher") or "unknown"}`.
 
 ## Data
 | split | rows | sha256 |
 |---|---|---|
-| train.jsonl | {data.get('train_rows')} | `{data.get('train_sha256')}` |
-| val.jsonl | {data.get('val_rows')} | `{data.get('val_sha256')}` |
+| train.jsonl | {data.get("train_rows")} | `{data.get("train_sha256")}` |
+| val.jsonl | {data.get("val_rows")} | `{data.get("val_sha256")}` |
 
-Prompt version `{data.get('prompt_version')}`, schema `{data.get('schema_hash')}`. Loss on the answer tokens only;
+Prompt version `{data.get("prompt_version")}`, schema `{data.get("schema_hash")}`. Loss on the answer tokens only;
 prompts rendered with the base model's chat template, `enable_thinking={config.enable_thinking}`.
-Longest row {data.get('longest_tokens')} tokens (max_length {config.max_length}; {len(data.get('overlong', []))} rows cut).
+Longest row {data.get("longest_tokens")} tokens (max_length {config.max_length}; {len(data.get("overlong", []))} rows cut).
 
 ## Training
 Backend `{result.backend}` on `{result.device}`, {result.global_step} of {result.max_steps} optimizer steps
-(epoch {result.epoch}), {result.runtime_s:.0f} s{', stopped early on the validation loss' if result.stopped_early else ''}.
+(epoch {result.epoch}), {result.runtime_s:.0f} s{", stopped early on the validation loss" if result.stopped_early else ""}.
 
 | parameter | value |
 |---|---|
@@ -386,8 +396,8 @@ Backend `{result.backend}` on `{result.device}`, {result.global_step} of {result
 | first / last logged train loss | {f(result.first_loss)} / {f(result.last_loss)} |
 | best validation loss | {f(result.best_eval_loss)} |
 | last validation loss | {f(result.last_eval_loss)} |
-| best checkpoint | {Path(result.best_checkpoint).name if result.best_checkpoint else 'n/a'} |
-| memory: estimated / measured peak | {(result.memory or {}).get('total_gib', 'n/a')} GiB / {describe_peak(result.peak_memory) if result.peak_memory else 'n/a'} |
+| best checkpoint | {Path(result.best_checkpoint).name if result.best_checkpoint else "n/a"} |
+| memory: estimated / measured peak | {(result.memory or {}).get("total_gib", "n/a")} GiB / {describe_peak(result.peak_memory) if result.peak_memory else "n/a"} |
 
 Run fingerprint `{result.fingerprint}`. Student evaluation: `eval_report.json` beside this folder.
 
@@ -400,7 +410,7 @@ Render prompts with `enable_thinking=False` (Qwen3), exactly as in training, and
 The team's vLLM, serving this adapter by name beside the base (rank fits `--max-lora-rank`):
 
 ```
-{result.vllm_serve or '(see train_result.json)'}
+{result.vllm_serve or "(see train_result.json)"}
 ```
 """
 
@@ -437,8 +447,12 @@ def _log_relay(fn: LogFn | None):
             if not logs:
                 return
             record = {"step": state.global_step, "max_steps": state.max_steps, **logs}
-            log.info("step %s/%s: %s", state.global_step, state.max_steps,
-                     {k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items()})
+            log.info(
+                "step %s/%s: %s",
+                state.global_step,
+                state.max_steps,
+                {k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items()},
+            )
             if fn is not None:
                 fn(record)
 
@@ -487,8 +501,11 @@ CPU_4BIT_MIN_FEATURES = 64
 
 
 def _check_cpu_4bit(model: Any) -> None:
-    narrow = {name.rsplit(".", 1)[-1]: mod.in_features for name, mod in model.named_modules()
-              if type(mod).__name__ == "Linear4bit" and mod.in_features < CPU_4BIT_MIN_FEATURES}
+    narrow = {
+        name.rsplit(".", 1)[-1]: mod.in_features
+        for name, mod in model.named_modules()
+        if type(mod).__name__ == "Linear4bit" and mod.in_features < CPU_4BIT_MIN_FEATURES
+    }
     if narrow:
         raise TrainConfigError(
             f"finetune.load_in_4bit=true on the CPU: bitsandbytes' CPU kernels need layers with at least "
@@ -654,8 +671,10 @@ def prepare(
     if config.backend == "auto" and device == "cuda" and backend == "trl" and not unsloth_available():
         log.info("unsloth is not installed: training with TRL + PEFT")
     if backend == "unsloth" and device == "cpu":
-        warnings.append("finetune.backend=unsloth on the CPU: Unsloth's CPU fallback trains (slowly, and with "
-                        "AdamW in place of 8-bit optimizers); finetune.backend=auto picks TRL here")
+        warnings.append(
+            "finetune.backend=unsloth on the CPU: Unsloth's CPU fallback trains (slowly, and with "
+            "AdamW in place of 8-bit optimizers); finetune.backend=auto picks TRL here"
+        )
 
     data = data_summary(config, store)
     train_rows = _read_split(store, config.train_path)
@@ -688,11 +707,23 @@ def prepare(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    train_split, w = encode_split(tokenizer, train_rows, split_stems(config, "train", len(train_rows)),
-                                  config.max_length, name="train", enable_thinking=config.enable_thinking)
+    train_split, w = encode_split(
+        tokenizer,
+        train_rows,
+        split_stems(config, "train", len(train_rows)),
+        config.max_length,
+        name="train",
+        enable_thinking=config.enable_thinking,
+    )
     warnings += w
-    val_split, w = encode_split(tokenizer, val_rows, split_stems(config, "val", len(val_rows)),
-                                config.max_length, name="val", enable_thinking=config.enable_thinking)
+    val_split, w = encode_split(
+        tokenizer,
+        val_rows,
+        split_stems(config, "val", len(val_rows)),
+        config.max_length,
+        name="val",
+        enable_thinking=config.enable_thinking,
+    )
     warnings += w
     longest = max(train_split.longest, val_split.longest)
     if not train_split.examples:
@@ -700,11 +731,15 @@ def prepare(
             f"no train row keeps any answer token within finetune.max_length={config.max_length} "
             f"(longest row: {longest} tokens with this tokenizer): set finetune.max_length >= {longest}"
         )
-    data.update({
-        "train_rows": len(train_split.examples), "val_rows": len(val_split.examples),
-        "longest_tokens": longest, "overlong": train_split.overlong + val_split.overlong,
-        "dropped": train_split.dropped + val_split.dropped,
-    })
+    data.update(
+        {
+            "train_rows": len(train_split.examples),
+            "val_rows": len(val_split.examples),
+            "longest_tokens": longest,
+            "overlong": train_split.overlong + val_split.overlong,
+            "dropped": train_split.dropped + val_split.dropped,
+        }
+    )
 
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
@@ -730,8 +765,21 @@ def prepare(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # records go to the logger (and on_log) instead of stdout
-    return Prepared(config, trainer, tokenizer, backend, device, base_path, hub_id, train_split, val_split,
-                    data, fingerprint, memory, warnings)
+    return Prepared(
+        config,
+        trainer,
+        tokenizer,
+        backend,
+        device,
+        base_path,
+        hub_id,
+        train_split,
+        val_split,
+        data,
+        fingerprint,
+        memory,
+        warnings,
+    )
 
 
 # ============================================================================= checkpoints
@@ -751,12 +799,23 @@ def _prepare_checkpoints(config: TrainConfig, fingerprint: str, resume: bool) ->
                 previous = None
         if previous != fingerprint:
             aside = ckpt.with_name(f"checkpoints.{previous or 'unknown'}.{int(time.time())}")
-            log.warning("checkpoints in %s belong to another run (fingerprint %s, now %s): moved to %s",
-                        ckpt, previous, fingerprint, aside)
+            log.warning(
+                "checkpoints in %s belong to another run (fingerprint %s, now %s): moved to %s",
+                ckpt,
+                previous,
+                fingerprint,
+                aside,
+            )
             ckpt.rename(aside)
     ckpt.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"fingerprint": fingerprint, "parameters": config.training_parameters()},
-                                   ensure_ascii=False, indent=2, default=str))
+    run_file.write_text(
+        json.dumps(
+            {"fingerprint": fingerprint, "parameters": config.training_parameters()},
+            ensure_ascii=False,
+            indent=2,
+            default=str,
+        )
+    )
     if not resume:
         for old in ckpt.glob("checkpoint-*"):
             shutil.rmtree(old, ignore_errors=True)
@@ -784,8 +843,11 @@ def last_complete_checkpoint(checkpoints_dir: str | Path, *, remove_incomplete: 
     for _, p in sorted(found, reverse=True):
         if _complete(p):
             return str(p)
-        log.warning("checkpoint %s is incomplete (interrupted while saving): %s", p,
-                    "removed" if remove_incomplete else "skipped")
+        log.warning(
+            "checkpoint %s is incomplete (interrupted while saving): %s",
+            p,
+            "removed" if remove_incomplete else "skipped",
+        )
         if remove_incomplete:
             shutil.rmtree(p, ignore_errors=True)
     return None
@@ -843,7 +905,9 @@ def train(
     if not force and not keep_model:
         reused = _reusable(config, store)
         if reused is not None:
-            log.info("finished run %s found in %s: reused (force=True retrains)", reused.fingerprint, config.result_path)
+            log.info(
+                "finished run %s found in %s: reused (force=True retrains)", reused.fingerprint, config.result_path
+            )
             return reused
     started = time.perf_counter()
     Path(config.result_path).unlink(missing_ok=True)  # a result of another run must not outlive its adapter
@@ -920,14 +984,25 @@ def train(
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
     staging.rename(adapter_dir)  # the adapter folder appears complete or not at all
-    store.write_json(config.log_path, {
-        "base_model": config.base_model, "backend": prep.backend, "device": prep.device,
-        "fingerprint": prep.fingerprint, "global_step": result.global_step, "max_steps": result.max_steps,
-        "best_eval_loss": result.best_eval_loss, "best_checkpoint": result.best_checkpoint,
-        "resumed_from": resume_from, "history": records,
-    })
-    store.write_bytes(config.curves_path, curves_png(
-        records, f"{config.student_name}: {Path(config.base_model).name}, {result.global_step} steps"))
+    store.write_json(
+        config.log_path,
+        {
+            "base_model": config.base_model,
+            "backend": prep.backend,
+            "device": prep.device,
+            "fingerprint": prep.fingerprint,
+            "global_step": result.global_step,
+            "max_steps": result.max_steps,
+            "best_eval_loss": result.best_eval_loss,
+            "best_checkpoint": result.best_checkpoint,
+            "resumed_from": resume_from,
+            "history": records,
+        },
+    )
+    store.write_bytes(
+        config.curves_path,
+        curves_png(records, f"{config.student_name}: {Path(config.base_model).name}, {result.global_step} steps"),
+    )
     store.write_json(config.result_path, result.to_dict())
     if keep_model:
         result.model = model
@@ -948,8 +1023,9 @@ def adapter_hash(adapter_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def merge_adapter(config: TrainConfig, adapter_dir: str | None = None, out_dir: str | None = None, *,
-                  force: bool = False) -> str:
+def merge_adapter(
+    config: TrainConfig, adapter_dir: str | None = None, out_dir: str | None = None, *, force: bool = False
+) -> str:
     """Base + adapter merged into full weights (``PeftModel.merge_and_unload``) for vLLM: loaded
     unquantised (bf16 on CUDA, fp32 on the CPU), never on the 4-bit training model."""
     import torch
@@ -982,8 +1058,17 @@ def merge_adapter(config: TrainConfig, adapter_dir: str | None = None, out_dir: 
     card = adapter / "README.md"
     if card.is_file():
         shutil.copyfile(card, out / "README.md")
-    marker.write_text(json.dumps({"adapter": str(adapter), "adapter_sha256": digest, "base_model": base_ref,
-                                  "dtype": str(dtype).replace("torch.", "")}, indent=2))
+    marker.write_text(
+        json.dumps(
+            {
+                "adapter": str(adapter),
+                "adapter_sha256": digest,
+                "base_model": base_ref,
+                "dtype": str(dtype).replace("torch.", ""),
+            },
+            indent=2,
+        )
+    )
     base = merged = None
     _free()
     return str(out)
@@ -1005,8 +1090,9 @@ def ensure_demo_base(path: str | Path, *, seed: int = 0, short_json: bool = True
     return str(path)
 
 
-def run_finetune(settings: Any, store: ArtifactStore | None = None, *, on_log: LogFn | None = None,
-                 force: bool = False) -> dict[str, Any]:
+def run_finetune(
+    settings: Any, store: ArtifactStore | None = None, *, on_log: LogFn | None = None, force: bool = False
+) -> dict[str, Any]:
     """Step 6a: train (resuming or reusing when possible), then merge when ``finetune.merge``."""
     store = store or ArtifactStore(settings.paths.data_root)
     config = TrainConfig.from_settings(settings, store)

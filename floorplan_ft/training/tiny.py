@@ -59,9 +59,7 @@ def build_tiny_tokenizer(directory: str | Path, vocab_size: int = 512):
         show_progress=False,
     )
     backend.train_from_iterator(_CORPUS * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
     tokenizer.chat_template = CHAT_TEMPLATE
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -91,9 +89,7 @@ def build_tiny_causal_lm(directory: str | Path, seed: int = 0, hidden_size: int 
     )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(directory)
     return model, tokenizer
 

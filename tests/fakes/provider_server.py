@@ -108,9 +108,7 @@ class Reply:
         return cls("ok", content=content, delay_s=delay_s)
 
     @classmethod
-    def rate_limited(
-        cls, retry_after: float | str | None = None, retry_after_ms: float | None = None
-    ) -> Reply:
+    def rate_limited(cls, retry_after: float | str | None = None, retry_after_ms: float | None = None) -> Reply:
         """HTTP 429 with optional ``Retry-After`` / ``retry-after-ms`` headers."""
         return cls(
             "status",
@@ -122,9 +120,7 @@ class Reply:
 
     @classmethod
     def server_error(cls, status: int = 500) -> Reply:
-        return cls(
-            "status", status=status, message="The server had an error processing your request."
-        )
+        return cls("status", status=status, message="The server had an error processing your request.")
 
     @classmethod
     def unauthorized(cls, status: int = 401) -> Reply:
@@ -132,9 +128,7 @@ class Reply:
         return cls("status", status=status, message="Incorrect API key provided: {key}")
 
     @classmethod
-    def bad_request(
-        cls, status: int = 400, message: str = "Invalid schema for response_format"
-    ) -> Reply:
+    def bad_request(cls, status: int = 400, message: str = "Invalid schema for response_format") -> Reply:
         return cls("status", status=status, message=message)
 
     @classmethod
@@ -341,7 +335,8 @@ class FakeProviderServer:
     def batch_creations(self) -> list[RecordedRequest]:
         """The requests that created a batch job (OpenAI or Gemini)."""
         return [
-            r for r in self.requests
+            r
+            for r in self.requests
             if r.method == "POST" and (r.path == "/v1/batches" or r.path.endswith(":batchGenerateContent"))
         ]
 
@@ -420,8 +415,11 @@ class FakeProviderServer:
 
     def enqueued_tokens(self, provider: str, model: str | None) -> int:
         """Input tokens of that provider's and model's batches still running (failed ones free theirs)."""
-        return sum(b.tokens for b in self.batches.values()
-                   if b.provider == provider and b.model == model and b.ended_at is None and b.error_code is None)
+        return sum(
+            b.tokens
+            for b in self.batches.values()
+            if b.provider == provider and b.model == model and b.ended_at is None and b.error_code is None
+        )
 
     def _new_batch(self, provider: str, lines: list[dict], plan: BatchPlan | None = None, **kw: Any) -> FakeBatch:
         plan = plan or self._next_plan()
@@ -440,7 +438,8 @@ class FakeProviderServer:
         limit = self.batch_enqueued_token_limit
         with self._lock:
             return limit is not None and (
-                self.enqueued_tokens(provider, model) + sum(_line_tokens(line) for line in lines) > limit)
+                self.enqueued_tokens(provider, model) + sum(_line_tokens(line) for line in lines) > limit
+            )
 
     def _poll(self, batch: FakeBatch) -> None:
         """One status request: in progress for `plan.polls` requests, then the final state.
@@ -474,25 +473,44 @@ class FakeProviderServer:
             if i >= done:
                 if plan.report_unfinished:
                     code = "batch_expired" if plan.final == "expired" else "batch_cancelled"
-                    errors.append({"id": f"batch_req_{i}", "custom_id": custom_id, "response": None,
-                                   "error": {"code": code, "message": "not executed before the batch ended"}})
+                    errors.append(
+                        {
+                            "id": f"batch_req_{i}",
+                            "custom_id": custom_id,
+                            "response": None,
+                            "error": {"code": code, "message": "not executed before the batch ended"},
+                        }
+                    )
                 continue
             body = line.get("body") or {}
             reply = self._line_reply(body)
             request = RecordedRequest("POST", line.get("url", ""), {}, body)
             if reply.kind in ("status", "malformed_body"):
                 status = reply.status if reply.kind == "status" else 500
-                errors.append({"id": f"batch_req_{i}", "custom_id": custom_id, "error": None,
-                               "response": {"status_code": status, "request_id": f"req_{i}",
-                                            "body": {"error": {"message": reply.message, "type": "error",
-                                                               "code": None}}}})
+                errors.append(
+                    {
+                        "id": f"batch_req_{i}",
+                        "custom_id": custom_id,
+                        "error": None,
+                        "response": {
+                            "status_code": status,
+                            "request_id": f"req_{i}",
+                            "body": {"error": {"message": reply.message, "type": "error", "code": None}},
+                        },
+                    }
+                )
                 continue
             answer = openai_chat_body(self, request, reply)
             if plan.rows == "unusable":  # billed, but no choice to read
                 answer = {**answer, "choices": []}
-            outputs.append({"id": f"batch_req_{i}", "custom_id": custom_id, "error": None,
-                            "response": {"status_code": 200, "request_id": f"req_{i}",
-                                         "body": answer}})
+            outputs.append(
+                {
+                    "id": f"batch_req_{i}",
+                    "custom_id": custom_id,
+                    "error": None,
+                    "response": {"status_code": 200, "request_id": f"req_{i}", "body": answer},
+                }
+            )
         batch.completed, batch.failed = len(outputs), len(errors)
         if batch.provider == "gemini":
             batch.completed = sum(1 for r in batch.inlined if "response" in r)
@@ -509,8 +527,7 @@ class FakeProviderServer:
         content += "".join(line + "\n" for line in extra)
         file_id = self._new_id("file-")
         with self._lock:
-            self.files[file_id] = {"filename": f"{file_id}.jsonl", "purpose": purpose,
-                                   "content": content.encode()}
+            self.files[file_id] = {"filename": f"{file_id}.jsonl", "purpose": purpose, "content": content.encode()}
         return file_id
 
     def _gemini_line(self, line: dict, batch: FakeBatch) -> dict:
@@ -533,39 +550,60 @@ class FakeProviderServer:
     def openai_batch_view(self, batch: FakeBatch) -> dict[str, Any]:
         ended = batch.ended_at
         view: dict[str, Any] = {
-            "id": batch.id, "object": "batch", "endpoint": batch.endpoint,
-            "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
-            "status": batch.status, "created_at": batch.created_at,
-            "expires_at": batch.created_at + 86_400, "metadata": batch.metadata,
-            "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
-            "request_counts": {"total": len(batch.lines), "completed": batch.completed,
-                               "failed": batch.failed},
+            "id": batch.id,
+            "object": "batch",
+            "endpoint": batch.endpoint,
+            "input_file_id": batch.input_file_id,
+            "completion_window": batch.completion_window,
+            "status": batch.status,
+            "created_at": batch.created_at,
+            "expires_at": batch.created_at + 86_400,
+            "metadata": batch.metadata,
+            "output_file_id": batch.output_file_id,
+            "error_file_id": batch.error_file_id,
+            "request_counts": {"total": len(batch.lines), "completed": batch.completed, "failed": batch.failed},
             "errors": None,
         }
         if batch.status != "validating":
             view["in_progress_at"] = batch.created_at
         if ended is not None:
-            view[{"completed": "completed_at", "expired": "expired_at", "failed": "failed_at",
-                  "cancelled": "cancelled_at"}[batch.status]] = ended
+            view[
+                {
+                    "completed": "completed_at",
+                    "expired": "expired_at",
+                    "failed": "failed_at",
+                    "cancelled": "cancelled_at",
+                }[batch.status]
+            ] = ended
         if batch.status == "failed":
             code = batch.error_code or "invalid_request"
-            message = ("Enqueued token limit reached for this model. Please try submitting fewer tasks or wait "
-                       "for in-progress batches to complete." if code == "token_limit_exceeded"
-                       else "the input file failed validation")
+            message = (
+                "Enqueued token limit reached for this model. Please try submitting fewer tasks or wait "
+                "for in-progress batches to complete."
+                if code == "token_limit_exceeded"
+                else "the input file failed validation"
+            )
             view["errors"] = {"object": "list", "data": [{"code": code, "message": message, "line": None}]}
         return view
 
     def gemini_batch_view(self, batch: FakeBatch) -> dict[str, Any]:
         iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch.created_at))
         state = {"validating": "BATCH_STATE_PENDING", "in_progress": "BATCH_STATE_RUNNING"}.get(
-            batch.status) or _GEMINI_STATES.get(batch.status, batch.status)
+            batch.status
+        ) or _GEMINI_STATES.get(batch.status, batch.status)
         meta: dict[str, Any] = {
             "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
-            "model": batch.model, "displayName": batch.display_name, "name": batch.id,
-            "createTime": iso, "updateTime": iso, "state": state,
-            "batchStats": {"requestCount": str(len(batch.lines)),
-                           "successfulRequestCount": str(batch.completed),
-                           "failedRequestCount": str(batch.failed)},
+            "model": batch.model,
+            "displayName": batch.display_name,
+            "name": batch.id,
+            "createTime": iso,
+            "updateTime": iso,
+            "state": state,
+            "batchStats": {
+                "requestCount": str(len(batch.lines)),
+                "successfulRequestCount": str(batch.completed),
+                "failedRequestCount": str(batch.failed),
+            },
         }
         if batch.ended_at is not None:
             meta["endTime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch.ended_at))
@@ -637,9 +675,7 @@ def _make_handler(fake: FakeProviderServer):
                 except json.JSONDecodeError:
                     body = raw.decode("utf-8", "replace")
             path = self.path.split("?", 1)[0]
-            request = RecordedRequest(
-                method, path, {k.lower(): v for k, v in self.headers.items()}, body
-            )
+            request = RecordedRequest(method, path, {k.lower(): v for k, v in self.headers.items()}, body)
             batch_route = self._batch_route(method, path)
             reply = fake._record(request, consume=batch_route is None)
             fake._sleep(fake.latency_s + (reply.delay_s if reply else 0.0))
@@ -659,9 +695,7 @@ def _make_handler(fake: FakeProviderServer):
 
         # -------------------------------------------------------------- plumbing
 
-        def _send(
-            self, status: int, payload: bytes, content_type: str, headers: dict[str, str]
-        ) -> None:
+        def _send(self, status: int, payload: bytes, content_type: str, headers: dict[str, str]) -> None:
             self.send_response(status)
             self.send_header("content-type", content_type)
             self.send_header("content-length", str(len(payload)))
@@ -793,8 +827,17 @@ def _make_handler(fake: FakeProviderServer):
 
         def _plan_error(self, status: int, message: str) -> None:
             names = {400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
-            self._json(status, {"error": {"message": message, "type": "error", "code": status,
-                                          "status": names.get(status, "UNKNOWN")}})
+            self._json(
+                status,
+                {
+                    "error": {
+                        "message": message,
+                        "type": "error",
+                        "code": status,
+                        "status": names.get(status, "UNKNOWN"),
+                    }
+                },
+            )
 
         def _openai_upload(self, request: RecordedRequest) -> None:
             failure = fake._upload_failure()
@@ -805,11 +848,23 @@ def _make_handler(fake: FakeProviderServer):
             content = upload.get("content", "").encode()
             file_id = fake._new_id("file-")
             with fake._lock:
-                fake.files[file_id] = {"filename": upload.get("filename"), "purpose": form.get("purpose"),
-                                       "content": content}
-            self._json(200, {"id": file_id, "object": "file", "bytes": len(content),
-                             "created_at": int(time.time()), "filename": upload.get("filename") or "upload",
-                             "purpose": form.get("purpose") or "batch", "status": "processed"})
+                fake.files[file_id] = {
+                    "filename": upload.get("filename"),
+                    "purpose": form.get("purpose"),
+                    "content": content,
+                }
+            self._json(
+                200,
+                {
+                    "id": file_id,
+                    "object": "file",
+                    "bytes": len(content),
+                    "created_at": int(time.time()),
+                    "filename": upload.get("filename") or "upload",
+                    "purpose": form.get("purpose") or "batch",
+                    "status": "processed",
+                },
+            )
 
         def _openai_file_content(self, file_id: str) -> None:
             stored = fake.files.get(file_id)
@@ -827,8 +882,13 @@ def _make_handler(fake: FakeProviderServer):
             if plan.create_status is not None and not plan.created_anyway:
                 return self._plan_error(plan.create_status, "the batch could not be created")
             batch = fake._new_batch(
-                "openai", lines, plan, input_file_id=body["input_file_id"], endpoint=body.get("endpoint"),
-                completion_window=body.get("completion_window"), metadata=body.get("metadata"),
+                "openai",
+                lines,
+                plan,
+                input_file_id=body["input_file_id"],
+                endpoint=body.get("endpoint"),
+                completion_window=body.get("completion_window"),
+                metadata=body.get("metadata"),
                 model=(lines[0].get("body") or {}).get("model") if lines else None,
             )
             if plan.create_status is not None:
@@ -844,8 +904,9 @@ def _make_handler(fake: FakeProviderServer):
             plan = fake._next_plan()
             if plan.create_status is not None and not plan.created_anyway:
                 return self._plan_error(plan.create_status, "the batch could not be created")
-            batch = fake._new_batch("gemini", lines, plan, model=f"models/{model}",
-                                    display_name=spec.get("displayName"))
+            batch = fake._new_batch(
+                "gemini", lines, plan, model=f"models/{model}", display_name=spec.get("displayName")
+            )
             if plan.create_status is not None:
                 return self._plan_error(plan.create_status, "the server had an error creating the batch")
             self._json(200, fake.create_reply(batch, fake.gemini_batch_view(batch)))
@@ -853,13 +914,19 @@ def _make_handler(fake: FakeProviderServer):
         def _batch_get(self, provider: str, batch_id: str | None) -> None:
             view = fake.openai_batch_view if provider == "openai" else fake.gemini_batch_view
             if batch_id is None:  # the list, newest first
-                batches = [b for b in reversed(list(fake.batches.values()))
-                           if b.provider == provider and b.plan.listed]
+                batches = [b for b in reversed(list(fake.batches.values())) if b.provider == provider and b.plan.listed]
                 if provider == "openai":
                     data = [view(b) for b in batches]
-                    return self._json(200, {"object": "list", "data": data, "has_more": False,
-                                            "first_id": data[0]["id"] if data else None,
-                                            "last_id": data[-1]["id"] if data else None})
+                    return self._json(
+                        200,
+                        {
+                            "object": "list",
+                            "data": data,
+                            "has_more": False,
+                            "first_id": data[0]["id"] if data else None,
+                            "last_id": data[-1]["id"] if data else None,
+                        },
+                    )
                 return self._json(200, {"operations": [view(b) for b in batches]})
             batch = fake.batches.get(batch_id)
             if batch is None or batch.provider != provider:
@@ -945,9 +1012,7 @@ def _parse_multipart(content_type: str, raw: bytes) -> dict[str, Any]:
     from email.parser import BytesParser
     from email.policy import HTTP
 
-    message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
-    )
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
     form: dict[str, Any] = {}
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
@@ -1004,10 +1069,7 @@ def example_from_schema(schema: dict, root: dict | None = None, name: str = "") 
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object" or "properties" in schema:
-        return {
-            key: example_from_schema(sub, root, key)
-            for key, sub in (schema.get("properties") or {}).items()
-        }
+        return {key: example_from_schema(sub, root, key) for key, sub in (schema.get("properties") or {}).items()}
     if kind == "array":
         count = max(schema.get("minItems", 0), min(1, schema.get("maxItems", 1)))
         return [example_from_schema(schema.get("items") or {}, root, name) for _ in range(count)]

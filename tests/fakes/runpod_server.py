@@ -100,7 +100,7 @@ def embed_text(text: str, dims: int = DIMENSIONS) -> list[float]:
     padded = f" {text} "
     for n in (1, 2, 3):
         for i in range(len(padded) - n + 1):
-            h = int.from_bytes(hashlib.blake2b(padded[i:i + n].encode(), digest_size=8).digest(), "little")
+            h = int.from_bytes(hashlib.blake2b(padded[i : i + n].encode(), digest_size=8).digest(), "little")
             vec[h % dims] += 1.0 if (h >> 63) == 0 else 0.8
     norm = np.linalg.norm(vec)
     return (vec / norm if norm else vec).tolist()
@@ -156,8 +156,13 @@ class FakeRunPodServer:
 
     def calls(self, action: str | None = None) -> list[RecordedRequest]:
         """The runsync requests (of one action)."""
-        return [r for r in self.requests if r.method == "POST" and r.path.endswith("/runsync")
-                and (action is None or (r.body or {}).get("input", {}).get("action") == action)]
+        return [
+            r
+            for r in self.requests
+            if r.method == "POST"
+            and r.path.endswith("/runsync")
+            and (action is None or (r.body or {}).get("input", {}).get("action") == action)
+        ]
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -282,11 +287,11 @@ class FakeRunPodServer:
                 prefix = f"/v2/{server.endpoint_id}/"
                 if not self.path.startswith(prefix):
                     return self._reply(404, {"error": "endpoint not found"})
-                route = self.path[len(prefix):]
+                route = self.path[len(prefix) :]
                 if method == "POST" and route == "runsync":
                     return self._reply(*server._runsync(body))
                 if method == "GET" and route.startswith("status/"):
-                    return self._reply(*server._status(route[len("status/"):]))
+                    return self._reply(*server._status(route[len("status/") :]))
                 return self._reply(404, {"error": "no such route"})
 
             def do_POST(self) -> None:
