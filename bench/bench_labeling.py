@@ -29,9 +29,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from fakes.provider_server import FakeProviderServer
 
+from floorplan_ft.providers.base import RateLimitError
+from floorplan_ft.providers.openai_client import OpenAIChatClient
 from floorplan_ft.schemas import FloorPlanAnalysis
-from floorplan_ft.serving.base import RateLimitError
-from floorplan_ft.serving.openai_client import OpenAIChatClient
 from floorplan_ft.settings import load_settings
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.labeling import LabelingRun, LabelItem, LLMTeacher

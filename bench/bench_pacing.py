@@ -98,8 +98,8 @@ def child(args: argparse.Namespace) -> None:
         )
         return
 
+    from floorplan_ft.providers.base import RateLimitError
     from floorplan_ft.schemas import FloorPlanAnalysis
-    from floorplan_ft.serving.base import RateLimitError
 
     done_dir = Path(args.root) / "plan_done"
     done_dir.mkdir(parents=True, exist_ok=True)

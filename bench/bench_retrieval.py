@@ -62,8 +62,8 @@ def build_statistics(count: int, seed: int) -> tuple[dict[str, dict], float]:
 def child(args: argparse.Namespace) -> None:
     import torch
 
+    from floorplan_ft.providers.local_embeddings import LocalEmbeddingManager
     from floorplan_ft.retrieval.corpus import corpus_hash, load_corpus
-    from floorplan_ft.retrieval.local_embeddings import LocalEmbeddingManager
     from floorplan_ft.retrieval.retrieve import (
         build_query,
         embed_corpus,

@@ -246,9 +246,9 @@ def serve(
         settings = load_settings(config, profile, **nest_overrides(_parse_sets(set_)))
     except SettingsError as exc:
         _fail(exc)
-    from floorplan_ft.retrieval.embeddings import EmbeddingError
+    from floorplan_ft.providers.base import LLMError
+    from floorplan_ft.providers.embeddings import EmbeddingError
     from floorplan_ft.serving.api import serve as serve_api
-    from floorplan_ft.serving.base import LLMError
     from floorplan_ft.serving.vectorstore import VectorStoreError
 
     try:

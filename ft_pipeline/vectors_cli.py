@@ -121,8 +121,8 @@ def migrate(
         if rollback:
             report = rollback_vectors(target)
         else:
+            from floorplan_ft.providers.factory import make_embedding_manager
             from floorplan_ft.retrieval.corpus import load_corpus
-            from floorplan_ft.serving.factory import make_embedding_manager
             from floorplan_ft.serving.vectorstore import vector_status
 
             vector_status(target)  # reach the database before loading any model

@@ -12,8 +12,9 @@ from prefect.artifacts import create_table_artifact
 
 from floorplan_ft.progress import summarize
 from floorplan_ft.prompts import check_prompts, prompt_style
+from floorplan_ft.providers.embeddings import BaseEmbeddingManager
+from floorplan_ft.providers.factory import make_embedding_manager
 from floorplan_ft.retrieval.corpus import corpus_hash, load_corpus
-from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager
 from floorplan_ft.retrieval.retrieve import (
     corpus_cache_key,
     distinct_queries,
@@ -32,7 +33,6 @@ from floorplan_ft.retrieval.retrieve import (
 )
 from floorplan_ft.retrieval.team_table import TeamTableStore, corpus_table
 from floorplan_ft.sampling import read_sample
-from floorplan_ft.serving.factory import make_embedding_manager
 from floorplan_ft.settings import Settings
 from tasks.common import artifact_key, store_for
 

@@ -366,7 +366,7 @@ def test_gemini_rerun_polls_instead_of_resubmitting(fake_provider, data):
 
 
 def test_batch_mode_is_for_openai_and_gemini_only(fake_provider, data):
-    from floorplan_ft.serving.base import ConfigError
+    from floorplan_ft.providers.base import ConfigError
 
     store, stems = data
     with pytest.raises(ConfigError, match="batch mode"):

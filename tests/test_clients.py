@@ -17,9 +17,7 @@ from pydantic import BaseModel, Field
 from tiny_models import bias_towards_short_json, build_tiny_causal_lm
 
 from floorplan_ft.prompts import SYSTEM_PROMPT, build_messages
-from floorplan_ft.retrieval.embeddings import EmbeddingError
-from floorplan_ft.schemas import FloorPlanAnalysis, openai_response_format
-from floorplan_ft.serving import (
+from floorplan_ft.providers import (
     AuthError,
     BadRequest,
     ConfigError,
@@ -35,11 +33,13 @@ from floorplan_ft.serving import (
     make_chat_client,
     make_embedding_manager,
 )
-from floorplan_ft.serving.base import parse_duration, parse_retry_after
-from floorplan_ft.serving.gemini_client import GeminiChatClient, _retry_delay
-from floorplan_ft.serving.local_client import LocalChatClient
-from floorplan_ft.serving.openai_client import OpenAIChatClient, OpenAICompatibleChatClient
-from floorplan_ft.serving.openai_embeddings import OpenAIEmbeddingManager
+from floorplan_ft.providers.base import parse_duration, parse_retry_after
+from floorplan_ft.providers.embeddings import EmbeddingError
+from floorplan_ft.providers.gemini_client import GeminiChatClient, _retry_delay
+from floorplan_ft.providers.local_client import LocalChatClient
+from floorplan_ft.providers.openai_client import OpenAIChatClient, OpenAICompatibleChatClient
+from floorplan_ft.providers.openai_embeddings import OpenAIEmbeddingManager
+from floorplan_ft.schemas import FloorPlanAnalysis, openai_response_format
 from floorplan_ft.settings import load_settings
 
 OPENAI_KEY = "sk-test-OPENAI-secret-0123456789"

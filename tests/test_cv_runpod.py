@@ -354,8 +354,8 @@ def _embedding_settings(tmp_path, server, key=API_KEY, **extra):
 def test_runpod_embeddings_batch_through_embed_batch_at_1024_dims(runpod_server, tmp_path):
     import numpy as np
 
-    from floorplan_ft.retrieval.runpod_embeddings import RunPodEmbeddingManager
-    from floorplan_ft.serving.factory import make_embedding_manager
+    from floorplan_ft.providers.factory import make_embedding_manager
+    from floorplan_ft.providers.runpod_embeddings import RunPodEmbeddingManager
 
     manager = make_embedding_manager(_embedding_settings(tmp_path, runpod_server, **{"retrieval.batch_size": 2}))
     assert isinstance(manager, RunPodEmbeddingManager) and manager.dimensions == 1024
@@ -377,9 +377,9 @@ def test_runpod_embeddings_batch_through_embed_batch_at_1024_dims(runpod_server,
 
 
 def test_runpod_embeddings_retry_then_fail_and_refuse_a_bad_key(runpod_server, tmp_path):
-    from floorplan_ft.retrieval.embeddings import EmbeddingError
-    from floorplan_ft.serving.base import ConfigError
-    from floorplan_ft.serving.factory import make_embedding_manager
+    from floorplan_ft.providers.base import ConfigError
+    from floorplan_ft.providers.embeddings import EmbeddingError
+    from floorplan_ft.providers.factory import make_embedding_manager
 
     manager = make_embedding_manager(_embedding_settings(tmp_path, runpod_server))
     runpod_server.push(Job.failed("OOM"), Job.http(502))

@@ -17,7 +17,7 @@ import pytest
 from fakes.faults import FaultMix
 from test_labeling import OPENAI_KEY, ROOMY_HEADERS, gpt4o, settings_for, synthetic_items
 
-from floorplan_ft.serving.base import Usage
+from floorplan_ft.providers.base import Usage
 from floorplan_ft.settings import load_settings
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.factory import make_teacher

@@ -153,9 +153,9 @@ def test_evaluation_sends_the_team_clients_request(plans_store, fake_provider, n
 def test_a_second_length_cut_is_reported_not_retried_again(fake_provider):
     from fakes.provider_server import Reply
 
+    from floorplan_ft.providers.base import OutputTruncated
+    from floorplan_ft.providers.openai_client import OpenAICompatibleChatClient
     from floorplan_ft.schemas import FloorPlanAnalysis
-    from floorplan_ft.serving.base import OutputTruncated
-    from floorplan_ft.serving.openai_client import OpenAICompatibleChatClient
 
     client = OpenAICompatibleChatClient(
         fake_provider.openai_base_url, "cv_agent", enable_thinking=False, length_retry_temperature=0.2, max_tokens=8000

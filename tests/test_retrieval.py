@@ -27,13 +27,13 @@ import numpy as np
 import pytest
 
 from floorplan_ft import prompts
-from floorplan_ft.retrieval.corpus import CriteriaChunk, corpus_hash, load_corpus
-from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
-from floorplan_ft.retrieval.local_embeddings import (
+from floorplan_ft.providers.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
+from floorplan_ft.providers.local_embeddings import (
     PACKAGED_MINILM,
     LocalEmbeddingManager,
     resolve_model_path,
 )
+from floorplan_ft.retrieval.corpus import CriteriaChunk, corpus_hash, load_corpus
 from floorplan_ft.retrieval.retrieve import (
     CorpusIndex,
     RagContext,
@@ -321,7 +321,7 @@ def test_manager_is_thread_safe_and_imports_lazily(tiny_model_dir):
     np.testing.assert_allclose(np.stack(results), expected, atol=1e-5)
 
     code = (
-        "import sys; import floorplan_ft.retrieval.local_embeddings, floorplan_ft.retrieval.retrieve; "
+        "import sys; import floorplan_ft.providers.local_embeddings, floorplan_ft.retrieval.retrieve; "
         "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -139,7 +139,7 @@ def test_key_from_the_environment_is_stored_nowhere(prefect_api, no_dotenv, tmp_
 
 def test_error_text_masks_url_passwords():
     from floorplan_ft.cv.runpod import RunPodError
-    from floorplan_ft.serving.base import ConnectionFailed
+    from floorplan_ft.providers.base import ConnectionFailed
 
     error = ConnectionFailed("cannot reach http://bob:pw-in-url@10.0.0.1:8000/v1 (ConnectError)", provider="compatible")
     assert "pw-in-url" not in str(error) and "bob:****@10.0.0.1" in str(error)

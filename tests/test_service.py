@@ -22,11 +22,11 @@ from service_helpers import (
 )
 
 from floorplan_ft.prompts import build_messages
+from floorplan_ft.providers import AuthError, ConfigError, ProviderTimeout
+from floorplan_ft.providers.embeddings import EmbeddingError
 from floorplan_ft.retrieval.corpus import load_corpus
-from floorplan_ft.retrieval.embeddings import EmbeddingError
 from floorplan_ft.retrieval.retrieve import build_query, embed_corpus, retrieve_contexts
 from floorplan_ft.schemas import FloorPlanAnalysis, openai_response_format
-from floorplan_ft.serving import AuthError, ConfigError, ProviderTimeout
 from floorplan_ft.serving.service import (
     CHAT_SYSTEM_PROMPT,
     REFERENCE_CHAT_PREFIX,

@@ -17,9 +17,9 @@ from plans import prepare_plans
 from team_format import to_team_graph
 
 from floorplan_ft import prompts
+from floorplan_ft.providers.openai_embeddings import OpenAIEmbeddingManager
 from floorplan_ft.retrieval.corpus import load_corpus
 from floorplan_ft.retrieval.retrieve import read_context
-from floorplan_ft.serving.openai_embeddings import OpenAIEmbeddingManager
 from floorplan_ft.serving.vectorstore import connect, vector_literal
 from floorplan_ft.settings import load_settings
 from floorplan_ft.store import ArtifactStore

@@ -20,9 +20,9 @@ from service_helpers import (
     service_settings,
 )
 
+from floorplan_ft.providers.openai_embeddings import OpenAIEmbeddingManager
 from floorplan_ft.retrieval.corpus import load_corpus
 from floorplan_ft.retrieval.retrieve import build_query, embed_corpus, retrieve_contexts
-from floorplan_ft.serving.openai_embeddings import OpenAIEmbeddingManager
 from floorplan_ft.serving.service import AnalysisService
 from floorplan_ft.serving.vectorstore import (
     MemoryVectorStore,

@@ -261,7 +261,7 @@ class RunPodClient:
         return url[len(self.endpoint.base_url.rstrip("/")) :]
 
     def _clean(self, text: str) -> str:
-        from floorplan_ft.serving.base import redact
+        from floorplan_ft.providers.base import redact
 
         return redact(text, (self._key,))
 

@@ -1,1 +1,1 @@
-"""Phase 2: embedding backends, the criteria corpus and top-k retrieval."""
+"""Phase 2: the criteria corpus and top-k retrieval (the embedding clients are in `floorplan_ft.providers`)."""

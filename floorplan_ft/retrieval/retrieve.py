@@ -31,8 +31,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from floorplan_ft.prompts import PROJECT_STYLE, TEAM_STYLE, format_context, prompt_style, team_query
+from floorplan_ft.providers.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
 from floorplan_ft.retrieval.corpus import CriteriaChunk, corpus_hash
-from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
 from floorplan_ft.schemas import TopologyGraph, TopologyStatistics
 from floorplan_ft.store import ArtifactStore
 

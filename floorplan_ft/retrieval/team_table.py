@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import SecretStr
 
-from floorplan_ft.retrieval.embeddings import EmbeddingError, normalise_rows
+from floorplan_ft.providers.embeddings import EmbeddingError, normalise_rows
 from floorplan_ft.retrieval.retrieve import RetrievedChunk
 from floorplan_ft.serving.vectorstore import (
     VectorStore,

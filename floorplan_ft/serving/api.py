@@ -50,8 +50,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from floorplan_ft.schemas import FloorPlanAnalysis
-from floorplan_ft.serving.base import (
+from floorplan_ft.providers.base import (
     AuthError,
     BadRequest,
     ConfigError,
@@ -64,6 +63,7 @@ from floorplan_ft.serving.base import (
     Refusal,
     ServerError,
 )
+from floorplan_ft.schemas import FloorPlanAnalysis
 from floorplan_ft.serving.service import (
     CHAT_QUESTION_MAX,
     CHAT_TURN_MAX,

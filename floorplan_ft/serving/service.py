@@ -55,8 +55,17 @@ from floorplan_ft.prompts import (
     prompt_style,
     prompt_version_for,
 )
+from floorplan_ft.providers.base import (
+    ChatResult,
+    ConfigError,
+    LLMClient,
+    OutputTruncated,
+    ProviderTimeout,
+    Usage,
+    _run_sync,
+)
+from floorplan_ft.providers.embeddings import BaseEmbeddingManager, EmbeddingError
 from floorplan_ft.retrieval.corpus import CriteriaChunk, load_corpus
-from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager, EmbeddingError
 from floorplan_ft.retrieval.retrieve import (
     CACHE_SUBDIR,
     RETRIEVAL_VERSION,
@@ -69,15 +78,6 @@ from floorplan_ft.retrieval.retrieve import (
     query_for,
 )
 from floorplan_ft.schemas import FloorPlanAnalysis, TopologyGraph, schema_hash
-from floorplan_ft.serving.base import (
-    ChatResult,
-    ConfigError,
-    LLMClient,
-    OutputTruncated,
-    ProviderTimeout,
-    Usage,
-    _run_sync,
-)
 from floorplan_ft.serving.vectorstore import (
     MemoryVectorStore,
     PgVectorStore,
@@ -275,7 +275,7 @@ _MANAGERS_LOCK = threading.Lock()
 def shared_embedding_manager(settings: Any) -> BaseEmbeddingManager:
     """The embedding manager of the settings; local models are loaded once per process (an app
     rebuilt with another LLM provider does not reload the embedding model)."""
-    from floorplan_ft.serving.factory import make_embedding_manager
+    from floorplan_ft.providers.factory import make_embedding_manager
 
     r = settings.retrieval
     if r.provider != "local":
@@ -618,7 +618,7 @@ class AnalysisService:
         elif chat_client is not None:
             self.client = chat_client
         else:
-            from floorplan_ft.serving.factory import make_chat_client
+            from floorplan_ft.providers.factory import make_chat_client
 
             student = None
             if self.provider == "local" and not serving.adapter_path:
@@ -766,7 +766,7 @@ class AnalysisService:
     async def _call_admitted(
         self, messages: list[dict[str, str]], schema: type[BaseModel] | None, max_tokens: int
     ) -> ChatResult:
-        from floorplan_ft.serving.local_client import GenerationCancelled, PromptTooLong
+        from floorplan_ft.providers.local_client import GenerationCancelled, PromptTooLong
 
         remote = self.client.provider != "local"
         deadline = self.timeout_s + (DEADLINE_GRACE_S if remote else 0.0)

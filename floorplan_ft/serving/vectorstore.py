@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, SecretStr
 
+from floorplan_ft.providers.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
 from floorplan_ft.retrieval.corpus import CriteriaChunk, corpus_hash
-from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
 from floorplan_ft.retrieval.retrieve import CorpusIndex, RetrievedChunk, build_query, rank
 
 log = logging.getLogger(__name__)

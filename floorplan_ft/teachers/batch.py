@@ -55,8 +55,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from floorplan_ft.prompts import PROMPT_VERSION
-from floorplan_ft.schemas import FloorPlanAnalysis
-from floorplan_ft.serving.base import (
+from floorplan_ft.providers.base import (
     AuthError,
     BadRequest,
     ChatResult,
@@ -73,6 +72,7 @@ from floorplan_ft.serving.base import (
     error_from_status,
     redact,
 )
+from floorplan_ft.schemas import FloorPlanAnalysis
 from floorplan_ft.settings import Settings, TeacherSettings
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.labeling import (
@@ -520,7 +520,7 @@ class GeminiBatchRunner(BatchRunner):
     async def _call(self, coro: Awaitable[Any]) -> Any:
         from google.genai import errors
 
-        from floorplan_ft.serving.gemini_client import _transport_error
+        from floorplan_ft.providers.gemini_client import _transport_error
 
         try:
             return await coro
@@ -1438,8 +1438,8 @@ class BatchLabeling:
 
 
 def make_runner(teacher: LLMTeacher, **kw: Any) -> BatchRunner:
-    from floorplan_ft.serving.gemini_client import GeminiChatClient
-    from floorplan_ft.serving.openai_client import OpenAIChatClient, OpenAICompatibleChatClient
+    from floorplan_ft.providers.gemini_client import GeminiChatClient
+    from floorplan_ft.providers.openai_client import OpenAIChatClient, OpenAICompatibleChatClient
 
     client = teacher.client
     if isinstance(client, OpenAIChatClient) and not isinstance(client, OpenAICompatibleChatClient):

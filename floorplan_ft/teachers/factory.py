@@ -21,7 +21,7 @@ def teacher_model(settings: Settings, name: str) -> str:
 
 def make_teacher(settings: Settings, name: str) -> Teacher:
     """A teacher ready to label; missing keys or servers fail here, before any money is spent."""
-    from floorplan_ft.serving.factory import make_chat_client
+    from floorplan_ft.providers.factory import make_chat_client
 
     t = settings.teachers
     if name == "reference":
@@ -32,7 +32,7 @@ def make_teacher(settings: Settings, name: str) -> Teacher:
         client = make_chat_client(settings, provider="gemini", model=t.gemini_model, timeout_s=t.request_timeout_s)
     elif name == "compatible":
         if not (t.compatible_base_url and t.compatible_model):
-            from floorplan_ft.serving.base import ConfigError
+            from floorplan_ft.providers.base import ConfigError
 
             raise ConfigError("teacher 'compatible' needs teachers.compatible_base_url and teachers.compatible_model")
         client = make_chat_client(
@@ -44,7 +44,7 @@ def make_teacher(settings: Settings, name: str) -> Teacher:
         )
     elif name == "local":
         if not t.local_model_path:
-            from floorplan_ft.serving.base import ConfigError
+            from floorplan_ft.providers.base import ConfigError
 
             raise ConfigError("teacher 'local' needs teachers.local_model_path (a model directory)")
         client = make_chat_client(settings, provider="local", model=t.local_model_path, max_tokens=t.max_output_tokens)

@@ -41,8 +41,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from floorplan_ft.prompts import PROMPT_VERSION
-from floorplan_ft.schemas import SCHEMA_VERSION, FloorPlanAnalysis, TopologyGraph, schema_hash
-from floorplan_ft.serving.base import (
+from floorplan_ft.providers.base import (
     AuthError,
     ChatResult,
     ConnectionFailed,
@@ -56,6 +55,7 @@ from floorplan_ft.serving.base import (
     ServerError,
     Usage,
 )
+from floorplan_ft.schemas import SCHEMA_VERSION, FloorPlanAnalysis, TopologyGraph, schema_hash
 from floorplan_ft.settings import ModelPrice, TeacherSettings
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.limits import limiter_for, load_history, rate_limit_exhausted

@@ -314,8 +314,8 @@ def evaluate_student(
 ) -> EvalReport:
     """Generate, score and compare the student's answers on the val rows (default: val.jsonl with
     its stems from stats_report.json); writes ``{student}/eval_report.json`` when ``write``."""
-    from floorplan_ft.serving.base import LLMError
-    from floorplan_ft.serving.local_client import LocalChatClient
+    from floorplan_ft.providers.base import LLMError
+    from floorplan_ft.providers.local_client import LocalChatClient
 
     if settings is None:
         from floorplan_ft.settings import load_settings
@@ -515,7 +515,7 @@ def run_evaluation(settings: Any, store: ArtifactStore | None = None) -> dict[st
     if settings.finetune.eval_base_url:
         # The student served by vLLM (or any OpenAI-compatible server): schema-constrained through
         # the server's json_schema response format, Qwen3 thinking off, the key never sent.
-        from floorplan_ft.serving.factory import make_chat_client
+        from floorplan_ft.providers.factory import make_chat_client
 
         client = make_chat_client(
             settings,

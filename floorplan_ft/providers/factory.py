@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager, EmbeddingError
-from floorplan_ft.serving.base import ConfigError, LLMClient
+from floorplan_ft.providers.base import ConfigError, LLMClient
+from floorplan_ft.providers.embeddings import BaseEmbeddingManager, EmbeddingError
 
 CHAT_PROVIDERS = ("openai", "gemini", "openai-compatible", "compatible", "local")
 PROBE_TIMEOUT_S = 3.0
@@ -62,7 +62,7 @@ def make_chat_client(
     serving_model = serving.llm_model if _explicit(serving, "llm_model") or provider == "openai" else None
 
     if provider == "openai":
-        from floorplan_ft.serving.openai_client import OpenAIChatClient
+        from floorplan_ft.providers.openai_client import OpenAIChatClient
 
         return OpenAIChatClient(
             model or serving_model or settings.teachers.openai_model,
@@ -72,7 +72,7 @@ def make_chat_client(
             max_tokens=max_tokens,
         )
     if provider == "gemini":
-        from floorplan_ft.serving.gemini_client import GeminiChatClient
+        from floorplan_ft.providers.gemini_client import GeminiChatClient
 
         return GeminiChatClient(
             model or serving_model or settings.teachers.gemini_model,
@@ -82,7 +82,7 @@ def make_chat_client(
             max_tokens=max_tokens,
         )
     if provider in ("openai-compatible", "compatible"):
-        from floorplan_ft.serving.openai_client import OpenAICompatibleChatClient, list_models
+        from floorplan_ft.providers.openai_client import OpenAICompatibleChatClient, list_models
 
         if provider == "compatible":
             base_url = base_url or settings.teachers.compatible_base_url
@@ -112,7 +112,7 @@ def make_chat_client(
             length_retry_temperature=LENGTH_RETRY_TEMPERATURE if provider == "openai-compatible" else None,
         )
     # local
-    from floorplan_ft.serving.local_client import LocalChatClient
+    from floorplan_ft.providers.local_client import LocalChatClient
 
     path = model or serving.adapter_path
     if not path:
@@ -135,7 +135,7 @@ def make_embedding_manager(settings: Any, *, probe: bool = True) -> BaseEmbeddin
     Errors are `ConfigError`s naming the setting: ``OPENAI_API_KEY`` or ``retrieval.base_url``."""
     retrieval = settings.retrieval
     if retrieval.provider == "local":
-        from floorplan_ft.retrieval.local_embeddings import LocalEmbeddingManager
+        from floorplan_ft.providers.local_embeddings import LocalEmbeddingManager
 
         return LocalEmbeddingManager(
             model=retrieval.model,
@@ -144,10 +144,10 @@ def make_embedding_manager(settings: Any, *, probe: bool = True) -> BaseEmbeddin
             batch_size=retrieval.batch_size,
         )
     if retrieval.provider == "runpod":
-        from floorplan_ft.retrieval.runpod_embeddings import runpod_embedding_manager
+        from floorplan_ft.providers.runpod_embeddings import runpod_embedding_manager
 
         return runpod_embedding_manager(settings)
-    from floorplan_ft.serving.openai_embeddings import OpenAIEmbeddingManager
+    from floorplan_ft.providers.openai_embeddings import OpenAIEmbeddingManager
 
     if retrieval.provider == "openai":
         if settings.openai_api_key is None or not settings.openai_api_key.get_secret_value().strip():
@@ -164,7 +164,7 @@ def make_embedding_manager(settings: Any, *, probe: bool = True) -> BaseEmbeddin
         except EmbeddingError as exc:
             raise ConfigError(str(exc)) from None
     if retrieval.provider == "openai-compatible":
-        from floorplan_ft.serving.openai_client import list_models
+        from floorplan_ft.providers.openai_client import list_models
 
         if not retrieval.base_url:
             raise ConfigError("retrieval.provider is 'openai-compatible' but no server is set: set retrieval.base_url")

@@ -13,9 +13,9 @@ import numpy as np
 import openai
 from pydantic import SecretStr
 
-from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
-from floorplan_ft.serving.base import redact
-from floorplan_ft.serving.openai_client import NO_KEY
+from floorplan_ft.providers.base import redact
+from floorplan_ft.providers.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
+from floorplan_ft.providers.openai_client import NO_KEY
 
 # Qwen3-Embedding is trained with this query instruction (its sentence-transformers "query" prompt);
 # documents get none. Used by default when the model name says Qwen3-Embedding.

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr
 
-from floorplan_ft.serving.base import (
+from floorplan_ft.providers.base import (
     ChatResult,
     ConfigError,
     ConnectionFailed,

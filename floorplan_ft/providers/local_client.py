@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from floorplan_ft.serving.base import (
+from floorplan_ft.providers.base import (
     BadRequest,
     ChatResult,
     ConfigError,

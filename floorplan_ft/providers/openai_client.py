@@ -15,8 +15,7 @@ import openai
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, SecretStr
 
-from floorplan_ft.schemas import FloorPlanAnalysis, openai_response_format
-from floorplan_ft.serving.base import (
+from floorplan_ft.providers.base import (
     ChatResult,
     ConfigError,
     ConnectionFailed,
@@ -33,6 +32,7 @@ from floorplan_ft.serving.base import (
     parse_structured,
     strip_thinking,
 )
+from floorplan_ft.schemas import FloorPlanAnalysis, openai_response_format
 
 # Keywords strict mode rejects (string lengths); pydantic still checks them on every answer.
 _STRICT_UNSUPPORTED = frozenset({"maxLength", "minLength"})

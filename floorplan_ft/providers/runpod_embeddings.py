@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from floorplan_ft.cv.runpod import RunPodEndpoint, RunPodError, get_client, register_key
-from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
+from floorplan_ft.providers.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
 
 TEAM_EMBEDDING_MODEL = "Qwen/Qwen3-Embedding-0.6B"
 
@@ -79,7 +79,7 @@ def runpod_embedding_manager(settings) -> RunPodEmbeddingManager:
     """The manager for ``retrieval.provider = "runpod"``: the endpoint of cv.runpod_*, the key
     RUNPOD_API_KEY; a missing one is a ConfigError naming the setting."""
     from floorplan_ft.cv.runpod import KEY_SETTING, endpoint_from_settings
-    from floorplan_ft.serving.factory import ConfigError
+    from floorplan_ft.providers.factory import ConfigError
 
     cv = settings.cv
     if not cv.runpod_endpoint_id:

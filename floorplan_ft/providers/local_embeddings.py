@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from floorplan_ft.retrieval.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
+from floorplan_ft.providers.embeddings import BaseEmbeddingManager, EmbeddingError, normalise_rows
 
 PACKAGED_PREFIX = "packaged:"
 # alias -> (importable package that ships the folder, folder inside it, pip distribution name)
