@@ -48,7 +48,7 @@ from fakes.provider_server import FakeProviderServer
 from floorplan_ft.settings import TeacherSettings, load_settings
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.factory import make_teacher
-from floorplan_ft.teachers.labeling import CostLedger, LabelingRun, LabelItem, meta_path
+from floorplan_ft.teachers.labeling import CostLedger, LabelingRun, LabelItem
 
 KEY = "bench-placeholder-not-a-key"
 ROOMY_HEADERS = {
@@ -147,14 +147,14 @@ def kill_run(server: FakeProviderServer, n: int, kill_after: int, latency: float
     proc = subprocess.Popen([sys.executable, str(script)], cwd=root, env={**os.environ, "PYTHONPATH": ""})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if sum(os.path.exists(meta_path(store, i.stem, "openai")) for i in items) >= kill_after:
+        if sum(os.path.exists(store.layout.analysis_meta(i.stem, "openai")) for i in items) >= kill_after:
             break
         time.sleep(0.01)
     time.sleep(latency / 3)  # mid-request for the next ones
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(latency + 0.2)  # the server has recorded everything sent
-    answered_at_kill = sum(os.path.exists(meta_path(store, i.stem, "openai")) for i in items)
+    answered_at_kill = sum(os.path.exists(store.layout.analysis_meta(i.stem, "openai")) for i in items)
     server_at_kill = len(server.requests_to("chat/completions"))
     ledger = CostLedger(store, "openai")
     at_kill = {

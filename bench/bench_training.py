@@ -107,8 +107,8 @@ def write_rows(root: Path, count: int) -> None:
                 ]
             }
         )
-    store.write_jsonl(store.run_file("train"), rows)
-    store.write_jsonl(store.run_file("val"), rows[:2])
+    store.write_jsonl(store.layout.run_file("train"), rows)
+    store.write_jsonl(store.layout.run_file("val"), rows[:2])
 
 
 def main() -> None:

@@ -114,7 +114,7 @@ def prepare(work: Path, hidden: int) -> Path:
     items, _ = build_items(store, stems)
     settings = load_settings(profile="demo", paths={"data_root": str(root)})
     asyncio.run(LabelingRun(ReferenceTeacher(), store, settings.teachers).run(items))
-    store.write_text(store.run_file("selected_model"), "reference\n")
+    store.write_text(store.layout.run_file("selected_model"), "reference\n")
     write_training_data(store, build_training_data(store, stems, settings))
     base = work / "base"
     model, tokenizer = build_tiny_causal_lm(base, seed=0, hidden_size=hidden)

@@ -36,7 +36,7 @@ from floorplan_ft.sampling import SamplingError, group_key, stable_hash
 from floorplan_ft.schemas import FloorPlanAnalysis, schema_hash
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.items import build_items
-from floorplan_ft.teachers.labeling import failures_path, messages_tokens, meta_path
+from floorplan_ft.teachers.labeling import messages_tokens
 
 STATS_FORMAT_VERSION = 1
 SELECTION_FILE = "selected_model.txt"
@@ -91,7 +91,7 @@ def selected_teacher(store: ArtifactStore, teacher: str | None = None) -> str:
     """The explicit ``teacher``, else the name in ``selected_model.txt`` (written by step 4)."""
     if teacher:
         return teacher
-    path = store.run_file("selected_model")
+    path = store.layout.run_file("selected_model")
     if not store.exists(path):
         raise DatasetError(
             f"no teacher selected: {path} ({SELECTION_FILE}) does not exist. Run step 4 (compare "
@@ -241,16 +241,16 @@ def build_training_data(
     stems = list(dict.fromkeys(stems))
     if not stems:
         raise DatasetError("no plans given: the sample is empty (run step 0)")
-    answered = [s for s in stems if store.exists(store.analysis_path(s, teacher))]
+    answered = [s for s in stems if store.exists(store.layout.analysis(s, teacher))]
     if not answered:
         raise DatasetError(
             f"teacher {teacher!r} has no answers for any of the {len(stems)} sampled plans "
             f"(output/<stem>/llm_analysis_{teacher}.json): run its labeling step, or select another teacher"
         )
     failures: dict[str, dict] = {}
-    if store.exists(failures_path(store, teacher)):
+    if store.exists(store.layout.label_failures(teacher)):
         try:
-            failures = dict(store.read_json(failures_path(store, teacher)).get("failures", {}))
+            failures = dict(store.read_json(store.layout.label_failures(teacher)).get("failures", {}))
         except (ValueError, AttributeError):
             failures = {}
     pattern, prefix_len = settings.sampling.group_pattern, settings.sampling.group_prefix_len
@@ -266,7 +266,7 @@ def build_training_data(
     unverified: list[str] = []
     seen: dict[str, str] = {}
     for item in items:
-        path = store.analysis_path(item.stem, teacher)
+        path = store.layout.analysis(item.stem, teacher)
         if not store.exists(path):
             why = failures.get(item.stem, {}).get("reason")
             excluded.append(Exclusion(item.stem, "no_answer", f"labeling failed: {why}" if why else None))
@@ -276,7 +276,7 @@ def build_training_data(
         except (ValueError, UnicodeDecodeError) as exc:
             excluded.append(Exclusion(item.stem, "invalid_answer", str(exc).splitlines()[0][:300]))
             continue
-        mpath = meta_path(store, item.stem, teacher)
+        mpath = store.layout.analysis_meta(item.stem, teacher)
         try:
             meta = store.read_json(mpath) if store.exists(mpath) else None
         except ValueError:
@@ -439,15 +439,15 @@ def build_training_data(
 def write_training_data(store: ArtifactStore, data: TrainingData) -> dict[str, str]:
     """train.jsonl, val.jsonl and stats_report.json, each written atomically; returns the paths."""
     return {
-        "train": store.write_jsonl(store.run_file("train"), [r.to_json() for r in data.train]),
-        "val": store.write_jsonl(store.run_file("val"), [r.to_json() for r in data.val]),
-        "stats_report": store.write_json(store.run_file("stats_report"), data.stats),
+        "train": store.write_jsonl(store.layout.run_file("train"), [r.to_json() for r in data.train]),
+        "val": store.write_jsonl(store.layout.run_file("val"), [r.to_json() for r in data.val]),
+        "stats_report": store.write_json(store.layout.run_file("stats_report"), data.stats),
     }
 
 
 def read_rows(store: ArtifactStore, split: str) -> list[dict[str, Any]]:
     """The rows of ``train`` or ``val`` as written."""
-    text = store.read_text(store.run_file(split))
+    text = store.read_text(store.layout.run_file(split))
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

@@ -100,7 +100,6 @@ from floorplan_ft.criteria import CRITERIA
 from floorplan_ft.sampling import allocate, group_key, stable_hash
 from floorplan_ft.schemas import FloorPlanAnalysis, TopologyGraph
 from floorplan_ft.store import ArtifactStore
-from floorplan_ft.teachers.labeling import failures_path, ledger_path, meta_path
 from floorplan_ft.teachers.reference import reference_analysis
 
 REPORT_FORMAT_VERSION = 1
@@ -150,12 +149,8 @@ CRITERIA_TERMS: tuple[str, ...] = (
 )
 # Labeling outcomes that say nothing about a teacher's quality: the run stopped before the item.
 SKIP_REASONS = frozenset({"budget", "auth"})
-REVIEW_DIR = "review"
-REVIEW_PAGE = "review.html"
-PREFERENCES_FILE = "preferences.json"
 PREFERENCES_FORMAT = "ftp-review-preferences/1"
 NON_TEACHER_CHOICES = ("tie", "both_bad")
-CHART_FILE = "quality_chart.png"
 
 _SUMMARY_TARGET, _DESIGN_TARGET, _COMMENT_TARGET = 60, 25, 20
 _REASON_MIN, _RECOMMENDATION_MIN = 10, 15
@@ -775,7 +770,7 @@ def _ci(values: np.ndarray, idx: np.ndarray) -> dict[str, float]:
 
 
 def _read_failures(store: ArtifactStore, teacher: str) -> dict[str, dict]:
-    path = failures_path(store, teacher)
+    path = store.layout.label_failures(teacher)
     if not store.exists(path):
         return {}
     data = store.read_json(path)
@@ -783,7 +778,7 @@ def _read_failures(store: ArtifactStore, teacher: str) -> dict[str, dict]:
 
 
 def _read_answer(store: ArtifactStore, stem: str, teacher: str) -> str | None:
-    path = store.analysis_path(stem, teacher)
+    path = store.layout.analysis(stem, teacher)
     if not store.exists(path):
         return None
     try:
@@ -809,7 +804,7 @@ def _cost_stats(store: ArtifactStore, stems: Sequence[str], teacher: str, failur
             valid += 1
         except ValueError:
             pass
-        mpath = meta_path(store, stem, teacher)
+        mpath = store.layout.analysis_meta(stem, teacher)
         try:
             meta = store.read_json(mpath) if store.exists(mpath) else None
         except ValueError:
@@ -822,9 +817,9 @@ def _cost_stats(store: ArtifactStore, stems: Sequence[str], teacher: str, failur
     stem_set = set(stems)
     failed_cost = sum(_num(f.get("cost_usd")) or 0.0 for s, f in failures.items() if s in stem_set)
     ledger = None
-    if store.exists(ledger_path(store, teacher)):
+    if store.exists(store.layout.cost_ledger(teacher)):
         try:
-            ledger = _num(store.read_json(ledger_path(store, teacher)).get("cost_usd"))
+            ledger = _num(store.read_json(store.layout.cost_ledger(teacher)).get("cost_usd"))
         except (ValueError, AttributeError):
             ledger = None
     spent = total + failed_cost
@@ -872,7 +867,7 @@ def compare_teachers(
     stem_set = set(stems)
 
     failures = {t: _read_failures(store, t) for t in teachers}
-    answered = {t: {s for s in stems if store.exists(store.analysis_path(s, t))} for t in teachers}
+    answered = {t: {s for s in stems if store.exists(store.layout.analysis(s, t))} for t in teachers}
     absent = [t for t in teachers if not answered[t]]
     if absent:
         if q.force_teacher and q.force_teacher not in absent:
@@ -889,7 +884,7 @@ def compare_teachers(
     excluded: Counter[str] = Counter()
     eligible = []
     for s in stems:
-        if not store.exists(store.topology_path(s)):
+        if not store.exists(store.layout.topology(s)):
             excluded["no_topology"] += 1
             continue
         attempted = all(
@@ -1046,18 +1041,18 @@ def compare_teachers(
 
 
 def write_report(store: ArtifactStore, report: QualityReport) -> str:
-    return store.write_json(store.run_file("quality_report"), report.to_dict())
+    return store.write_json(store.layout.run_file("quality_report"), report.to_dict())
 
 
 def write_selection(store: ArtifactStore, report: QualityReport) -> str:
     if not report.winner:
         raise QualityError("no teacher selected: nothing to write to selected_model.txt")
-    return store.write_text(store.run_file("selected_model"), report.winner + "\n")
+    return store.write_text(store.layout.run_file("selected_model"), report.winner + "\n")
 
 
 def read_selection(store: ArtifactStore) -> str | None:
     """The teacher named in ``selected_model.txt``; None when the file does not exist."""
-    path = store.run_file("selected_model")
+    path = store.layout.run_file("selected_model")
     if not store.exists(path):
         return None
     name = store.read_text(path).strip()
@@ -1265,18 +1260,10 @@ def _chart_pillow(report: QualityReport) -> bytes:
 
 
 def write_chart(store: ArtifactStore, report: QualityReport) -> str:
-    return store.write_bytes(store.path(CHART_FILE), chart_png(report))
+    return store.write_bytes(store.layout.quality_chart(), chart_png(report))
 
 
 # =========================================================================== manual review
-
-
-def review_page_path(store: ArtifactStore) -> str:
-    return store.path(REVIEW_DIR, REVIEW_PAGE)
-
-
-def preferences_path(store: ArtifactStore) -> str:
-    return store.path(REVIEW_DIR, PREFERENCES_FILE)
 
 
 _REVIEW_FIELDS: tuple[tuple[str, str], ...] = (
@@ -1439,7 +1426,7 @@ def export_review_page(
     candidates = [
         s
         for s in stems
-        if store.exists(store.topology_path(s)) and all(store.exists(store.analysis_path(s, t)) for t in teachers)
+        if store.exists(store.layout.topology(s)) and all(store.exists(store.layout.analysis(s, t)) for t in teachers)
     ]
     if not candidates:
         raise QualityError(f"no plan has a topology and an answer from every teacher {teachers}: nothing to review")
@@ -1526,13 +1513,13 @@ def export_review_page(
         + "".join(sections)
         + f"<script>{_PAGE_JS}</script></body></html>\n"
     )
-    return store.write_text(review_page_path(store), doc)
+    return store.write_text(store.layout.review_page(), doc)
 
 
 def load_preferences(store: ArtifactStore) -> dict[str, Any]:
     """The validated ``review/preferences.json``; {} when there is none. Raises
     ``PreferencesError`` naming the file when it is malformed."""
-    path = preferences_path(store)
+    path = store.layout.review_preferences()
     if not store.exists(path):
         return {}
     try:
@@ -1541,7 +1528,7 @@ def load_preferences(store: ArtifactStore) -> dict[str, Any]:
         raise PreferencesError(f"{path}: not valid JSON ({exc})") from None
 
     def bad(msg: str) -> PreferencesError:
-        return PreferencesError(f"{path}: {msg} (download it again from {REVIEW_DIR}/{REVIEW_PAGE})")
+        return PreferencesError(f"{path}: {msg} (download it again from review/review.html)")
 
     if not isinstance(data, dict):
         raise bad("expected a JSON object")

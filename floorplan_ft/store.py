@@ -14,22 +14,139 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import fsspec
 
-TOPOLOGY_SIDECAR = "topology_graph.meta.json"  # phase 1's provenance of a graph (cv/runner.py)
 
-RUN_FILES = {
-    "sample": "sampled_images.json",
-    "cv_failures": "cv_failures.json",
-    "retrieval_failures": "retrieval_failures.json",
-    "quality_report": "quality_report.json",
-    "selected_model": "selected_model.txt",
-    "train": "train.jsonl",
-    "val": "val.jsonl",
-    "stats_report": "stats_report.json",
-}
+class Layout:
+    """Every path of `docs/data-formats.md` under one data root, by name.
+
+    Only this class spells the layout; the phases ask it for paths (``store.layout.topology(stem)``,
+    ``store.layout.cost_ledger(teacher)``). Paths are strings joined with "/", so the same layout
+    serves a local directory and an fsspec URL."""
+
+    TOPOLOGY = "topology_graph.json"
+    TOPOLOGY_SIDECAR = "topology_graph.meta.json"  # phase 1's provenance of a graph
+    OVERLAY = "topology_overlay.png"
+    LOW_RESULT = "low_result.json"  # the team CV's merged detections, kept for provenance
+    RAG_CONTEXT = "rag_context.json"
+    RUN_FILES: ClassVar[dict[str, str]] = {
+        "sample": "sampled_images.json",
+        "cv_failures": "cv_failures.json",
+        "retrieval_failures": "retrieval_failures.json",
+        "quality_report": "quality_report.json",
+        "selected_model": "selected_model.txt",
+        "train": "train.jsonl",
+        "val": "val.jsonl",
+        "stats_report": "stats_report.json",
+    }
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # ---------------------------------------------------------------- inputs
+    @property
+    def images_dir(self) -> str:
+        return self.path("images")
+
+    @property
+    def annotations_dir(self) -> str:
+        return self.path("annotations")
+
+    @property
+    def truth_dir(self) -> str:
+        return self.path("truth")
+
+    # ---------------------------------------------------------------- per plan: output/{stem}/
+    @property
+    def output_dir(self) -> str:
+        return self.path("output")
+
+    def plan_dir(self, stem: str) -> str:
+        return self.path("output", stem)
+
+    def topology(self, stem: str) -> str:
+        """Phase 1: the plan's topology graph."""
+        return self.path("output", stem, self.TOPOLOGY)
+
+    def topology_meta(self, stem: str) -> str:
+        """Phase 1: the graph's provenance sidecar (key, source, stale mark)."""
+        return self.path("output", stem, self.TOPOLOGY_SIDECAR)
+
+    def overlay(self, stem: str) -> str:
+        """Phase 1: the graph drawn over the plan (optional)."""
+        return self.path("output", stem, self.OVERLAY)
+
+    def low_result(self, stem: str) -> str:
+        """Phase 1 with the team's CV: their merged detections."""
+        return self.path("output", stem, self.LOW_RESULT)
+
+    def rag_context(self, stem: str) -> str:
+        """Phase 2: the criteria retrieved for the plan."""
+        return self.path("output", stem, self.RAG_CONTEXT)
+
+    def analysis(self, stem: str, teacher: str) -> str:
+        """Phase 3: one teacher's analysis of the plan."""
+        return self.path("output", stem, f"llm_analysis_{teacher}.json")
+
+    def analysis_meta(self, stem: str, teacher: str) -> str:
+        """Phase 3: the analysis' provenance sidecar."""
+        return self.path("output", stem, f"llm_analysis_{teacher}.meta.json")
+
+    # ---------------------------------------------------------------- run level: the root
+    def run_file(self, key: str) -> str:
+        """One of `RUN_FILES` (the sample, failure ledgers, quality report, JSONL, stats)."""
+        return self.path(self.RUN_FILES[key])
+
+    def embeddings_cache(self) -> str:
+        """Phase 2: content-keyed embedding cache (``cache/embeddings/{key}.npy|.json``)."""
+        return self.path("cache", "embeddings")
+
+    def label_failures(self, teacher: str) -> str:
+        return self.path(f"label_failures_{teacher}.json")
+
+    def cost_ledger(self, teacher: str) -> str:
+        return self.path(f"cost_ledger_{teacher}.json")
+
+    def cost_journal(self, teacher: str) -> str:
+        """The write-ahead journal of requests sent but not yet settled in the ledger."""
+        return self.path(f"cost_ledger_{teacher}.journal.jsonl")
+
+    def labeling_summary(self, teacher: str) -> str:
+        return self.path(f"labeling_{teacher}.json")
+
+    def rate_window(self, teacher: str) -> str:
+        """The rate limiter's history of one teacher."""
+        return self.path(f"rate_window_{teacher}.json")
+
+    def batch_state(self, teacher: str) -> str:
+        """Batch labeling: the teacher's submitted jobs."""
+        return self.path("batches", f"{teacher}.json")
+
+    def import_report(self, teacher: str) -> str:
+        """`ft-pipeline import analyses`: what was imported for a teacher."""
+        return self.path(f"import_analyses_{teacher}.json")
+
+    def quality_chart(self) -> str:
+        return self.path("quality_chart.png")
+
+    def review_page(self) -> str:
+        return self.path("review", "review.html")
+
+    def review_preferences(self) -> str:
+        return self.path("review", "preferences.json")
+
+    def student_dir(self, student: str, *parts: str) -> str:
+        """Phase 6: the student's checkpoints, adapter, merged model and reports."""
+        return self.path(student, *parts)
+
+
+TOPOLOGY_SIDECAR = Layout.TOPOLOGY_SIDECAR
+RUN_FILES = Layout.RUN_FILES
 
 
 def atomic_write(path: str | Path, data: bytes, *, fsync: bool = True) -> Path:
@@ -79,31 +196,15 @@ class ArtifactStore:
             self.fs = None
         else:
             self.fs, _ = fsspec.core.url_to_fs(self.root)
+        self.layout = Layout(self.root)
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.root!r})"
 
     # ------------------------------------------------------------------ layout
     def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def image_output_dir(self, stem: str) -> str:
-        return self.path("output", stem)
-
-    def topology_path(self, stem: str) -> str:
-        return self.path("output", stem, "topology_graph.json")
-
-    def topology_meta_path(self, stem: str) -> str:
-        return self.path("output", stem, TOPOLOGY_SIDECAR)
-
-    def rag_context_path(self, stem: str) -> str:
-        return self.path("output", stem, "rag_context.json")
-
-    def analysis_path(self, stem: str, teacher: str) -> str:
-        return self.path("output", stem, f"llm_analysis_{teacher}.json")
-
-    def run_file(self, key: str) -> str:
-        return self.path(RUN_FILES[key])
+        """A path under the root, for what `Layout` does not name (tests, ad-hoc files)."""
+        return self.layout.path(*parts)
 
     # ------------------------------------------------------------------ io
     def exists(self, path: str) -> bool:
@@ -163,7 +264,7 @@ class ArtifactStore:
         (`floorplan_ft.topology_io`), or None when it is missing or cannot be read."""
         from floorplan_ft.topology_io import read_topology_bytes
 
-        path = self.topology_path(stem)
+        path = self.layout.topology(stem)
         if not self.exists(path):
             return None
         try:
@@ -176,7 +277,7 @@ class ArtifactStore:
         `TopologyFormatError` naming the file and the field."""
         from floorplan_ft.topology_io import read_topology_bytes
 
-        path = self.topology_path(stem)
+        path = self.layout.topology(stem)
         if not self.exists(path):
             raise FileNotFoundError(f"{path}: no topology graph")
         return read_topology_bytes(self.read_bytes(path), origin=path)
@@ -189,7 +290,7 @@ class ArtifactStore:
         except (FileNotFoundError, ValueError) as exc:  # TopologyFormatError is a ValueError
             return str(exc)
         except OSError as exc:
-            return f"{self.topology_path(stem)}: cannot be read ({type(exc).__name__}: {exc})"
+            return f"{self.layout.topology(stem)}: cannot be read ({type(exc).__name__}: {exc})"
         return None
 
     def topology_stale(self, stem: str) -> dict | None:
@@ -197,7 +298,7 @@ class ArtifactStore:
         building (``{"reason", "error_type", "at"}``), or None. Such a graph was built from inputs
         that no longer exist as they were: phases 2 and 3 skip it. An unreadable sidecar is no
         mark (phase 1 rebuilds that graph anyway)."""
-        path = self.topology_meta_path(stem)
+        path = self.layout.topology_meta(stem)
         try:
             if not self.exists(path):
                 return None
@@ -210,7 +311,7 @@ class ArtifactStore:
     def read_topology_raw(self, stem: str) -> dict:
         """The topology file exactly as stored (the team's prompt builder must see the graph as
         production sends it); FileNotFoundError / ValueError naming the file."""
-        path = self.topology_path(stem)
+        path = self.layout.topology(stem)
         if not self.exists(path):
             raise FileNotFoundError(f"{path}: no topology graph")
         data = self.read_json(path)

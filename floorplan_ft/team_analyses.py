@@ -34,7 +34,6 @@ from pydantic import ValidationError
 
 from floorplan_ft.schemas import SCHEMA_VERSION, FloorPlanAnalysis, schema_hash
 from floorplan_ft.store import ArtifactStore
-from floorplan_ft.teachers.labeling import meta_path
 
 IMPORTED_TEACHER = "production"
 IMPORTER_VERSION = "1"
@@ -521,10 +520,10 @@ def known_stems(store: ArtifactStore, image_dir: str | None = None) -> set[str]:
     """Stems of the data root's plans: images (any case of .png/.jpg) and output folders."""
     stems = {
         Path(n).stem
-        for n in store.listdir(image_dir or store.path("images"))
+        for n in store.listdir(image_dir or store.layout.images_dir)
         if Path(n).suffix.lower() in IMAGE_SUFFIXES
     }
-    return stems | set(store.listdir(store.path("output")))
+    return stems | set(store.listdir(store.layout.output_dir))
 
 
 def match_stem(image_name: str, stems: set[str]) -> str | None:
@@ -569,7 +568,7 @@ def import_analyses(
             rejected.append(RejectedRecord(index, name, str(exc)))
             continue
         seen[stem] = index
-        store.write_text(store.analysis_path(stem, teacher), analysis.model_dump_json(indent=1) + "\n")
+        store.write_text(store.layout.analysis(stem, teacher), analysis.model_dump_json(indent=1) + "\n")
         meta = {
             "teacher": teacher,
             "provider": "imported",
@@ -587,18 +586,18 @@ def import_analyses(
             "cost_usd": None,
             "imported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        store.write_json(meta_path(store, stem, teacher), meta)
-        written.append(store.analysis_path(stem, teacher))
+        store.write_json(store.layout.analysis_meta(stem, teacher), meta)
+        written.append(store.layout.analysis(stem, teacher))
         imported.append(ImportedRecord(index, image_name, stem, analysis, notes, form))
     report = ImportReport(str(path), teacher, len(records), imported, rejected, written)
-    store.write_json(store.path(f"import_analyses_{teacher}.json"), report.as_dict())
+    store.write_json(store.layout.import_report(teacher), report.as_dict())
     return report
 
 
 def is_imported_teacher(store: ArtifactStore, stems: list[str], teacher: str) -> bool:
     """Whether `teacher`'s answers in this data root were imported (their sidecars say so)."""
     for stem in stems:
-        mpath = meta_path(store, stem, teacher)
+        mpath = store.layout.analysis_meta(stem, teacher)
         if store.exists(mpath):
             try:
                 return bool(store.read_json(mpath).get("imported"))

@@ -75,9 +75,9 @@ def import_topologies(store: ArtifactStore, paths: list[Path]) -> list[ImportOut
             continue
         fmt = detect_topology_format(json.loads(data))
         sha = hashlib.sha256(data).hexdigest()
-        store.write_bytes(store.topology_path(stem), data)
+        store.write_bytes(store.layout.topology(stem), data)
         store.write_json(
-            store.path("output", stem, SIDECAR),
+            store.layout.topology_meta(stem),
             {
                 "key": f"{IMPORT_SOURCE}:{sha}",
                 "source": IMPORT_SOURCE,
@@ -98,7 +98,7 @@ def import_topologies(store: ArtifactStore, paths: list[Path]) -> list[ImportOut
 
 def extend_sample(store: ArtifactStore, stems: list[str]) -> list[str]:
     """Add stems to ``sampled_images.json`` (written when missing); returns the whole list."""
-    path = store.run_file("sample")
+    path = store.layout.run_file("sample")
     data: dict = {}
     if store.exists(path):
         loaded = store.read_json(path)

@@ -27,7 +27,7 @@ def cv_batch(
     plans do work) or the phase-0 "sample" (sampled_images.json)."""
     settings = apply_block_secrets(settings_for_run(config_file, profile, overrides))
     if scope == "sample":
-        stems = read_sample(store_for(settings).run_file("sample"))
+        stems = read_sample(store_for(settings).layout.run_file("sample"))
     else:
         stems = [f.stem for f in list_images(settings.image_dir())]
     return build_topologies(settings, stems)

@@ -183,7 +183,7 @@ def estimate(
     store = ArtifactStore(settings.paths.data_root)
     stems: list[str] = []
     try:
-        stems = read_sample(store.run_file("sample"))
+        stems = read_sample(store.layout.run_file("sample"))
     except SamplingError:
         pass
     count = items or len(stems) or settings.sampling.sample_size

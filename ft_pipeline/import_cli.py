@@ -66,6 +66,6 @@ def analyses(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     typer.echo(report_text(report))
-    typer.echo(f"\nReport: {store.path(f'import_analyses_{teacher}.json')}")
+    typer.echo(f"\nReport: {store.layout.import_report(teacher)}")
     if not report.imported:
         raise typer.Exit(1)

@@ -189,7 +189,7 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
     seconds = round(time.perf_counter() - started, 2)
     create_markdown_artifact(
         key=artifact_key("phase1-summary"),
-        markdown=_summary(len(stems), len(plan["fresh"]), built, failed, seconds, store.run_file("cv_failures")),
+        markdown=_summary(len(stems), len(plan["fresh"]), built, failed, seconds, store.layout.run_file("cv_failures")),
         description="Phase 1: CV inference → topology graphs",
     )
     return {
@@ -199,7 +199,7 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
         "cached": len(plan["fresh"]),
         "failed": len(failed),
         "stale": stale,
-        "failure_ledger": store.run_file("cv_failures") if ledger else None,
+        "failure_ledger": store.layout.run_file("cv_failures") if ledger else None,
         "seconds": seconds,
     }
 

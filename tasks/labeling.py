@@ -52,7 +52,7 @@ def label_with_teacher(settings: Settings, teacher_name: str) -> dict:
     store = store_for(settings)
     # The teacher first: a missing key or an unreachable server stops here, before any work.
     teacher = make_teacher(settings, teacher_name)
-    stems = read_sample(store.run_file("sample"))
+    stems = read_sample(store.layout.run_file("sample"))
     items, missing = build_items(store, stems, settings)
     _log_missing(logger, missing)
     if teacher_name == "reference":

@@ -31,7 +31,7 @@ from tasks.common import artifact_key, store_for
 def compare_teachers_task(settings: Settings) -> dict:
     logger = get_run_logger()
     store = store_for(settings)
-    stems = read_sample(store.run_file("sample"))
+    stems = read_sample(store.layout.run_file("sample"))
     teachers = compared_teachers(settings)
     try:
         report = compare_teachers(store, stems, teachers, settings)
@@ -73,7 +73,7 @@ def compare_teachers_task(settings: Settings) -> dict:
 def build_training_data_task(settings: Settings) -> dict:
     logger = get_run_logger()
     store = store_for(settings)
-    stems = read_sample(store.run_file("sample"))
+    stems = read_sample(store.layout.run_file("sample"))
     tokenizer, note = load_student_tokenizer(settings.finetune.base_model)
     data = build_training_data(store, stems, settings, tokenizer=tokenizer, tokenizer_note=note)
     for warning in data.warnings[:20]:

@@ -63,7 +63,7 @@ def retrieve_for_plans(settings: Settings) -> dict:
     store = store_for(settings)
     check_prompts(settings)  # a team prompt module that does not load stops here, before any work
     style, plain = prompt_style(settings), plain_queries(settings)
-    stems = read_sample(store.run_file("sample"))
+    stems = read_sample(store.layout.run_file("sample"))
     queries, skipped = topology_queries(store, stems, lambda stats: query_for(settings, stats))
     logger = get_run_logger()
     for stem, entry in list(skipped.items())[:5]:
@@ -76,7 +76,7 @@ def retrieve_for_plans(settings: Settings) -> dict:
             "%d plans skipped in all (%s): see %s",
             len(skipped),
             "; ".join(f"{r}: {summarize(s, 5)}" for r, s in sorted(by_reason.items())),
-            store.run_file("retrieval_failures"),
+            store.layout.run_file("retrieval_failures"),
         )
 
     manager = make_embedding_manager(settings)
@@ -104,7 +104,7 @@ def _retrieve(settings, store, manager, team_table, queries, skipped, top_k, sty
         chunks, vectors, c_hash = [], None, team_table.corpus_hash
     else:
         chunks = load_corpus(settings.paths.corpus_path)
-        vectors = embed_corpus_task(manager, chunks, store.path("cache", "embeddings"))
+        vectors = embed_corpus_task(manager, chunks, store.layout.embeddings_cache())
         c_hash = corpus_hash(chunks)
 
     contexts, todo = {}, {}
@@ -170,7 +170,7 @@ def _retrieve(settings, store, manager, team_table, queries, skipped, top_k, sty
         "written": len(todo),
         "missing_topology": len(missing),
         "skipped": len(skipped),
-        "failure_ledger": store.run_file("retrieval_failures") if ledger else None,
+        "failure_ledger": store.layout.run_file("retrieval_failures") if ledger else None,
         "distinct_queries": health["distinct_queries"],
         "mean_top1": health["mean_top1_similarity"],
         "mean_topk": health["mean_topk_similarity"],

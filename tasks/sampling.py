@@ -31,7 +31,7 @@ def sample_plans(settings: Settings) -> dict:
     for warning in result.warnings:
         logger.warning(warning)
     store = store_for(settings)
-    path = store.write_json(store.run_file("sample"), result.to_dict())
+    path = store.write_json(store.layout.run_file("sample"), result.to_dict())
     create_table_artifact(
         key=artifact_key("phase0-sample"),
         table=[

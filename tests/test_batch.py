@@ -12,17 +12,14 @@ import pytest
 from fakes.provider_server import BatchPlan, Reply
 from test_labeling import GEMINI_KEY, OPENAI_KEY, prepare, settings_for
 
-from floorplan_ft.teachers.batch import label_in_batches, state_path
+from floorplan_ft.teachers.batch import label_in_batches
 from floorplan_ft.teachers.factory import make_teacher
 from floorplan_ft.teachers.items import build_items
 from floorplan_ft.teachers.labeling import (
     LabelingRun,
     cost_usd,
-    failures_path,
     item_key,
-    ledger_path,
     messages_tokens,
-    meta_path,
 )
 
 FAST_POLL = {"poll_interval_s": 0.01, "max_wait_s": 10.0}
@@ -99,14 +96,14 @@ def test_openai_batch_labels_everything_at_half_price(fake_provider, data):
         assert body["response_format"]["json_schema"]["strict"] is True
 
     # Sidecars: the online shape and cache key, cost at the batch discount.
-    meta = store.read_json(meta_path(store, stems[0], "openai"))
+    meta = store.read_json(store.layout.analysis_meta(stems[0], "openai"))
     assert meta["key"] == item_key(teacher, items[0].messages, 4096)
     assert meta["cost_usd"] == pytest.approx(0.5 * GPT4O_FULL, abs=1e-6)
     assert meta["attempts"] == 1 and meta["input_tokens"] == 120 and meta["output_tokens"] == 45
     asyncio.run(LabelingRun(make_teacher(settings, "gemini"), store, settings.teachers).run(items[:1]))
-    online_meta = store.read_json(meta_path(store, stems[0], "gemini"))
+    online_meta = store.read_json(store.layout.analysis_meta(stems[0], "gemini"))
     assert set(meta) == set(online_meta)
-    ledger = store.read_json(ledger_path(store, "openai"))
+    ledger = store.read_json(store.layout.cost_ledger("openai"))
     assert ledger["requests"] == 8 and ledger["cost_usd"] == pytest.approx(8 * 0.5 * GPT4O_FULL, abs=1e-6)
     assert outcome.cost_usd == pytest.approx(ledger["cost_usd"], abs=1e-6)
 
@@ -115,7 +112,7 @@ def test_openai_batch_labels_everything_at_half_price(fake_provider, data):
     summary = asyncio.run(LabelingRun(make_teacher(settings, "openai"), store, settings.teachers).run(items))
     assert summary.cached == 8 and fake_provider.request_count == before
 
-    state = store.read_json(state_path(store, "openai"))
+    state = store.read_json(store.layout.batch_state("openai"))
     job = state["jobs"][0]
     assert job["id"].startswith("batch_") and job["input_file_id"].startswith("file-")
     assert job["status"] == "completed" and job["ingested_at"] and job["created_at"]
@@ -139,7 +136,7 @@ def test_a_rerun_polls_the_running_job_instead_of_resubmitting(fake_provider, da
     third = batch(settings, store, "openai", items)
     assert third.status == "done" and third.labeled == 8 and third.submitted == 0
     assert len(posts(fake_provider, "/v1/batches")) == 1 and chat_requests(fake_provider) == []
-    assert store.read_json(ledger_path(store, "openai"))["requests"] == 8
+    assert store.read_json(store.layout.cost_ledger("openai"))["requests"] == 8
 
     # Everything answered: a fourth run sends no request at all.
     before = fake_provider.request_count
@@ -177,7 +174,7 @@ def test_expired_batch_and_bad_lines_are_finished_online(fake_provider, data, ca
     requests = chat_requests(fake_provider)
     assert len(requests) == 6 and stems_in(requests, stems) == online
     assert outcome.online["labeled"] == 6 and outcome.unlabeled == [stems[4]]
-    failures = store.read_json(failures_path(store, "openai"))["failures"]
+    failures = store.read_json(store.layout.label_failures("openai"))["failures"]
     assert set(failures) == {stems[4]} and failures[stems[4]]["reason"] == "refusal"
 
     # The online requests are the batch lines' bodies.
@@ -188,11 +185,11 @@ def test_expired_batch_and_bad_lines_are_finished_online(fake_provider, data, ca
 
     # Billed: four batch lines with tokens at half price (the 500 has none, the expired never
     # ran), plus six online answers at full price.
-    ledger = store.read_json(ledger_path(store, "openai"))
+    ledger = store.read_json(store.layout.cost_ledger("openai"))
     assert ledger["requests"] == 5 + 6
     assert ledger["cost_usd"] == pytest.approx(4 * 0.5 * GPT4O_FULL + 6 * GPT4O_FULL, abs=1e-6)
     for i in (0, 1, 5):
-        meta = store.read_json(meta_path(store, stems[i], "openai"))
+        meta = store.read_json(store.layout.analysis_meta(stems[i], "openai"))
         assert meta["cost_usd"] == pytest.approx((0.5 if i == 0 else 1.0) * GPT4O_FULL, abs=1e-6)
     assert_no_keys(store.root)
     assert OPENAI_KEY not in caplog.text and "batch_" in caplog.text
@@ -220,10 +217,12 @@ def test_cached_items_are_never_submitted_and_changed_prompts_are(fake_provider,
     assert [line["custom_id"].rpartition("#")[0] for line in input_lines(fake_provider)] == [stems[4]]
     assert second.status == "done" and second.labeled == 5 and second.unlabeled == []
     teacher = make_teacher(settings, "openai")
-    assert store.read_json(meta_path(store, stems[4], "openai"))["key"] == item_key(teacher, items[4].messages, 4096)
+    assert store.read_json(store.layout.analysis_meta(stems[4], "openai"))["key"] == item_key(
+        teacher, items[4].messages, 4096
+    )
     assert len(chat_requests(fake_provider)) == 3  # nothing online
     # Both jobs' lines were billed (the superseded answer too), the cached ones never.
-    assert store.read_json(ledger_path(store, "openai"))["requests"] == 3 + 5 + 1
+    assert store.read_json(store.layout.cost_ledger("openai"))["requests"] == 3 + 5 + 1
 
 
 def test_budget_limits_what_is_submitted(fake_provider, data):
@@ -241,8 +240,8 @@ def test_budget_limits_what_is_submitted(fake_provider, data):
     assert outcome.submitted == 3 and outcome.skipped_budget == stems[3:]
     assert len(input_lines(fake_provider)) == 3 and outcome.labeled == 3
     assert chat_requests(fake_provider) == []  # skipped items are not sent online either
-    assert store.read_json(ledger_path(store, "openai"))["cost_usd"] <= cap
-    failures = store.read_json(failures_path(store, "openai"))["failures"]
+    assert store.read_json(store.layout.cost_ledger("openai"))["cost_usd"] <= cap
+    failures = store.read_json(store.layout.label_failures("openai"))["failures"]
     assert {failures[s]["reason"] for s in stems[3:]} == {"budget"}
 
     # A cap below one item's worst case: no file, no job.
@@ -260,7 +259,7 @@ def test_an_interrupted_submission_is_found_not_resubmitted(fake_provider, data)
     fake_provider.batch_default = BatchPlan(polls=1)
     batch(settings, store, "openai", items, max_wait_s=0)
     # As if the run had died after creating the job, before recording its id.
-    path = state_path(store, "openai")
+    path = store.layout.batch_state("openai")
     state = store.read_json(path)
     job_id = state["jobs"][0]["id"]
     state["jobs"][0].update(id=None, status="submitting")
@@ -279,9 +278,9 @@ def test_large_sets_are_split_into_several_jobs(fake_provider, data):
     assert len(outcome.jobs_submitted) == 3 and outcome.labeled == 8
     assert [len(b.lines) for b in fake_provider.batches.values()] == [3, 3, 2]
     one_line = len(json.dumps(input_lines(fake_provider, 0)[0], ensure_ascii=False).encode()) + 1
-    store.delete(state_path(store, "openai"))
+    store.delete(store.layout.batch_state("openai"))
     for stem in stems:
-        store.delete(meta_path(store, stem, "openai"))
+        store.delete(store.layout.analysis_meta(stem, "openai"))
     fake_provider.reset()
     by_size = batch(settings, store, "openai", items_of(store, stems), max_bytes_per_job=int(one_line * 4.5))
     assert by_size.labeled == 8 and [len(b.lines) for b in fake_provider.batches.values()] == [4, 4]
@@ -335,11 +334,11 @@ def test_gemini_batch_mode(fake_provider, data):
         (stem,) = stems_in([request], stems)
         assert request.body == inlined[stem]
     assert inlined[stems[0]]["generationConfig"]["responseJsonSchema"]
-    meta = store.read_json(meta_path(store, stems[0], "gemini"))
+    meta = store.read_json(store.layout.analysis_meta(stems[0], "gemini"))
     teacher = make_teacher(settings, "gemini")
     assert meta["key"] == item_key(teacher, items[0].messages, 4096) and meta["provider"] == "gemini"
     assert meta["cost_usd"] == pytest.approx(0.5 * GEMINI_FULL, abs=1e-6)
-    ledger = store.read_json(ledger_path(store, "gemini"))
+    ledger = store.read_json(store.layout.cost_ledger("gemini"))
     assert ledger["requests"] == 4 + 2
     assert ledger["cost_usd"] == pytest.approx(4 * 0.5 * GEMINI_FULL + 2 * GEMINI_FULL, abs=1e-6)
 
@@ -347,7 +346,7 @@ def test_gemini_batch_mode(fake_provider, data):
     before = fake_provider.request_count
     again = batch(settings, store, "gemini", items)
     assert again.cached == 5 and fake_provider.request_count == before
-    job = store.read_json(state_path(store, "gemini"))["jobs"][0]
+    job = store.read_json(store.layout.batch_state("gemini"))["jobs"][0]
     assert job["id"].startswith("batches/") and job["status"] == "JOB_STATE_EXPIRED"
     assert_no_keys(store.root)
 
@@ -396,7 +395,7 @@ def test_gemini_reply_without_a_name_is_found_by_its_display_name_never_resubmit
     fake_provider.push_batch(BatchPlan(polls=2, reply_without_id=True))
 
     first = batch(settings, store, "gemini", items, max_wait_s=0)
-    state = store.read_json(state_path(store, "gemini"))
+    state = store.read_json(store.layout.batch_state("gemini"))
     (job,) = state["jobs"]
     # The reply had no name: the job was looked up in the list and recorded with its real name.
     assert job["id"] == next(iter(fake_provider.batches)) and job["id"].startswith("batches/")
@@ -406,9 +405,9 @@ def test_gemini_reply_without_a_name_is_found_by_its_display_name_never_resubmit
     again = batch(settings, store, "gemini", items)
     assert again.status == "done" and again.labeled == 4 and again.unlabeled == []
     assert len(fake_provider.batch_creations()) == 1 and posts(fake_provider, ":generateContent") == []
-    job = store.read_json(state_path(store, "gemini"))["jobs"][0]
+    job = store.read_json(store.layout.batch_state("gemini"))["jobs"][0]
     assert job["reserved_usd"] == 0.0 and job["ingested_at"]
-    ledger = store.read_json(ledger_path(store, "gemini"))
+    ledger = store.read_json(store.layout.cost_ledger("gemini"))
     assert ledger["requests"] == 4 and ledger["cost_usd"] == pytest.approx(4 * 0.5 * GEMINI_FULL, abs=1e-6)
 
 
@@ -422,7 +421,7 @@ def test_a_reply_without_id_the_provider_does_not_list_is_no_job_and_goes_online
     assert outcome.status == "done" and outcome.unlabeled == [] and outcome.online["labeled"] == 3
     assert {f["reason"] for f in outcome.failed.values()} == {"no_job_id"}
     assert outcome.submissions_failed[0]["reason"] == "no_job_id"
-    state = store.read_json(state_path(store, "openai"))
+    state = store.read_json(store.layout.batch_state("openai"))
     assert state["jobs"] == []  # never recorded as a job (no null id, nothing reserved)
     assert state["submissions_failed"][0]["items"].keys() == {i.stem for i in items}
     assert "no job id" in caplog.text
@@ -441,8 +440,8 @@ def test_a_failed_upload_is_finished_online(fake_provider, data):
     assert fake_provider.batch_creations() == [] and len(posts(fake_provider, "/v1/files")) == 3  # 1 + 2 retries
     assert outcome.status == "done" and outcome.unlabeled == [] and len(chat_requests(fake_provider)) == 4
     assert {f["reason"] for f in outcome.failed.values()} == {"upload_failed"}
-    assert store.read_json(state_path(store, "openai"))["jobs"] == []
-    assert store.read_json(ledger_path(store, "openai"))["requests"] == 4
+    assert store.read_json(store.layout.batch_state("openai"))["jobs"] == []
+    assert store.read_json(store.layout.cost_ledger("openai"))["requests"] == 4
 
 
 def test_the_phase3_task_finishes_a_failed_upload_online(prefect_api, fake_provider, data):
@@ -503,7 +502,7 @@ def test_an_unknown_state_in_the_reply_is_kept_and_polled(fake_provider, data, c
         outcome = batch(settings, store, "openai", items)
     assert "unknown state 'warming_up'" in caplog.text
     assert outcome.status == "done" and outcome.labeled == 3 and chat_requests(fake_provider) == []
-    assert store.read_json(state_path(store, "openai"))["jobs"][0]["status"] == "completed"
+    assert store.read_json(store.layout.batch_state("openai"))["jobs"][0]["status"] == "completed"
 
 
 @pytest.mark.parametrize("provider", ["openai", "gemini"])
@@ -522,11 +521,11 @@ def test_a_succeeded_job_whose_rows_are_all_unusable_is_finished_online(fake_pro
     assert len(online) == 4
     # The unusable rows were billed (their tokens), at the discount; the online answers at full price.
     full = GPT4O_FULL if provider == "openai" else GEMINI_FULL
-    ledger = store.read_json(ledger_path(store, provider))
+    ledger = store.read_json(store.layout.cost_ledger(provider))
     batch_requests = 4 + (1 if provider == "openai" else 0)  # OpenAI's output also had a line that is not JSON
     assert ledger["requests"] == batch_requests + 4
     assert ledger["cost_usd"] == pytest.approx(4 * 0.5 * full + 4 * full, abs=1e-6)
-    assert store.read_json(state_path(store, provider))["jobs"][0]["unusable"] is True
+    assert store.read_json(store.layout.batch_state(provider))["jobs"][0]["unusable"] is True
 
 
 def test_submissions_stay_under_the_enqueued_token_limit(fake_provider, data):
@@ -607,7 +606,7 @@ def test_a_corrupt_job_record_is_rebuilt_from_the_provider_list(fake_provider, d
     items = items_of(store, stems[:5])
     fake_provider.batch_default = BatchPlan(polls=2)
     assert batch(settings, store, provider, items[:3], max_wait_s=0).status == "pending"
-    path = state_path(store, provider)
+    path = store.layout.batch_state(provider)
     store.write_text(path, '{"version": 2, "jobs": [{"id": null, "token": ')  # cut short
 
     with caplog.at_level("WARNING"):
@@ -623,14 +622,14 @@ def test_a_corrupt_job_record_is_rebuilt_from_the_provider_list(fake_provider, d
     rebuilt = store.read_json(path)
     assert rebuilt["rebuilt"]["old_record"].startswith(path + ".corrupt-")
     assert store.read_text(rebuilt["rebuilt"]["old_record"]).startswith('{"version": 2')
-    ledger = store.read_json(ledger_path(store, provider))
+    ledger = store.read_json(store.layout.cost_ledger(provider))
     assert ledger["requests"] == 5
 
 
 def test_a_corrupt_record_and_no_provider_list_submit_nothing(fake_provider, data, tmp_path):
     store, stems = data
     items = items_of(store, stems[:2])
-    path = state_path(store, "openai")
+    path = store.layout.batch_state("openai")
     store.write_json(path, {"jobs": [{"id": 12, "token": "t", "items": {}, "created_at": "2025-01-01T00:00:00"}]})
     settings = load_unreachable(tmp_path)
     outcome = batch(settings, store, "openai", items)

@@ -38,7 +38,7 @@ def test_a_failed_run_ends_on_one_clear_line(prefect_api, no_dotenv, tmp_path):
     from floorplan_ft.store import ArtifactStore
 
     store = ArtifactStore(tmp_path / "data")
-    store.write_json(store.run_file("sample"), {"stems": ["C00_0000"], "n": 1})
+    store.write_json(store.layout.run_file("sample"), {"stems": ["C00_0000"], "n": 1})
     result = runner.invoke(app, ["run", "--steps", "3a", "--set", f"paths.data_root={tmp_path / 'data'}"])
     assert result.exit_code == 1
     assert "the run failed: ConfigError" in result.output and "OPENAI_API_KEY" in result.output

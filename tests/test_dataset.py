@@ -29,7 +29,7 @@ from floorplan_ft.sampling import group_key
 from floorplan_ft.schemas import FloorPlanAnalysis
 from floorplan_ft.settings import load_settings
 from floorplan_ft.teachers.items import build_items
-from floorplan_ft.teachers.labeling import LabelingRun, ReferenceTeacher, failures_path, meta_path
+from floorplan_ft.teachers.labeling import LabelingRun, ReferenceTeacher
 
 N_PLANS, N_COMPLEXES = 40, 8
 
@@ -43,7 +43,7 @@ def base(tmp_path_factory):
     assert not missing
     summary = asyncio.run(LabelingRun(ReferenceTeacher(), store, load_settings().teachers).run(items))
     assert summary.labeled == N_PLANS
-    store.write_text(store.run_file("selected_model"), "reference\n")
+    store.write_text(store.layout.run_file("selected_model"), "reference\n")
     return root, stems
 
 
@@ -71,7 +71,7 @@ def test_rows_are_the_teachers_prompt_and_answer_split_by_complex(data):
             assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
             assert [system, user] == items[stem].messages  # exactly what the teacher saw
             answer = FloorPlanAnalysis.model_validate_json(assistant["content"])
-            stored = FloorPlanAnalysis.model_validate_json(store.read_text(store.analysis_path(stem, "reference")))
+            stored = FloorPlanAnalysis.model_validate_json(store.read_text(store.layout.analysis(stem, "reference")))
             assert answer == stored and assistant["content"] == answer_json(stored)
             assert ": " not in assistant["content"][:40] and "\\u" not in assistant["content"]  # compact, Korean kept
             assert list(json.loads(assistant["content"])) == list(FloorPlanAnalysis.model_fields)
@@ -113,17 +113,17 @@ def test_exclusions_have_reasons_and_duplicates_are_dropped(data):
     # An exact copy of a plan's outputs under another name: same prompt, same answer.
     twin = "C07_9999"
     shutil.copytree(root / "output" / stems[0], root / "output" / twin)
-    store.delete(store.rag_context_path(stems[1]))
-    store.write_text(store.analysis_path(stems[2], "reference"), '{"image_name": 1}')
-    store.delete(store.analysis_path(stems[3], "reference"))
-    store.write_json(failures_path(store, "reference"), {"failures": {stems[3]: {"reason": "refusal"}}})
-    wrong = json.loads(store.read_text(store.analysis_path(stems[5], "reference")))
+    store.delete(store.layout.rag_context(stems[1]))
+    store.write_text(store.layout.analysis(stems[2], "reference"), '{"image_name": 1}')
+    store.delete(store.layout.analysis(stems[3], "reference"))
+    store.write_json(store.layout.label_failures("reference"), {"failures": {stems[3]: {"reason": "refusal"}}})
+    wrong = json.loads(store.read_text(store.layout.analysis(stems[5], "reference")))
     store.write_text(
-        store.analysis_path(stems[5], "reference"),
+        store.layout.analysis(stems[5], "reference"),
         json.dumps(wrong | {"bay_count": wrong["bay_count"] + 1}, ensure_ascii=False),
     )
-    meta = store.read_json(meta_path(store, stems[4], "reference"))
-    store.write_json(meta_path(store, stems[4], "reference"), meta | {"prompt_version": "old"})
+    meta = store.read_json(store.layout.analysis_meta(stems[4], "reference"))
+    store.write_json(store.layout.analysis_meta(stems[4], "reference"), meta | {"prompt_version": "old"})
 
     built = build_training_data(store, [*stems, twin], load_settings())
     reasons = {e.stem: (e.reason, e.detail) for e in built.excluded}
@@ -185,13 +185,13 @@ def test_token_lengths_flag_or_drop_overlong_rows(data):
 def test_bad_input_gives_clear_errors(data):
     store, stems = data
     settings = load_settings()
-    store.delete(store.run_file("selected_model"))
+    store.delete(store.layout.run_file("selected_model"))
     with pytest.raises(DatasetError, match=r"selected_model\.txt.*step 4"):
         build_training_data(store, stems, settings)
     with pytest.raises(DatasetError, match="teacher 'gemini' has no answers"):
         build_training_data(store, stems, settings, teacher="gemini")
     for s in stems:
-        store.write_text(store.analysis_path(s, "reference"), "not json")
+        store.write_text(store.layout.analysis(s, "reference"), "not json")
     with pytest.raises(DatasetError, match=r"no usable training rows.*invalid_answer"):
         build_training_data(store, stems, settings, teacher="reference")
 

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from floorplan_ft.schemas import FloorPlanAnalysis
 from floorplan_ft.settings import load_settings
 from floorplan_ft.store import ArtifactStore
-from floorplan_ft.teachers.labeling import meta_path
 from floorplan_ft.teachers.reference import reference_analysis
 from floorplan_ft.team_analyses import (
     IMPORTED_TEACHER,
@@ -207,18 +206,20 @@ def test_import_analyses_cli_writes_production_answers_and_reports_each_mapping(
     assert "no plan named 'APT_FP_OBJ_000000001.PNG'" in out
 
     for stem in [*parts["json"], parts["natural"]]:
-        answer = FloorPlanAnalysis.model_validate_json(store.read_text(store.analysis_path(stem, IMPORTED_TEACHER)))
+        answer = FloorPlanAnalysis.model_validate_json(store.read_text(store.layout.analysis(stem, IMPORTED_TEACHER)))
         assert answer.image_name == f"{stem}.PNG"
-        meta = store.read_json(meta_path(store, stem, IMPORTED_TEACHER))
+        meta = store.read_json(store.layout.analysis_meta(stem, IMPORTED_TEACHER))
         assert meta["imported"] is True and meta["teacher"] == "production" and meta["provider"] == "imported"
         assert meta["source_file"] == str(export) and meta["mappings"]
-    assert store.read_json(meta_path(store, parts["natural"], "production"))["source_form"] == "natural-language"
+    assert (
+        store.read_json(store.layout.analysis_meta(parts["natural"], "production"))["source_form"] == "natural-language"
+    )
     json_answer = FloorPlanAnalysis.model_validate_json(
-        store.read_text(store.analysis_path(parts["json"][1], "production"))
+        store.read_text(store.layout.analysis(parts["json"][1], "production"))
     )
     assert json_answer.design_evaluation == reference_of(store, parts["json"][1]).design_evaluation
     for stem in parts["broken"]:
-        assert not store.exists(store.analysis_path(stem, "production"))
+        assert not store.exists(store.layout.analysis(stem, "production"))
     summary = store.read_json(store.path("import_analyses_production.json"))
     assert summary["imported"] == 6 and len(summary["rejects"]) == 3
 
@@ -237,8 +238,8 @@ def test_import_analyses_cli_writes_production_answers_and_reports_each_mapping(
 
 def _write_labeled(store: ArtifactStore, stems: list[str], teacher: str, cost: float) -> None:
     for stem in stems:
-        store.write_text(store.analysis_path(stem, teacher), reference_of(store, stem).model_dump_json())
-        store.write_json(meta_path(store, stem, teacher), {"teacher": teacher, "cost_usd": cost})
+        store.write_text(store.layout.analysis(stem, teacher), reference_of(store, stem).model_dump_json())
+        store.write_json(store.layout.analysis_meta(stem, teacher), {"teacher": teacher, "cost_usd": cost})
 
 
 @pytest.mark.prefect
@@ -246,7 +247,7 @@ def test_phase_4_compares_production_beside_the_labeled_teachers_and_never_picks
     from flows.ft_pipeline import ft_pipeline
 
     store, stems = data
-    store.write_json(store.run_file("sample"), {"stems": stems, "n": len(stems)})
+    store.write_json(store.layout.run_file("sample"), {"stems": stems, "n": len(stems)})
     _write_labeled(store, stems, "reference", 0.0)
     _write_labeled(store, stems, "local", 0.0)
     export = tmp_path / "export.json"

@@ -39,8 +39,8 @@ def test_every_writer_follows_the_umask(tmp_path, umask, mask, expected):
     umask(mask)
     store = ArtifactStore(tmp_path / "root")
     written = [
-        Path(store.write_json(store.run_file("cv_failures"), {"failures": {}})),
-        Path(store.write_text(store.topology_path("C00_0001"), "{}\n")),
+        Path(store.write_json(store.layout.run_file("cv_failures"), {"failures": {}})),
+        Path(store.write_text(store.layout.topology("C00_0001"), "{}\n")),
         write_sample(_sample(), tmp_path / "root" / "sampled_images.json"),
         atomic_write(tmp_path / "plain.bin", b"x"),
     ]
@@ -186,17 +186,17 @@ def test_an_imported_graph_that_no_longer_reads_is_not_done_and_says_why(tmp_pat
     config = SourceConfig(image_dir=str(root / "images"), annotation_dir=str(root / "annotations"))
     for stem in stems:  # two imported graphs; the first has no image to rebuild from
         assert process_image(store, config, stem).status == "built"
-        store.write_json(store.topology_meta_path(stem), {"key": "import:x", "source": "import"})
+        store.write_json(store.layout.topology_meta(stem), {"key": "import:x", "source": "import"})
     (root / "images" / f"{stems[0]}.png").unlink()
     assert stale_stems(store, config, stems) == (stems, [])  # both read: done, no image needed
 
     for stem in stems:
-        Path(store.topology_path(stem)).write_text('{"nodes": 3}')
+        Path(store.layout.topology(stem)).write_text('{"nodes": 3}')
     assert stale_stems(store, config, stems) == ([], stems)
     lost, rebuilt = (process_image(store, config, s) for s in stems)
     assert rebuilt.status == "built" and store.topology_problem(stems[1]) is None
     assert lost.status == "failed" and lost.stale_graph
-    assert lost.reason.startswith(f"{store.topology_path(stems[0])}: ") and "rebuilding it:" in lost.reason
+    assert lost.reason.startswith(f"{store.layout.topology(stems[0])}: ") and "rebuilding it:" in lost.reason
     assert store.topology_stale(stems[0])["reason"] == lost.reason
     ledger = update_failure_ledger(store, [lost, rebuilt])
     assert set(ledger) == {stems[0]} and ledger[stems[0]]["stale_graph"] is True
@@ -212,19 +212,19 @@ def test_freshness_checks_the_graph_by_its_hash_and_validates_an_edited_one(tmp_
     config = SourceConfig(image_dir=str(root / "images"), annotation_dir=str(root / "annotations"))
     for stem in stems:
         assert process_image(store, config, stem).status == "built"
-    meta = json.loads(Path(store.topology_meta_path(stems[0])).read_text())
-    graph_file = Path(store.topology_path(stems[0]))
+    meta = json.loads(Path(store.layout.topology_meta(stems[0])).read_text())
+    graph_file = Path(store.layout.topology(stems[0]))
     assert meta["graph_sha256"] == hashlib.sha256(graph_file.read_bytes()).hexdigest()
 
     # Re-indented by hand: a different file that still validates is kept (nothing rebuilt) ...
     graph_file.write_text(json.dumps(json.loads(graph_file.read_text()), ensure_ascii=False))
     # ... a sidecar from before the hash is checked by reading the graph ...
-    old = json.loads(Path(store.topology_meta_path(stems[1])).read_text())
+    old = json.loads(Path(store.layout.topology_meta(stems[1])).read_text())
     del old["graph_sha256"]
-    store.write_json(store.topology_meta_path(stems[1]), old)
+    store.write_json(store.layout.topology_meta(stems[1]), old)
     assert stale_stems(store, config, stems) == (stems, [])
     # ... and a valid-JSON file that is no topology graph is rebuilt, under either sidecar.
     for stem in stems[:2]:
-        Path(store.topology_path(stem)).write_text('{"nodes": [{"node_id": "x"}]}')
+        Path(store.layout.topology(stem)).write_text('{"nodes": [{"node_id": "x"}]}')
     assert stale_stems(store, config, stems) == ([stems[2]], stems[:2])
     assert [process_image(store, config, s).status for s in stems] == ["built", "built", "fresh"]

@@ -21,7 +21,7 @@ from floorplan_ft.settings import TeacherSettings, load_settings
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.factory import make_teacher
 from floorplan_ft.teachers.items import build_items
-from floorplan_ft.teachers.labeling import LabelingRun, ledger_path, meta_path
+from floorplan_ft.teachers.labeling import LabelingRun
 
 OPENAI_KEY = "sk-test-LABELING-secret-key-0123456789"
 GEMINI_KEY = "AIzaTEST-LABELING-secret-0123456789abcd"
@@ -36,7 +36,7 @@ FAST = {
 
 def prepare(root: Path, count: int) -> tuple[ArtifactStore, list[str]]:
     store, stems = prepare_plans(root, count, complexes=2, seed=21)
-    store.write_json(store.run_file("sample"), {"stems": stems, "n": len(stems)})
+    store.write_json(store.layout.run_file("sample"), {"stems": stems, "n": len(stems)})
     return store, stems
 
 
@@ -67,11 +67,11 @@ def test_labels_every_plan_then_a_rerun_sends_nothing(fake_provider, data):
     summary = run_teacher(settings, store, "openai", stems)
     assert (summary.labeled, summary.failed, summary.cached) == (10, 0, 0)
     assert fake_provider.request_count == 10
-    meta = store.read_json(meta_path(store, stems[0], "openai"))
+    meta = store.read_json(store.layout.analysis_meta(stems[0], "openai"))
     assert meta["model"] == "gpt-4o" and meta["attempts"] == 1 and meta["input_tokens"] == 120
     assert {"prompt_version", "schema_hash", "cost_usd", "output_tokens", "seconds"} <= set(meta)
-    FloorPlanAnalysis.model_validate_json(Path(store.analysis_path(stems[0], "openai")).read_text())
-    ledger = store.read_json(ledger_path(store, "openai"))
+    FloorPlanAnalysis.model_validate_json(Path(store.layout.analysis(stems[0], "openai")).read_text())
+    ledger = store.read_json(store.layout.cost_ledger("openai"))
     assert ledger["requests"] == 10 and ledger["cost_usd"] == pytest.approx(summary.cost_usd, abs=1e-6)
     # Both teachers saw the same prompt: the user message is identical across providers.
     openai_prompts = {m["content"] for r in fake_provider.requests_to("chat/completions") for m in r.body["messages"]}
@@ -115,7 +115,7 @@ def test_failures_are_handled_by_class_within_bounds(fake_provider, data):
     assert failures[stems[1]]["attempts"] == 4  # 1 + the 2 → 4 → 8 s backoff schedule
     assert (summary.labeled, summary.failed) == (5, 5)
     for i in (0, 2, 4, 8):
-        assert store.read_json(meta_path(store, stems[i], "openai"))["attempts"] == expected_attempts[i]
+        assert store.read_json(store.layout.analysis_meta(stems[i], "openai"))["attempts"] == expected_attempts[i]
 
     requests = {
         i: [r for r in fake_provider.requests if name[i] in json.dumps(r.body, ensure_ascii=False)] for i in (2, 4)
@@ -125,7 +125,7 @@ def test_failures_are_handled_by_class_within_bounds(fake_provider, data):
     reask = requests[4][1].body["messages"]
     assert reask[-2]["role"] == "assistant" and "스키마 검증" in reask[-1]["content"]
     # The failed attempts' tokens are paid for and booked.
-    ledger = store.read_json(ledger_path(store, "openai"))
+    ledger = store.read_json(store.layout.cost_ledger("openai"))
     assert ledger["requests"] == fake_provider.request_count
 
 
@@ -149,15 +149,15 @@ def test_budget_cap_is_never_exceeded(fake_provider, data):
     fake_provider.usage = {"prompt_tokens": 3000, "completion_tokens": 1500, "cached_tokens": 0, "reasoning_tokens": 0}
     settings = settings_for(fake_provider, budget_usd=0.15, concurrency=2)
     summary = run_teacher(settings, store, "openai", stems)
-    spent = store.read_json(ledger_path(store, "openai"))["cost_usd"]
+    spent = store.read_json(store.layout.cost_ledger("openai"))["cost_usd"]
     assert spent <= 0.15
     assert summary.skipped_budget > 0 and summary.labeled > 0 and summary.stopped == "budget"
     assert summary.labeled + summary.skipped_budget == 10
-    assert set(summary.unlabeled) == {s for s in stems if not Path(store.analysis_path(s, "openai")).exists()}
+    assert set(summary.unlabeled) == {s for s in stems if not Path(store.layout.analysis(s, "openai")).exists()}
     # A second run with the same cap finds the money already spent and sends nothing more.
     before = fake_provider.request_count
     run_teacher(settings, store, "openai", stems)
-    assert store.read_json(ledger_path(store, "openai"))["cost_usd"] <= 0.15
+    assert store.read_json(store.layout.cost_ledger("openai"))["cost_usd"] <= 0.15
     assert fake_provider.request_count - before <= 1
 
 
@@ -221,13 +221,13 @@ def test_killed_run_never_pays_twice_for_a_finished_item(fake_provider, data, tm
     proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        done = [s for s in stems if Path(meta_path(store, s, "openai")).exists()]
+        done = [s for s in stems if Path(store.layout.analysis_meta(s, "openai")).exists()]
         if len(done) >= 3:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = {s for s in stems if Path(meta_path(store, s, "openai")).exists()}
+    finished = {s for s in stems if Path(store.layout.analysis_meta(s, "openai")).exists()}
     assert 3 <= len(finished) < 10
     before = fake_provider.request_count
 
@@ -320,16 +320,16 @@ def test_the_fault_mix_labels_every_item(fake_provider, tmp_path, no_dotenv):
     assert (summary.labeled, summary.failed, summary.skipped_budget) == (120, 0, 0), summary.failures
     assert mix.drawn["invalid_json"] > 0 and mix.drawn["truncated"] > 0 and mix.drawn["rate_limited"] > 0
     for item in items:
-        FloorPlanAnalysis.model_validate_json(Path(store.analysis_path(item.stem, "openai")).read_text())
+        FloorPlanAnalysis.model_validate_json(Path(store.layout.analysis(item.stem, "openai")).read_text())
     # Every request is in the ledger; every answer that came back (valid, broken or cut) is paid.
     chats = fake_provider.requests_to("chat/completions")
-    ledger = store.read_json(ledger_path(store, "openai"))
+    ledger = store.read_json(store.layout.cost_ledger("openai"))
     assert ledger["requests"] == len(chats) == summary.requests
     billed = mix.drawn["ok"] + mix.drawn["invalid_json"] + mix.drawn["truncated"]
     assert ledger["cost_usd"] == pytest.approx(billed * gpt4o(120, 45), abs=1e-6)
     assert ledger["unsettled_requests"] == 0 and ledger["possibly_paid_twice"] == 0
     # ... and booked on the items: the sidecars add up to the ledger.
-    booked = sum(store.read_json(meta_path(store, i.stem, "openai"))["cost_usd"] for i in items)
+    booked = sum(store.read_json(store.layout.analysis_meta(i.stem, "openai"))["cost_usd"] for i in items)
     assert booked == pytest.approx(ledger["cost_usd"], abs=1e-5)
     assert mix.repaid == 0  # no item got a second valid answer
     assert summary.reasked > 0 and summary.larger_budget > 0
@@ -373,7 +373,7 @@ def test_invalid_and_cut_answers_escalate_in_order(fake_provider, tmp_path, no_d
 
     # Every attempt is paid for and booked on its item.
     for stem, attempts in (("E0000", 5), ("E0001", 4), ("E0002", 3)):
-        meta = store.read_json(meta_path(store, stem, "openai"))
+        meta = store.read_json(store.layout.analysis_meta(stem, "openai"))
         assert meta["attempts"] == attempts
         assert meta["cost_usd"] == pytest.approx(attempts * gpt4o(120, 45), abs=1e-6)
     assert (summary.reasked, summary.fresh_asks) == (3, 3)
@@ -401,6 +401,6 @@ def test_per_item_caps_on_attempts_and_dollars(fake_provider, tmp_path, no_doten
     assert len(_for(fake_provider, "C0001")) == 2
     assert failures["C0001"]["cost_usd"] == pytest.approx(2 * gpt4o(120, 45), abs=1e-6)
     assert "max_item_cost_usd" in failures["C0001"]["detail"]
-    ledger = store.read_json(ledger_path(store, "openai"))
+    ledger = store.read_json(store.layout.cost_ledger("openai"))
     assert ledger["requests"] == 6
     assert ledger["cost_usd"] == pytest.approx(5 * gpt4o(120, 45), abs=1e-6)

@@ -25,15 +25,12 @@ from floorplan_ft.teachers.labeling import (
     CostLedger,
     LabelingRun,
     cost_usd,
-    journal_path,
-    ledger_path,
     messages_tokens,
-    meta_path,
 )
 
 
 def journal_lines(store: ArtifactStore, teacher: str) -> list[dict]:
-    return [json.loads(line) for line in Path(journal_path(store, teacher)).read_text().splitlines()]
+    return [json.loads(line) for line in Path(store.layout.cost_journal(teacher)).read_text().splitlines()]
 
 
 def test_an_attempt_never_settled_stays_counted_at_its_worst_case(tmp_path):
@@ -47,7 +44,7 @@ def test_an_attempt_never_settled_stays_counted_at_its_worst_case(tmp_path):
     second = CostLedger(store, "openai")
     assert second.totals == {"requests": 2, "input_tokens": 1120, "output_tokens": 4141, "cost_usd": 0.51}
     assert second.unsettled_requests == second.recovered_unsettled == 1
-    view = store.read_json(ledger_path(store, "openai"))  # the JSON view is rewritten on open
+    view = store.read_json(store.layout.cost_ledger("openai"))  # the JSON view is rewritten on open
     assert (view["requests"], view["cost_usd"], view["unsettled_requests"]) == (2, 0.51, 1)
     assert view["unsettled_cost_usd"] == 0.5 and view["possibly_paid_twice"] == 0
     # A later answer for A may be A's second paid one; one for B (settled) is not.
@@ -78,13 +75,13 @@ def test_an_attempt_never_settled_stays_counted_at_its_worst_case(tmp_path):
 def test_a_ledger_from_before_the_journal_and_batch_bookings(tmp_path):
     store = ArtifactStore(tmp_path)
     store.write_json(
-        ledger_path(store, "gemini"),
+        store.layout.cost_ledger("gemini"),
         {"teacher": "gemini", "requests": 7, "input_tokens": 700, "output_tokens": 300, "cost_usd": 1.5},
     )
     ledger = CostLedger(store, "gemini")
     assert ledger.totals == {"requests": 7, "input_tokens": 700, "output_tokens": 300, "cost_usd": 1.5}
     ledger.add(Usage(input_tokens=10, output_tokens=5), 0.25, requests=3)  # the batch runner's way
-    view = store.read_json(ledger_path(store, "gemini"))
+    view = store.read_json(store.layout.cost_ledger("gemini"))
     assert (view["requests"], view["input_tokens"], view["cost_usd"]) == (10, 710, 1.75)
     assert CostLedger(store, "gemini").spent == pytest.approx(1.75)  # seeded once, not twice
 
@@ -93,7 +90,7 @@ def test_a_broken_journal_line_is_skipped_not_fatal(tmp_path, caplog):
     store = ArtifactStore(tmp_path)
     ledger = CostLedger(store, "openai")
     ledger.settle(ledger.begin("A", 0.1, 10, 10), "A", Usage(input_tokens=1, output_tokens=1), 0.02)
-    with open(journal_path(store, "openai"), "a") as fh:
+    with open(store.layout.cost_journal("openai"), "a") as fh:
         fh.write("{not json\n")
     ledger.settle(ledger.begin("B", 0.1, 10, 10), "B", None, 0.0)
     with caplog.at_level("WARNING"):
@@ -134,7 +131,7 @@ def test_each_attempt_costs_two_journal_lines_not_a_file_rewrite(fake_provider, 
     assert len(lines) == 2 * summary.requests
     starts = {r["id"] for r in lines if r["op"] == "start"}
     assert starts == {r["id"] for r in lines if r["op"] == "settle"}
-    views = [p for p in store.json_writes if p == ledger_path(store, "openai")]
+    views = [p for p in store.json_writes if p == store.layout.cost_ledger("openai")]
     assert len(views) <= 2 + summary.seconds / CostLedger.VIEW_INTERVAL_S + 1  # open, at most 1/s, the end
 
 
@@ -179,14 +176,14 @@ def test_kill_9_leaves_no_billed_request_unrecorded_and_the_cap_holds(fake_provi
     proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        if sum(Path(meta_path(store, i.stem, "openai")).exists() for i in items) >= 4:
+        if sum(Path(store.layout.analysis_meta(i.stem, "openai")).exists() for i in items) >= 4:
             break
         time.sleep(0.02)
     time.sleep(0.15)  # the next requests are on their way
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(0.3)  # let the server record whatever was already sent
-    answered = {i.stem for i in items if Path(meta_path(store, i.stem, "openai")).exists()}
+    answered = {i.stem for i in items if Path(store.layout.analysis_meta(i.stem, "openai")).exists()}
     assert 4 <= len(answered) < 16
     seen = len(fake_provider.requests_to("chat/completions"))
 
@@ -212,14 +209,14 @@ def test_kill_9_leaves_no_billed_request_unrecorded_and_the_cap_holds(fake_provi
     summary = asyncio.run(LabelingRun(make_teacher(capped, "openai"), store, capped.teachers).run(items))
     assert summary.recovered_unsettled == len(orphans)
     assert summary.stopped == "budget" and 1 <= summary.requests <= 3
-    assert store.read_json(ledger_path(store, "openai"))["cost_usd"] <= cap
+    assert store.read_json(store.layout.cost_ledger("openai"))["cost_usd"] <= cap
     assert len(fake_provider.requests_to("chat/completions")) * per_answer <= cap
 
     # With room, the rest is labeled, and the report says which answers may have been paid twice.
     roomy = settings_for(fake_provider)
     final = asyncio.run(LabelingRun(make_teacher(roomy, "openai"), store, roomy.teachers).run(items))
     assert final.labeled + final.cached == 16
-    ledger = store.read_json(ledger_path(store, "openai"))
+    ledger = store.read_json(store.layout.cost_ledger("openai"))
     assert ledger["requests"] >= len(fake_provider.requests_to("chat/completions"))
     assert ledger["unsettled_requests"] == len(orphans)
     assert final.possibly_paid_twice == ledger["possibly_paid_twice"] == len(unanswered_orphans)

@@ -21,7 +21,6 @@ from floorplan_ft.teachers.items import build_items
 from floorplan_ft.teachers.labeling import LabelingRun
 from floorplan_ft.teachers.limits import (
     UNLIMITED,
-    history_path,
     limiter_for,
     rate_limit_exhausted,
     teacher_limits,
@@ -181,7 +180,7 @@ def test_bare_429s_slow_the_teacher_down_and_no_item_is_lost(fake_provider, data
     start = fake_provider.requests[0].at
     late = [t for t in rejected if t - start >= 12.0]
     assert len(late) <= 1  # after the first window it keeps below the limit
-    history = json.loads(Path(history_path(store, "gemini")).read_text())
+    history = json.loads(Path(store.layout.rate_window("gemini")).read_text())
     assert history["rate"] == pytest.approx(run.limiter.rate, abs=0.01) and history["rate_limited"] >= 1
 
 
@@ -262,7 +261,7 @@ def test_a_restarted_run_goes_on_from_its_predecessors_window(fake_provider, dat
     first = Clocks(wall, origin=500.0)
     _run1, summary1, times1 = labeled_with_clocks(settings, store, items_of(store, stems[:10]), first)
     assert summary1.labeled == 10 and summary1.rate_limited == 1
-    history = json.loads(Path(history_path(store, "gemini")).read_text())
+    history = json.loads(Path(store.layout.rate_window("gemini")).read_text())
     assert len(history["events"]) == 11 and history["rate"] == pytest.approx(42.0)
     end1 = first.time()
 
@@ -279,7 +278,7 @@ def test_a_restarted_run_goes_on_from_its_predecessors_window(fake_provider, dat
         assert sum(1 for u in everything if t - 61.5 < u <= t) <= 60
 
     # The same restart without the history file starts afresh at the full rate at once.
-    Path(history_path(store, "gemini")).unlink()
+    Path(store.layout.rate_window("gemini")).unlink()
     wall[0] = second.time() + 1.0
     third = Clocks(wall, origin=20000.0)
     run3, _, times3 = labeled_with_clocks(settings, store, items_of(store, stems[20:24]), third)
@@ -288,8 +287,8 @@ def test_a_restarted_run_goes_on_from_its_predecessors_window(fake_provider, dat
 
 def test_a_broken_history_file_is_a_fresh_start(fake_provider, data, caplog):
     store, stems = data
-    Path(history_path(store, "gemini")).parent.mkdir(parents=True, exist_ok=True)
-    Path(history_path(store, "gemini")).write_text("{not json")
+    Path(store.layout.rate_window("gemini")).parent.mkdir(parents=True, exist_ok=True)
+    Path(store.layout.rate_window("gemini")).write_text("{not json")
     settings = settings_for(fake_provider, limits={"gemini": {"requests_per_minute": 600}})
     with caplog.at_level("WARNING"):
         summary = asyncio.run(
@@ -297,5 +296,5 @@ def test_a_broken_history_file_is_a_fresh_start(fake_provider, data, caplog):
         )
     assert summary.labeled == 2
     assert "rate_window_gemini.json" in caplog.text
-    assert json.loads(Path(history_path(store, "gemini")).read_text())["version"] == 1
-    assert isinstance(ArtifactStore(store.root).read_json(history_path(store, "gemini")), dict)
+    assert json.loads(Path(store.layout.rate_window("gemini")).read_text())["version"] == 1
+    assert isinstance(ArtifactStore(store.root).read_json(store.layout.rate_window("gemini")), dict)

@@ -81,7 +81,7 @@ def test_phase3_progress_artifact_carries_the_console_figures(prefect_api, no_do
     from flows.ft_pipeline import ft_pipeline
 
     store, stems = prepare_plans(tmp_path / "data", count=3, complexes=1, seed=11)
-    store.write_json(store.run_file("sample"), {"stems": stems, "n": len(stems)})
+    store.write_json(store.layout.run_file("sample"), {"stems": stems, "n": len(stems)})
     report = ft_pipeline(
         steps="3a", overrides={"paths.data_root": str(tmp_path / "data"), "teachers.teachers": ["reference"]}
     )
@@ -117,7 +117,7 @@ def test_domain_warnings_reach_the_run_log_in_prefect(prefect_api, no_dotenv, tm
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-progress-0000000000")
     monkeypatch.setenv("FTP_OPENAI_BASE_URL", fake_provider.openai_base_url)
     store, stems = prepare_plans(tmp_path / "data", count=1, complexes=1, seed=5)
-    store.write_json(store.run_file("sample"), {"stems": stems, "n": len(stems)})
+    store.write_json(store.layout.run_file("sample"), {"stems": stems, "n": len(stems)})
     store.write_text(store.path("rate_window_openai.json"), "{not json")  # a hand-broken history
     state = ft_pipeline(steps="3a", overrides={"paths.data_root": str(tmp_path / "data")}, return_state=True)
     assert state.is_completed() and state.result()["3a"]["labeled"] == 1

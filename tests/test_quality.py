@@ -30,7 +30,6 @@ from floorplan_ft.quality import (
 from floorplan_ft.schemas import TopologyGraph
 from floorplan_ft.settings import load_settings
 from floorplan_ft.store import ArtifactStore
-from floorplan_ft.teachers.labeling import failures_path, meta_path
 from floorplan_ft.teachers.reference import reference_analysis
 
 N_PLANS = 24
@@ -55,7 +54,7 @@ def data(base, tmp_path, no_dotenv):
 
 
 def graph_of(store: ArtifactStore, stem: str) -> TopologyGraph:
-    return TopologyGraph.model_validate_json(store.read_text(store.topology_path(stem)))
+    return TopologyGraph.model_validate_json(store.read_text(store.layout.topology(stem)))
 
 
 def reference_dict(store: ArtifactStore, stem: str) -> dict:
@@ -72,10 +71,12 @@ def write_teacher(store, stems, name, cost, mutate=None, failures=None):
         if out is None:
             continue
         text = out if isinstance(out, str) else json.dumps(out, ensure_ascii=False)
-        store.write_text(store.analysis_path(stem, name), text)
-        store.write_json(meta_path(store, stem, name), {"cost_usd": cost, "input_tokens": 3000, "output_tokens": 1500})
+        store.write_text(store.layout.analysis(stem, name), text)
+        store.write_json(
+            store.layout.analysis_meta(stem, name), {"cost_usd": cost, "input_tokens": 3000, "output_tokens": 1500}
+        )
     if failures:
-        store.write_json(failures_path(store, name), {"teacher": name, "failures": failures})
+        store.write_json(store.layout.label_failures(name), {"teacher": name, "failures": failures})
 
 
 # =========================================================================== one answer

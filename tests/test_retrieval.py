@@ -463,7 +463,7 @@ def test_context_text_is_exactly_what_the_prompt_includes(corpus, synthetic_topo
 
     store = ArtifactStore(tmp_path)
     path = write_context(store, stem, ctx)
-    assert path == store.rag_context_path(stem)
+    assert path == store.layout.rag_context(stem)
     assert read_context(store, stem) == ctx
     assert [p.name for p in Path(path).parent.iterdir()] == ["rag_context.json"]
     with pytest.raises(FileNotFoundError):

@@ -98,7 +98,7 @@ def test_key_from_the_environment_is_stored_nowhere(prefect_api, no_dotenv, tmp_
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.setenv("FTP_OPENAI_BASE_URL", fake_provider.openai_base_url)
     store, stems = prepare_plans(tmp_path / "data", count=2, complexes=1, seed=7)
-    store.write_json(store.run_file("sample"), {"stems": stems, "n": len(stems)})
+    store.write_json(store.layout.run_file("sample"), {"stems": stems, "n": len(stems)})
     state = ft_pipeline(steps="3a", overrides={"paths.data_root": str(tmp_path / "data")}, return_state=True)
     assert state.is_completed(), state
     report = state.result()

@@ -99,10 +99,10 @@ def test_teachers_rows_evaluation_and_service_send_the_same_team_prompt(
     store, stems = prepare_plans(root, 6, complexes=3, seed=5)
     # The plans as the team's CV produced them: their dialect, stored as it came.
     for stem in stems:
-        store.delete(store.rag_context_path(stem))
-        store.write_json(store.topology_path(stem), to_team_graph(store.read_json(store.topology_path(stem))))
-    store.write_json(store.run_file("sample"), {"stems": stems, "n": len(stems)})
-    store.write_text(store.run_file("selected_model"), "openai\n")
+        store.delete(store.layout.rag_context(stem))
+        store.write_json(store.layout.topology(stem), to_team_graph(store.read_json(store.layout.topology(stem))))
+    store.write_json(store.layout.run_file("sample"), {"stems": stems, "n": len(stems)})
+    store.write_text(store.layout.run_file("selected_model"), "openai\n")
     # Their table, filled by the embedding backend this test runs with (an OpenAI-compatible server).
     embedder = OpenAIEmbeddingManager(
         "Qwen/Qwen3-Embedding-0.6B", 1024, base_url=fake_provider.openai_base_url, provider="openai-compatible"
@@ -234,7 +234,7 @@ def test_project_style_is_unchanged_by_the_builder(tmp_path, no_dotenv):
     assert prompts.prompt_version_for(settings) == prompts.PROMPT_VERSION
     for stem in stems:
         graph = store.read_topology(stem)
-        ctx = store.read_json(store.rag_context_path(stem))
+        ctx = store.read_json(store.layout.rag_context(stem))
         assert prompts.build_messages_for(settings, store.read_topology_raw(stem), ctx) == prompts.build_messages(
             graph.image_info.file_name, graph, ctx["chunks"]
         )

@@ -146,10 +146,10 @@ def test_store_reads_normalised_and_raw(graphs, tmp_path):
     store = ArtifactStore(tmp_path)
     team = to_team_graph(graphs[1])
     raw = json.dumps(team, ensure_ascii=False, indent=3).encode()
-    store.write_bytes(store.topology_path("S1"), raw)
+    store.write_bytes(store.layout.topology("S1"), raw)
     assert store.read_topology_raw("S1") == team  # as stored: fractions, nulls, `type`
     assert store.read_topology("S1").statistics.ldk_ratio == graphs[1].statistics.ldk_ratio
-    store.write_bytes(store.topology_path("S2"), b"[]")
+    store.write_bytes(store.layout.topology("S2"), b"[]")
     assert store.read_topology("S2") is None
     with pytest.raises(TopologyFormatError, match="S2"):
         store.load_topology("S2")

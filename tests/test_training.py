@@ -75,10 +75,10 @@ def _row(i: int, long_user: bool = False) -> dict:
 
 def _write_rows(root: Path, train: list[dict], val: list[dict], train_stems: list[str], val_stems: list[str]):
     store = ArtifactStore(root)
-    store.write_jsonl(store.run_file("train"), train)
-    store.write_jsonl(store.run_file("val"), val)
+    store.write_jsonl(store.layout.run_file("train"), train)
+    store.write_jsonl(store.layout.run_file("val"), val)
     store.write_json(
-        store.run_file("stats_report"),
+        store.layout.run_file("stats_report"),
         {
             "teacher": "reference",
             "prompt_version": "test",
@@ -102,9 +102,9 @@ def _config(store: ArtifactStore, base: Path, **changes) -> TrainConfig:
     values = {
         "base_model": str(base),
         "data_root": store.root,
-        "train_path": store.run_file("train"),
-        "val_path": store.run_file("val"),
-        "stats_path": store.run_file("stats_report"),
+        "train_path": store.layout.run_file("train"),
+        "val_path": store.layout.run_file("val"),
+        "stats_path": store.layout.run_file("stats_report"),
         "student_name": "student",
         "device": "cpu",
         "load_in_4bit": False,
@@ -667,7 +667,7 @@ def plans_store(tmp_path_factory):
     items, _ = build_items(store, stems)
     settings = load_settings()
     asyncio.run(LabelingRun(ReferenceTeacher(), store, settings.teachers).run(items))
-    store.write_text(store.run_file("selected_model"), "reference\n")
+    store.write_text(store.layout.run_file("selected_model"), "reference\n")
     data = build_training_data(store, stems, settings)
     write_training_data(store, data)
     assert data.val

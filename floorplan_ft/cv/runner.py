@@ -32,12 +32,11 @@ from floorplan_ft.cv.sources import (
     get_source,
 )
 from floorplan_ft.cv.topology import BUILDER_VERSION, build_topology
-from floorplan_ft.store import TOPOLOGY_SIDECAR, ArtifactStore
+from floorplan_ft.store import TOPOLOGY_SIDECAR, ArtifactStore, Layout
 
 SIDECAR = TOPOLOGY_SIDECAR
 IMPORT_SOURCE = "import"  # sidecar `source` of a graph from `ft-pipeline import topologies`
-OVERLAY = "topology_overlay.png"
-LOW_RESULT = "low_result.json"  # the team CV's merged detections, kept for provenance
+LOW_RESULT = Layout.LOW_RESULT  # named in the sidecar
 
 
 class ImageOutcome(BaseModel):
@@ -57,7 +56,7 @@ def topology_key(source: DetectionSource, stem: str) -> tuple[str, str]:
 
 
 def sidecar_path(store: ArtifactStore, stem: str) -> str:
-    return store.topology_meta_path(stem)
+    return store.layout.topology_meta(stem)
 
 
 def _read_meta(store: ArtifactStore, stem: str) -> dict | None:
@@ -76,7 +75,7 @@ def _graph_ok(store: ArtifactStore, stem: str, meta: dict) -> bool:
     expected = meta.get("graph_sha256") or meta.get("sha256")
     if isinstance(expected, str):
         try:
-            if hashlib.sha256(store.read_bytes(store.topology_path(stem))).hexdigest() == expected:
+            if hashlib.sha256(store.read_bytes(store.layout.topology(stem))).hexdigest() == expected:
                 return True
         except OSError:
             return False
@@ -98,7 +97,7 @@ def is_fresh(store: ArtifactStore, stem: str, key: str) -> bool:
 def mark_stale(store: ArtifactStore, stem: str, reason: str | None, error_type: str | None) -> bool:
     """Mark the plan's existing graph stale in its sidecar (its inputs no longer build); False
     when there is no graph to mark."""
-    if not store.exists(store.topology_path(stem)):
+    if not store.exists(store.layout.topology(stem)):
         return False
     meta = _read_meta(store, stem) or {}
     meta["stale"] = {"reason": reason, "error_type": error_type, "at": datetime.now(UTC).isoformat(timespec="seconds")}
@@ -117,7 +116,7 @@ def _clear_stale(store: ArtifactStore, stem: str, meta: dict | None = None) -> N
 def is_imported(store: ArtifactStore, stem: str) -> bool:
     """An imported graph (sidecar source "import") is done: never rebuilt, never a missing image."""
     try:
-        return store.exists(store.topology_path(stem)) and (
+        return store.exists(store.layout.topology(stem)) and (
             store.read_json(sidecar_path(store, stem)).get("source") == IMPORT_SOURCE
         )
     except (ValueError, OSError, AttributeError):
@@ -155,7 +154,7 @@ def process_image(
             graph = build_topology(detections)
             graph.builder_version = BUILDER_VERSION
             written = (graph.model_dump_json(indent=1) + "\n").encode("utf-8")
-            store.write_bytes(store.topology_path(stem), written)
+            store.write_bytes(store.layout.topology(stem), written)
             extra = {"skipped_annotations": detections.skipped_summary()}
             graph_for_overlay, finished = graph, None
     except ValueError as exc:  # AnnotationError, ImageError, bad plugin output, a failed CV job
@@ -169,7 +168,7 @@ def process_image(
             seconds=time.perf_counter() - start,
         )
     if overlay:
-        overlay_path = store.path("output", stem, OVERLAY)
+        overlay_path = store.layout.overlay(stem)
         if finished is not None and finished.overlay_png:
             store.write_bytes(overlay_path, finished.overlay_png)
         else:
@@ -193,10 +192,10 @@ def process_image(
 
 def _write_finished(store: ArtifactStore, stem: str, finished: FinishedTopology) -> dict:
     """A graph the team's CV built: stored exactly as it came, its detections beside it."""
-    store.write_text(store.topology_path(stem), finished.text)
+    store.write_text(store.layout.topology(stem), finished.text)
     extra: dict = {"format": "team"}
     if finished.low_result is not None:
-        store.write_json(store.path("output", stem, LOW_RESULT), finished.low_result, indent=None)
+        store.write_json(store.layout.low_result(stem), finished.low_result, indent=None)
         extra["low_result"] = LOW_RESULT
     return extra
 
@@ -236,7 +235,7 @@ def update_failure_ledger(
     """Merge this run's results into cv_failures.json: failures added (with whether an older graph
     is kept, marked stale), successes cleared, and so are the `fresh` stems (found current without
     a build, e.g. their inputs were restored): the ledger is the current state."""
-    path = store.run_file("cv_failures")
+    path = store.layout.run_file("cv_failures")
     ledger: dict[str, dict] = {}
     if store.exists(path):
         try:

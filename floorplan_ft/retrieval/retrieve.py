@@ -38,15 +38,9 @@ from floorplan_ft.store import ArtifactStore
 
 # Bump when the query wording, the ranking or the file layout changes: part of every key.
 RETRIEVAL_VERSION = "1"
-CACHE_SUBDIR = ("cache", "embeddings")
 
 
 # ============================================================================ corpus vectors
-
-
-def default_cache_dir(store: ArtifactStore) -> str:
-    """``{data_root}/cache/embeddings`` of an artifact store."""
-    return store.path(*CACHE_SUBDIR)
 
 
 def corpus_cache_key(manager: BaseEmbeddingManager, chunks: Sequence[CriteriaChunk]) -> str:
@@ -66,7 +60,7 @@ def _cache_store(cache_dir: str | Path | ArtifactStore | None) -> ArtifactStore 
     if cache_dir is None:
         return None
     if isinstance(cache_dir, ArtifactStore):
-        return ArtifactStore(default_cache_dir(cache_dir))
+        return ArtifactStore(cache_dir.layout.embeddings_cache())
     return ArtifactStore(cache_dir)
 
 
@@ -556,12 +550,12 @@ def write_context(store: ArtifactStore, stem: str, ctx: RagContext) -> str:
     """Write ``output/{stem}/rag_context.json`` atomically; returns the path."""
     # A project-style context keeps the file layout it always had (no context_format key).
     exclude = {"context_format"} if ctx.context_format is None else None
-    return store.write_json(store.rag_context_path(stem), ctx.model_dump(mode="json", exclude=exclude))
+    return store.write_json(store.layout.rag_context(stem), ctx.model_dump(mode="json", exclude=exclude))
 
 
 def read_context(store: ArtifactStore, stem: str) -> RagContext:
     """Read and validate ``output/{stem}/rag_context.json`` (FileNotFoundError when missing)."""
-    path = store.rag_context_path(stem)
+    path = store.layout.rag_context(stem)
     if not store.exists(path):
         raise FileNotFoundError(path)
     try:
@@ -586,7 +580,7 @@ def topology_queries(
     queries: dict[str, str] = {}
     skipped: dict[str, dict[str, str]] = {}
     for stem in stems:
-        path = store.topology_path(stem)
+        path = store.layout.topology(stem)
         if not store.exists(path):
             skipped[stem] = {"reason": "missing_topology", "detail": f"{path}: no topology graph"}
             continue
@@ -619,7 +613,7 @@ def update_retrieval_ledger(
     plans with a context now (`done`) removed, others left as they were. Returns the ledger."""
     from datetime import UTC, datetime
 
-    path = store.run_file("retrieval_failures")
+    path = store.layout.run_file("retrieval_failures")
     ledger: dict[str, dict] = {}
     if store.exists(path):
         try:

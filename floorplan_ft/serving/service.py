@@ -67,7 +67,6 @@ from floorplan_ft.providers.base import (
 from floorplan_ft.providers.embeddings import BaseEmbeddingManager, EmbeddingError
 from floorplan_ft.retrieval.corpus import CriteriaChunk, load_corpus
 from floorplan_ft.retrieval.retrieve import (
-    CACHE_SUBDIR,
     RETRIEVAL_VERSION,
     RagContext,
     RetrievedChunk,
@@ -85,6 +84,7 @@ from floorplan_ft.serving.vectorstore import (
     VectorStoreError,
     check_identity,
 )
+from floorplan_ft.store import Layout
 from floorplan_ft.topology_io import TopologyFormatError, read_topology_dict
 
 log = logging.getLogger(__name__)
@@ -313,7 +313,7 @@ def open_vector_store(settings: Any, manager: BaseEmbeddingManager, chunks: Sequ
         )
     if kind != "memory":
         raise ConfigError(f"serving.vector_store = {kind!r}: use memory or pgvector")
-    cache_dir = "/".join([settings.paths.data_root.rstrip("/"), *CACHE_SUBDIR])
+    cache_dir = Layout(settings.paths.data_root.rstrip("/")).embeddings_cache()
     try:
         return MemoryVectorStore.build(manager, chunks, cache_dir)
     except OSError as exc:  # a read-only data root: embed without the cache

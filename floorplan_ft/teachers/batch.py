@@ -84,10 +84,8 @@ from floorplan_ft.teachers.labeling import (
     LLMTeacher,
     cached_answer,
     cost_usd,
-    failures_path,
     item_key,
     messages_tokens,
-    meta_path,
     write_answer,
 )
 
@@ -99,10 +97,6 @@ STATE_VERSION = 2
 NO_RETRY = frozenset({"refusal"})
 # Error lines for requests a job never ran (OpenAI lists them in the error file).
 NOT_RUN = frozenset({"expired", "cancelled"})
-
-
-def state_path(store: ArtifactStore, teacher: str) -> str:
-    return store.path("batches", f"{teacher}.json")
 
 
 def custom_id(stem: str, key: str) -> str:
@@ -719,7 +713,7 @@ class BatchLabeling:
         )
         self.on_progress = on_progress
         self.sleep = sleep
-        self.path = state_path(store, teacher.name)
+        self.path = store.layout.batch_state(teacher.name)
         self.outcome = BatchOutcome(teacher.name, teacher.provider, teacher.model, budget_usd=settings.budget_usd)
         self.queue: deque[LabelItem] = deque()  # to submit, in order
         self.deferred: list[LabelItem] = []  # to submit again at the next poll (a refused create)
@@ -1323,7 +1317,7 @@ class BatchLabeling:
             current = self.keys.get(stem)
             if current is not None and current != job_key:
                 continue  # the prompt changed since: superseded (but billed)
-            if current is None and self.store.exists(meta_path(self.store, stem, teacher)):
+            if current is None and self.store.exists(self.store.layout.analysis_meta(stem, teacher)):
                 continue  # not ours to overwrite
             if cached_answer(self.store, stem, teacher, job_key) is not None:
                 continue  # written by an earlier, interrupted ingest
@@ -1425,7 +1419,7 @@ class BatchLabeling:
         items now labeled."""
         if not add and not labeled:
             return
-        path = failures_path(self.store, self.teacher.name)
+        path = self.store.layout.label_failures(self.teacher.name)
         data = self.store.read_json(path) if self.store.exists(path) else {"teacher": self.teacher.name, "failures": {}}
         failures = dict(data.get("failures") or {})
         for stem in labeled:

@@ -35,7 +35,7 @@ def build_items(
     items: list[LabelItem] = []
     missing: list[MissingInput] = []
     for stem in stems:
-        topo_path, ctx_path = store.topology_path(stem), store.rag_context_path(stem)
+        topo_path, ctx_path = store.layout.topology(stem), store.layout.rag_context(stem)
         if not store.exists(topo_path):
             missing.append(MissingInput(stem, "missing_topology"))
             continue

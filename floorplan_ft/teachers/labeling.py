@@ -193,25 +193,9 @@ def item_key(teacher: Teacher, messages: list[dict[str, str]], max_tokens: int) 
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
-def meta_path(store: ArtifactStore, stem: str, teacher: str) -> str:
-    return store.path("output", stem, f"llm_analysis_{teacher}.meta.json")
-
-
-def failures_path(store: ArtifactStore, teacher: str) -> str:
-    return store.path(f"label_failures_{teacher}.json")
-
-
-def ledger_path(store: ArtifactStore, teacher: str) -> str:
-    return store.path(f"cost_ledger_{teacher}.json")
-
-
-def summary_path(store: ArtifactStore, teacher: str) -> str:
-    return store.path(f"labeling_{teacher}.json")
-
-
 def cached_answer(store: ArtifactStore, stem: str, teacher: str, key: str) -> dict | None:
     """The sidecar of a valid cached answer for this exact key, else None."""
-    mpath, apath = meta_path(store, stem, teacher), store.analysis_path(stem, teacher)
+    mpath, apath = store.layout.analysis_meta(stem, teacher), store.layout.analysis(stem, teacher)
     if not (store.exists(mpath) and store.exists(apath)):
         return None
     try:
@@ -238,10 +222,10 @@ def write_answer(
     runner both write through here, so caching and phase 4 see one format)."""
     answer = result.parsed
     assert isinstance(answer, BaseModel)
-    store.write_text(store.analysis_path(stem, teacher.name), answer.model_dump_json(indent=1) + "\n")
+    store.write_text(store.layout.analysis(stem, teacher.name), answer.model_dump_json(indent=1) + "\n")
     # The sidecar is written last: its existence with the right key means the answer is complete.
     store.write_json(
-        meta_path(store, stem, teacher.name),
+        store.layout.analysis_meta(stem, teacher.name),
         {
             "key": key,
             "teacher": teacher.name,
@@ -258,11 +242,6 @@ def write_answer(
             "labeled_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
-
-
-def journal_path(store: ArtifactStore, teacher: str) -> str:
-    """The write-ahead journal beside ``cost_ledger_<teacher>.json`` (one JSON line per event)."""
-    return store.path(f"cost_ledger_{teacher}.journal.jsonl")
 
 
 class _Journal:
@@ -364,8 +343,8 @@ class CostLedger:
 
     def __init__(self, store: ArtifactStore, teacher: str):
         self.store, self.teacher = store, teacher
-        self.path = ledger_path(store, teacher)
-        self.journal = _Journal(store, journal_path(store, teacher))
+        self.path = store.layout.cost_ledger(teacher)
+        self.journal = _Journal(store, store.layout.cost_journal(teacher))
         self.run_id = uuid.uuid4().hex[:12]
         self._seq = 0
         self._settled = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
@@ -510,7 +489,7 @@ class CostLedger:
             "unsettled_requests": len(unsettled),
             "unsettled_cost_usd": round(sum(float(e.get("cost_usd", 0.0)) for e in unsettled), 8),
             "possibly_paid_twice": self.possibly_paid_twice,
-            "journal": journal_path(self.store, self.teacher).rsplit("/", 1)[-1],
+            "journal": self.store.layout.cost_journal(self.teacher).rsplit("/", 1)[-1],
         }
 
     @property
@@ -597,7 +576,7 @@ class LabelingRun:
     # -------------------------------------------------------------- bookkeeping
     def _write_failures(self) -> None:
         self.store.write_json(
-            failures_path(self.store, self.teacher.name),
+            self.store.layout.label_failures(self.teacher.name),
             {"teacher": self.teacher.name, "failures": dict(sorted(self._failures.items()))},
         )
 
@@ -794,9 +773,9 @@ class LabelingRun:
     async def run(self, items: list[LabelItem]) -> TeacherRunSummary:
         start = time.perf_counter()
         self.ledger = CostLedger(self.store, self.teacher.name)
-        if self.store.exists(failures_path(self.store, self.teacher.name)):
+        if self.store.exists(self.store.layout.label_failures(self.teacher.name)):
             # Earlier failures stay listed until their item is labeled.
-            self._failures = dict(self.store.read_json(failures_path(self.store, self.teacher.name))["failures"])
+            self._failures = dict(self.store.read_json(self.store.layout.label_failures(self.teacher.name))["failures"])
         if self.ledger.recovered_unsettled:
             log.warning(
                 "%s: %d request(s) of an interrupted run were never settled; counted at their worst case ($%.4f) in %s",
@@ -834,7 +813,7 @@ class LabelingRun:
         s.failures = {k: v for k, v in sorted(self._failures.items()) if k in stems}
         s.unlabeled = sorted(s.failures)
         s.cost_usd = round(s.cost_usd, 6)
-        self.store.write_json(summary_path(self.store, self.teacher.name), s.as_dict())
+        self.store.write_json(self.store.layout.labeling_summary(self.teacher.name), s.as_dict())
         return s
 
     def _account(self, o: ItemOutcome) -> None:

@@ -431,15 +431,11 @@ class RateLimiter:
 # ------------------------------------------------------------------------------ the teacher's limiter
 
 
-def history_path(store: Any, teacher: str) -> str:
-    return store.path(f"rate_window_{teacher}.json")
-
-
 class StoredHistory:
     """The limiter's history as `<data_root>/rate_window_<teacher>.json` in an ArtifactStore."""
 
     def __init__(self, store: Any, teacher: str):
-        self.store, self.path = store, history_path(store, teacher)
+        self.store, self.path = store, store.layout.rate_window(teacher)
 
     def load(self) -> dict | None:
         """The stored history, or None when there is none (a broken file: ValueError naming it)."""

@@ -161,9 +161,9 @@ class TrainConfig:
         values: dict[str, Any] = {
             "base_model": ft.base_model,
             "data_root": store.root,
-            "train_path": store.run_file("train"),
-            "val_path": store.run_file("val"),
-            "stats_path": store.run_file("stats_report"),
+            "train_path": store.layout.run_file("train"),
+            "val_path": store.layout.run_file("val"),
+            "stats_path": store.layout.run_file("stats_report"),
             "student_name": ft.student_name,
             "backend": ft.backend,
             "device": ft.device,
