@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from floorplan_ft.phase import Artifact, Failure, PhaseResult
 from floorplan_ft.prompts import prompt_version_for
-from floorplan_ft.sampling import SamplingError, group_key, stable_hash
+from floorplan_ft.sampling import SamplingError, group_key, read_sample, stable_hash
 from floorplan_ft.schemas import FloorPlanAnalysis, schema_hash
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.items import build_items
@@ -495,3 +496,24 @@ def dataset_markdown(data: TrainingData) -> str:
     if data.warnings:
         lines += ["", "Warnings:"] + [f"- {w}" for w in data.warnings]
     return "\n".join(lines) + "\n"
+
+
+def run(settings: Any, store: ArtifactStore) -> PhaseResult:
+    """Phase 5: the selected teacher's answers as chat-format train/val JSONL (split by complex),
+    with the token statistics of what the student will see."""
+    stems = read_sample(store.layout.run_file("sample"))
+    tokenizer, note = load_student_tokenizer(settings.finetune.base_model)
+    data = build_training_data(store, stems, settings, tokenizer=tokenizer, tokenizer_note=note)
+    paths = write_training_data(store, data)
+    return PhaseResult(
+        step="5",
+        counts={"train_rows": len(data.train), "val_rows": len(data.val), "excluded": len(data.excluded)},
+        details={"teacher": data.teacher, "files": paths},
+        failures=[Failure(e.stem, e.reason, e.detail or "") for e in data.excluded],
+        warnings=data.warnings[:20],
+        artifacts=[
+            Artifact(
+                key="phase5-dataset", markdown=dataset_markdown(data), description="Phase 5: chat-format training data"
+            )
+        ],
+    )

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from floorplan_ft.phase import Artifact, PhaseResult
+
 logger = logging.getLogger(__name__)
 
 # Setting names used in error messages (the pipeline's config keys).
@@ -561,3 +563,56 @@ def read_sample(path: Path | str) -> list[str]:
     if isinstance(data, dict) and "n" in data and data["n"] != len(stems):
         raise SamplingError(f"sample file '{path}' is inconsistent: n={data['n']!r} but {len(stems)} stems")
     return list(stems)
+
+
+# --------------------------------------------------------------------------- the phase
+
+
+def run(settings: Any, store: Any) -> PhaseResult:
+    """Phase 0: select `sampling.sample_size` plans of the image directory, stratified by group,
+    and write `sampled_images.json`."""
+    cfg = settings.sampling
+    files = list_images(settings.image_dir())
+    result = sample_images(
+        files,
+        n=cfg.sample_size,
+        seed=cfg.seed,
+        pattern=cfg.group_pattern,
+        prefix_len=cfg.group_prefix_len,
+        low_pct=cfg.size_low_pct,
+        high_pct=cfg.size_high_pct,
+    )
+    path = store.write_json(store.layout.run_file("sample"), result.to_dict())
+    groups = [
+        {
+            "group": g.group,
+            "population": g.population,
+            "eligible": g.eligible,
+            "sampled": g.sampled,
+            "population_share": round(g.population_share, 4),
+            "sample_share": round(g.sample_share, 4),
+        }
+        for g in result.groups
+    ]
+    return PhaseResult(
+        step="0",
+        counts={
+            "sampled": len(result.stems),
+            "population": len(files),
+            "groups": len(result.groups),
+            "excluded": len(result.excluded),
+        },
+        details={"warnings": result.warnings},
+        outputs={"output": path},
+        warnings=list(result.warnings),
+        artifacts=[
+            Artifact(
+                key="phase0-sample",
+                table=groups,
+                description=(
+                    f"Phase 0: {len(result.stems)} of {len(files)} plans from {len(result.groups)} groups, "
+                    f"seed {result.seed}; {len(result.excluded)} left out by file size."
+                ),
+            )
+        ],
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 ALL_STEPS: tuple[str, ...] = ("0", "1", "2", "3a", "3b", "4", "5", "6")
+TEACHER_STEPS: tuple[str, ...] = ("3a", "3b")  # the first and second teacher of teachers.teachers
 STEP_TITLES: dict[str, str] = {
     "0": "sample representative plans",
     "1": "CV inference → topology graphs",

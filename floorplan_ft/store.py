@@ -13,10 +13,14 @@ import hashlib
 import json
 import os
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import fsspec
+
+if TYPE_CHECKING:
+    from floorplan_ft.schemas import TopologyGraph
 
 
 class Layout:
@@ -180,6 +184,19 @@ def atomic_write(path: str | Path, data: bytes, *, fsync: bool = True) -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class PlanTopology:
+    """A plan's topology as a phase finds it: the graph (and, when asked, the file as stored), or
+    the reason it cannot be used and a detail naming the file."""
+
+    stem: str
+    graph: TopologyGraph | None = None
+    raw: dict | None = None
+    reason: str | None = None  # missing_topology | stale_topology | bad_topology
+    detail: str = ""
+    error: Exception | None = field(default=None, compare=False, repr=False)  # what the reader raised
+
+
 def _is_url(root: str) -> bool:
     return "://" in root and not root.startswith("file://")
 
@@ -259,39 +276,60 @@ class ArtifactStore:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(path, detail=False))
 
-    def read_topology(self, stem: str):
-        """The plan's topology graph, normalised to our schema whatever dialect the file is in
-        (`floorplan_ft.topology_io`), or None when it is missing or cannot be read."""
-        from floorplan_ft.topology_io import read_topology_bytes
+    # ------------------------------------------------------------------ the plan's topology
+    def plan_topology(self, stem: str, *, keep_raw: bool = False, skip_stale: bool = True) -> PlanTopology:
+        """The one reader of a plan's `topology_graph.json`, whatever dialect it is in
+        (`floorplan_ft.topology_io`), normalised to our schema, or why it cannot be used:
+        ``missing_topology``, ``stale_topology`` (phase 1 marked it: its inputs no longer build;
+        only with `skip_stale`) or ``bad_topology`` (not JSON, not a graph of any dialect, not
+        readable), with a detail naming the file and the problem. With `keep_raw`, the file as
+        stored comes too (the team's prompt builder must see the graph as production sends it)."""
+        import copy
+
+        from floorplan_ft.topology_io import read_topology_bytes, read_topology_dict
 
         path = self.layout.topology(stem)
-        if not self.exists(path):
-            return None
         try:
-            return read_topology_bytes(self.read_bytes(path), origin=path)
-        except ValueError:
-            return None
+            if not self.exists(path):
+                return PlanTopology(stem, reason="missing_topology", detail=f"{path}: no topology graph")
+            if skip_stale and (mark := self.topology_stale(stem)) is not None:
+                detail = f"{path}: marked stale by phase 1 ({mark.get('reason')})"
+                return PlanTopology(stem, reason="stale_topology", detail=detail)
+            data = self.read_bytes(path)
+        except OSError as exc:
+            detail = f"{path}: cannot be read ({type(exc).__name__}: {exc})"
+            return PlanTopology(stem, reason="bad_topology", detail=detail, error=exc)
+        try:
+            if not keep_raw:
+                return PlanTopology(stem, graph=read_topology_bytes(data, origin=path))
+            try:
+                raw = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc})") from None
+            if not isinstance(raw, dict):
+                raise ValueError(f"{path}: a topology graph must be a JSON object")  # noqa: TRY004 (bad input)
+            return PlanTopology(stem, graph=read_topology_dict(copy.deepcopy(raw), origin=path), raw=raw)
+        except ValueError as exc:  # TopologyFormatError is a ValueError naming the file and the field
+            return PlanTopology(stem, reason="bad_topology", detail=str(exc), error=exc)
 
-    def load_topology(self, stem: str):
+    def read_topology(self, stem: str) -> TopologyGraph | None:
+        """The plan's graph, or None when it is missing or cannot be read (a stale mark aside)."""
+        return self.plan_topology(stem, skip_stale=False).graph
+
+    def load_topology(self, stem: str) -> TopologyGraph:
         """Like `read_topology`, but a missing file raises FileNotFoundError and a bad one a
-        `TopologyFormatError` naming the file and the field."""
-        from floorplan_ft.topology_io import read_topology_bytes
-
-        path = self.layout.topology(stem)
-        if not self.exists(path):
-            raise FileNotFoundError(f"{path}: no topology graph")
-        return read_topology_bytes(self.read_bytes(path), origin=path)
+        ValueError naming the file and the field."""
+        found = self.plan_topology(stem, skip_stale=False)
+        if found.reason == "missing_topology":
+            raise FileNotFoundError(found.detail)
+        if found.graph is None:
+            raise found.error or ValueError(found.detail)
+        return found.graph
 
     def topology_problem(self, stem: str) -> str | None:
         """None when the plan's graph reads and validates; otherwise what is wrong, naming the
         file (missing, not JSON, not a topology graph of any dialect)."""
-        try:
-            self.load_topology(stem)
-        except (FileNotFoundError, ValueError) as exc:  # TopologyFormatError is a ValueError
-            return str(exc)
-        except OSError as exc:
-            return f"{self.layout.topology(stem)}: cannot be read ({type(exc).__name__}: {exc})"
-        return None
+        return self.plan_topology(stem, skip_stale=False).detail or None
 
     def topology_stale(self, stem: str) -> dict | None:
         """The `stale` mark phase 1 left in the graph's sidecar when the plan's inputs stopped
@@ -309,15 +347,13 @@ class ArtifactStore:
         return mark if isinstance(mark, dict) else None
 
     def read_topology_raw(self, stem: str) -> dict:
-        """The topology file exactly as stored (the team's prompt builder must see the graph as
-        production sends it); FileNotFoundError / ValueError naming the file."""
-        path = self.layout.topology(stem)
-        if not self.exists(path):
-            raise FileNotFoundError(f"{path}: no topology graph")
-        data = self.read_json(path)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a topology graph must be a JSON object")  # noqa: TRY004 (bad input)
-        return data
+        """The topology file exactly as stored; FileNotFoundError / ValueError naming the file."""
+        found = self.plan_topology(stem, keep_raw=True, skip_stale=False)
+        if found.reason == "missing_topology":
+            raise FileNotFoundError(found.detail)
+        if found.raw is None:
+            raise found.error or ValueError(found.detail)
+        return found.raw
 
     def file_hash(self, path: str) -> str:
         """SHA-256 of a file's content (cache keys are built on content, not on names)."""

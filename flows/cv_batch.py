@@ -30,7 +30,7 @@ def cv_batch(
         stems = read_sample(store_for(settings).layout.run_file("sample"))
     else:
         stems = [f.stem for f in list_images(settings.image_dir())]
-    return build_topologies(settings, stems)
+    return build_topologies(settings, stems).report()
 
 
 def cv_batch_with_concurrency(concurrency: int):

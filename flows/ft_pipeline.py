@@ -1,97 +1,31 @@
-"""The parent flow: the plan's phase list, run in order, each phase only if selected."""
+"""The parent flow, `ft-pipeline`: the plan's phases top to bottom, each run when selected.
+
+Each line is one task (or the CV subflow); the work is in the phase's domain entry point, one hop
+away: `floorplan_ft.sampling.run`, `floorplan_ft.cv.runner`, `floorplan_ft.retrieval.phase.run`,
+`floorplan_ft.teachers.phase.run`, `floorplan_ft.quality`, `floorplan_ft.dataset.run`,
+`floorplan_ft.training`. Every phase returns a `PhaseResult`; the flow's report holds their rows.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from blocks.secrets import apply_block_secrets
+from floorplan_ft.phase import PhaseResult, not_configured
 from floorplan_ft.settings import ProfileName, Settings
-from floorplan_ft.steps import ALL_STEPS, STEP_TITLES, parse_steps
+from floorplan_ft.steps import ALL_STEPS, STEP_TITLES, TEACHER_STEPS, parse_steps
 from flows.cv_batch import cv_batch_with_concurrency
 from flows.orchestrate import run_cv_on_local_gpu, split_cv_steps
 from tasks.common import artifact_key, settings_for_run
-from tasks.finetune import evaluate_task, finetune_task
+from tasks.finetune import evaluate_task, finetune_task, student_result
 from tasks.labeling import label_with_teacher
 from tasks.quality import build_training_data_task, compare_teachers_task
-from tasks.retrieval import retrieve_for_plans
+from tasks.retrieval import retrieve_criteria
 from tasks.sampling import sample_plans
-
-RunArgs = dict[str, Any]
-
-
-def _phase0(settings: Settings, run: RunArgs) -> dict:
-    return sample_plans(settings)
-
-
-def _phase1(settings: Settings, run: RunArgs) -> dict:
-    return cv_batch_with_concurrency(settings.cv.concurrency)(scope="sample", **run)
-
-
-TEACHER_STEPS = ("3a", "3b")
-
-
-def _teacher_for(settings: Settings, step: str) -> str | None:
-    names = settings.teachers.teachers
-    index = TEACHER_STEPS.index(step)
-    return names[index] if index < len(names) else None
-
-
-def _label(settings: Settings, steps: list[str]) -> dict[str, dict]:
-    """3a and 3b side by side: one task per teacher, submitted together."""
-    futures, report = {}, {}
-    for step in steps:
-        name = _teacher_for(settings, step)
-        if name is None:
-            report[step] = {"status": "not configured", "reason": f"teachers.teachers lists no teacher for step {step}"}
-        else:
-            futures[step] = label_with_teacher.submit(settings, name)
-    for step, future in futures.items():
-        report[step] = future.result()
-    return report
-
-
-def _phase2(settings: Settings, run: RunArgs) -> dict:
-    return retrieve_for_plans(settings)
-
-
-def _phase4(settings: Settings, run: RunArgs) -> dict:
-    return compare_teachers_task(settings)
-
-
-def _phase5(settings: Settings, run: RunArgs) -> dict:
-    return build_training_data_task(settings)
-
-
-def _phase6(settings: Settings, run: RunArgs) -> dict:
-    trained = finetune_task(settings)
-    evaluated = evaluate_task(settings)
-    summary = evaluated.get("summary", {})
-    return {
-        "status": "done",
-        "steps": trained.get("global_step"),
-        "first_loss": trained.get("first_loss"),
-        "last_loss": trained.get("last_loss"),
-        "merged": trained.get("merged_dir"),
-        "eval_report": evaluated.get("path"),
-        "schema_compliance": summary.get("schema_compliance"),
-        "quality_vs_teacher": (summary.get("quality") or {}).get("ratio"),
-        "device": evaluated.get("device"),
-    }
-
-
-# Built phases. A step missing here is reported as not available, never faked.
-PHASES: dict[str, Callable[[Settings, RunArgs], dict]] = {
-    "0": _phase0,
-    "1": _phase1,
-    "2": _phase2,
-    "4": _phase4,
-    "5": _phase5,
-    "6": _phase6,
-}
 
 
 @flow(name="ft-pipeline")
@@ -108,32 +42,50 @@ def ft_pipeline(
     `cv_deployment` (e.g. "ft-pipeline/local-gpu"), steps 0-1 run there, on the GPU workstation's
     pool, and this run waits for them: both read and write the same data root.
     """
-    logger = get_run_logger()
     settings = apply_block_secrets(settings_for_run(config_file, profile, overrides))
-    run_args: RunArgs = {"config_file": config_file, "profile": profile, "overrides": overrides}
-    report: dict[str, dict] = {}
-    selected = parse_steps(steps)
+    selected = parse_steps(steps)  # a bad selection fails here, before any work
+    done: dict[str, PhaseResult | dict] = {}
+
     if cv_deployment:
         remote, selected = split_cv_steps(selected)
-        report.update(run_cv_on_local_gpu(remote, config_file, profile, overrides, deployment=cv_deployment))
-    for step in selected:
-        if step in TEACHER_STEPS:
-            if step not in report:
-                report.update(_label(settings, [s for s in TEACHER_STEPS if s in selected]))
-            continue
-        runner = PHASES.get(step)
-        if runner is None:
-            logger.warning("step %s (%s) is not available yet: skipped", step, STEP_TITLES[step])
-            report[step] = {"status": "not available"}
-            continue
-        logger.info("step %s: %s", step, STEP_TITLES[step])
-        report[step] = runner(settings, run_args)
+        done |= run_cv_on_local_gpu(remote, config_file, profile, overrides, deployment=cv_deployment)
+    if "0" in selected:  # sample representative plans
+        done["0"] = sample_plans(settings)
+    if "1" in selected:  # CV → topology_graph.json per plan (a subflow: its own task runner)
+        cv = cv_batch_with_concurrency(settings.cv.concurrency)
+        done["1"] = cv(scope="sample", config_file=config_file, profile=profile, overrides=overrides)
+    if "2" in selected:  # retrieve the relevant criteria per plan
+        done["2"] = retrieve_criteria(settings)
+    done |= label_side_by_side(settings, [s for s in TEACHER_STEPS if s in selected])  # 3a and 3b
+    if "4" in selected:  # compare the teachers, pick one
+        done["4"] = compare_teachers_task(settings)
+    if "5" in selected:  # chat-format train/val JSONL
+        done["5"] = build_training_data_task(settings)
+    if "6" in selected:  # fine-tune the student, then evaluate it against the teacher
+        done["6"] = student_result(finetune_task(settings), evaluate_task(settings))
+
+    report = {step: r.report() if isinstance(r, PhaseResult) else r for step, r in done.items()}
     create_markdown_artifact(
         key=artifact_key("ft-pipeline-summary"),
         markdown=_summary_markdown(settings, report),
         description="What each selected step did",
     )
     return report
+
+
+def label_side_by_side(settings: Settings, steps: list[str]) -> dict[str, PhaseResult]:
+    """Steps 3a and 3b: one task per teacher of `teachers.teachers`, submitted together."""
+    names = settings.teachers.teachers
+    futures, results = {}, {}
+    for step in steps:
+        index = TEACHER_STEPS.index(step)
+        if index < len(names):
+            futures[step] = label_with_teacher.submit(settings, names[index])
+        else:
+            results[step] = not_configured(step, f"teachers.teachers lists no teacher for step {step}")
+    for step, future in futures.items():
+        results[step] = replace(future.result(), step=step)
+    return {step: results[step] for step in steps}
 
 
 def _summary_markdown(settings: Settings, report: dict[str, dict]) -> str:

@@ -7,6 +7,7 @@ import os
 import re
 from typing import Any
 
+from floorplan_ft.phase import PhaseResult
 from floorplan_ft.progress import Progress
 from floorplan_ft.settings import Settings, check_no_secret_overrides, load_settings
 from floorplan_ft.store import ArtifactStore
@@ -49,18 +50,35 @@ route_domain_logs()
 PROGRESS_INTERVAL_S = float(os.environ.get("FTP_PROGRESS_INTERVAL_S", "5"))
 
 
+def in_run() -> bool:
+    """True inside a Prefect flow or task run (a task called through `.fn()` is not in one)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The run's logger (console and UI) inside a run, the `ft_pipeline.tasks` logger outside."""
+    if not in_run():
+        return logging.getLogger("ft_pipeline.tasks")
+    from prefect import get_run_logger
+
+    return get_run_logger()
+
+
 def step_progress(label: str, total: int, key: str, *, unit: str = "plans") -> Progress:
     """A progress reporter for one long step of a task: lines through the run's logger (the
-    console and the UI's logs), the same figures on the progress artifact `key`."""
-    from prefect import get_run_logger
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    console and the UI's logs), the same figures on the progress artifact `key` (inside a run)."""
+    publish = None
+    if in_run():
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-    artifact = create_progress_artifact(0.0, key=artifact_key(key), description=f"{label}: starting")
+        artifact = create_progress_artifact(0.0, key=artifact_key(key), description=f"{label}: starting")
 
-    def publish(percent: float, line: str) -> None:
-        update_progress_artifact(artifact, percent, description=line)
+        def publish(percent: float, line: str) -> None:
+            update_progress_artifact(artifact, percent, description=line)
 
-    return Progress(label, total, unit=unit, interval_s=PROGRESS_INTERVAL_S, publish=publish, logger=get_run_logger())
+    return Progress(label, total, unit=unit, interval_s=PROGRESS_INTERVAL_S, publish=publish, logger=run_logger())
 
 
 def nest_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -94,3 +112,23 @@ def artifact_key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     key = "-".join(parts).lower()
     return re.sub(r"[^a-z0-9-]+", "-", key).strip("-")[:100]
+
+
+def publish(result: PhaseResult, *, teacher: str | None = None) -> PhaseResult:
+    """Log a phase's warnings and one summary line, and publish its artifacts to the run (outside a
+    run, e.g. a task called through `.fn()`, they stay on the result). The artifact keys are the
+    phase's (one per teacher in phase 3: `teacher` is appended)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    logger = run_logger()
+    for line in result.warnings:
+        logger.warning(line)
+    for artifact in result.artifacts if in_run() else ():
+        key = artifact_key(artifact.key, *([teacher] if teacher else []))
+        if artifact.kind == "markdown":
+            create_markdown_artifact(key=key, markdown=artifact.markdown, description=artifact.description)
+        else:
+            create_table_artifact(key=key, table=artifact.table, description=artifact.description)
+    figures = ", ".join(f"{k}={v}" for k, v in {**result.counts, **result.outputs}.items())
+    logger.info("step %s: %s (%s)", result.step, result.status, figures)
+    return result

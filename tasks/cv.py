@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.utilities.annotations import unmapped
@@ -13,15 +12,16 @@ from prefect.utilities.annotations import unmapped
 from floorplan_ft.cv.runner import (
     ImageOutcome,
     mark_stale,
+    phase_result,
     process_image,
     stale_stems,
-    update_failure_ledger,
 )
 from floorplan_ft.cv.runpod import register_key
 from floorplan_ft.cv.sources import CVConfigError, SourceConfig
+from floorplan_ft.phase import PhaseResult
 from floorplan_ft.settings import Settings
 from floorplan_ft.store import ArtifactStore
-from tasks.common import artifact_key, step_progress, store_for
+from tasks.common import publish, step_progress, store_for
 
 
 def source_config(settings: Settings) -> SourceConfig:
@@ -127,7 +127,7 @@ def plan_cv_work(stems: list[str], config: SourceConfig, data_root: str) -> dict
     return {"fresh": fresh, "todo": todo}
 
 
-def build_topologies(settings: Settings, stems: list[str]) -> dict:
+def build_topologies(settings: Settings, stems: list[str]) -> PhaseResult:
     """Submit one task per stale image, track progress, record failures, publish a summary.
     Call inside a flow; concurrency is that flow's task runner's."""
     logger = get_run_logger()
@@ -180,42 +180,4 @@ def build_topologies(settings: Settings, stems: list[str]) -> dict:
             done += len(chunk)
             progress.update(done, failed=sum(o.status == "failed" for o in outcomes))
         progress.close()
-    ledger = update_failure_ledger(store, outcomes, fresh=plan["fresh"])
-    built = sum(o.status == "built" for o in outcomes)
-    failed = sorted((o for o in outcomes if o.status == "failed"), key=lambda o: o.stem)
-    stale = sum(o.stale_graph for o in failed)
-    if stale:
-        logger.warning("phase 1: %d failed plans keep an older graph, marked stale: phases 2-3 skip them", stale)
-    seconds = round(time.perf_counter() - started, 2)
-    create_markdown_artifact(
-        key=artifact_key("phase1-summary"),
-        markdown=_summary(len(stems), len(plan["fresh"]), built, failed, seconds, store.layout.run_file("cv_failures")),
-        description="Phase 1: CV inference → topology graphs",
-    )
-    return {
-        "status": "done" if not failed else "done with failures",
-        "images": len(stems),
-        "built": built,
-        "cached": len(plan["fresh"]),
-        "failed": len(failed),
-        "stale": stale,
-        "failure_ledger": store.layout.run_file("cv_failures") if ledger else None,
-        "seconds": seconds,
-    }
-
-
-def _summary(total: int, fresh: int, built: int, failed: list[ImageOutcome], seconds: float, ledger: str) -> str:
-    lines = [
-        "# Phase 1: topology graphs",
-        f"{total} images: **{built} built**, {fresh} already fresh (skipped), **{len(failed)} failed**, {seconds} s.",
-    ]
-    if failed:
-        note = (
-            f"Failure ledger: `{ledger}`. An older graph marked *stale* is kept on disk but skipped by phases 2 and 3."
-        )
-        lines += ["", note, "", "| image | reason | older graph |", "|---|---|---|"]
-        lines += [
-            f"| {o.stem} | {(o.reason or '').replace('|', '/')} | {'stale' if o.stale_graph else ''} |"
-            for o in failed[:200]
-        ]
-    return "\n".join(lines)
+    return publish(phase_result(store, stems, plan["fresh"], outcomes, round(time.perf_counter() - started, 2)))

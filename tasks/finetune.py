@@ -61,3 +61,19 @@ def evaluate_task(settings: Settings) -> dict:
         description="Phase 6: student vs teacher",
     )
     return result
+
+
+def student_result(trained: dict, evaluated: dict) -> dict:
+    """Step 6's report row from the fine-tune and the evaluation."""
+    summary = evaluated.get("summary", {})
+    return {
+        "status": "done",
+        "steps": trained.get("global_step"),
+        "first_loss": trained.get("first_loss"),
+        "last_loss": trained.get("last_loss"),
+        "merged": trained.get("merged_dir"),
+        "eval_report": evaluated.get("path"),
+        "schema_compliance": summary.get("schema_compliance"),
+        "quality_vs_teacher": (summary.get("quality") or {}).get("ratio"),
+        "device": evaluated.get("device"),
+    }

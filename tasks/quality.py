@@ -6,12 +6,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from floorplan_ft.dataset import (
-    build_training_data,
-    dataset_markdown,
-    load_student_tokenizer,
-    write_training_data,
-)
+from floorplan_ft import dataset
+from floorplan_ft.phase import PhaseResult
 from floorplan_ft.quality import (
     NoQualifiedTeacher,
     compare_teachers,
@@ -22,7 +18,7 @@ from floorplan_ft.quality import (
 )
 from floorplan_ft.sampling import read_sample
 from floorplan_ft.settings import Settings
-from tasks.common import artifact_key, store_for
+from tasks.common import artifact_key, publish, store_for
 
 
 # Both phases are seconds of work over files in the data root and must reflect the answers as
@@ -70,25 +66,5 @@ def compare_teachers_task(settings: Settings) -> dict:
 
 
 @task(name="build-training-data", cache_policy=NO_CACHE, persist_result=True)
-def build_training_data_task(settings: Settings) -> dict:
-    logger = get_run_logger()
-    store = store_for(settings)
-    stems = read_sample(store.layout.run_file("sample"))
-    tokenizer, note = load_student_tokenizer(settings.finetune.base_model)
-    data = build_training_data(store, stems, settings, tokenizer=tokenizer, tokenizer_note=note)
-    for warning in data.warnings[:20]:
-        logger.warning(warning)
-    paths = write_training_data(store, data)
-    create_markdown_artifact(
-        key=artifact_key("phase5-dataset"),
-        markdown=dataset_markdown(data),
-        description="Phase 5: chat-format training data",
-    )
-    return {
-        "status": "done",
-        "teacher": data.teacher,
-        "train_rows": len(data.train),
-        "val_rows": len(data.val),
-        "excluded": len(data.excluded),
-        "files": paths,
-    }
+def build_training_data_task(settings: Settings) -> PhaseResult:
+    return publish(dataset.run(settings, store_for(settings)))

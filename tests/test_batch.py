@@ -468,7 +468,7 @@ def test_the_phase3_task_finishes_a_failed_upload_online(prefect_api, fake_provi
 
     @flow
     def phase3() -> dict:
-        return label_with_teacher(settings, "openai")
+        return label_with_teacher(settings, "openai").report()
 
     result = phase3()
     assert result["labeled"] == 0 and result["finished_online"] == 8 and result["unlabeled"] == 0

@@ -238,8 +238,9 @@ def test_phase1_through_the_endpoint_stores_what_it_sent_and_reruns_free(
 
 
 def test_failed_images_are_ledgered_and_the_run_goes_on(runpod_server, tmp_path, runpod_env):
+    from floorplan_ft.cv.runner import update_failure_ledger
     from floorplan_ft.store import ArtifactStore
-    from tasks.cv import build_topology_task, source_config, update_failure_ledger
+    from tasks.cv import build_topology_task, source_config
 
     root = tmp_path / "data"
     stems = _plans(root, runpod_server, count=4)

@@ -32,6 +32,7 @@ from floorplan_ft.cv.sources import (
     get_source,
 )
 from floorplan_ft.cv.topology import BUILDER_VERSION, build_topology
+from floorplan_ft.phase import DONE, DONE_WITH_FAILURES, Artifact, Failure, PhaseResult
 from floorplan_ft.store import TOPOLOGY_SIDECAR, ArtifactStore, Layout
 
 SIDECAR = TOPOLOGY_SIDECAR
@@ -252,3 +253,52 @@ def update_failure_ledger(
         ledger.pop(stem, None)
     store.write_text(path, json.dumps({"failures": dict(sorted(ledger.items()))}, ensure_ascii=False, indent=1) + "\n")
     return ledger
+
+
+def phase_result(
+    store: ArtifactStore, stems: list[str], fresh: list[str], outcomes: list[ImageOutcome], seconds: float
+) -> PhaseResult:
+    """Phase 1's result over `stems`: the failure ledger updated from this run's `outcomes` (the
+    images built or failed) and the `fresh` ones (current without a build), and the summary."""
+    ledger = update_failure_ledger(store, outcomes, fresh=fresh)
+    built = sum(o.status == "built" for o in outcomes)
+    failed = sorted((o for o in outcomes if o.status == "failed"), key=lambda o: o.stem)
+    stale = sum(o.stale_graph for o in failed)
+    ledger_path = store.layout.run_file("cv_failures")
+    return PhaseResult(
+        step="1",
+        status=DONE_WITH_FAILURES if failed else DONE,
+        counts={"images": len(stems), "built": built, "cached": len(fresh), "failed": len(failed), "stale": stale},
+        outputs={"failure_ledger": ledger_path if ledger else None},
+        details={"seconds": seconds},
+        failures=[Failure(o.stem, o.error_type or "failed", o.reason or "") for o in failed],
+        warnings=(
+            [f"phase 1: {stale} failed plans keep an older graph, marked stale: phases 2-3 skip them"] if stale else []
+        ),
+        artifacts=[
+            Artifact(
+                key="phase1-summary",
+                markdown=_summary_markdown(len(stems), len(fresh), built, failed, seconds, ledger_path),
+                description="Phase 1: CV inference → topology graphs",
+            )
+        ],
+    )
+
+
+def _summary_markdown(
+    total: int, fresh: int, built: int, failed: list[ImageOutcome], seconds: float, ledger: str
+) -> str:
+    lines = [
+        "# Phase 1: topology graphs",
+        f"{total} images: **{built} built**, {fresh} already fresh (skipped), **{len(failed)} failed**, {seconds} s.",
+    ]
+    if failed:
+        note = (
+            f"Failure ledger: `{ledger}`. An older graph marked *stale* is kept on disk but skipped by phases 2 and 3."
+        )
+        lines += ["", note, "", "| image | reason | older graph |", "|---|---|---|"]
+        lines += [
+            f"| {o.stem} | {(o.reason or '').replace('|', '/')} | {'stale' if o.stale_graph else ''} |"
+            for o in failed[:200]
+        ]
+    return "\n".join(lines)

@@ -575,34 +575,14 @@ def topology_queries(
     A plan is skipped, with a reason and a detail naming the file and the problem, when its
     topology is missing (``missing_topology``), marked stale by phase 1 because its inputs no
     longer build (``stale_topology``), or does not read or validate (``bad_topology``)."""
-    from floorplan_ft.topology_io import read_topology_bytes
-
     queries: dict[str, str] = {}
     skipped: dict[str, dict[str, str]] = {}
     for stem in stems:
-        path = store.layout.topology(stem)
-        if not store.exists(path):
-            skipped[stem] = {"reason": "missing_topology", "detail": f"{path}: no topology graph"}
-            continue
-        mark = store.topology_stale(stem)
-        if mark is not None:
-            skipped[stem] = {
-                "reason": "stale_topology",
-                "detail": f"{path}: marked stale by phase 1 ({mark.get('reason')})",
-            }
-            continue
-        try:
-            graph = read_topology_bytes(store.read_bytes(path), origin=path)
-        except ValueError as exc:  # TopologyFormatError names the file and the field
-            skipped[stem] = {"reason": "bad_topology", "detail": str(exc)}
-            continue
-        except OSError as exc:
-            skipped[stem] = {
-                "reason": "bad_topology",
-                "detail": f"{path}: cannot be read ({type(exc).__name__}: {exc})",
-            }
-            continue
-        queries[stem] = query(graph.statistics)
+        found = store.plan_topology(stem)
+        if found.graph is None:
+            skipped[stem] = {"reason": found.reason, "detail": found.detail}
+        else:
+            queries[stem] = query(found.graph.statistics)
     return queries, skipped
 
 

@@ -14,7 +14,6 @@ from floorplan_ft.prompts import (
 )
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.teachers.labeling import LabelItem
-from floorplan_ft.topology_io import read_topology_bytes
 
 
 @dataclass
@@ -35,22 +34,18 @@ def build_items(
     items: list[LabelItem] = []
     missing: list[MissingInput] = []
     for stem in stems:
-        topo_path, ctx_path = store.layout.topology(stem), store.layout.rag_context(stem)
-        if not store.exists(topo_path):
-            missing.append(MissingInput(stem, "missing_topology"))
-            continue
-        if store.topology_stale(stem) is not None:  # phase 1: the plan's inputs no longer build
-            missing.append(MissingInput(stem, "stale_topology"))
+        ctx_path = store.layout.rag_context(stem)
+        found = store.plan_topology(stem, keep_raw=team)  # stale: phase 1's inputs no longer build
+        if found.reason in ("missing_topology", "stale_topology"):
+            missing.append(MissingInput(stem, found.reason))
             continue
         if not store.exists(ctx_path):
             missing.append(MissingInput(stem, "missing_context"))
             continue
-        try:
-            raw = store.read_topology_raw(stem) if team else None
-            graph = read_topology_bytes(store.read_bytes(topo_path), origin=topo_path)
-        except ValueError:
+        if found.graph is None:
             missing.append(MissingInput(stem, "bad_topology"))
             continue
+        graph, raw = found.graph, found.raw
         try:
             context = store.read_json(ctx_path)
             chunks = context["chunks"]
