@@ -279,16 +279,7 @@ def detections_from_coco(
         if key not in coco:
             raise AnnotationError(f"COCO file is missing key {key!r}")
     img = _select_image(coco, image_file_name)
-    if not (_is_number(img["width"]) and _is_number(img["height"])):
-        raise AnnotationError(f"image {img['file_name']!r}: width/height must be numbers")
-    if img["width"] <= 0 or img["height"] <= 0:
-        raise AnnotationError(f"image {img['file_name']!r}: width/height must be positive")
-    image = DetImage(
-        id=img.get("id"),
-        file_name=str(img["file_name"]),
-        width=int(img["width"]),
-        height=int(img["height"]),
-    )
+    image = _det_image(img)
     cat_names = _category_names(coco)
     anns = coco["annotations"]
     if not isinstance(anns, list):
@@ -298,77 +289,99 @@ def detections_from_coco(
     seen: dict[Any, int] = {}
     skipped: list[SkippedAnnotation] = []
     for i, ann in enumerate(anns):
-        if not isinstance(ann, dict):
-            raise AnnotationError(f"annotation entry {i} is not an object")
-        if "id" not in ann:
-            raise AnnotationError(f"annotation entry {i} is missing key 'id'")
-        ann_id = ann["id"]
-        if multi:
-            if "image_id" not in ann:
-                raise AnnotationError(f"annotation {ann_id} is missing key 'image_id'")
-            if ann["image_id"] != img.get("id"):
-                continue
-        elif "image_id" in ann and "id" in img and ann["image_id"] != img["id"]:
+        if not _belongs_to(ann, i, img, multi):
             continue
-        if ann_id in seen:  # the team's models each number from 0
-            seen[ann_id] += 1
-            ann_id = f"{ann_id}~{seen[ann_id] - 1}"
-        else:
-            seen[ann_id] = 1
-        # Category: by id through `categories`, or a name on the annotation itself.
-        if "category_id" in ann and ann["category_id"] in cat_names:
-            name = cat_names[ann["category_id"]]
-        elif "category_name" in ann:
-            name = str(ann["category_name"])
-        elif "category_id" in ann:
-            if not cat_names:
-                raise AnnotationError("COCO file is missing key 'categories'")
-            problem = f"category_id {ann['category_id']!r} is not in 'categories'"
-            if strict_categories:
-                raise AnnotationError(f"annotation {ann_id}: {problem}")
-            _skip(skipped, ann_id, f"id {ann['category_id']!r}", problem)
-            continue
-        else:
-            raise AnnotationError(f"annotation {ann_id} is missing key 'category_id'")
-        if name == vocab.TEAM_OCR_CATEGORY:
-            name = vocab.OCR_CATEGORY
-        if name == vocab.TEAM_BACKGROUND:
-            continue
-        if name not in vocab.ALL_CATEGORIES:
-            problem = f"unknown category {name!r} (not in vocab.ALL_CATEGORIES)"
-            if strict_categories:
-                raise AnnotationError(f"annotation {ann_id}: {problem} (cv.strict_categories)")
-            _skip(skipped, ann_id, name, problem)
-            continue
-        attributes = ann.get("attributes") or {}
-        if not isinstance(attributes, dict):
-            raise AnnotationError(f"annotation {ann_id}: attributes must be an object")
-        attributes = dict(attributes)
-        if name == vocab.OCR_CATEGORY and "text" not in attributes and "text" in ann:
-            attributes["text"] = ann["text"]
-        polygon = _parse_segmentation(ann.get("segmentation"), ann_id)
-        if "bbox" in ann and ann["bbox"] is not None:
-            bbox = _parse_bbox(ann["bbox"], ann_id)
-        elif polygon is not None:
-            xs = [p[0] for p in polygon]
-            ys = [p[1] for p in polygon]
-            bbox = (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys))
-        else:
-            raise AnnotationError(f"annotation {ann_id} is missing key 'bbox' (and has no segmentation)")
-        if polygon is None:
-            if name.startswith(vocab.SPACE_PREFIX) and (bbox[2] <= 0 or bbox[3] <= 0):
-                raise AnnotationError(f"annotation {ann_id}: degenerate polygon (space bbox has zero area)")
-            polygon = _rect(bbox)
-        out.append(
-            Detection(
-                id=ann_id,
-                category_name=name,
-                bbox=bbox,
-                polygon=tuple(polygon),
-                attributes=attributes,
-            )
-        )
+        ann_id = _unique_id(ann["id"], seen)
+        name = _category_of(ann, ann_id, cat_names, skipped, strict_categories)
+        if name is not None:
+            out.append(_detection(ann, ann_id, name))
     return Detections(image=image, detections=tuple(out), skipped=tuple(skipped))
+
+
+def _det_image(img: dict) -> DetImage:
+    if not (_is_number(img["width"]) and _is_number(img["height"])):
+        raise AnnotationError(f"image {img['file_name']!r}: width/height must be numbers")
+    if img["width"] <= 0 or img["height"] <= 0:
+        raise AnnotationError(f"image {img['file_name']!r}: width/height must be positive")
+    return DetImage(
+        id=img.get("id"), file_name=str(img["file_name"]), width=int(img["width"]), height=int(img["height"])
+    )
+
+
+def _belongs_to(ann: Any, index: int, img: dict, multi: bool) -> bool:
+    """Whether annotation entry `index` is one of the selected image's (a malformed entry raises)."""
+    if not isinstance(ann, dict):
+        raise AnnotationError(f"annotation entry {index} is not an object")
+    if "id" not in ann:
+        raise AnnotationError(f"annotation entry {index} is missing key 'id'")
+    if multi:
+        if "image_id" not in ann:
+            raise AnnotationError(f"annotation {ann['id']} is missing key 'image_id'")
+        return ann["image_id"] == img.get("id")
+    return not ("image_id" in ann and "id" in img and ann["image_id"] != img["id"])
+
+
+def _unique_id(ann_id: Any, seen: dict[Any, int]) -> Any:
+    """The team's four models each number from 0: a repeated id becomes "{id}~{k}"."""
+    if ann_id in seen:
+        seen[ann_id] += 1
+        return f"{ann_id}~{seen[ann_id] - 1}"
+    seen[ann_id] = 1
+    return ann_id
+
+
+def _category_of(ann: dict, ann_id: Any, cat_names: dict, skipped: list[SkippedAnnotation], strict: bool) -> str | None:
+    """The annotation's category in our vocabulary (by id through `categories`, or a name on the
+    annotation itself), or None when it is skipped (background, or unknown and not `strict`)."""
+    if "category_id" in ann and ann["category_id"] in cat_names:
+        name = cat_names[ann["category_id"]]
+    elif "category_name" in ann:
+        name = str(ann["category_name"])
+    elif "category_id" in ann:
+        if not cat_names:
+            raise AnnotationError("COCO file is missing key 'categories'")
+        problem = f"category_id {ann['category_id']!r} is not in 'categories'"
+        if strict:
+            raise AnnotationError(f"annotation {ann_id}: {problem}")
+        _skip(skipped, ann_id, f"id {ann['category_id']!r}", problem)
+        return None
+    else:
+        raise AnnotationError(f"annotation {ann_id} is missing key 'category_id'")
+    if name == vocab.TEAM_OCR_CATEGORY:
+        name = vocab.OCR_CATEGORY
+    if name == vocab.TEAM_BACKGROUND:
+        return None
+    if name not in vocab.ALL_CATEGORIES:
+        problem = f"unknown category {name!r} (not in vocab.ALL_CATEGORIES)"
+        if strict:
+            raise AnnotationError(f"annotation {ann_id}: {problem} (cv.strict_categories)")
+        _skip(skipped, ann_id, name, problem)
+        return None
+    return name
+
+
+def _detection(ann: dict, ann_id: Any, name: str) -> Detection:
+    """One annotation as a detection: attributes, polygon, and a bbox (given, or the polygon's)."""
+    attributes = ann.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        raise AnnotationError(f"annotation {ann_id}: attributes must be an object")
+    attributes = dict(attributes)
+    if name == vocab.OCR_CATEGORY and "text" not in attributes and "text" in ann:
+        attributes["text"] = ann["text"]
+    polygon = _parse_segmentation(ann.get("segmentation"), ann_id)
+    if "bbox" in ann and ann["bbox"] is not None:
+        bbox = _parse_bbox(ann["bbox"], ann_id)
+    elif polygon is not None:
+        xs = [p[0] for p in polygon]
+        ys = [p[1] for p in polygon]
+        bbox = (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys))
+    else:
+        raise AnnotationError(f"annotation {ann_id} is missing key 'bbox' (and has no segmentation)")
+    if polygon is None:
+        if name.startswith(vocab.SPACE_PREFIX) and (bbox[2] <= 0 or bbox[3] <= 0):
+            raise AnnotationError(f"annotation {ann_id}: degenerate polygon (space bbox has zero area)")
+        polygon = _rect(bbox)
+    return Detection(id=ann_id, category_name=name, bbox=bbox, polygon=tuple(polygon), attributes=attributes)
 
 
 def _skip(skipped: list[SkippedAnnotation], ann_id: Any, category: str, reason: str) -> None:
