@@ -336,3 +336,30 @@ def test_literal_secret_in_env_refused():
                 template, {"env": {"OPENAI_API_KEY": "sk-live"}}, client=object()
             )
         )
+
+
+def test_orphan_of_a_running_flow_is_followed_until_final(pool, fake):
+    # The previous worker died while its run went on: the new worker follows the pod, then ends it.
+    from prefect import get_client
+    from prefect.states import Completed, Running
+
+    async def scenario() -> tuple[uuid.UUID, str]:
+        flow_run_id = await _deploy_and_run(pool, "pod-ok")
+        async with get_client() as client:
+            await client.set_flow_run_state(flow_run_id, Running(), force=True)
+        orphan = fake.add_pod(f"prefect-{pool}-{flow_run_id}", "sleep 120")
+        async with RunPodWorker(work_pool_name=pool, name="restarted") as worker:
+            assert worker.terminated_orphans == []
+            await asyncio.sleep(1.5)
+            assert not orphan.terminated
+            async with get_client() as client:
+                await client.set_flow_run_state(flow_run_id, Completed(), force=True)
+            deadline = time.monotonic() + 20
+            while not orphan.terminated and time.monotonic() < deadline:
+                await asyncio.sleep(0.3)
+        return flow_run_id, orphan.id
+
+    flow_run_id, pod_id = asyncio.run(scenario())
+    assert fake.pods[pod_id].terminated
+    markdown = _pod_artifact(flow_run_id)
+    assert pod_id in markdown and "| completed |" in markdown
