@@ -48,7 +48,8 @@ try:
     from floorplan_ft.settings import load_settings
     from floorplan_ft.store import ArtifactStore
     from floorplan_ft.training.evaluate import evaluate_student
-    from floorplan_ft.training.sft import merge_adapter, train
+    from floorplan_ft.training.merge import merge_adapter
+    from floorplan_ft.training.sft import train
     from floorplan_ft.training.config import TrainConfig
 
     args = json.loads(sys.argv[1])

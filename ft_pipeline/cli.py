@@ -145,7 +145,7 @@ def demo(
         model, tokenizer = build_tiny_causal_lm(teacher_dir, seed=0)
         bias_towards_short_json(model, tokenizer, teacher_dir)
         typer.echo(f"built the demo's tiny local teacher (random weights) at {teacher_dir}")
-    from floorplan_ft.training.sft import ensure_demo_base
+    from floorplan_ft.training.tiny import ensure_demo_base
 
     student_base = ensure_demo_base(data_root / "models" / "tiny-student-base")
     run(

@@ -150,7 +150,8 @@ def _load_adapter(adapter_dir: str):
 
 @pytest.fixture(scope="module")
 def trained(short_store, tiny_base):
-    from floorplan_ft.training.sft import merge_adapter, train
+    from floorplan_ft.training.merge import merge_adapter
+    from floorplan_ft.training.sft import train
 
     config = _config(short_store, tiny_base, student_name="student-a")
     logs: list[dict] = []
@@ -370,7 +371,7 @@ def test_unsloth_backend_trains_and_writes_an_adapter_plain_peft_loads(short_sto
 
     import torch
 
-    from floorplan_ft.training.sft import merge_adapter
+    from floorplan_ft.training.merge import merge_adapter
 
     base = tiny_base_64
     config = _config(
@@ -498,7 +499,8 @@ def test_production_profile_qlora_path_runs_on_the_cpu(short_store, tiny_base_64
 
 def test_loss_mask_covers_only_the_answer_tokens(short_store, tiny_base):
     from floorplan_ft.dataset import read_rows
-    from floorplan_ft.training.sft import IGNORE_INDEX, prepare
+    from floorplan_ft.training.data import IGNORE_INDEX
+    from floorplan_ft.training.sft import prepare
 
     prepared = prepare(_config(short_store, tiny_base, student_name="student-mask", batch_size=3))
     tok = prepared.tokenizer
@@ -570,6 +572,29 @@ def test_config_errors_name_the_setting_and_the_fix(short_store, tiny_base, tmp_
     _config(short_store, tiny_base).validate(cuda_available=False)  # the CPU set-up is fine
     # The dev set-up installs bitsandbytes with CPU kernels: QLoRA settings validate on the CPU.
     _config(short_store, tiny_base, load_in_4bit=True, optim="adamw_8bit").validate(cuda_available=False)
+
+
+def test_train_config_takes_its_defaults_and_help_from_the_finetune_settings(tmp_path, no_dotenv):
+    """One place for every default: each TrainConfig field that is a finetune setting has the
+    FinetuneSettings default and description, and from_settings copies every one of them."""
+    import dataclasses
+
+    from floorplan_ft.settings import FinetuneSettings, load_settings
+    from floorplan_ft.training.config import setting_fields
+
+    settings_fields = FinetuneSettings.model_fields
+    shared = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name in settings_fields}
+    assert set(shared) == set(setting_fields()) and len(shared) >= 29
+    assert shared["base_model"].default is dataclasses.MISSING  # required: a run names its base model
+    defaults = FinetuneSettings()
+    from_settings = TrainConfig.from_settings(load_settings(paths={"data_root": str(tmp_path)}))
+    for name, f in shared.items():
+        expected = getattr(defaults, name)
+        expected = tuple(expected) if isinstance(expected, list) else expected
+        if name != "base_model":
+            assert f.default == expected, name
+        assert getattr(from_settings, name) == expected, name
+        assert f.metadata["help"] == settings_fields[name].description, name
 
 
 def test_memory_check_refuses_an_impossible_profile_with_advice(tiny_base, no_dotenv):
@@ -704,7 +729,8 @@ def test_evaluation_produces_schema_valid_answers_and_a_report(plans_store, tmp_
 def test_demo_profile_finetune_and_evaluation_end_to_end(plans_store, no_dotenv):
     from floorplan_ft.settings import load_settings
     from floorplan_ft.training.evaluate import run_evaluation
-    from floorplan_ft.training.sft import ensure_demo_base, run_finetune
+    from floorplan_ft.training.sft import run_finetune
+    from floorplan_ft.training.tiny import ensure_demo_base
 
     base = ensure_demo_base(Path(plans_store.root) / "models" / "tiny-student-base")
     assert ensure_demo_base(base) == base  # built once
@@ -736,8 +762,9 @@ def test_train_plan_counts_the_rows_with_the_base_models_tokenizer(plans_store, 
 
     from floorplan_ft.dataset import read_rows
     from floorplan_ft.settings import load_settings
+    from floorplan_ft.training.data import encode_row
     from floorplan_ft.training.plan import plan_training
-    from floorplan_ft.training.sft import encode_row, ensure_demo_base
+    from floorplan_ft.training.tiny import ensure_demo_base
 
     base = ensure_demo_base(Path(plans_store.root) / "models" / "tiny-student-base")
     settings = load_settings(
@@ -762,8 +789,8 @@ def test_evaluation_through_an_openai_compatible_server(plans_store, fake_provid
 
     from floorplan_ft.dataset import read_rows
     from floorplan_ft.settings import load_settings
+    from floorplan_ft.training.data import split_stems
     from floorplan_ft.training.evaluate import run_evaluation
-    from floorplan_ft.training.sft import split_stems
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-reach-the-student-server-0123")
     rows = read_rows(plans_store, "val")
@@ -806,7 +833,7 @@ def test_ft_pipeline_run_steps_6_trains_evaluates_and_publishes(prefect_api, pla
     import httpx
     from typer.testing import CliRunner
 
-    from floorplan_ft.training.sft import ensure_demo_base
+    from floorplan_ft.training.tiny import ensure_demo_base
     from ft_pipeline.cli import app
 
     base = ensure_demo_base(Path(plans_store.root) / "models" / "tiny-student-base")

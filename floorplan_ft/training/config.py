@@ -1,8 +1,8 @@
 """Phase 6 configuration: one typed, validated view of ``settings.finetune`` plus the data paths.
 
-``TrainConfig.from_settings(settings, store)`` copies the ``finetune`` group (and, when present,
-the optional ``finetune.cpu_threads`` / ``finetune.eval_limit`` settings) and the store's
-``train.jsonl`` / ``val.jsonl`` paths. ``validate()`` fails early, before anything is loaded, with
+``TrainConfig.from_settings(settings, store)`` copies the ``finetune`` group and the store's
+``train.jsonl`` / ``val.jsonl`` paths. The fields that are ``finetune`` settings take their defaults
+and help texts from ``FinetuneSettings`` (written once, there). ``validate()`` fails early, before anything is loaded, with
 a message that names the setting and the fix (the way TRL's config errors read), e.g.::
 
     finetune.device=cuda but CUDA is not available here (no GPU or a CPU-only torch). Set
@@ -26,9 +26,13 @@ import hashlib
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from floorplan_ft.settings import FinetuneSettings
+from floorplan_ft.store import ArtifactStore, Layout
 
 # transformers' SchedulerType values (kept here so validation needs no heavy import).
 LR_SCHEDULERS = (
@@ -108,45 +112,68 @@ def is_local_model_dir(name: str) -> bool:
     return p.is_dir() and (p / "config.json").is_file()
 
 
+def _setting(name: str, convert: Callable[[Any], Any] | None = None, *, required: bool = False) -> Any:
+    """A field whose default and help text are ``FinetuneSettings.{name}``'s (one place for both);
+    ``required``: the help text only."""
+    info = FinetuneSettings.model_fields[name]
+    metadata = {"setting": f"finetune.{name}", "help": info.description}
+    if required:
+        return field(metadata=metadata)
+    default = info.get_default(call_default_factory=True)
+    return field(default=convert(default) if convert else default, metadata=metadata)
+
+
+def _run(help_text: str, **default: Any) -> Any:
+    """A field of the run itself (paths, serving name), not a ``finetune`` setting."""
+    return field(metadata={"help": help_text}, **default)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    base_model: str
-    data_root: str
-    train_path: str
-    val_path: str
-    stats_path: str | None = None
-    student_name: str = "student"
-    backend: str = "auto"  # auto | trl | unsloth
-    device: str = "auto"  # auto | cpu | cuda
-    load_in_4bit: bool = True
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    epochs: float = 3.0
-    max_steps: int = -1
-    batch_size: int = 2
-    grad_accum: int = 8
-    max_length: int = 4096
-    logging_steps: int = 10
-    eval_steps: int = 100
-    save_steps: int = 100
-    early_stopping_patience: int = 3
-    optim: str = "adamw_8bit"
-    merge: bool = False
-    seed: int = 42
-    gradient_checkpointing: bool | None = None  # None: on for CUDA, off on the CPU
-    enable_thinking: bool = False  # Qwen3 students train and serve in non-thinking mode
-    save_total_limit: int = 2
-    cpu_threads: int | None = None
-    eval_limit: int | None = None  # evaluate only the first N val rows (None: all)
-    trust_remote_code: bool = False  # models whose code is not in transformers (EXAONE 3.5)
-    vllm_max_lora_rank: int = 64  # the serving vLLM's --max-lora-rank (the adapter's r must fit)
-    eval_max_tokens: int = 8000  # max_tokens of one request to that server
-    lora_module_name: str = "cv_agent"  # the name the adapter is served under (--lora-modules NAME=...)
+    """``settings.finetune`` for one run, plus its data paths. A field made with ``_setting`` is the
+    ``finetune`` setting of that name: its default and help text are ``FinetuneSettings``' and
+    ``from_settings`` copies it; ``_run`` fields belong to the run (paths, serving name)."""
+
+    base_model: str = _setting("base_model", required=True)  # a run names its base model
+    data_root: str = _run("The data root (paths.data_root): the student's outputs go under it.")
+    train_path: str = _run("train.jsonl (phase 5).")
+    val_path: str = _run("val.jsonl (phase 5).")
+    stats_path: str | None = _run("stats_report.json (phase 5): the split's plan stems and provenance.", default=None)
+    student_name: str = _setting("student_name")
+    backend: str = _setting("backend")
+    device: str = _setting("device")
+    load_in_4bit: bool = _setting("load_in_4bit")
+    lora_r: int = _setting("lora_r")
+    lora_alpha: int = _setting("lora_alpha")
+    lora_dropout: float = _setting("lora_dropout")
+    target_modules: tuple[str, ...] = _setting("target_modules", tuple)
+    learning_rate: float = _setting("learning_rate")
+    lr_scheduler: str = _setting("lr_scheduler")
+    warmup_ratio: float = _setting("warmup_ratio")
+    epochs: float = _setting("epochs", float)
+    max_steps: int = _setting("max_steps")
+    batch_size: int = _setting("batch_size")
+    grad_accum: int = _setting("grad_accum")
+    max_length: int = _setting("max_length")
+    logging_steps: int = _setting("logging_steps")
+    eval_steps: int = _setting("eval_steps")
+    save_steps: int = _setting("save_steps")
+    early_stopping_patience: int = _setting("early_stopping_patience")
+    optim: str = _setting("optim")
+    merge: bool = _setting("merge")
+    seed: int = _setting("seed")
+    gradient_checkpointing: bool | None = _setting("gradient_checkpointing")
+    enable_thinking: bool = _run("Qwen3 students train and serve in non-thinking mode.", default=False)
+    save_total_limit: int = _setting("save_total_limit")
+    cpu_threads: int | None = _setting("cpu_threads")
+    eval_limit: int | None = _setting("eval_limit")
+    trust_remote_code: bool = _setting("trust_remote_code")
+    vllm_max_lora_rank: int = _setting("vllm_max_lora_rank")
+    eval_max_tokens: int = _setting("eval_max_tokens")
+    lora_module_name: str = _run(
+        "The name the adapter is served under (--lora-modules NAME=...); finetune.eval_model when set.",
+        default="cv_agent",
+    )
 
     # ------------------------------------------------------------------ construction
 
@@ -154,53 +181,17 @@ class TrainConfig:
     def from_settings(cls, settings: Any, store: Any = None, **overrides: Any) -> TrainConfig:
         """The config of ``settings.finetune``; data paths from ``store`` (else ``paths.data_root``)."""
         ft = settings.finetune
-        if store is None:
-            from floorplan_ft.store import ArtifactStore
-
-            store = ArtifactStore(settings.paths.data_root)
+        store = store or ArtifactStore(settings.paths.data_root)
         values: dict[str, Any] = {
-            "base_model": ft.base_model,
             "data_root": store.root,
             "train_path": store.layout.run_file("train"),
             "val_path": store.layout.run_file("val"),
             "stats_path": store.layout.run_file("stats_report"),
-            "student_name": ft.student_name,
-            "backend": ft.backend,
-            "device": ft.device,
-            "load_in_4bit": ft.load_in_4bit,
-            "lora_r": ft.lora_r,
-            "lora_alpha": ft.lora_alpha,
-            "lora_dropout": ft.lora_dropout,
-            "target_modules": tuple(ft.target_modules),
-            "learning_rate": ft.learning_rate,
-            "lr_scheduler": ft.lr_scheduler,
-            "warmup_ratio": ft.warmup_ratio,
-            "epochs": float(ft.epochs),
-            "max_steps": ft.max_steps,
-            "batch_size": ft.batch_size,
-            "grad_accum": ft.grad_accum,
-            "max_length": ft.max_length,
-            "logging_steps": ft.logging_steps,
-            "eval_steps": ft.eval_steps,
-            "save_steps": ft.save_steps,
-            "early_stopping_patience": ft.early_stopping_patience,
-            "optim": ft.optim,
-            "merge": ft.merge,
-            "seed": getattr(ft, "seed", getattr(settings.dataset, "seed", 42)),
+            **{name: getattr(ft, name) for name in setting_fields()},
         }
-        # Settings this module reads when they exist (asked for; absent in older settings files).
-        for name in (
-            "gradient_checkpointing",
-            "cpu_threads",
-            "eval_limit",
-            "save_total_limit",
-            "trust_remote_code",
-            "vllm_max_lora_rank",
-            "eval_max_tokens",
-        ):
-            if hasattr(ft, name):
-                values[name] = getattr(ft, name)
-        if getattr(ft, "eval_model", None):
+        values["target_modules"] = tuple(values["target_modules"])
+        values["epochs"] = float(values["epochs"])
+        if ft.eval_model:
             values["lora_module_name"] = ft.eval_model
         values.update(overrides)
         return cls(**values)
@@ -227,7 +218,7 @@ class TrainConfig:
         return self.resolved_device() == "cuda"
 
     def _out(self, *parts: str) -> str:
-        return "/".join([self.data_root.rstrip("/"), self.student_name, *parts])
+        return Layout(self.data_root.rstrip("/")).student_dir(self.student_name, *parts)
 
     @property
     def student_dir(self) -> str:
@@ -302,7 +293,21 @@ class TrainConfig:
         a version string, or None for "not installed"."""
         cuda = _cuda_available() if cuda_available is None else cuda_available
         device = self.device if self.device != "auto" else ("cuda" if cuda else "cpu")
-        errors: list[str] = []
+        errors = [
+            *self._device_errors(cuda),
+            *self._backend_errors(device, unsloth),
+            *self._bitsandbytes_errors(device, bnb_version),
+            *self._value_errors(),
+            *self._location_errors(),
+        ]
+        from floorplan_ft.training.preflight import vllm_lora_errors
+
+        errors += vllm_lora_errors(self)  # the adapter must be servable by the team's vLLM
+        if errors:
+            raise TrainConfigError("invalid fine-tune configuration: " + "; ".join(errors))
+
+    def _device_errors(self, cuda: bool) -> list[str]:
+        errors = []
         if self.device not in ("auto", "cpu", "cuda"):
             errors.append(f"finetune.device={self.device!r} is not one of auto, cpu, cuda")
         if self.device == "cuda" and not cuda:
@@ -310,38 +315,61 @@ class TrainConfig:
                 "finetune.device=cuda but CUDA is not available here (no GPU or a CPU-only torch). "
                 "Set finetune.device=cpu or auto, or use a profile made for this machine (--profile demo on a CPU)"
             )
+        return errors
+
+    def _backend_errors(self, device: str, unsloth: Any = _PROBE) -> list[str]:
+        """``unsloth``: the installed unsloth version (None: not installed; default: this machine's)."""
         if self.backend not in ("auto", "trl", "unsloth"):
-            errors.append(f"finetune.backend={self.backend!r} is not one of auto, trl, unsloth")
-        if self.backend == "unsloth":
-            installed = unsloth_version() if unsloth is _PROBE else unsloth
-            if installed is None:
-                errors.append(
+            return [f"finetune.backend={self.backend!r} is not one of auto, trl, unsloth"]
+        if self.backend != "unsloth":
+            return []
+        installed = unsloth_version() if unsloth is _PROBE else unsloth
+        if installed is None:
+            return [
+                (
                     "finetune.backend=unsloth but unsloth is not installed. Install the gpu extra "
                     "(pip install 'ft-pipeline[gpu]') or set finetune.backend=trl (or auto)"
                 )
-            elif device != "cuda" and (
-                _version_tuple(installed) < UNSLOTH_CPU_MIN or os.environ.get("UNSLOTH_DISABLE_CPU_FALLBACK") == "1"
-            ):
-                errors.append(
+            ]
+        if device != "cuda" and (
+            _version_tuple(installed) < UNSLOTH_CPU_MIN or os.environ.get("UNSLOTH_DISABLE_CPU_FALLBACK") == "1"
+        ):
+            return [
+                (
                     f"finetune.backend=unsloth on the CPU needs Unsloth's CPU fallback (unsloth >= "
                     f"{'.'.join(map(str, UNSLOTH_CPU_MIN))}, UNSLOTH_DISABLE_CPU_FALLBACK unset); unsloth {installed} "
                     "is installed. Set finetune.backend=trl (or auto, which picks TRL on the CPU)"
                 )
+            ]
+        return []
+
+    def _bitsandbytes_errors(self, device: str, bnb_version: Any = _PROBE) -> list[str]:
+        """4-bit loading and 8-bit optimizers need bitsandbytes (``bnb_version``: as in ``validate``)."""
         bnb_optim = "8bit" in self.optim or "bnb" in self.optim or "paged" in self.optim
-        if self.load_in_4bit or bnb_optim:
-            what = "finetune.load_in_4bit=true" if self.load_in_4bit else f"finetune.optim={self.optim!r}"
-            version = bitsandbytes_version() if bnb_version is _PROBE else bnb_version
-            off = "set finetune.load_in_4bit=false and finetune.optim=adamw_torch (the demo profile does)"
-            if version is None:
-                errors.append(
+        if not (self.load_in_4bit or bnb_optim):
+            return []
+        version = bitsandbytes_version() if bnb_version is _PROBE else bnb_version
+        what = "finetune.load_in_4bit=true" if self.load_in_4bit else f"finetune.optim={self.optim!r}"
+        off = "set finetune.load_in_4bit=false and finetune.optim=adamw_torch (the demo profile does)"
+        if version is None:
+            return [
+                (
                     f"{what} needs bitsandbytes, which is not installed: install the gpu extra "
                     f"(pip install 'ft-pipeline[gpu]'), or {off}"
                 )
-            elif device != "cuda" and _version_tuple(version) < BNB_CPU_MIN:
-                errors.append(
+            ]
+        if device != "cuda" and _version_tuple(version) < BNB_CPU_MIN:
+            return [
+                (
                     f"{what} on the CPU needs bitsandbytes >= {'.'.join(map(str, BNB_CPU_MIN))} (CPU kernels), "
                     f"but {version} is installed: upgrade it, run on a CUDA machine, or {off}"
                 )
+            ]
+        return []
+
+    def _value_errors(self) -> list[str]:
+        """Schedule, sizes and ranges (the checks ``FinetuneSettings`` makes too, for a config built by hand)."""
+        errors = []
         if self.lr_scheduler not in LR_SCHEDULERS:
             errors.append(
                 f"finetune.lr_scheduler={self.lr_scheduler!r} is unknown; use one of {', '.join(LR_SCHEDULERS)}"
@@ -369,15 +397,24 @@ class TrainConfig:
                 "finetune.target_modules is empty: list the projections that get adapters "
                 "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
             )
+        return errors + self._early_stopping_errors()
+
+    def _early_stopping_errors(self) -> list[str]:
         if self.early_stopping_patience < 0:
-            errors.append(f"finetune.early_stopping_patience={self.early_stopping_patience} must be 0 (off) or more")
+            return [f"finetune.early_stopping_patience={self.early_stopping_patience} must be 0 (off) or more"]
         if self.early_stopping_patience > 0 and self.eval_steps > 0 and self.save_steps % self.eval_steps:
             fixed = max(self.eval_steps, (self.save_steps // self.eval_steps) * self.eval_steps)
-            errors.append(
-                f"finetune.save_steps={self.save_steps} must be a multiple of finetune.eval_steps={self.eval_steps} "
-                "when early stopping keeps the best checkpoint (load_best_model_at_end). "
-                f"Set finetune.save_steps={fixed}, or finetune.early_stopping_patience=0"
-            )
+            return [
+                (
+                    f"finetune.save_steps={self.save_steps} must be a multiple of finetune.eval_steps={self.eval_steps} "
+                    "when early stopping keeps the best checkpoint (load_best_model_at_end). "
+                    f"Set finetune.save_steps={fixed}, or finetune.early_stopping_patience=0"
+                )
+            ]
+        return []
+
+    def _location_errors(self) -> list[str]:
+        errors = []
         if not str(self.base_model).strip():
             errors.append("finetune.base_model is empty: set a hub id (e.g. Qwen/Qwen3-8B) or a local model directory")
         if "://" in self.data_root and not self.data_root.startswith("file://"):
@@ -385,11 +422,7 @@ class TrainConfig:
                 f"paths.data_root={self.data_root!r} is remote: training writes checkpoints with the local "
                 "filesystem. Mount the bucket (or a network volume) and set paths.data_root to the local path"
             )
-        from floorplan_ft.training.preflight import vllm_lora_errors
-
-        errors += vllm_lora_errors(self)  # the adapter must be servable by the team's vLLM
-        if errors:
-            raise TrainConfigError("invalid fine-tune configuration: " + "; ".join(errors))
+        return errors
 
     def check_data(self) -> None:
         """The training files exist (written by step 5)."""
@@ -399,6 +432,12 @@ class TrainConfig:
                     f"{path} ({key}.jsonl) does not exist: run step 5 (build the training data) first, "
                     "or point paths.data_root at the data root that holds it"
                 )
+
+
+def setting_fields() -> tuple[str, ...]:
+    """The ``TrainConfig`` fields that are ``finetune`` settings of the same name (``from_settings``
+    copies them; their defaults and help texts are ``FinetuneSettings``')."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if "setting" in f.metadata)
 
 
 def resolve_base_model(name: str) -> tuple[str, str | None]:

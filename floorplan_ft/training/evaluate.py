@@ -300,6 +300,91 @@ def _load_graph(store: ArtifactStore, stem: str) -> TopologyGraph | None:
     return store.read_topology(stem)
 
 
+def _rows_to_evaluate(
+    store: ArtifactStore,
+    config: TrainConfig,
+    rows: Sequence[dict[str, Any]] | None,
+    stems: Sequence[str] | None,
+    limit: int | None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The val rows (default: val.jsonl) with their stems (default: from stats_report.json), the
+    first ``limit`` of them (default: ``finetune.eval_limit``)."""
+    rows = list(read_rows(store, "val") if rows is None else rows)
+    if stems is None:
+        from floorplan_ft.training.data import split_stems
+
+        stems = split_stems(config, "val", len(rows))
+    stems = list(stems)
+    if len(stems) != len(rows):
+        raise ValueError(f"{len(stems)} stems for {len(rows)} rows")
+    limit = limit if limit is not None else config.eval_limit
+    if limit:
+        rows, stems = rows[:limit], stems[:limit]
+    if not rows:
+        raise ValueError("no validation rows to evaluate: build the training data (step 5) first")
+    return rows, stems
+
+
+def _parse_answer(text: str | None) -> tuple[Any, bool]:
+    """(the answer's JSON or None, whether it is a valid ``FloorPlanAnalysis``)."""
+    try:
+        obj = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        obj = None
+    schema_ok = False
+    if isinstance(obj, dict):
+        try:
+            FloorPlanAnalysis.model_validate(obj)
+            schema_ok = True
+        except ValueError:
+            schema_ok = False
+    return obj, schema_ok
+
+
+def _evaluate_row(
+    store: ArtifactStore, client: Any, stem: str, row: dict[str, Any], *, max_new: int, weights: Any
+) -> dict[str, Any]:
+    """One val row: the student's answer, its validity, both answers' scores and their agreement."""
+    from floorplan_ft.providers.base import LLMError
+
+    messages = row["messages"]
+    prompt, teacher_text = messages[:-1], messages[-1]["content"]
+    entry: dict[str, Any] = {"stem": stem}
+    text, error, usage = None, None, None
+    try:
+        result = client.chat(prompt, FloorPlanAnalysis, max_tokens=max_new)
+        text, usage = result.text, result.usage
+    except LLMError as exc:
+        error = type(exc).__name__
+        text = getattr(exc, "text", None)
+        usage = getattr(exc, "usage", None)
+        entry["error_detail"] = str(exc)[:300]
+    entry["error"] = error
+    entry["answer"] = text
+    if usage is not None:
+        entry["latency_s"] = round(float(usage.latency_s or 0.0), 4)
+        entry["input_tokens"] = usage.input_tokens
+        entry["output_tokens"] = usage.output_tokens
+    graph = _load_graph(store, stem)
+    obj, schema_ok = _parse_answer(text)
+    entry["json_valid"] = isinstance(obj, dict)
+    entry["schema_valid"] = schema_ok
+    if graph is not None:
+        reference = reference_analysis(graph.image_info.file_name, graph)
+        student_scores = score_answer(text, graph, reference)
+        teacher_scores = score_answer(teacher_text, graph, reference)
+        entry["student"] = student_scores.to_dict(weights)
+        entry["teacher"] = teacher_scores.to_dict(weights)
+    else:
+        entry["student"] = entry["teacher"] = None
+    try:
+        teacher_obj = json.loads(teacher_text)
+    except json.JSONDecodeError:
+        teacher_obj = None
+    entry["agreement"] = field_agreement(obj, teacher_obj)
+    return entry
+
+
 def evaluate_student(
     store: ArtifactStore,
     model_dir: str | Path,
@@ -314,7 +399,6 @@ def evaluate_student(
 ) -> EvalReport:
     """Generate, score and compare the student's answers on the val rows (default: val.jsonl with
     its stems from stats_report.json); writes ``{student}/eval_report.json`` when ``write``."""
-    from floorplan_ft.providers.base import LLMError
     from floorplan_ft.providers.local_client import LocalChatClient
 
     if settings is None:
@@ -322,21 +406,7 @@ def evaluate_student(
 
         settings = load_settings()
     config = TrainConfig.from_settings(settings, store)
-    if rows is None:
-        rows = read_rows(store, "val")
-    rows = list(rows)
-    if stems is None:
-        from floorplan_ft.training.sft import split_stems
-
-        stems = split_stems(config, "val", len(rows))
-    stems = list(stems)
-    if len(stems) != len(rows):
-        raise ValueError(f"{len(stems)} stems for {len(rows)} rows")
-    limit = limit if limit is not None else config.eval_limit
-    if limit:
-        rows, stems = rows[:limit], stems[:limit]
-    if not rows:
-        raise ValueError("no validation rows to evaluate: build the training data (step 5) first")
+    rows, stems = _rows_to_evaluate(store, config, rows, stems, limit)
     model_dir = Path(model_dir)
     max_new = max_new_tokens or settings.serving.max_new_tokens
     own_client = client is None
@@ -355,52 +425,7 @@ def evaluate_student(
     out_rows: list[dict[str, Any]] = []
     try:
         for stem, row in zip(stems, rows, strict=True):
-            messages = row["messages"]
-            prompt, teacher_text = messages[:-1], messages[-1]["content"]
-            entry: dict[str, Any] = {"stem": stem}
-            text, error, usage = None, None, None
-            try:
-                result = client.chat(prompt, FloorPlanAnalysis, max_tokens=max_new)
-                text, usage = result.text, result.usage
-            except LLMError as exc:
-                error = type(exc).__name__
-                text = getattr(exc, "text", None)
-                usage = getattr(exc, "usage", None)
-                entry["error_detail"] = str(exc)[:300]
-            entry["error"] = error
-            entry["answer"] = text
-            if usage is not None:
-                entry["latency_s"] = round(float(usage.latency_s or 0.0), 4)
-                entry["input_tokens"] = usage.input_tokens
-                entry["output_tokens"] = usage.output_tokens
-            graph = _load_graph(store, stem)
-            try:
-                obj = json.loads(text) if text else None
-            except json.JSONDecodeError:
-                obj = None
-            schema_ok = False
-            if isinstance(obj, dict):
-                try:
-                    FloorPlanAnalysis.model_validate(obj)
-                    schema_ok = True
-                except ValueError:
-                    schema_ok = False
-            entry["json_valid"] = isinstance(obj, dict)
-            entry["schema_valid"] = schema_ok
-            if graph is not None:
-                reference = reference_analysis(graph.image_info.file_name, graph)
-                student_scores = score_answer(text, graph, reference)
-                teacher_scores = score_answer(teacher_text, graph, reference)
-                entry["student"] = student_scores.to_dict(weights)
-                entry["teacher"] = teacher_scores.to_dict(weights)
-            else:
-                entry["student"] = entry["teacher"] = None
-            try:
-                teacher_obj = json.loads(teacher_text)
-            except json.JSONDecodeError:
-                teacher_obj = None
-            entry["agreement"] = field_agreement(obj, teacher_obj)
-            out_rows.append(entry)
+            out_rows.append(_evaluate_row(store, client, stem, row, max_new=max_new, weights=weights))
     finally:
         if own_client:
             client.close()
@@ -494,7 +519,7 @@ def _round(v: float | None, digits: int = 4) -> float | None:
 
 def student_model_dir(config: TrainConfig) -> Path:
     """The merged model when it was made from the current adapter, else the adapter."""
-    from floorplan_ft.training.sft import MERGE_FILE, adapter_hash
+    from floorplan_ft.training.merge import MERGE_FILE, adapter_hash
 
     merged, adapter = Path(config.merged_dir), Path(config.adapter_dir)
     has_adapter = (adapter / "adapter_config.json").is_file()

@@ -24,11 +24,12 @@ It is a planning figure, not a measurement: the plan measured ~25-30 GB for Qwen
 (r 64, batch 2, 4,096 tokens) on an A100, which includes PyTorch's cached-but-free blocks; this
 model says ~15 GiB of live memory for the same run. ``check_memory`` refuses when the estimate
 exceeds 95 % of the device's memory (CUDA) or the available RAM (CPU), and suggests settings and
-profiles that fit.
+profiles that fit. After the run, ``measure_peak_memory`` records what it really used.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -487,3 +488,47 @@ def check_memory(
         est,
         device,
     )
+
+
+# ----------------------------------------------------------------------------------- measured
+
+
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure_peak_memory(device: str) -> dict[str, Any]:
+    """What training really used: on CUDA the caching allocator's peaks (allocated = live tensors,
+    comparable with the estimate; reserved ~ what nvidia-smi shows), on the CPU the process's max RSS."""
+    if device == "cuda":
+        import torch
+
+        return {
+            "device": "cuda",
+            "allocated_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 2),
+            "reserved_gib": round(torch.cuda.max_memory_reserved() / 1024**3, 2),
+        }
+    import resource
+
+    return {"device": "cpu", "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)}
+
+
+def describe_peak(peak: dict[str, Any]) -> str:
+    if peak.get("device") == "cuda":
+        return f"{peak['allocated_gib']} GiB allocated, {peak['reserved_gib']} GiB reserved (CUDA)"
+    return f"{peak.get('max_rss_gib')} GiB max RSS of the process (CPU)"
+
+
+def free_memory() -> None:
+    """Collect what a finished run left behind, and hand CUDA's cached blocks back."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass

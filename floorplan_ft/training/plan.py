@@ -116,7 +116,7 @@ def _row_tokens(config: TrainConfig, rows: list[dict[str, Any]]) -> tuple[list[i
         base_path, _ = resolve_base_model(config.base_model)
         from transformers import AutoTokenizer
 
-        from floorplan_ft.training.sft import encode_row
+        from floorplan_ft.training.data import encode_row
 
         tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=config.trust_remote_code)
         return [len(encode_row(tokenizer, r, config.enable_thinking)[0]) for r in rows], "counted with the tokenizer"

@@ -116,3 +116,14 @@ def bias_towards_short_json(model, tokenizer, directory: str | Path | None = Non
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     return model
+
+
+def ensure_demo_base(path: str | Path, *, seed: int = 0, short_json: bool = True) -> str:
+    """The demo's tiny student base (a random 2-layer Qwen3 + byte-level tokenizer), built once.
+    ``short_json`` biases it towards closing JSON early so its constrained answers stay short."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        model, tokenizer = build_tiny_causal_lm(path, seed=seed)
+        if short_json:
+            bias_towards_short_json(model, tokenizer, path)
+    return str(path)
