@@ -18,10 +18,11 @@ from blocks.secrets import apply_block_secrets
 from floorplan_ft.phase import PhaseResult, not_configured
 from floorplan_ft.settings import ProfileName, Settings
 from floorplan_ft.steps import ALL_STEPS, STEP_TITLES, TEACHER_STEPS, parse_steps
+from floorplan_ft.training import phase as phase6
 from flows.cv_batch import cv_batch_with_concurrency
 from flows.orchestrate import run_cv_on_local_gpu, split_cv_steps
 from tasks.common import artifact_key, settings_for_run
-from tasks.finetune import evaluate_task, finetune_task, student_result
+from tasks.finetune import evaluate_task, finetune_task
 from tasks.labeling import label_with_teacher
 from tasks.quality import build_training_data_task, compare_teachers_task
 from tasks.retrieval import retrieve_criteria
@@ -62,7 +63,7 @@ def ft_pipeline(
     if "5" in selected:  # chat-format train/val JSONL
         done["5"] = build_training_data_task(settings)
     if "6" in selected:  # fine-tune the student, then evaluate it against the teacher
-        done["6"] = student_result(finetune_task(settings), evaluate_task(settings))
+        done["6"] = phase6.student(finetune_task(settings), evaluate_task(settings))
 
     report = {step: r.report() if isinstance(r, PhaseResult) else r for step, r in done.items()}
     create_markdown_artifact(
