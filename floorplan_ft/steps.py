@@ -16,6 +16,14 @@ STEP_TITLES: dict[str, str] = {
 }
 
 
+_STEP = r"(?:[aA][lL][lL]|3[abAB]?|[0-24-6])"  # no inline flags: the UI checks it as a JS regex
+_ITEM = rf"\s*{_STEP}(?:\s*-\s*{_STEP})?\s*"
+# The shape of a step selection, for the flows' typed `steps` parameter: Prefect checks it when a
+# run is created (a deployment run from the UI or the CLI fails there, not on a worker). What the
+# pattern cannot see (a range that runs backwards) `parse_steps` refuses before any work.
+STEPS_PATTERN = rf"^{_ITEM}(?:,{_ITEM})*$"
+
+
 def parse_steps(spec: str | list[str] | None) -> list[str]:
     """Parse a step selection into canonical step names in pipeline order.
 

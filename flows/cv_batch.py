@@ -23,8 +23,17 @@ def cv_batch(
     profile: ProfileName | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> dict:
-    """Phase 1 over `scope`: "all" images in the image directory (nightly: only new or changed
-    plans do work) or the phase-0 "sample" (sampled_images.json)."""
+    """Phase 1: a topology graph for every plan of `scope` that lacks a fresh one.
+
+    Args:
+        scope: "all": every image of the image directory (the nightly batch: only new or changed
+            plans do work); "sample": the phase-0 sample (sampled_images.json).
+        config_file: A TOML settings file, as a path on the machine that runs the flow (relative
+            paths: to the project root there).
+        profile: A settings profile (demo, production, local-8gb): the defaults of one set-up.
+        overrides: Settings by dotted name, e.g. {"sampling.sample_size": 500}. Never keys or
+            passwords: those come from blocks or the environment, and a secret here is refused.
+    """
     settings = apply_block_secrets(settings_for_run(config_file, profile, overrides))
     if scope == "sample":
         stems = read_sample(store_for(settings).layout.run_file("sample"))

@@ -17,11 +17,11 @@ from prefect.artifacts import create_markdown_artifact
 from blocks.secrets import apply_block_secrets
 from floorplan_ft.phase import PhaseResult, not_configured
 from floorplan_ft.settings import ProfileName, Settings
-from floorplan_ft.steps import ALL_STEPS, STEP_TITLES, TEACHER_STEPS, parse_steps
+from floorplan_ft.steps import STEP_TITLES, TEACHER_STEPS, parse_steps
 from floorplan_ft.training import phase as phase6
 from flows.cv_batch import cv_batch_with_concurrency
 from flows.orchestrate import run_cv_on_local_gpu, split_cv_steps
-from tasks.common import artifact_key, settings_for_run
+from tasks.common import DEFAULT_STEPS, Steps, artifact_key, settings_for_run
 from tasks.finetune import evaluate_task, finetune_task
 from tasks.labeling import label_with_teacher
 from tasks.quality import build_training_data_task, compare_teachers_task
@@ -31,17 +31,26 @@ from tasks.sampling import sample_plans
 
 @flow(name="ft-pipeline")
 def ft_pipeline(
-    steps: str = ",".join(ALL_STEPS),
+    steps: Steps = DEFAULT_STEPS,
     config_file: str | None = None,
     profile: ProfileName | None = None,
     overrides: dict[str, Any] | None = None,
     cv_deployment: str | None = None,
 ) -> dict[str, dict]:
-    """Run the selected phases (e.g. "0,1,2,3a,3b,4,5,6", "all", "2-6") on one data root.
+    """Run the selected phases of the plan on one data root.
 
-    `overrides` takes dotted setting names, e.g. {"sampling.sample_size": 500}. With
-    `cv_deployment` (e.g. "ft-pipeline/local-gpu"), steps 0-1 run there, on the GPU workstation's
-    pool, and this run waits for them: both read and write the same data root.
+    Args:
+        steps: Steps to run, in pipeline order whatever the order given: "all", a comma list
+            ("0,1,3a"), "3" for both teachers, ranges ("2-6"). 0 sample, 1 CV, 2 criteria,
+            3a/3b the two teachers, 4 compare, 5 JSONL, 6 fine-tune and evaluate.
+        config_file: A TOML settings file, as a path on the machine that runs the flow (relative
+            paths: to the project root there).
+        profile: A settings profile (demo, production, local-8gb): the defaults of one set-up.
+        overrides: Settings by dotted name, e.g. {"sampling.sample_size": 500}. Never keys or
+            passwords: those come from blocks or the environment, and a secret here is refused.
+        cv_deployment: Run steps 0-1 on this deployment (e.g. ft-pipeline/local-gpu, the GPU
+            workstation's pool) and wait for it; both pools share the data root. Empty: every
+            step runs here.
     """
     settings = apply_block_secrets(settings_for_run(config_file, profile, overrides))
     selected = parse_steps(steps)  # a bad selection fails here, before any work

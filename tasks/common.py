@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from floorplan_ft.phase import PhaseResult
 from floorplan_ft.progress import Progress
 from floorplan_ft.settings import Settings, check_no_secret_overrides, load_settings
+from floorplan_ft.steps import ALL_STEPS, STEPS_PATTERN
 from floorplan_ft.store import ArtifactStore
 
 
@@ -79,6 +82,14 @@ def step_progress(label: str, total: int, key: str, *, unit: str = "plans") -> P
             update_progress_artifact(artifact, percent, description=line)
 
     return Progress(label, total, unit=unit, interval_s=PROGRESS_INTERVAL_S, publish=publish, logger=run_logger())
+
+
+# The flows' `steps` parameter. Its pattern is in the parameter schema, so the server refuses a
+# deployment run with a malformed selection when the run is created (from the UI or the CLI), not on
+# a worker; a direct call reaches `parse_steps`, whose error names the unknown step. The
+# descriptions of all parameters are the flows' docstrings (Prefect reads their Args sections).
+Steps = Annotated[str, Field(json_schema_extra={"pattern": STEPS_PATTERN})]
+DEFAULT_STEPS = ",".join(ALL_STEPS)
 
 
 def nest_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
