@@ -144,6 +144,10 @@ class Layout:
     def review_preferences(self) -> str:
         return self.path("review", "preferences.json")
 
+    def lease(self) -> str:
+        """The lease naming the run that writes to this data root now (`floorplan_ft.lease`)."""
+        return self.path(".ft-pipeline.lease.json")
+
     def student_dir(self, student: str, *parts: str) -> str:
         """Phase 6: the student's checkpoints, adapter, merged model and reports."""
         return self.path(student, *parts)

@@ -8,9 +8,10 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.secrets import apply_block_secrets
+from floorplan_ft.lease import DataRootLease
 from floorplan_ft.sampling import list_images, read_sample
 from floorplan_ft.settings import ProfileName
-from tasks.common import settings_for_run, store_for
+from tasks.common import run_owner, settings_for_run, store_for
 from tasks.cv import build_topologies
 
 Scope = Literal["all", "sample"]
@@ -39,7 +40,8 @@ def cv_batch(
         stems = read_sample(store_for(settings).layout.run_file("sample"))
     else:
         stems = [f.stem for f in list_images(settings.image_dir())]
-    return build_topologies(settings, stems).report()
+    with DataRootLease(store_for(settings), owner=run_owner()):  # one writer per data root
+        return build_topologies(settings, stems).report()
 
 
 def cv_batch_with_concurrency(concurrency: int):

@@ -15,13 +15,14 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from blocks.secrets import apply_block_secrets
+from floorplan_ft.lease import DataRootLease
 from floorplan_ft.phase import PhaseResult, not_configured
 from floorplan_ft.settings import ProfileName, Settings
 from floorplan_ft.steps import STEP_TITLES, TEACHER_STEPS, parse_steps
 from floorplan_ft.training import phase as phase6
 from flows.cv_batch import cv_batch_with_concurrency
 from flows.orchestrate import run_cv_on_local_gpu, split_cv_steps
-from tasks.common import DEFAULT_STEPS, Steps, artifact_key, settings_for_run
+from tasks.common import DEFAULT_STEPS, Steps, artifact_key, run_owner, settings_for_run, store_for
 from tasks.finetune import evaluate_task, finetune_task
 from tasks.labeling import label_with_teacher
 from tasks.quality import build_training_data_task, compare_teachers_task
@@ -59,20 +60,21 @@ def ft_pipeline(
     if cv_deployment:
         remote, selected = split_cv_steps(selected)
         done |= run_cv_on_local_gpu(remote, config_file, profile, overrides, deployment=cv_deployment)
-    if "0" in selected:  # sample representative plans
-        done["0"] = sample_plans(settings)
-    if "1" in selected:  # CV → topology_graph.json per plan (a subflow: its own task runner)
-        cv = cv_batch_with_concurrency(settings.cv.concurrency)
-        done["1"] = cv(scope="sample", config_file=config_file, profile=profile, overrides=overrides)
-    if "2" in selected:  # retrieve the relevant criteria per plan
-        done["2"] = retrieve_criteria(settings)
-    done |= label_side_by_side(settings, [s for s in TEACHER_STEPS if s in selected])  # 3a and 3b
-    if "4" in selected:  # compare the teachers, pick one
-        done["4"] = compare_teachers_task(settings)
-    if "5" in selected:  # chat-format train/val JSONL
-        done["5"] = build_training_data_task(settings)
-    if "6" in selected:  # fine-tune the student, then evaluate it against the teacher
-        done["6"] = phase6.student(finetune_task(settings), evaluate_task(settings))
+    with DataRootLease(store_for(settings), owner=run_owner()):  # one writer per data root
+        if "0" in selected:  # sample representative plans
+            done["0"] = sample_plans(settings)
+        if "1" in selected:  # CV → topology_graph.json per plan (a subflow: its own task runner)
+            cv = cv_batch_with_concurrency(settings.cv.concurrency)
+            done["1"] = cv(scope="sample", config_file=config_file, profile=profile, overrides=overrides)
+        if "2" in selected:  # retrieve the relevant criteria per plan
+            done["2"] = retrieve_criteria(settings)
+        done |= label_side_by_side(settings, [s for s in TEACHER_STEPS if s in selected])  # 3a and 3b
+        if "4" in selected:  # compare the teachers, pick one
+            done["4"] = compare_teachers_task(settings)
+        if "5" in selected:  # chat-format train/val JSONL
+            done["5"] = build_training_data_task(settings)
+        if "6" in selected:  # fine-tune the student, then evaluate it against the teacher
+            done["6"] = phase6.student(finetune_task(settings), evaluate_task(settings))
 
     report = {step: r.report() if isinstance(r, PhaseResult) else r for step, r in done.items()}
     create_markdown_artifact(

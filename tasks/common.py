@@ -143,3 +143,12 @@ def publish(result: PhaseResult, *, teacher: str | None = None) -> PhaseResult:
     figures = ", ".join(f"{k}={v}" for k, v in {**result.counts, **result.outputs}.items())
     logger.info("step %s: %s (%s)", result.step, result.status, figures)
     return result
+
+
+def run_owner() -> str:
+    """How a lease names this run: the flow run's name and id (the process, outside a run)."""
+    if in_run():
+        from prefect.runtime import flow_run
+
+        return f"flow run '{flow_run.name}' ({flow_run.id})"
+    return f"process {os.getpid()}"
