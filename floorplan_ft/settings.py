@@ -427,6 +427,14 @@ class FinetuneSettings(_Group):
     seed: int = Field(42, description="Training seed.")
 
 
+class AlertSettings(_Group):
+    notify_block: str | None = Field(
+        None,
+        description="A Prefect notification block, as 'type-slug/name' (e.g. 'slack-webhook/ft-alerts', "
+        "'custom-webhook/ops'), told when a pipeline run fails, crashes or times out. None: the run's log only.",
+    )
+
+
 class ServingSettings(_Group):
     llm_provider: Literal["openai", "gemini", "openai-compatible", "local", "reference"] = Field(
         "openai",
@@ -520,6 +528,7 @@ class Settings(BaseSettings):
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
 
     openai_api_key: SecretStr | None = Field(
         None,

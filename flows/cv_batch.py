@@ -11,13 +11,14 @@ from blocks.secrets import apply_block_secrets
 from floorplan_ft.lease import DataRootLease
 from floorplan_ft.sampling import list_images, read_sample
 from floorplan_ft.settings import ProfileName
+from flows.hooks import CV_TIMEOUT_S, on_run_failed
 from tasks.common import run_owner, settings_for_run, store_for
 from tasks.cv import build_topologies
 
 Scope = Literal["all", "sample"]
 
 
-@flow(name="cv-batch")
+@flow(name="cv-batch", timeout_seconds=CV_TIMEOUT_S, on_failure=[on_run_failed], on_crashed=[on_run_failed])
 def cv_batch(
     scope: Scope = "all",
     config_file: str | None = None,

@@ -21,6 +21,7 @@ from floorplan_ft.settings import ProfileName, Settings
 from floorplan_ft.steps import STEP_TITLES, TEACHER_STEPS, parse_steps
 from floorplan_ft.training import phase as phase6
 from flows.cv_batch import cv_batch_with_concurrency
+from flows.hooks import FLOW_TIMEOUT_S, on_run_failed
 from flows.orchestrate import run_cv_on_local_gpu, split_cv_steps
 from tasks.common import DEFAULT_STEPS, Steps, artifact_key, run_owner, settings_for_run, store_for
 from tasks.finetune import evaluate_task, finetune_task
@@ -30,7 +31,7 @@ from tasks.retrieval import retrieve_criteria
 from tasks.sampling import sample_plans
 
 
-@flow(name="ft-pipeline")
+@flow(name="ft-pipeline", timeout_seconds=FLOW_TIMEOUT_S, on_failure=[on_run_failed], on_crashed=[on_run_failed])
 def ft_pipeline(
     steps: Steps = DEFAULT_STEPS,
     config_file: str | None = None,
