@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any
 
+from prefect.cache_policies import CachePolicy
 from pydantic import Field
 
 from floorplan_ft.phase import PhaseResult
@@ -152,3 +154,18 @@ def run_owner() -> str:
 
         return f"flow run '{flow_run.name}' ({flow_run.id})"
     return f"process {os.getpid()}"
+
+
+@dataclass
+class ThisRunOnly(CachePolicy):
+    """A result key unique to one task run: the result is committed to result storage (readable
+    with `state.result()` afterwards, from any machine that sees the storage), and never reused by
+    another run. Prefect's NO_CACHE gives a result no key, so a persisted result was never written.
+    The phases keep their own content-keyed caches in the data root; Prefect's would know neither
+    a deleted file nor changed inputs."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
+        return f"{task_ctx.task.name}-{task_ctx.task_run.id}"
+
+
+PERSIST_THIS_RUN = ThisRunOnly()

@@ -21,7 +21,7 @@ from floorplan_ft.cv.sources import CVConfigError, SourceConfig
 from floorplan_ft.phase import PhaseResult
 from floorplan_ft.settings import Settings
 from floorplan_ft.store import ArtifactStore
-from tasks.common import publish, step_progress, store_for
+from tasks.common import PERSIST_THIS_RUN, publish, step_progress, store_for
 
 
 def source_config(settings: Settings) -> SourceConfig:
@@ -69,7 +69,7 @@ def _not_config_error(task, task_run, state) -> bool:
 # redoes what is still stale.
 @task(
     name="build-topologies",
-    cache_policy=NO_CACHE,
+    cache_policy=PERSIST_THIS_RUN,
     persist_result=True,
     retries=2,
     retry_delay_seconds=[2, 8],

@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from floorplan_ft.phase import PhaseResult
 from floorplan_ft.settings import Settings
 from floorplan_ft.teachers import phase
-from tasks.common import publish, step_progress, store_for
+from tasks.common import PERSIST_THIS_RUN, publish, step_progress, store_for
 
 
 # Answers are cached per item by content in the data root (on any machine), not by Prefect.
-@task(name="label-with-teacher", cache_policy=NO_CACHE, persist_result=True, task_run_name="label-{teacher_name}")
+@task(
+    name="label-with-teacher", cache_policy=PERSIST_THIS_RUN, persist_result=True, task_run_name="label-{teacher_name}"
+)
 def label_with_teacher(settings: Settings, teacher_name: str) -> PhaseResult:
     """Label every sampled plan with one teacher."""
 

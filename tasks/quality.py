@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from floorplan_ft import dataset
 from floorplan_ft.phase import PhaseResult
@@ -18,12 +17,12 @@ from floorplan_ft.quality import (
 )
 from floorplan_ft.sampling import read_sample
 from floorplan_ft.settings import Settings
-from tasks.common import artifact_key, publish, store_for
+from tasks.common import PERSIST_THIS_RUN, artifact_key, publish, store_for
 
 
 # Both phases are seconds of work over files in the data root and must reflect the answers as
 # they are now (a rerun after more labels must recompare), so they are not cached.
-@task(name="compare-teachers", cache_policy=NO_CACHE, persist_result=True)
+@task(name="compare-teachers", cache_policy=PERSIST_THIS_RUN, persist_result=True)
 def compare_teachers_task(settings: Settings) -> dict:
     logger = get_run_logger()
     store = store_for(settings)
@@ -65,6 +64,6 @@ def compare_teachers_task(settings: Settings) -> dict:
     }
 
 
-@task(name="build-training-data", cache_policy=NO_CACHE, persist_result=True)
+@task(name="build-training-data", cache_policy=PERSIST_THIS_RUN, persist_result=True)
 def build_training_data_task(settings: Settings) -> PhaseResult:
     return publish(dataset.run(settings, store_for(settings)))

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from floorplan_ft.phase import PhaseResult
 from floorplan_ft.providers.embeddings import BaseEmbeddingManager
 from floorplan_ft.retrieval import phase
 from floorplan_ft.retrieval.retrieve import corpus_cache_key, embed_corpus, embed_query_batch, query_cache_key
 from floorplan_ft.settings import Settings
-from tasks.common import publish, store_for
+from tasks.common import PERSIST_THIS_RUN, publish, store_for
 
 
 # The keys are computed from content (model identity and width, corpus text, the queries), never
@@ -36,7 +35,7 @@ def embed_queries_task(manager: BaseEmbeddingManager, distinct: list[str], plain
 
 
 # The contexts are files in the data root, checked for currency on every run: not cached.
-@task(name="retrieve-criteria", cache_policy=NO_CACHE, persist_result=True)
+@task(name="retrieve-criteria", cache_policy=PERSIST_THIS_RUN, persist_result=True)
 def retrieve_criteria(settings: Settings) -> PhaseResult:
     """Phase 2 over the sampled plans; plans without a usable topology are ledgered, not fatal."""
     result = phase.run(
