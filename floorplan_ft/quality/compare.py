@@ -38,6 +38,7 @@ class NoQualifiedTeacher(QualityError):
     def __init__(self, message: str, report: QualityReport):
         super().__init__(message)
         self.report = report
+        self.result: Any = None  # the failed phase's PhaseResult, set by quality.phase.run
 
 
 @dataclass
