@@ -106,8 +106,8 @@ def migrate(
     Checks row counts, ids and sample queries (pgvector top-1 = in-memory top-1) before the
     switch; a failure changes nothing. The old table stays until --drop-old.
     """
-    from floorplan_ft.serving.vectorstore import (
-        VectorStoreError,
+    from floorplan_ft.retrieval.pgvector import VectorStoreError
+    from floorplan_ft.serving.vector_migrations import (
         drop_old_tables,
         migrate_vectors,
         rollback_vectors,
@@ -123,7 +123,7 @@ def migrate(
         else:
             from floorplan_ft.providers.factory import make_embedding_manager
             from floorplan_ft.retrieval.corpus import load_corpus
-            from floorplan_ft.serving.vectorstore import vector_status
+            from floorplan_ft.serving.vector_migrations import vector_status
 
             vector_status(target)  # reach the database before loading any model
             manager = make_embedding_manager(settings)
@@ -154,7 +154,8 @@ def status(
     set_: SetOpt = None,
 ) -> None:
     """Live and previous table, every registered table, recent switches (JSON)."""
-    from floorplan_ft.serving.vectorstore import VectorStoreError, vector_status
+    from floorplan_ft.retrieval.pgvector import VectorStoreError
+    from floorplan_ft.serving.vector_migrations import vector_status
 
     settings = settings_from_options(config, profile, set_)
     try:

@@ -155,7 +155,7 @@ def dsn(pg_admin_dsn, request):
     """A fresh database per test."""
     import re
 
-    from floorplan_ft.serving.vectorstore import connect
+    from floorplan_ft.retrieval.pgvector import connect
 
     name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
     with connect(pg_admin_dsn) as conn:

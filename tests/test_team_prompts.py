@@ -19,8 +19,8 @@ from team_format import to_team_graph
 from floorplan_ft import prompts
 from floorplan_ft.providers.openai_embeddings import OpenAIEmbeddingManager
 from floorplan_ft.retrieval.corpus import load_corpus
+from floorplan_ft.retrieval.pgvector import connect, vector_literal
 from floorplan_ft.retrieval.retrieve import read_context
-from floorplan_ft.serving.vectorstore import connect, vector_literal
 from floorplan_ft.settings import load_settings
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.topology_io import read_topology_dict
@@ -319,7 +319,7 @@ def test_team_table_retrieval_ranks_like_their_service(dsn, fake_provider):
         assert TeamTableStore(dsn, "internal_eval").corpus_hash != before  # a changed row: new provenance
     finally:
         store.close()
-    from floorplan_ft.serving.vectorstore import VectorStoreError
+    from floorplan_ft.retrieval.pgvector import VectorStoreError
 
     with pytest.raises(VectorStoreError, match="retrieval.corpus"):
         TeamTableStore(dsn, "no_such_table")

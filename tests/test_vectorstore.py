@@ -22,14 +22,11 @@ from service_helpers import (
 
 from floorplan_ft.providers.openai_embeddings import OpenAIEmbeddingManager
 from floorplan_ft.retrieval.corpus import load_corpus
+from floorplan_ft.retrieval.pgvector import VectorStoreError, connect
 from floorplan_ft.retrieval.retrieve import build_query, embed_corpus, retrieve_contexts
 from floorplan_ft.serving.service import AnalysisService
-from floorplan_ft.serving.vectorstore import (
-    MemoryVectorStore,
+from floorplan_ft.serving.vector_migrations import (
     MigrationError,
-    PgVectorStore,
-    VectorStoreError,
-    connect,
     drop_old_tables,
     migrate_vectors,
     rollback_vectors,
@@ -37,6 +34,7 @@ from floorplan_ft.serving.vectorstore import (
     table_name_for,
     vector_status,
 )
+from floorplan_ft.serving.vectorstore import MemoryVectorStore, PgVectorStore
 
 
 @pytest.fixture

@@ -17,19 +17,19 @@ import numpy as np
 from pydantic import SecretStr
 
 from floorplan_ft.providers.embeddings import EmbeddingError, normalise_rows
-from floorplan_ft.retrieval.retrieve import RetrievedChunk
-from floorplan_ft.serving.vectorstore import (
+from floorplan_ft.retrieval.pgvector import (
     VectorStore,
     VectorStoreError,
-    _columns,
-    _first_line,
-    _psycopg,
-    _table_exists,
     check_identifier,
     connect,
     describe_dsn,
+    import_psycopg,
+    redacted_line,
+    table_columns,
+    table_exists,
     vector_literal,
 )
+from floorplan_ft.retrieval.retrieve import RetrievedChunk
 
 PREFIX = "pgvector:"
 
@@ -85,9 +85,9 @@ class TeamTableStore(VectorStore):
         from psycopg import sql
 
         where = f"table {self.table!r} ({describe_dsn(self._dsn)})"
-        if not _table_exists(self._conn, self.table):
+        if not table_exists(self._conn, self.table):
             raise VectorStoreError(f"{where} does not exist (setting retrieval.corpus)")
-        columns = _columns(self._conn, self.table)
+        columns = table_columns(self._conn, self.table)
         kind = columns.get("embedding", "")
         if "document" not in columns or not kind.startswith("vector"):
             raise VectorStoreError(
@@ -162,9 +162,9 @@ class TeamTableStore(VectorStore):
                         for r, (i, doc, meta, dist) in enumerate(hits, start=1)
                     ]
                 )
-        except _psycopg().Error as exc:
+        except import_psycopg().Error as exc:
             raise VectorStoreError(
-                f"search in the team table {self.table} failed: {type(exc).__name__}: {_first_line(str(exc))}"
+                f"search in the team table {self.table} failed: {type(exc).__name__}: {redacted_line(str(exc))}"
             ) from None
         return out
 

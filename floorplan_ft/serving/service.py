@@ -66,6 +66,7 @@ from floorplan_ft.providers.base import (
 )
 from floorplan_ft.providers.embeddings import BaseEmbeddingManager, EmbeddingError
 from floorplan_ft.retrieval.corpus import CriteriaChunk, load_corpus
+from floorplan_ft.retrieval.pgvector import VectorStore, VectorStoreError
 from floorplan_ft.retrieval.retrieve import (
     RETRIEVAL_VERSION,
     RagContext,
@@ -77,13 +78,7 @@ from floorplan_ft.retrieval.retrieve import (
     query_for,
 )
 from floorplan_ft.schemas import FloorPlanAnalysis, TopologyGraph, schema_hash
-from floorplan_ft.serving.vectorstore import (
-    MemoryVectorStore,
-    PgVectorStore,
-    VectorStore,
-    VectorStoreError,
-    check_identity,
-)
+from floorplan_ft.serving.vectorstore import MemoryVectorStore, PgVectorStore, check_identity
 from floorplan_ft.store import Layout
 from floorplan_ft.topology_io import TopologyFormatError, read_topology_dict
 
