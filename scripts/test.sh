@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-# The real vLLM server tests/test_vllm.py starts lives in its own venv (its pins clash with ours).
+# The real vLLM server tests/floorplan_ft/training/test_vllm.py starts lives in its own venv (its pins clash with ours).
 scripts/setup-vllm.sh
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 exec .venv/bin/python -m pytest "$@"

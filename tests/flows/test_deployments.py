@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SEOUL = ZoneInfo("Asia/Seoul")
 RUN_TIMEOUT_S = 150

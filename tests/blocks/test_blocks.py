@@ -23,7 +23,7 @@ from floorplan_ft.steps import parse_steps
 from ft_pipeline import pools
 from ft_pipeline.deploy_steps import ROOT_ENV, project_root, set_project_root
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 S3_ENV = {
     "OPENAI_API_KEY": "sk-test-openai-123",
     "GEMINI_API_KEY": "gm-test-gemini-456",

@@ -36,7 +36,7 @@ from floorplan_ft.serving.api import create_app
 from floorplan_ft.serving.service import AnalysisService
 from floorplan_ft.settings import load_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

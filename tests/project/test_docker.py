@@ -20,7 +20,7 @@ import yaml
 
 from ft_pipeline.pools import POOLS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DOCKERFILES = {"local-gpu": DOCKER / "Dockerfile.local-gpu", "runpod": DOCKER / "Dockerfile.runpod"}
 # Programs a RUN may call: the base images' shell and package tools, and what `pip` installs.

@@ -206,7 +206,7 @@ def test_killed_run_never_pays_twice_for_a_finished_item(fake_provider, data, tm
     store, stems = data
     fake_provider.latency_s = 0.4
     script = tmp_path / "run.py"
-    here = str(Path(__file__).parent)
+    here = str(Path(__file__).resolve().parents[2])
     script.write_text(
         textwrap.dedent(
             KILLED_RUN.format(

@@ -161,7 +161,7 @@ def test_kill_9_leaves_no_billed_request_unrecorded_and_the_cap_holds(fake_provi
     root = tmp_path / "data"
     store = ArtifactStore(root)
     items = synthetic_items(16, "K")
-    here = Path(__file__).parent
+    here = Path(__file__).resolve().parents[2]
     script = tmp_path / "killed.py"
     script.write_text(
         textwrap.dedent(

@@ -25,7 +25,7 @@ from floorplan_ft.settings import load_settings
 from floorplan_ft.store import ArtifactStore
 from floorplan_ft.topology_io import read_topology_dict
 
-TEAM_CODE = Path(__file__).parent / "fixtures" / "team_code"
+TEAM_CODE = Path(__file__).resolve().parents[1] / "fixtures" / "team_code"
 OPENAI_KEY = "sk-test-TEAMPROMPT-secret-0123456789"
 FAST = {"backoff_s": [0.01, 0.02, 0.04], "retry_after_cap_s": 0.2, "concurrency": 3, "tokens_per_minute": 10_000_000}
 

@@ -24,7 +24,7 @@ import test_training as _tt
 
 pytestmark = pytest.mark.vllm
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 plans_store, _one_thread = _tt.plans_store, _tt._one_thread
 START_TIMEOUT_S = 180.0

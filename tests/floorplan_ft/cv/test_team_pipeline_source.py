@@ -17,7 +17,7 @@ from floorplan_ft.synth import write_dataset
 from floorplan_ft.topology_io import read_topology_bytes
 from tasks.common import nest_overrides
 
-TEAM_CODE = Path(__file__).parent / "fixtures" / "team_code"
+TEAM_CODE = Path(__file__).resolve().parents[2] / "fixtures" / "team_code"
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """`POST /analyze` as the team's Spring backend calls it: a multipart upload of the plan PNG →
 the CV source (their RunPod endpoint, played by the wire-level fake) → the graph → the model →
-three JSON strings. The JSON form of /analyze is untouched (tests/test_api.py)."""
+three JSON strings. The JSON form of /analyze is untouched (tests/floorplan_ft/serving/test_api.py)."""
 
 from __future__ import annotations
 
