@@ -64,10 +64,7 @@ from floorplan_ft.providers.base import (
     ServerError,
 )
 from floorplan_ft.schemas import FloorPlanAnalysis
-from floorplan_ft.serving.service import (
-    CHAT_QUESTION_MAX,
-    CHAT_TURN_MAX,
-    AnalysisService,
+from floorplan_ft.serving.errors import (
     CVFailed,
     InvalidImage,
     InvalidInput,
@@ -76,6 +73,7 @@ from floorplan_ft.serving.service import (
     ServiceBusy,
     UploadTooLarge,
 )
+from floorplan_ft.serving.service import CHAT_QUESTION_MAX, CHAT_TURN_MAX, AnalysisService
 
 log = logging.getLogger(__name__)
 API_VERSION = "1"

@@ -38,7 +38,7 @@ import re
 import tempfile
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +78,17 @@ from floorplan_ft.retrieval.retrieve import (
     query_for,
 )
 from floorplan_ft.schemas import FloorPlanAnalysis, TopologyGraph, schema_hash
+from floorplan_ft.serving.admission import AdmissionGate
+from floorplan_ft.serving.errors import (
+    CVFailed,
+    InvalidImage,
+    InvalidInput,
+    PromptTooLarge,
+    RetrievalUnavailable,
+    ServiceBusy,
+    ServiceError,
+    UploadTooLarge,
+)
 from floorplan_ft.serving.vectorstore import MemoryVectorStore, PgVectorStore, check_identity
 from floorplan_ft.store import Layout
 from floorplan_ft.topology_io import TopologyFormatError, read_topology_dict
@@ -122,65 +133,7 @@ CHAT_CONTEXT_TEMPLATE = """\
 REFERENCE_CHAT_PREFIX = "[규칙 기반 참조 분석기의 응답입니다. 언어 모델이 생성한 답변이 아닙니다.]"
 
 
-# ============================================================================ errors and results
-
-
-class ServiceError(Exception):
-    """Base of the service's own errors (provider errors stay `LLMError`s)."""
-
-
-class InvalidInput(ServiceError):
-    """The request does not validate. `errors`: ``[{"loc": [...], "msg": ..., "type": ...}]``
-    with locations starting at the input's name (``topology``, ``analysis``, ``question``)."""
-
-    def __init__(self, errors: list[dict[str, Any]]):
-        self.errors = errors
-        super().__init__("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors))
-
-
-class RetrievalUnavailable(ServiceError):
-    """The embedding backend or the vector store failed or timed out."""
-
-    retryable = True
-
-
-class InvalidImage(ServiceError):
-    """An uploaded plan that is not a decodable image (HTTP 400)."""
-
-
-class UploadTooLarge(ServiceError):
-    """An upload over ``serving.max_upload_mb`` (HTTP 413)."""
-
-
-class ServiceBusy(ServiceError):
-    """No model slot for this call: the queue is full, the wait for a slot passed
-    ``serving.timeout_s``, or the service is stopping (HTTP 503 with Retry-After)."""
-
-    retryable = True
-
-    def __init__(self, message: str, *, retry_after: float):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class PromptTooLarge(ServiceError):
-    """The prompt built from this input does not fit the model with its output budget (HTTP 413)."""
-
-    def __init__(self, message: str, *, prompt_tokens: int | None = None, context: int | None = None):
-        super().__init__(message)
-        self.prompt_tokens = prompt_tokens
-        self.context = context
-
-
-class CVFailed(ServiceError):
-    """The CV source failed on an uploaded plan. `status`: 503 when trying again may help (a
-    timeout, an unreachable endpoint), 502 when it answered badly (a failed job, a graph that does
-    not read)."""
-
-    def __init__(self, message: str, *, status: int = 502, retryable: bool = False):
-        super().__init__(message)
-        self.status = status
-        self.retryable = retryable
+# ============================================================================ results
 
 
 def _validation_errors(exc: ValidationError, prefix: str) -> list[dict[str, Any]]:
@@ -443,111 +396,6 @@ def reference_chat_answer(analysis: FloorPlanAnalysis, question: str, criteria: 
         lines.append("관련 사내 기준:")
         lines += [f"{i}. [{c.source}] {c.content}" for i, c in enumerate(criteria[:2], start=1)]
     return "\n".join(lines)
-
-
-# ============================================================================ admission
-
-
-class AdmissionGate:
-    """At most `slots` calls at once and `queue` more waiting; thread-safe and not bound to one event
-    loop (the sync API runs each call on a loop of its own). `enter` raises `ServiceBusy` at once
-    when the queue is full and after `wait_s` in the queue; `leave` hands the slot to the oldest
-    waiter. Waiters are resolved on their own loops."""
-
-    def __init__(self, slots: int, queue: int):
-        self.slots = max(1, int(slots))
-        self.queue = max(0, int(queue))
-        self.running = 0
-        self.rejected = 0
-        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
-        self._lock = threading.Lock()
-        self._closed_reason: str | None = None
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    def _busy(self, message: str, retry_after: float) -> ServiceBusy:
-        self.rejected += 1
-        return ServiceBusy(message, retry_after=retry_after)
-
-    async def enter(self, wait_s: float, retry_after: float) -> None:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            if self._closed_reason is not None:
-                raise self._busy(self._closed_reason, retry_after)
-            if self.running < self.slots and not self._waiters:
-                self.running += 1
-                return
-            if len(self._waiters) >= self.queue:
-                raise self._busy(
-                    f"the model is busy: {self.running} call(s) running and {len(self._waiters)} "
-                    f"waiting (serving.max_concurrency={self.slots}, serving.max_queue={self.queue})",
-                    retry_after,
-                )
-            waiter = loop.create_future()
-            entry = (loop, waiter)
-            self._waiters.append(entry)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), wait_s)
-        except BaseException as exc:
-            with self._lock:
-                queued = entry in self._waiters
-                if queued:
-                    self._waiters.remove(entry)
-            if not queued:
-                # The slot was handed over (or is on its way): give it on, never lose it.
-                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    self.leave()
-                elif not waiter.done():
-                    waiter.cancel()  # the pending hand-over sees it and passes the slot on
-            if isinstance(exc, TimeoutError):
-                raise self._busy(
-                    f"no model slot within {wait_s:g} s (serving.timeout_s): the queue is not moving fast enough",
-                    retry_after,
-                ) from None
-            raise
-
-    def leave(self) -> None:
-        with self._lock:
-            while self._waiters:
-                loop, waiter = self._waiters.popleft()
-                if waiter.done():
-                    continue
-                try:
-                    loop.call_soon_threadsafe(self._hand_over, waiter)
-                    return  # `running` is unchanged: the slot goes to that waiter
-                except RuntimeError:  # its loop is closed
-                    continue
-            self.running = max(0, self.running - 1)
-
-    def _hand_over(self, waiter: asyncio.Future) -> None:
-        if waiter.done():  # it gave up in the meantime
-            self.leave()
-        else:
-            waiter.set_result(True)
-
-    def close(self, reason: str, retry_after: float) -> int:
-        """Refuse new calls and reject the waiting ones (a shutdown). Returns how many waited."""
-        with self._lock:
-            self._closed_reason = reason
-            waiters, self._waiters = list(self._waiters), deque()
-        for loop, waiter in waiters:
-            error = self._busy(reason, retry_after)
-            try:
-                loop.call_soon_threadsafe(lambda w=waiter, e=error: w.done() or w.set_exception(e))
-            except RuntimeError:
-                pass
-        return len(waiters)
-
-    def describe(self) -> dict[str, int]:
-        return {
-            "max_concurrency": self.slots,
-            "max_queue": self.queue,
-            "running": self.running,
-            "waiting": self.waiting,
-            "rejected": self.rejected,
-        }
 
 
 # ============================================================================ the service
