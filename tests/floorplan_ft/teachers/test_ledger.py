@@ -166,7 +166,7 @@ def test_kill_9_leaves_no_billed_request_unrecorded_and_the_cap_holds(fake_provi
     script.write_text(
         textwrap.dedent(
             KILLED.format(
-                paths=[str(here.parent), str(here)],
+                paths=[str(here.parent), str(here), str(Path(__file__).resolve().parent)],
                 key=OPENAI_KEY,
                 url=fake_provider.openai_base_url,
                 root=str(store.root),
