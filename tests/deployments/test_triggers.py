@@ -12,10 +12,7 @@ Every process is started in its own process group and stopped at the end of the 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -23,48 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from processes import free_port, run_ok, stop, tool
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 HAND_OFF_TIMEOUT_S = 45.0  # measured here: ~1-3 s from the Completed state to the runpod run
 
 pytestmark = [pytest.mark.prefect, pytest.mark.timeout(300)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tool(name: str) -> str:
-    path = BIN / name
-    return str(path) if path.exists() else name
-
-
-def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(10)
-
-
-def _run(args: list[str], env: dict[str, str], timeout: float = 180) -> str:
-    done = subprocess.run(args, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{out[-4000:]}"
-    return out
 
 
 class Server:
@@ -116,7 +78,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("triggers")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FTP_", "FT_PIPELINE_"))}
     base_env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1")
@@ -130,7 +92,7 @@ def server(tmp_path_factory):
     log = tmp / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [_tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            [tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT,
             env=server_env,
             stdout=out,
@@ -150,16 +112,14 @@ def server(tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, f"prefect server not healthy:\n{srv.tail()}"
             time.sleep(0.3)
-        _run([_tool("ft-pipeline"), "pools", "create", "--data-root", str(tmp / "data")], client_env)
-        out = _run(
-            [_tool("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML)], client_env
-        )
+        _run([tool("ft-pipeline"), "pools", "create", "--data-root", str(tmp / "data")], client_env)
+        out = _run([tool("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML)], client_env)
         for name in ("ft-pipeline/runpod", "ft-pipeline/local-gpu", "cv-batch/overnight"):
             assert f"Deployment '{name}' successfully created" in out, out[-3000:]
         yield srv
     finally:
         srv.client.close()
-        _stop(proc)
+        stop(proc)
     assert proc.poll() is not None, "prefect server still running"
 
 
@@ -333,7 +293,7 @@ def test_deploying_again_replaces_the_trigger(server):
     runpod = server.deployment("ft-pipeline/runpod")
     [before] = server.get(f"/automations/related-to/prefect.deployment.{runpod['id']}")
     _run(
-        [_tool("prefect"), "--no-prompt", "deploy", "--prefect-file", str(PREFECT_YAML), "--name", "runpod"],
+        [tool("prefect"), "--no-prompt", "deploy", "--prefect-file", str(PREFECT_YAML), "--name", "runpod"],
         server.client_env,
     )
     assert server.deployment("ft-pipeline/runpod")["id"] == runpod["id"]
@@ -343,3 +303,7 @@ def test_deploying_again_replaces_the_trigger(server):
         k: v for k, v in before["trigger"].items() if k != "id"
     }
     assert after["actions"] == before["actions"]
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 180) -> str:
+    return run_ok(args, env, timeout)

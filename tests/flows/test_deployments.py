@@ -13,10 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,22 +21,11 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+from processes import free_port, run_ok, stop, tool
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 SEOUL = ZoneInfo("Asia/Seoul")
 RUN_TIMEOUT_S = 150
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tool(name: str) -> str:
-    path = BIN / name
-    return str(path) if path.exists() else name
 
 
 class Processes:
@@ -61,31 +47,7 @@ class Processes:
 
     def stop_all(self) -> None:
         for _, proc in reversed(self.started):
-            _stop(proc)
-
-
-def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(10)
-
-
-def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> str:
-    done = subprocess.run(args, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{out[-4000:]}"
-    return out
+            stop(proc)
 
 
 def _wait_health(api: str, server: subprocess.Popen, procs: Processes, timeout_s: float = 90) -> None:
@@ -133,7 +95,7 @@ def _next_one_am_seoul(now: datetime) -> datetime:
 def test_runpod_deployment_end_to_end(tmp_path):
     started = time.monotonic()
     timings: dict[str, float] = {}
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     data = tmp_path / "data"
     logs = tmp_path / "logs"
@@ -154,7 +116,7 @@ def test_runpod_deployment_end_to_end(tmp_path):
     procs = Processes(logs)
     try:
         server = procs.start(
-            "server", [_tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env
+            "server", [tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env
         )
 
         # While the server boots: 12 synthetic plans and the demo's tiny local teacher.
@@ -171,16 +133,16 @@ def test_runpod_deployment_end_to_end(tmp_path):
         timings["server+data"] = time.monotonic() - started
 
         t = time.monotonic()
-        out = _run([_tool("ft-pipeline"), "pools", "create", "--data-root", str(data)], client_env)
+        out = _run([tool("ft-pipeline"), "pools", "create", "--data-root", str(data)], client_env)
         assert "work pool local-gpu (process): created" in out and "work pool runpod (process): created" in out
-        again = _run([_tool("ft-pipeline"), "pools", "create", "--data-root", str(data)], client_env)
+        again = _run([tool("ft-pipeline"), "pools", "create", "--data-root", str(data)], client_env)
         assert again.count(": unchanged") == 2, again
         timings["pools"] = time.monotonic() - t
 
         t = time.monotonic()
         deploy_time = datetime.now(SEOUL)
         out = _run(
-            [_tool("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+            [tool("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
             client_env,
             timeout=180,
         )
@@ -199,7 +161,7 @@ def test_runpod_deployment_end_to_end(tmp_path):
             }
             procs.start(
                 f"worker-{pool}",
-                [_tool("prefect"), "worker", "start", "--pool", pool, "--name", f"test-{pool}"],
+                [tool("prefect"), "worker", "start", "--pool", pool, "--name", f"test-{pool}"],
                 worker_env,
             )
 
@@ -236,7 +198,7 @@ def test_runpod_deployment_end_to_end(tmp_path):
         t = time.monotonic()
         params = {"steps": "2,3a,3b,4,5", "profile": "demo", "overrides": overrides}
         out = _run(
-            [_tool("prefect"), "deployment", "run", "ft-pipeline/runpod", "--params", json.dumps(params)], client_env
+            [tool("prefect"), "deployment", "run", "ft-pipeline/runpod", "--params", json.dumps(params)], client_env
         )
         match = re.search(r"UUID: ([0-9a-f-]{36})", out)
         assert match, out
@@ -319,3 +281,7 @@ def test_runpod_deployment_end_to_end(tmp_path):
         print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     for name, proc in procs.started:
         assert proc.poll() is not None, f"{name} still running"
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> str:
+    return run_ok(args, env, timeout)
